@@ -121,6 +121,34 @@ impl BlockDevice for MemDisk {
     }
 }
 
+/// A read-only view of another device: reads pass through, write-type requests fail with
+/// [`BlockError::ReadOnly`] before they reach the device.
+pub struct ReadOnly(pub std::sync::Arc<dyn BlockDevice>);
+
+impl BlockDevice for ReadOnly {
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+    fn read_only(&self) -> bool {
+        true
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> BlockResult<()> {
+        self.0.read_at(offset, buf)
+    }
+    fn write_at(&self, _offset: u64, _buf: &[u8]) -> BlockResult<()> {
+        Err(BlockError::ReadOnly)
+    }
+    fn flush(&self) -> BlockResult<()> {
+        Ok(())
+    }
+    fn discard(&self, _offset: u64, _len: u64) -> BlockResult<()> {
+        Err(BlockError::ReadOnly)
+    }
+    fn write_zeroes(&self, _offset: u64, _len: u64, _may_unmap: bool) -> BlockResult<()> {
+        Err(BlockError::ReadOnly)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -137,5 +165,10 @@ mod tests {
         let ro = MemDisk::from_vec(vec![0; 512], true);
         assert!(matches!(ro.write_at(0, &[1]), Err(BlockError::ReadOnly)));
         assert!(matches!(ro.discard(0, 1), Err(BlockError::ReadOnly)));
+        let inner = std::sync::Arc::new(MemDisk::new(512));
+        let view = ReadOnly(inner.clone());
+        assert!(matches!(view.write_at(0, &[1]), Err(BlockError::ReadOnly)));
+        assert!(matches!(view.write_zeroes(0, 1, true), Err(BlockError::ReadOnly)));
+        assert_eq!(inner.snapshot(), vec![0; 512]);
     }
 }
