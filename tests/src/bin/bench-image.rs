@@ -1,0 +1,312 @@
+//! bench-image: disk-checkpoint and 4 KiB I/O numbers, xensnap next to QEMU, from one run.
+//!
+//! For each allocated size (default 1 and 16 GiB) it fills an image (64 KiB clusters), then
+//! times checkpoint create / revert / delete three ways — the engine in-process, the
+//! `xl-snap` command (process start included) and `qemu-img snapshot -c/-a/-d` — and
+//! measures 4 KiB read/write IOPS before and right after a checkpoint, in the same strided
+//! pattern `qemu-img bench` uses (one request per cluster, so every write after the
+//! checkpoint is a first touch and takes the copy-on-write path) and with random offsets
+//! (anchor: the same requests as a `qemu-io` script). Last, the space cost: file growth per
+//! byte written by 4 KiB random writes after a checkpoint, on two fresh copies.
+//!
+//! Usage: bench-image [--sizes 1,16] [--dir DIR] [--xl-snap PATH] [--reps 3]
+
+use clap::Parser;
+use rand::{Rng, SeedableRng};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+use xensnap_qcow2::{CreateOptions, OpenOptions, Qcow2};
+
+const GIB: u64 = 1 << 30;
+const CLUSTER: u64 = 64 << 10;
+const IO: usize = 4096;
+
+#[derive(Parser)]
+struct Args {
+    /// Allocated sizes in GiB, comma separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,16")]
+    sizes: Vec<u64>,
+    /// Work directory (needs about 2.2 × the largest size free).
+    #[arg(long, default_value = "/var/tmp/xensnap-bench")]
+    dir: PathBuf,
+    /// The xl-snap binary to time as a process.
+    #[arg(long, default_value = "target/release/xl-snap")]
+    xl_snap: PathBuf,
+    /// Repetitions of each checkpoint operation (the median is printed).
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+    /// 4 KiB requests per IOPS measurement.
+    #[arg(long, default_value_t = 16384)]
+    ops: u64,
+}
+
+type R<T> = Result<T, String>;
+
+fn main() {
+    let a = Args::parse();
+    if let Err(e) = run(&a) {
+        eprintln!("bench-image: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn run(a: &Args) -> R<()> {
+    std::fs::create_dir_all(&a.dir).map_err(|e| format!("{}: {e}", a.dir.display()))?;
+    println!("# bench-image: xensnap vs qemu-img, {}", qemu_version());
+    println!("# cluster 64 KiB, page cache warm, no flush inside IOPS runs (qemu-img bench default cache=writeback)");
+    for &s in &a.sizes {
+        bench_size(a, s)?;
+    }
+    space(a)?;
+    Ok(())
+}
+
+fn qemu_version() -> String {
+    Command::new("qemu-img")
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.lines().next().map(str::to_owned))
+        .unwrap_or_else(|| "qemu-img (version unknown)".into())
+}
+
+fn q<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> String + '_ {
+    move |e| format!("{what}: {e}")
+}
+
+/// Make an image of `virt` bytes with the first `alloc` bytes written (nonzero pattern).
+fn fill(path: &Path, virt: u64, alloc: u64) -> R<Duration> {
+    let _ = std::fs::remove_file(path);
+    let t = Instant::now();
+    let mut img = Qcow2::create_file(path, &CreateOptions { size: virt, ..Default::default() })
+        .map_err(q("create"))?;
+    let mut buf = vec![0u8; 2 << 20];
+    let mut off = 0;
+    while off < alloc {
+        for (i, b) in buf.iter_mut().enumerate() {
+            *b = ((off >> 20) as u8).wrapping_add(i as u8) | 1;
+        }
+        img.write(off, &buf).map_err(q("fill write"))?;
+        off += buf.len() as u64;
+    }
+    img.close().map_err(q("close"))?;
+    Ok(t.elapsed())
+}
+
+fn sh(cmd: &str, args: &[&str]) -> R<(Duration, String)> {
+    let t = Instant::now();
+    let out = Command::new(cmd).args(args).output().map_err(|e| format!("{cmd}: {e}"))?;
+    let d = t.elapsed();
+    if !out.status.success() {
+        return Err(format!(
+            "{cmd} {}: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok((d, String::from_utf8_lossy(&out.stdout).into_owned()))
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn qemu_check_clean(path: &Path) -> R<()> {
+    let p = path.to_str().ok_or("path")?;
+    sh("qemu-img", &["check", p]).map(|_| ()).map_err(|e| format!("qemu-img check not clean: {e}"))
+}
+
+fn bench_size(a: &Args, gib: u64) -> R<()> {
+    let alloc = gib * GIB;
+    let virt = (2 * alloc).max(4 * GIB);
+    let path = a.dir.join(format!("bench-{gib}g.qcow2"));
+    let p = path.to_str().ok_or("path")?.to_owned();
+    let xl = a.xl_snap.to_str().ok_or("xl-snap path")?.to_owned();
+    println!("\n## {gib} GiB allocated (virtual {} GiB)", virt / GIB);
+    let tf = fill(&path, virt, alloc)?;
+    println!("fill: {:.1} s ({:.0} MiB/s, xensnap engine)", tf.as_secs_f64(), alloc as f64 / (1 << 20) as f64 / tf.as_secs_f64());
+
+    // Checkpoint operations.
+    let (mut ic, mut ir, mut id) = (vec![], vec![], vec![]);
+    let (mut pc, mut pr, mut pd) = (vec![], vec![], vec![]);
+    let (mut qc, mut qr, mut qd) = (vec![], vec![], vec![]);
+    for _ in 0..a.reps {
+        let mut img = Qcow2::open_file(&path, &OpenOptions { read_only: false }).map_err(q("open"))?;
+        let t = Instant::now();
+        img.checkpoint_create("bench").map_err(q("checkpoint create"))?;
+        ic.push(t.elapsed());
+        let t = Instant::now();
+        img.checkpoint_revert("bench").map_err(q("checkpoint revert"))?;
+        ir.push(t.elapsed());
+        let t = Instant::now();
+        img.checkpoint_delete("bench").map_err(q("checkpoint delete"))?;
+        id.push(t.elapsed());
+        img.close().map_err(q("close"))?;
+
+        pc.push(sh(&xl, &["image", "checkpoint", "create", &p, "bench"])?.0);
+        pr.push(sh(&xl, &["image", "checkpoint", "revert", &p, "bench"])?.0);
+        pd.push(sh(&xl, &["image", "checkpoint", "delete", &p, "bench"])?.0);
+
+        qc.push(sh("qemu-img", &["snapshot", "-c", "bench", &p])?.0);
+        qr.push(sh("qemu-img", &["snapshot", "-a", "bench", &p])?.0);
+        qd.push(sh("qemu-img", &["snapshot", "-d", "bench", &p])?.0);
+    }
+    qemu_check_clean(&path)?;
+    println!("{:<28} {:>14} {:>16} {:>14} {:>22}", "checkpoint op (median ms)", "xensnap engine", "xl-snap process", "qemu-img", "qemu-img / xl-snap");
+    for (name, i, pp, qq) in [("create", ic, pc, qc), ("revert", ir, pr, qr), ("delete", id, pd, qd)] {
+        let (i, pp, qq) = (median(i), median(pp), median(qq));
+        println!("{name:<28} {:>14.2} {:>16.2} {:>14.2} {:>21.2}x", ms(i), ms(pp), ms(qq), ms(qq) / ms(pp));
+    }
+
+    // IOPS, strided (qemu-img bench's pattern: one 4 KiB request per cluster).
+    let n = a.ops.min(alloc / CLUSTER);
+    let strided: Vec<u64> = (0..n).map(|i| i * CLUSTER).collect();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(gib);
+    let random: Vec<u64> = (0..n).map(|_| rng.gen_range(0..alloc / IO as u64) * IO as u64).collect();
+    let ours = engine_iops(&path, &strided, &random)?;
+    let theirs = qemu_iops(&p, n, &random, &a.dir)?;
+    println!("{:<40} {:>12} {:>12} {:>18}", "4 KiB IOPS (QD1)", "xensnap", "qemu", "xensnap / qemu");
+    let labels = [
+        "strided read, before checkpoint",
+        "strided write, before checkpoint",
+        "strided write, right after checkpoint",
+        "strided read, after checkpoint",
+        "random read, before checkpoint",
+        "random write, before checkpoint",
+        "random write, right after checkpoint",
+        "random read, after checkpoint",
+    ];
+    for (i, l) in labels.iter().enumerate() {
+        println!("{l:<40} {:>12.0} {:>12.0} {:>17.2}x", ours[i], theirs[i], ours[i] / theirs[i]);
+    }
+    println!("(strided anchor: qemu-img bench -d 1 -s 4k -S 64k; random anchor: the same requests as a qemu-io script, process start included)");
+    qemu_check_clean(&path)?;
+    let _ = std::fs::remove_file(&path);
+    Ok(())
+}
+
+/// In-process engine IOPS in the order: strided r, w, checkpoint, w, r, delete; random the same.
+fn engine_iops(path: &Path, strided: &[u64], random: &[u64]) -> R<Vec<f64>> {
+    let mut out = vec![];
+    let mut img = Qcow2::open_file(path, &OpenOptions { read_only: false }).map_err(q("open"))?;
+    let mut buf = vec![0x5au8; IO];
+    for offs in [strided, random] {
+        let rate = |img: &mut Qcow2, buf: &mut Vec<u8>, write: bool| -> R<f64> {
+            let t = Instant::now();
+            for &o in offs {
+                if write {
+                    img.write(o, buf).map_err(q("write"))?;
+                } else {
+                    img.read(o, buf).map_err(q("read"))?;
+                }
+            }
+            Ok(offs.len() as f64 / t.elapsed().as_secs_f64())
+        };
+        out.push(rate(&mut img, &mut buf, false)?);
+        out.push(rate(&mut img, &mut buf, true)?);
+        img.checkpoint_create("iops").map_err(q("checkpoint"))?;
+        out.push(rate(&mut img, &mut buf, true)?);
+        out.push(rate(&mut img, &mut buf, false)?);
+        img.checkpoint_delete("iops").map_err(q("delete"))?;
+    }
+    img.close().map_err(q("close"))?;
+    Ok(out)
+}
+
+fn bench_run(p: &str, n: u64, write: bool) -> R<f64> {
+    let n_s = n.to_string();
+    let mut args = vec!["bench", "-f", "qcow2", "-c", &n_s, "-d", "1", "-s", "4k", "-S", "64k"];
+    if write {
+        args.push("-w");
+    }
+    args.push(p);
+    let (_, out) = sh("qemu-img", &args)?;
+    let secs: f64 = out
+        .lines()
+        .find_map(|l| l.strip_prefix("Run completed in ")?.strip_suffix(" seconds.")?.parse().ok())
+        .ok_or_else(|| format!("qemu-img bench: unexpected output: {out}"))?;
+    Ok(n as f64 / secs)
+}
+
+fn qemu_io_script(p: &str, offs: &[u64], write: bool, dir: &Path) -> R<f64> {
+    let script = dir.join("qemu-io-script.txt");
+    let mut s = String::new();
+    for o in offs {
+        s.push_str(&format!("{} -q {o} 4k\n", if write { "write -P 0x5a" } else { "read" }));
+    }
+    std::fs::write(&script, s).map_err(|e| e.to_string())?;
+    let t = Instant::now();
+    let out = Command::new("qemu-io")
+        .args(["-f", "qcow2", p])
+        .stdin(std::fs::File::open(&script).map_err(|e| e.to_string())?)
+        .output()
+        .map_err(|e| format!("qemu-io: {e}"))?;
+    let d = t.elapsed();
+    if !out.status.success() {
+        return Err(format!("qemu-io failed: {}", String::from_utf8_lossy(&out.stderr)));
+    }
+    Ok(offs.len() as f64 / d.as_secs_f64())
+}
+
+fn qemu_iops(p: &str, n: u64, random: &[u64], dir: &Path) -> R<Vec<f64>> {
+    let mut out = vec![bench_run(p, n, false)?, bench_run(p, n, true)?];
+    sh("qemu-img", &["snapshot", "-c", "iops", p])?;
+    out.push(bench_run(p, n, true)?);
+    out.push(bench_run(p, n, false)?);
+    sh("qemu-img", &["snapshot", "-d", "iops", p])?;
+    out.push(qemu_io_script(p, random, false, dir)?);
+    out.push(qemu_io_script(p, random, true, dir)?);
+    sh("qemu-img", &["snapshot", "-c", "iops", p])?;
+    out.push(qemu_io_script(p, random, true, dir)?);
+    out.push(qemu_io_script(p, random, false, dir)?);
+    sh("qemu-img", &["snapshot", "-d", "iops", p])?;
+    Ok(out)
+}
+
+/// File growth per byte written by 4 KiB random writes after a checkpoint, on fresh copies.
+fn space(a: &Args) -> R<()> {
+    let region = GIB;
+    let writes = 16384u64; // 64 MiB
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let offs: Vec<u64> = (0..writes).map(|_| rng.gen_range(0..region / IO as u64) * IO as u64).collect();
+    let written = (writes * IO as u64) as f64;
+    let len = |p: &Path| std::fs::metadata(p).map(|m| m.len()).map_err(|e| e.to_string());
+
+    let ours = a.dir.join("space-ours.qcow2");
+    fill(&ours, 2 * GIB, region)?;
+    let before = len(&ours)?;
+    let mut img = Qcow2::open_file(&ours, &OpenOptions { read_only: false }).map_err(q("open"))?;
+    img.checkpoint_create("space").map_err(q("checkpoint"))?;
+    let after_ck = img.info().file_length;
+    let buf = vec![0x77u8; IO];
+    for &o in &offs {
+        img.write(o, &buf).map_err(q("write"))?;
+    }
+    img.close().map_err(q("close"))?;
+    let ours_growth = (len(&ours)? - before) as f64;
+    let _ = after_ck;
+    qemu_check_clean(&ours)?;
+
+    let theirs = a.dir.join("space-qemu.qcow2");
+    fill(&theirs, 2 * GIB, region)?;
+    let tp = theirs.to_str().ok_or("path")?;
+    let before = len(&theirs)?;
+    sh("qemu-img", &["snapshot", "-c", "space", tp])?;
+    qemu_io_script(tp, &offs, true, &a.dir)?;
+    let qemu_growth = (len(&theirs)? - before) as f64;
+    println!("\n## space: 64 MiB of 4 KiB random writes into 1 GiB of data right after a checkpoint (64 KiB clusters)");
+    println!("{:<24} {:>14} {:>14}", "", "xensnap", "qemu");
+    println!("{:<24} {:>14.1} {:>14.1}", "file growth (MiB)", ours_growth / (1 << 20) as f64, qemu_growth / (1 << 20) as f64);
+    println!("{:<24} {:>13.1}x {:>13.1}x", "growth / bytes written", ours_growth / written, qemu_growth / written);
+    let _ = std::fs::remove_file(&ours);
+    let _ = std::fs::remove_file(&theirs);
+    Ok(())
+}
