@@ -26,9 +26,11 @@ pub(crate) fn serve<S: Read + Write>(
     stream: &mut S,
     registry: &dyn ExportRegistry,
     stop: &StopState,
+    on_transmission: &mut dyn FnMut(),
 ) -> Result<(), NbdError> {
     match handshake(stream, registry, stop)? {
         Some(export) => {
+            on_transmission();
             info!(
                 export = %export.name,
                 size = export.size,
@@ -350,6 +352,30 @@ fn flush_if(dev: &dyn BlockDevice, fua: bool) -> Result<(), BlockError> {
     }
 }
 
+/// Validate a request against the export before any I/O: `Some(error)` to refuse it.
+fn check_request(cmd: u16, flags: u16, offset: u64, len: u32, size: u64, ro: bool) -> Option<u32> {
+    let in_range = check_range(offset, u64::from(len), size).is_ok();
+    let allowed = match cmd {
+        CMD_READ | CMD_WRITE | CMD_FLUSH | CMD_TRIM => CMD_FLAG_FUA,
+        CMD_WRITE_ZEROES => CMD_FLAG_FUA | CMD_FLAG_NO_HOLE,
+        CMD_DISC => return None,
+        other => {
+            debug!(cmd = other, name = cmd_name(other), "unsupported command");
+            return Some(EINVAL);
+        }
+    };
+    if flags & !allowed != 0 {
+        return Some(EINVAL);
+    }
+    match cmd {
+        CMD_READ if len > MAX_PAYLOAD || !in_range => Some(EINVAL),
+        CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES if ro => Some(EPERM),
+        CMD_WRITE | CMD_WRITE_ZEROES if !in_range => Some(ENOSPC),
+        CMD_TRIM if !in_range => Some(EINVAL),
+        _ => None,
+    }
+}
+
 fn transmission<S: Read + Write>(
     s: &mut S,
     export: &Export,
@@ -384,122 +410,100 @@ fn transmission<S: Read + Write>(
             simple_reply(s, handle, EINVAL)?;
             return Err(NbdError::RequestTooLarge { len, limit: MAX_PAYLOAD });
         }
+        // Error decided before touching the device (bad flags, read-only, out of range).
+        let early = check_request(cmd, flags, offset, len, export.size, ro);
         if cmd == CMD_WRITE {
-            buf.resize(len as usize, 0);
-            s.read_exact(&mut buf)?;
+            if early.is_some() || stop.is_stopped() {
+                // Skip the payload without buffering it.
+                let n = io::copy(&mut (&mut *s).take(u64::from(len)), &mut io::sink())?;
+                if n != u64::from(len) {
+                    return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into());
+                }
+            } else {
+                // Grows only as data arrives: a client announcing a large write and sending
+                // nothing does not make us allocate.
+                buf.clear();
+                buf.reserve((len as usize).min(1 << 20));
+                (&mut *s).take(u64::from(len)).read_to_end(&mut buf)?;
+                if buf.len() != len as usize {
+                    return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into());
+                }
+            }
+        }
+        if cmd == CMD_DISC {
+            debug!("client sent NBD_CMD_DISC");
+            return Ok(());
         }
         if stop.is_stopped() {
             simple_reply(s, handle, ESHUTDOWN)?;
             return Err(NbdError::Shutdown);
         }
+        if let Some(error) = early {
+            trace!(cmd = cmd_name(cmd), handle, error, "request refused");
+            simple_reply(s, handle, error)?;
+            continue;
+        }
 
         let error = match cmd {
             CMD_READ => {
-                let err = if flags & !CMD_FLAG_FUA != 0 || len > MAX_PAYLOAD {
-                    EINVAL
-                } else if check_range(offset, u64::from(len), export.size).is_err() {
-                    EINVAL
-                } else {
-                    let total = SIMPLE_REPLY_HEADER_LEN + len as usize;
-                    buf.resize(total, 0);
-                    match dev.read_at(offset, &mut buf[SIMPLE_REPLY_HEADER_LEN..total]) {
-                        Ok(()) => {
-                            reply_header(&mut buf[..SIMPLE_REPLY_HEADER_LEN], 0, handle);
-                            s.write_all(&buf[..total])?;
-                            s.flush()?;
-                            continue;
-                        }
-                        Err(e) => {
-                            debug!(offset, len, error = %e, "read failed");
-                            errno(&e, false)
-                        }
+                let total = SIMPLE_REPLY_HEADER_LEN + len as usize;
+                buf.resize(total, 0);
+                match dev.read_at(offset, &mut buf[SIMPLE_REPLY_HEADER_LEN..total]) {
+                    Ok(()) => {
+                        reply_header(&mut buf[..SIMPLE_REPLY_HEADER_LEN], 0, handle);
+                        s.write_all(&buf[..total])?;
+                        s.flush()?;
+                        continue;
                     }
-                };
-                err
-            }
-            CMD_WRITE => {
-                if flags & !CMD_FLAG_FUA != 0 {
-                    EINVAL
-                } else if ro {
-                    EPERM
-                } else if check_range(offset, u64::from(len), export.size).is_err() {
-                    ENOSPC
-                } else {
-                    match dev.write_at(offset, &buf).and_then(|()| flush_if(dev, fua)) {
-                        Ok(()) => 0,
-                        Err(e) => {
-                            debug!(offset, len, error = %e, "write failed");
-                            errno(&e, true)
-                        }
+                    Err(e) => {
+                        debug!(offset, len, error = %e, "read failed");
+                        errno(&e, false)
                     }
                 }
             }
-            CMD_DISC => {
-                debug!("client sent NBD_CMD_DISC");
-                return Ok(());
-            }
-            CMD_FLUSH => {
-                if flags & !CMD_FLAG_FUA != 0 {
-                    EINVAL
-                } else {
-                    match dev.flush() {
-                        Ok(()) => 0,
-                        Err(e) => {
-                            warn!(error = %e, "flush failed");
-                            errno(&e, true)
-                        }
-                    }
+            CMD_WRITE => match dev.write_at(offset, &buf).and_then(|()| flush_if(dev, fua)) {
+                Ok(()) => 0,
+                Err(e) => {
+                    debug!(offset, len, error = %e, "write failed");
+                    errno(&e, true)
                 }
-            }
-            CMD_TRIM => {
-                if flags & !CMD_FLAG_FUA != 0 {
-                    EINVAL
-                } else if ro {
-                    EPERM
-                } else if check_range(offset, u64::from(len), export.size).is_err() {
-                    EINVAL
-                } else {
-                    match dev.discard(offset, u64::from(len)) {
-                        // Trim is advisory: a device that cannot discard just keeps the data.
-                        Ok(()) | Err(BlockError::Unsupported(_)) => match flush_if(dev, fua) {
-                            Ok(()) => 0,
-                            Err(e) => errno(&e, true),
-                        },
-                        Err(e) => {
-                            debug!(offset, len, error = %e, "trim failed");
-                            errno(&e, false)
-                        }
-                    }
+            },
+            CMD_FLUSH => match dev.flush() {
+                Ok(()) => 0,
+                Err(e) => {
+                    warn!(error = %e, "flush failed");
+                    errno(&e, true)
                 }
-            }
+            },
+            CMD_TRIM => match dev.discard(offset, u64::from(len)) {
+                // Trim is advisory: a device that cannot discard just keeps the data.
+                Ok(()) | Err(BlockError::Unsupported(_)) => match flush_if(dev, fua) {
+                    Ok(()) => 0,
+                    Err(e) => errno(&e, true),
+                },
+                Err(e) => {
+                    debug!(offset, len, error = %e, "trim failed");
+                    errno(&e, false)
+                }
+            },
             CMD_WRITE_ZEROES => {
-                if flags & !(CMD_FLAG_FUA | CMD_FLAG_NO_HOLE) != 0 {
-                    EINVAL
-                } else if ro {
-                    EPERM
-                } else if check_range(offset, u64::from(len), export.size).is_err() {
-                    ENOSPC
-                } else {
-                    let may_unmap = flags & CMD_FLAG_NO_HOLE == 0;
-                    let res = match dev.write_zeroes(offset, u64::from(len), may_unmap) {
-                        Err(BlockError::Unsupported(_)) => {
-                            write_zeroes_fallback(dev, offset, u64::from(len))
-                        }
-                        r => r,
-                    };
-                    match res.and_then(|()| flush_if(dev, fua)) {
-                        Ok(()) => 0,
-                        Err(e) => {
-                            debug!(offset, len, error = %e, "write_zeroes failed");
-                            errno(&e, true)
-                        }
+                let may_unmap = flags & CMD_FLAG_NO_HOLE == 0;
+                let res = match dev.write_zeroes(offset, u64::from(len), may_unmap) {
+                    Err(BlockError::Unsupported(_)) => {
+                        write_zeroes_fallback(dev, offset, u64::from(len))
+                    }
+                    r => r,
+                };
+                match res.and_then(|()| flush_if(dev, fua)) {
+                    Ok(()) => 0,
+                    Err(e) => {
+                        debug!(offset, len, error = %e, "write_zeroes failed");
+                        errno(&e, true)
                     }
                 }
             }
-            other => {
-                debug!(cmd = other, name = cmd_name(other), "unsupported command");
-                EINVAL
-            }
+            // check_request refused everything else.
+            _ => EINVAL,
         };
         if error != 0 {
             trace!(cmd = cmd_name(cmd), handle, error, "error reply");

@@ -33,4 +33,4 @@ mod server;
 
 pub use error::NbdError;
 pub use registry::{ExportRegistry, StaticExports};
-pub use server::{Server, StopHandle, DEFAULT_MAX_CONNECTIONS};
+pub use server::{Server, StopHandle, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_CONNECTIONS};

@@ -18,6 +18,9 @@ use crate::registry::ExportRegistry;
 
 /// Default cap on simultaneous connections per [`Server`].
 pub const DEFAULT_MAX_CONNECTIONS: usize = 64;
+/// Default time a client accepted by `serve_tcp` / `serve_unix` may take between two reads
+/// during the handshake (none once in transmission).
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// How long an accept loop sleeps between polls when it cannot be woken by a self-connect
 /// (a Unix listener without a path).
@@ -29,18 +32,55 @@ enum Waker {
     Unix(PathBuf),
 }
 
-/// A second handle on a connection's socket, to shut it down on stop.
-enum Closer {
+/// An accepted socket. Also used as a second handle on a connection's socket, to shut it
+/// down on stop or to lift the handshake timeout.
+enum Sock {
     Tcp(TcpStream),
     Unix(UnixStream),
 }
 
-impl Closer {
+impl Sock {
     fn shutdown(&self) {
         let _ = match self {
-            Closer::Tcp(s) => s.shutdown(Shutdown::Both),
-            Closer::Unix(s) => s.shutdown(Shutdown::Both),
+            Sock::Tcp(s) => s.shutdown(Shutdown::Both),
+            Sock::Unix(s) => s.shutdown(Shutdown::Both),
         };
+    }
+    fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            Sock::Tcp(s) => s.set_read_timeout(t),
+            Sock::Unix(s) => s.set_read_timeout(t),
+        }
+    }
+    fn try_clone(&self) -> io::Result<Sock> {
+        Ok(match self {
+            Sock::Tcp(s) => Sock::Tcp(s.try_clone()?),
+            Sock::Unix(s) => Sock::Unix(s.try_clone()?),
+        })
+    }
+}
+
+impl Read for Sock {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Sock::Tcp(s) => s.read(buf),
+            Sock::Unix(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Sock {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Sock::Tcp(s) => s.write(buf),
+            Sock::Unix(s) => s.write(buf),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Sock::Tcp(s) => s.flush(),
+            Sock::Unix(s) => s.flush(),
+        }
     }
 }
 
@@ -50,7 +90,7 @@ pub(crate) struct StopState {
     stopped: AtomicBool,
     next_id: AtomicU64,
     wakers: Mutex<Vec<(u64, Waker)>>,
-    conns: Mutex<HashMap<u64, Closer>>,
+    conns: Mutex<HashMap<u64, Sock>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -132,6 +172,7 @@ pub struct Server {
     registry: Arc<dyn ExportRegistry>,
     stop: Arc<StopState>,
     max_connections: usize,
+    handshake_timeout: Option<Duration>,
     active: Arc<AtomicUsize>,
 }
 
@@ -156,6 +197,7 @@ impl Server {
             registry,
             stop: Arc::new(StopState::default()),
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            handshake_timeout: Some(DEFAULT_HANDSHAKE_TIMEOUT),
             active: Arc::new(AtomicUsize::new(0)),
         }
     }
@@ -164,6 +206,14 @@ impl Server {
     /// connections beyond it are closed at once. Default [`DEFAULT_MAX_CONNECTIONS`].
     pub fn with_max_connections(mut self, max: usize) -> Self {
         self.max_connections = max;
+        self
+    }
+
+    /// Read timeout during the handshake of connections accepted by `serve_tcp` /
+    /// `serve_unix` (so idle clients cannot hold connection slots); `None` disables it.
+    /// Default [`DEFAULT_HANDSHAKE_TIMEOUT`].
+    pub fn with_handshake_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.handshake_timeout = timeout;
         self
     }
 
@@ -184,7 +234,7 @@ impl Server {
     /// the transport (`Err`; the caller should drop the stream). Blocking.
     pub fn handle_connection<S: Read + Write>(&self, stream: S) -> Result<(), NbdError> {
         let mut stream = stream;
-        conn::serve(&mut stream, &*self.registry, &self.stop)
+        conn::serve(&mut stream, &*self.registry, &self.stop, &mut || {})
     }
 
     /// Accept TCP clients, one thread each, until [`StopHandle::stop`] (then `Ok`, after the
@@ -206,8 +256,7 @@ impl Server {
                 if let Err(e) = s.set_nodelay(true) {
                     debug!(error = %e, "TCP_NODELAY failed");
                 }
-                let closer = s.try_clone().ok().map(Closer::Tcp);
-                Ok((s, peer.to_string(), closer))
+                Ok((Sock::Tcp(s), peer.to_string()))
             },
             false,
         );
@@ -231,8 +280,7 @@ impl Server {
             || {
                 let (s, _) = listener.accept()?;
                 s.set_nonblocking(false)?;
-                let closer = s.try_clone().ok().map(Closer::Unix);
-                Ok((s, "unix".to_string(), closer))
+                Ok((Sock::Unix(s), "unix".to_string()))
             },
             polling,
         );
@@ -242,17 +290,16 @@ impl Server {
         res
     }
 
-    fn accept_loop<S, F>(&self, mut accept: F, polling: bool) -> io::Result<()>
+    fn accept_loop<F>(&self, mut accept: F, polling: bool) -> io::Result<()>
     where
-        S: Read + Write + Send + 'static,
-        F: FnMut() -> io::Result<(S, String, Option<Closer>)>,
+        F: FnMut() -> io::Result<(Sock, String)>,
     {
         let mut threads: Vec<JoinHandle<()>> = Vec::new();
         let result = loop {
             if self.stop.is_stopped() {
                 break Ok(());
             }
-            let (stream, peer, closer) = match accept() {
+            let (stream, peer) = match accept() {
                 Ok(x) => x,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock && polling => {
                     thread::sleep(POLL_INTERVAL);
@@ -287,10 +334,21 @@ impl Server {
                 warn!(%peer, max = self.max_connections, "too many NBD connections, refusing");
                 continue;
             }
-            let id = self.stop.id();
-            if let Some(c) = closer {
-                lock(&self.stop.conns).insert(id, c);
+            if let Err(e) = stream.set_read_timeout(self.handshake_timeout) {
+                warn!(%peer, error = %e, "cannot set the handshake timeout, refusing");
+                continue;
             }
+            // Handles on the same socket: one for stop() to shut it down, one to lift the
+            // handshake timeout once in transmission.
+            let (closer, untimer) = match (stream.try_clone(), stream.try_clone()) {
+                (Ok(c), Ok(u)) => (c, u),
+                (Err(e), _) | (_, Err(e)) => {
+                    warn!(%peer, error = %e, "cannot duplicate the socket, refusing");
+                    continue;
+                }
+            };
+            let id = self.stop.id();
+            lock(&self.stop.conns).insert(id, closer);
             self.active.fetch_add(1, Ordering::SeqCst);
             let guard = ConnGuard { id, stop: Arc::clone(&self.stop), active: Arc::clone(&self.active) };
             // A stop() that ran between our flag check and the insert above missed this
@@ -305,7 +363,13 @@ impl Server {
                 let span = info_span!("nbd_conn", id, %peer);
                 let _enter = span.enter();
                 info!("client connected");
-                match server.handle_connection(stream) {
+                let mut stream = stream;
+                let mut untime = || {
+                    if let Err(e) = untimer.set_read_timeout(None) {
+                        warn!(error = %e, "cannot clear the handshake timeout");
+                    }
+                };
+                match conn::serve(&mut stream, &*server.registry, &server.stop, &mut untime) {
                     Ok(()) => info!("client disconnected"),
                     Err(NbdError::Shutdown) => info!("connection closed: server stopping"),
                     Err(NbdError::Io(e)) if server.stop.is_stopped() => {
