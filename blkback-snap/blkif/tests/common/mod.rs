@@ -1,0 +1,115 @@
+//! Shared harness: one MemDisk served by one BlkifRing to one TestFront, driven in-process.
+#![allow(dead_code)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use xensnap_blkif::abi::*;
+use xensnap_blkif::sim::*;
+use xensnap_blkif::*;
+use xensnap_blockdev::{BlockDevice, MemDisk};
+
+pub const DOMID: u16 = 7;
+
+pub struct H {
+    pub disk: Arc<MemDisk>,
+    pub guest: Arc<TestGuest>,
+    pub front: TestFront,
+    pub ring: Arc<BlkifRing>,
+    pub be_evt: Arc<sim::LocalEvtchn>,
+}
+
+impl H {
+    pub fn new(abi: Abi, order: u32, disk_bytes: usize, features: Features) -> H {
+        Self::with_device(abi, order, Arc::new(MemDisk::new(disk_bytes)), features)
+    }
+
+    pub fn with_device(abi: Abi, order: u32, disk: Arc<MemDisk>, features: Features) -> H {
+        Self::with_dyn(abi, order, disk.clone(), disk, features)
+    }
+
+    /// `served` is what the ring serves (may wrap `disk`); `disk` is what tests inspect.
+    pub fn with_dyn(abi: Abi, order: u32, disk: Arc<MemDisk>, served: Arc<dyn BlockDevice>, features: Features) -> H {
+        let guest = TestGuest::new(DOMID);
+        let (be_evt, fe_evt) = evtchn_pair();
+        let front = TestFront::new(guest.clone(), abi, order, fe_evt);
+        let ring_mem = guest.map_ring(DOMID, &front.ring_refs).unwrap();
+        let ring = Arc::new(
+            BlkifRing::new(RingParams {
+                domid: DOMID,
+                abi,
+                ring: ring_mem,
+                grants: guest.clone(),
+                evtchn: be_evt.clone(),
+                device: served,
+                features,
+            })
+            .unwrap(),
+        );
+        H { disk, guest, front, ring, be_evt }
+    }
+
+    /// Publish what is queued, let the backend run in this thread, collect responses.
+    pub fn run(&mut self) -> Vec<Response> {
+        self.front.push();
+        let mut p;
+        loop {
+            p = self.ring.poll();
+            if p != Poll::Busy {
+                break;
+            }
+        }
+        self.front.take_responses()
+    }
+
+    pub fn one(&mut self, req: &RawRequest) -> Response {
+        self.front.put(req);
+        let r = self.run();
+        assert_eq!(r.len(), 1, "{r:?}");
+        r[0]
+    }
+
+    pub fn one_raw(&mut self, bytes: &[u8]) -> Response {
+        self.front.put_raw(bytes);
+        let r = self.run();
+        assert_eq!(r.len(), 1, "{r:?}");
+        r[0]
+    }
+
+    pub fn read(&mut self, sector: u64, layout: &[(u8, u8)], indirect: bool) -> (i16, Vec<u8>) {
+        let mut b = self.front.make_buf(layout, None, false);
+        let id = self.front.queue_io(BLKIF_OP_READ, sector, &mut b, indirect);
+        let r = self.run();
+        assert_eq!(r.len(), 1);
+        assert_eq!(r[0].id, id);
+        assert_eq!(r[0].operation, BLKIF_OP_READ);
+        let data = b.gather();
+        self.front.release(&b);
+        (r[0].status, data)
+    }
+
+    pub fn write(&mut self, sector: u64, layout: &[(u8, u8)], data: &[u8], indirect: bool) -> i16 {
+        let mut b = self.front.make_buf(layout, Some(data), true);
+        let id = self.front.queue_io(BLKIF_OP_WRITE, sector, &mut b, indirect);
+        let r = self.run();
+        assert_eq!(r.len(), 1);
+        assert_eq!(r[0].id, id);
+        assert_eq!(r[0].operation, BLKIF_OP_WRITE);
+        self.front.release(&b);
+        r[0].status
+    }
+}
+
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+pub const SHORT: Duration = Duration::from_secs(5);
