@@ -344,32 +344,154 @@ impl Drop for GrantMapping {
     }
 }
 
-impl SharedMem for GrantMapping {
-    fn len(&self) -> usize {
-        self.region.len()
-    }
-    fn is_writable(&self) -> bool {
-        self.region.is_writable()
-    }
-    fn read_bytes(&self, offset: usize, dst: &mut [u8]) -> Result<()> {
-        self.region.read_bytes(offset, dst)
-    }
-    fn write_bytes(&self, offset: usize, src: &[u8]) -> Result<()> {
-        self.region.write_bytes(offset, src)
-    }
-    fn load_u32_acquire(&self, offset: usize) -> Result<u32> {
-        self.region.load_u32_acquire(offset)
-    }
-    fn load_u32_relaxed(&self, offset: usize) -> Result<u32> {
-        self.region.load_u32_relaxed(offset)
-    }
-    fn store_u32_release(&self, offset: usize, value: u32) -> Result<()> {
-        self.region.store_u32_release(offset, value)
-    }
-    fn store_u32_relaxed(&self, offset: usize, value: u32) -> Result<()> {
-        self.region.store_u32_relaxed(offset, value)
+const SHR_OPEN_HINT: &str = "is /dev/xen/gntalloc present? It needs a Xen domain with the \
+xen-gntalloc driver loaded (modprobe xen-gntalloc) and root";
+
+struct ShrInner {
+    h: NonNull<xengnttab_handle>,
+    api: &'static GnttabApi,
+}
+
+// SAFETY: like the gntdev handle: an fd and immutable state, operations are ioctls/mmaps.
+unsafe impl Send for ShrInner {}
+// SAFETY: as above.
+unsafe impl Sync for ShrInner {}
+
+impl Drop for ShrInner {
+    fn drop(&mut self) {
+        // SAFETY: opened by xengntshr_open, closed once, after every SharedPages (each holds
+        // an Arc to this) has been unshared.
+        let r = unsafe { (self.api.xengntshr_close)(self.h.as_ptr()) };
+        if r != 0 {
+            tracing::warn!(error = %Error::last_os("xengntshr_close", ""), "closing gntshr handle failed");
+        }
     }
 }
+
+/// The granting side (`xengntshr_*`, /dev/xen/gntalloc): shares pages of this process with
+/// another domain — what a frontend does. xensnap uses it to play a frontend inside dom0
+/// (dom0 granting to itself) in tests of the real backend path. Cheap to clone.
+#[derive(Clone)]
+pub struct GntShr {
+    inner: Arc<ShrInner>,
+}
+
+impl std::fmt::Debug for GntShr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GntShr").field("handle", &self.inner.h).finish()
+    }
+}
+
+impl GntShr {
+    /// Opens /dev/xen/gntalloc (`xengntshr_open`).
+    pub fn open() -> Result<GntShr> {
+        let api = GnttabApi::get()?;
+        // SAFETY: NULL logger, no flags.
+        let h = unsafe { (api.xengntshr_open)(std::ptr::null_mut(), 0) };
+        match NonNull::new(h) {
+            Some(h) => Ok(GntShr { inner: Arc::new(ShrInner { h, api }) }),
+            None => Err(Error::last_os("xengntshr_open", "/dev/xen/gntalloc").with_hint(SHR_OPEN_HINT)),
+        }
+    }
+
+    /// Allocates `count` zeroed pages and grants them to `domid`; returns them with their
+    /// grant references. Ungranted (and freed) on drop.
+    pub fn share_pages(&self, domid: DomId, count: usize, writable: bool) -> Result<SharedPages> {
+        let n = i32::try_from(count).ok().filter(|&n| n > 0).ok_or_else(|| Error::InvalidArgument {
+            call: "xengntshr_share_pages",
+            reason: format!("page count {count} not in 1..=i32::MAX"),
+        })?;
+        let mut refs = vec![0u32; count];
+        // SAFETY: valid handle; `refs` has room for `count` refs, written by the call.
+        let p = unsafe {
+            (self.inner.api.xengntshr_share_pages)(self.inner.h.as_ptr(), domid, n, refs.as_mut_ptr(), i32::from(writable))
+        };
+        let Some(ptr) = NonNull::new(p.cast::<u8>()) else {
+            return Err(Error::last_os("xengntshr_share_pages", format!("domid {domid}, {count} pages")));
+        };
+        // SAFETY: a fresh page-aligned read-write mapping of `count` pages (we always map it
+        // writable locally; `writable` is what the *grantee* may do), valid until
+        // xengntshr_unshare in SharedPages' Drop; the region lives inside that SharedPages.
+        let region = unsafe { RawRegion::new(ptr, count * PAGE_SIZE, true) };
+        Ok(SharedPages { shr: Arc::clone(&self.inner), region, domid, refs, grantee_writable: writable })
+    }
+}
+
+/// Pages of this process granted to another domain (see [`GntShr::share_pages`]).
+pub struct SharedPages {
+    shr: Arc<ShrInner>,
+    region: RawRegion,
+    domid: DomId,
+    refs: Vec<GrantRef>,
+    grantee_writable: bool,
+}
+
+impl std::fmt::Debug for SharedPages {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedPages")
+            .field("domid", &self.domid)
+            .field("refs", &self.refs)
+            .field("grantee_writable", &self.grantee_writable)
+            .finish()
+    }
+}
+
+impl SharedPages {
+    /// The grantee.
+    pub fn domid(&self) -> DomId {
+        self.domid
+    }
+    /// The grant references, one per page, in order.
+    pub fn refs(&self) -> &[GrantRef] {
+        &self.refs
+    }
+}
+
+impl Drop for SharedPages {
+    fn drop(&mut self) {
+        // SAFETY: the address/count of a live share made by this handle, unshared once.
+        let r = unsafe {
+            (self.shr.api.xengntshr_unshare)(self.shr.h.as_ptr(), self.region.as_ptr().cast(), self.refs.len() as u32)
+        };
+        if r != 0 {
+            let e = Error::last_os("xengntshr_unshare", format!("refs {:?}", self.refs));
+            tracing::warn!(error = %e, "unsharing pages failed");
+        }
+    }
+}
+
+macro_rules! delegate_shared_mem {
+    ($t:ty) => {
+        impl SharedMem for $t {
+            fn len(&self) -> usize {
+                self.region.len()
+            }
+            fn is_writable(&self) -> bool {
+                self.region.is_writable()
+            }
+            fn read_bytes(&self, offset: usize, dst: &mut [u8]) -> Result<()> {
+                self.region.read_bytes(offset, dst)
+            }
+            fn write_bytes(&self, offset: usize, src: &[u8]) -> Result<()> {
+                self.region.write_bytes(offset, src)
+            }
+            fn load_u32_acquire(&self, offset: usize) -> Result<u32> {
+                self.region.load_u32_acquire(offset)
+            }
+            fn load_u32_relaxed(&self, offset: usize) -> Result<u32> {
+                self.region.load_u32_relaxed(offset)
+            }
+            fn store_u32_release(&self, offset: usize, value: u32) -> Result<()> {
+                self.region.store_u32_release(offset, value)
+            }
+            fn store_u32_relaxed(&self, offset: usize, value: u32) -> Result<()> {
+                self.region.store_u32_relaxed(offset, value)
+            }
+        }
+    };
+}
+delegate_shared_mem!(GrantMapping);
+delegate_shared_mem!(SharedPages);
 
 #[cfg(test)]
 mod tests {

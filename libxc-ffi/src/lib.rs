@@ -70,7 +70,7 @@ pub mod xenstore;
 
 pub use error::{Error, Result};
 pub use evtchn::{BoundPort, Evtchn, Port};
-pub use gnttab::{CopySegment, ForeignPage, GrantMapping, GrantStatus, Gnttab, Prot};
+pub use gnttab::{CopySegment, ForeignPage, GntShr, GrantMapping, GrantStatus, Gnttab, Prot, SharedPages};
 pub use mem::{LocalPages, SharedMem, PAGE_SIZE};
 pub use xenctrl::{DomainInfo, ShutdownReason, XenCtrl};
 pub use xenstore::{Permission, Access, Transaction, WatchEvent, XenStore};

@@ -133,6 +133,10 @@ c_api! {
         fn xengnttab_unmap(h: *mut xengnttab_handle, start: *mut c_void, count: u32) -> c_int;
         fn xengnttab_set_max_grants(h: *mut xengnttab_handle, nr: u32) -> c_int;
         fn xengnttab_grant_copy(h: *mut xengnttab_handle, count: u32, segs: *mut xengnttab_grant_copy_segment) -> c_int;
+        fn xengntshr_open(logger: *mut c_void, open_flags: c_uint) -> *mut xengnttab_handle;
+        fn xengntshr_close(h: *mut xengnttab_handle) -> c_int;
+        fn xengntshr_share_pages(h: *mut xengnttab_handle, domid: u32, count: c_int, refs: *mut u32, writable: c_int) -> *mut c_void;
+        fn xengntshr_unshare(h: *mut xengnttab_handle, start: *mut c_void, count: u32) -> c_int;
     }
 }
 

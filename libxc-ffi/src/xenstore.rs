@@ -223,7 +223,15 @@ impl XenStore {
         let h = unsafe { (api.xs_open)(f) };
         match NonNull::new(h) {
             Some(h) => Ok(XenStore { h, api }),
-            None => Err(Error::last_os("xs_open", format!("{flags:?}")).with_hint(OPEN_HINT)),
+            None => {
+                let ctx = match (flags.read_only, flags.socket_only) {
+                    (false, false) => "",
+                    (true, false) => "read-only",
+                    (false, true) => "socket-only",
+                    (true, true) => "read-only, socket-only",
+                };
+                Err(Error::last_os("xs_open", ctx).with_hint(OPEN_HINT))
+            }
         }
     }
 

@@ -1,0 +1,213 @@
+//! Probe of every Xen interface libxc-ffi wraps. Run as root in a real dom0:
+//!
+//! ```text
+//! cargo run -p libxc-ffi --example xen_probe            # or copy the binary into dom0
+//! ```
+//!
+//! It needs the xen-evtchn, xen-gntdev, xen-gntalloc, xen-privcmd modules, xenfs mounted and
+//! xenstored running (`/etc/init.d/xen start`). Everything runs inside dom0 alone: dom0
+//! grants pages to itself (gntalloc) and maps/copies them back (gntdev), and binds an event
+//! channel to itself. Prints one line per check; exit status = number of failed checks.
+//! Outside Xen it prints why each interface cannot be opened and exits non-zero.
+
+use std::time::Duration;
+
+use libxc_ffi::gnttab::{CopySegment, ForeignPage};
+use libxc_ffi::{Evtchn, GntShr, Gnttab, Prot, SharedMem, XenCtrl, XenStore};
+
+type R = Result<String, Box<dyn std::error::Error>>;
+
+struct Probe {
+    failed: u32,
+    passed: u32,
+}
+
+impl Probe {
+    fn check(&mut self, name: &str, f: impl FnOnce() -> R) {
+        match f() {
+            Ok(detail) => {
+                self.passed += 1;
+                println!("OK    {name}: {detail}");
+            }
+            Err(e) => {
+                self.failed += 1;
+                println!("FAIL  {name}: {e}");
+            }
+        }
+    }
+}
+
+fn bail(msg: impl Into<String>) -> Box<dyn std::error::Error> {
+    msg.into().into()
+}
+
+fn main() {
+    let mut p = Probe { failed: 0, passed: 0 };
+
+    for (lib, r) in libxc_ffi::libraries() {
+        p.check(&format!("load {lib}"), || r.map(|()| "loaded".to_string()).map_err(bail));
+    }
+
+    // ---- xenctrl
+    let xc = XenCtrl::open();
+    p.check("xenctrl open", || xc.as_ref().map(|_| "ok".into()).map_err(|e| bail(e.to_string())));
+    if let Ok(xc) = &xc {
+        p.check("xenctrl list_domains", || {
+            let doms = xc.list_domains()?;
+            for d in &doms {
+                println!(
+                    "      dom {:>5}  {}  {:>8} pages  {} vcpus  {:.1}s  {}",
+                    d.domid,
+                    d.state_string(),
+                    d.tot_pages,
+                    d.nr_online_vcpus,
+                    d.cpu_time_ns as f64 / 1e9,
+                    d.uuid_string()
+                );
+            }
+            if !doms.iter().any(|d| d.domid == 0) {
+                return Err(bail("domain 0 missing from the list"));
+            }
+            Ok(format!("{} domain(s)", doms.len()))
+        });
+        p.check("xenctrl domain_info(0)", || {
+            let d = xc.domain_info(0)?;
+            Ok(format!("state {} hvm={} shutdown={:?}", d.state_string(), d.hvm, d.shutdown))
+        });
+        p.check("xenctrl domain_info(32000) is NoSuchDomain", || match xc.domain_info(32000) {
+            Err(e) if e.is_not_found() => Ok(e.to_string()),
+            other => Err(bail(format!("unexpected {other:?}"))),
+        });
+    }
+
+    // ---- xenstore
+    let xs = XenStore::open();
+    p.check("xenstore open", || xs.as_ref().map(|_| "ok".into()).map_err(|e| bail(e.to_string())));
+    if let Ok(xs) = &xs {
+        p.check("xenstore read /local/domain/0/name", || Ok(format!("{:?}", xs.read_string("/local/domain/0/name")?)));
+        p.check("xenstore get_domain_path(0)", || Ok(xs.get_domain_path(0)?));
+        p.check("xenstore directory /local/domain", || Ok(format!("{:?}", xs.directory("/local/domain")?)));
+        let base = "/tool/xensnap-probe";
+        p.check("xenstore write/read/permissions/rm", || {
+            xs.write_str(&format!("{base}/k"), "v1")?;
+            let v = xs.read_string(&format!("{base}/k"))?;
+            if v != "v1" {
+                return Err(bail(format!("read back {v:?}")));
+            }
+            let perms = xs.get_permissions(base)?;
+            xs.set_permissions(base, &perms)?;
+            xs.rm(base)?;
+            if xs.read_opt(&format!("{base}/k"))?.is_some() {
+                return Err(bail("node survived rm"));
+            }
+            Ok(format!("perms {perms:?}"))
+        });
+        p.check("xenstore transaction", || {
+            let n = xs.transaction(|t| {
+                t.write_str(&format!("{base}/a"), "1")?;
+                t.write_str(&format!("{base}/b"), "2")?;
+                Ok(t.directory(base)?.len())
+            })?;
+            let b = xs.read_string(&format!("{base}/b"))?;
+            xs.rm(base)?;
+            Ok(format!("{n} children inside, b={b:?} after commit"))
+        });
+        p.check("xenstore watch", || {
+            xs.mkdir(base)?;
+            xs.watch(base, "probe-token")?;
+            let first = xs.wait_watch(Some(Duration::from_secs(2)))?.ok_or_else(|| bail("no initial event"))?;
+            xs.write_str(&format!("{base}/x"), "y")?;
+            let mut seen = None;
+            for _ in 0..10 {
+                match xs.wait_watch(Some(Duration::from_secs(2)))? {
+                    Some(ev) if ev.path.ends_with("/x") => {
+                        seen = Some(ev);
+                        break;
+                    }
+                    Some(_) => continue,
+                    None => break,
+                }
+            }
+            xs.unwatch(base, "probe-token")?;
+            xs.rm(base)?;
+            let ev = seen.ok_or_else(|| bail("no event for the write"))?;
+            Ok(format!("initial {first:?}, then {ev:?}"))
+        });
+    }
+
+    // ---- event channels: a loopback channel inside dom0
+    let ev = Evtchn::open();
+    p.check("evtchn open", || ev.as_ref().map(|_| "ok".into()).map_err(|e| bail(e.to_string())));
+    if let Ok(ev) = &ev {
+        p.check("evtchn loopback notify/wait/unmask", || {
+            let a = ev.bind_unbound_port(0)?;
+            let b = ev.bind_interdomain(0, a.local_port())?;
+            b.notify()?;
+            let got = ev.wait(Some(Duration::from_secs(2)))?.ok_or_else(|| bail("no event within 2s"))?;
+            if got != a.local_port() {
+                return Err(bail(format!("event on port {got}, expected {}", a.local_port())));
+            }
+            ev.unmask(got)?;
+            a.notify()?;
+            let back = ev.wait(Some(Duration::from_secs(2)))?.ok_or_else(|| bail("no reverse event"))?;
+            ev.unmask(back)?;
+            Ok(format!("ports {} <-> {}", a.local_port(), b.local_port()))
+        });
+    }
+
+    // ---- grants: dom0 grants pages to itself, maps and copies them
+    let gt = Gnttab::open();
+    p.check("gnttab open", || gt.as_ref().map(|_| "ok".into()).map_err(|e| bail(e.to_string())));
+    let shr = GntShr::open();
+    p.check("gntshr open", || shr.as_ref().map(|_| "ok".into()).map_err(|e| bail(e.to_string())));
+    if let (Ok(gt), Ok(shr)) = (&gt, &shr) {
+        p.check("gnttab set_max_grants(256)", || gt.set_max_grants(256).map(|()| "ok".into()).map_err(Into::into));
+        p.check("gnttab self-grant map + ring atomics", || {
+            let pages = shr.share_pages(0, 2, true)?;
+            pages.write_bytes(100, b"hello from gntalloc")?;
+            pages.store_u32_release(4096, 0x1234_5678)?;
+            let map = gt.map_grant_refs(0, pages.refs(), Prot::ReadWrite)?;
+            let mut buf = [0u8; 19];
+            map.read_bytes(100, &mut buf)?;
+            if &buf != b"hello from gntalloc" {
+                return Err(bail(format!("mapped bytes {buf:?}")));
+            }
+            if map.load_u32_acquire(4096)? != 0x1234_5678 {
+                return Err(bail("u32 on page 2 differs"));
+            }
+            map.store_u32_release(8, 77)?;
+            if pages.load_u32_acquire(8)? != 77 {
+                return Err(bail("write through mapping not visible"));
+            }
+            let ro = gt.map_grant_ref(0, pages.refs()[0], Prot::Read)?;
+            if ro.write_bytes(0, &[1]).is_ok() {
+                return Err(bail("read-only mapping accepted a write"));
+            }
+            Ok(format!("refs {:?}", pages.refs()))
+        });
+        p.check("gnttab grant copy both directions", || {
+            let pages = shr.share_pages(0, 1, true)?;
+            pages.write_bytes(512, &[0xab; 512])?;
+            let mut into = vec![0u8; 512];
+            let data = vec![0xcd; 1024];
+            let gref = pages.refs()[0];
+            let mut segs = [
+                CopySegment::FromGuest { src: ForeignPage { domid: 0, gref, offset: 512 }, dst: &mut into },
+                CopySegment::ToGuest { src: &data, dst: ForeignPage { domid: 0, gref, offset: 2048 } },
+            ];
+            let st = gt.grant_copy(&mut segs)?;
+            if !st.iter().all(|s| s.is_ok()) {
+                return Err(bail(format!("statuses {st:?}")));
+            }
+            let mut check = vec![0u8; 1024];
+            pages.read_bytes(2048, &mut check)?;
+            if into != vec![0xab; 512] || check != data {
+                return Err(bail("copied bytes differ"));
+            }
+            Ok("512 B from, 1024 B to".into())
+        });
+    }
+
+    println!("summary: {} checks ok, {} checks failed", p.passed, p.failed);
+    std::process::exit(p.failed.min(125) as i32);
+}
