@@ -424,14 +424,16 @@ impl BlkifRing {
         self.ring.fence();
         let ev = self.ring.load_u32_acquire(SRING_RSP_EVENT);
         c.rsp_pushed = new;
+        {
+            let mut g = lock(&self.gate);
+            g.in_flight -= n as usize;
+            if g.in_flight == 0 {
+                self.gate_cv.notify_all();
+            }
+        }
         if new.wrapping_sub(ev) < new.wrapping_sub(old) {
             self.stats.notifications.fetch_add(1, Ordering::Relaxed);
             self.evtchn.notify();
-        }
-        let mut g = lock(&self.gate);
-        g.in_flight -= n as usize;
-        if g.in_flight == 0 {
-            self.gate_cv.notify_all();
         }
     }
 

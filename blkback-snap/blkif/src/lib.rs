@@ -19,6 +19,7 @@ pub mod backend;
 pub mod mem;
 pub mod request;
 pub mod sim;
+pub mod xenbus;
 
 pub use abi::Abi;
 pub use backend::{BlkifRing, Features, Poll, RingError, RingParams, StatsSnapshot};
