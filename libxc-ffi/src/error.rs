@@ -13,7 +13,7 @@ pub enum Error {
     /// The Xen shared library could not be loaded (not installed, or a different ABI version).
     #[error(
         "Xen library {library} is not available: {reason} \
-         (install Xen 4.17's userspace libraries, e.g. Debian's libxen-dev or libxenmisc4.17 + libxenstore4)"
+         (install Xen 4.17's userspace libraries: Debian's libxenstore4 libxengnttab1 libxenevtchn1 libxenmisc4.17, all pulled in by libxen-dev)"
     )]
     LibraryUnavailable {
         /// Library label (e.g. `libxenstore`).

@@ -158,6 +158,30 @@ impl CopySegment<'_> {
     }
 }
 
+/// One element of a scatter/gather list in a guest's granted pages: `len` bytes at `offset`
+/// of the page granted as `gref` (`offset + len <= 4096`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SgSeg {
+    /// Grant reference.
+    pub gref: GrantRef,
+    /// Byte offset in the page.
+    pub offset: u16,
+    /// Length in bytes.
+    pub len: u16,
+}
+
+/// Checks that the segment lengths add up to `buf_len`.
+fn check_sg(call: &'static str, segs: &[SgSeg], buf_len: usize) -> Result<()> {
+    let total: usize = segs.iter().map(|s| usize::from(s.len)).sum();
+    if total != buf_len {
+        return Err(Error::InvalidArgument {
+            call,
+            reason: format!("segments cover {total} bytes but the buffer has {buf_len}"),
+        });
+    }
+    Ok(())
+}
+
 /// Per-segment result of a grant copy (`GNTST_*`, xen/grant_table.h).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GrantStatus(pub i16);
@@ -293,6 +317,35 @@ impl Gnttab {
             return Err(Error::last_os("xengnttab_grant_copy", format!("{count} segments")));
         }
         Ok(raw.iter().map(|s| GrantStatus(s.status)).collect())
+    }
+
+    /// Gathers the guest memory described by `segs` (in order) into `buf`, with one grant
+    /// copy call. `buf.len()` must equal the sum of the segment lengths. Returns each
+    /// segment's status.
+    pub fn copy_from_guest(&self, domid: u16, segs: &[SgSeg], buf: &mut [u8]) -> Result<Vec<GrantStatus>> {
+        check_sg("copy_from_guest", segs, buf.len())?;
+        let mut rest = buf;
+        let mut ops = Vec::with_capacity(segs.len());
+        for s in segs {
+            let (head, tail) = std::mem::take(&mut rest).split_at_mut(usize::from(s.len));
+            ops.push(CopySegment::FromGuest { src: ForeignPage { domid, gref: s.gref, offset: s.offset }, dst: head });
+            rest = tail;
+        }
+        self.grant_copy(&mut ops)
+    }
+
+    /// Scatters `buf` into the guest memory described by `segs` (in order), with one grant
+    /// copy call. `buf.len()` must equal the sum of the segment lengths.
+    pub fn copy_to_guest(&self, domid: u16, segs: &[SgSeg], buf: &[u8]) -> Result<Vec<GrantStatus>> {
+        check_sg("copy_to_guest", segs, buf.len())?;
+        let mut rest = buf;
+        let mut ops = Vec::with_capacity(segs.len());
+        for s in segs {
+            let (head, tail) = rest.split_at(usize::from(s.len));
+            ops.push(CopySegment::ToGuest { src: head, dst: ForeignPage { domid, gref: s.gref, offset: s.offset } });
+            rest = tail;
+        }
+        self.grant_copy(&mut ops)
     }
 }
 
@@ -533,6 +586,15 @@ mod tests {
         assert_eq!((r.len, r.flags), (16, sys::GNTCOPY_DEST_GREF));
         // SAFETY: (test) as above.
         unsafe { assert_eq!(r.dest.foreign.gref, 2) };
+    }
+
+    #[test]
+    fn scatter_gather_length_check() {
+        let segs = [SgSeg { gref: 1, offset: 0, len: 512 }, SgSeg { gref: 2, offset: 512, len: 1024 }];
+        assert!(check_sg("t", &segs, 1536).is_ok());
+        let e = check_sg("t", &segs, 1535).unwrap_err();
+        assert!(e.to_string().contains("1536 bytes but the buffer has 1535"), "{e}");
+        assert!(check_sg("t", &[], 0).is_ok());
     }
 
     #[test]

@@ -38,8 +38,12 @@
 //!   barriers). [`mem::LocalPages`] implements the same trait over local memory for fakes.
 //! - request segments: [`gnttab::Gnttab::grant_copy`] with [`gnttab::CopySegment`]s, or
 //!   per-request mappings.
+//!   [`gnttab::Gnttab::copy_from_guest`] / [`gnttab::Gnttab::copy_to_guest`] take exactly
+//!   blkif's scatter/gather shape (one buffer, a list of `(gref, offset, len)`).
 //! - notify: [`evtchn::BoundPort::notify`]; waiting: [`evtchn::Evtchn::wait`] or its fd
-//!   (`AsFd`, e.g. for tokio's `AsyncFd`).
+//!   (`AsFd`, e.g. for tokio's `AsyncFd`). Open one [`evtchn::Evtchn`] per ring so that its
+//!   fd only reports that ring's port. An interruptible wait (blkif's `interrupt()`) is
+//!   [`poll::wait_any`] over the evtchn fd and one end of a `UnixStream::pair()`.
 //! - xenstore: [`xenstore::XenStore`] read/write/watch, [`xenstore::XenStore::transaction`]
 //!   (retries on EAGAIN), watch fd (`AsFd`) + [`xenstore::XenStore::check_watch`].
 //!
@@ -59,18 +63,18 @@
 
 mod dl;
 mod error;
-mod poll;
 mod sys;
 
 pub mod evtchn;
 pub mod gnttab;
 pub mod mem;
+pub mod poll;
 pub mod xenctrl;
 pub mod xenstore;
 
 pub use error::{Error, Result};
 pub use evtchn::{BoundPort, Evtchn, Port};
-pub use gnttab::{CopySegment, ForeignPage, GntShr, GrantMapping, GrantStatus, Gnttab, Prot, SharedPages};
+pub use gnttab::{CopySegment, ForeignPage, GntShr, SgSeg, GrantMapping, GrantStatus, Gnttab, Prot, SharedPages};
 pub use mem::{LocalPages, SharedMem, PAGE_SIZE};
 pub use xenctrl::{DomainInfo, ShutdownReason, XenCtrl};
 pub use xenstore::{Permission, Access, Transaction, WatchEvent, XenStore};

@@ -1,6 +1,7 @@
-//! `poll(2)` on one fd, for waiting on xenstore watches and event channels.
+//! `poll(2)`, for waiting on xenstore watches and event channels (and, with [`wait_any`], on
+//! several fds at once, e.g. an event channel plus a pipe used to interrupt the wait).
 
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result, EINTR};
@@ -35,6 +36,38 @@ pub(crate) fn wait_readable(fd: RawFd, timeout: Option<Duration>, what: &'static
     }
 }
 
+/// Waits until at least one of `fds` is readable (or has hung up / errored), for at most
+/// `timeout` (forever if `None`). Returns, per fd, whether it is ready; all `false` on
+/// timeout. Retries on EINTR.
+pub fn wait_any(fds: &[BorrowedFd<'_>], timeout: Option<Duration>) -> Result<Vec<bool>> {
+    let deadline = timeout.map(|t| Instant::now() + t);
+    let mut p: Vec<sys::PollFd> =
+        fds.iter().map(|f| sys::PollFd { fd: f.as_raw_fd(), events: sys::POLLIN, revents: 0 }).collect();
+    loop {
+        let ms: i32 = match deadline {
+            None => -1,
+            Some(d) => {
+                let left = d.saturating_duration_since(Instant::now());
+                i32::try_from(left.as_micros().div_ceil(1000)).unwrap_or(i32::MAX)
+            }
+        };
+        for e in p.iter_mut() {
+            e.revents = 0;
+        }
+        // SAFETY: `p` holds `p.len()` pollfd structures, valid for the call; the fds are
+        // borrowed, hence open, for its duration.
+        let r = unsafe { sys::poll(p.as_mut_ptr(), p.len() as std::ffi::c_ulong, ms) };
+        if r < 0 {
+            let e = Error::last_os("poll", format!("{} fds", p.len()));
+            if e.errno() == Some(EINTR) {
+                continue;
+            }
+            return Err(e);
+        }
+        return Ok(p.iter().map(|e| e.revents != 0).collect());
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -51,5 +84,21 @@ mod tests {
         a.write_all(b"x").unwrap();
         assert!(wait_readable(b.as_raw_fd(), None, "t").unwrap());
         assert!(wait_readable(-1, None, "t").is_err());
+    }
+
+    #[test]
+    fn wait_any_reports_which() {
+        let (mut a, b) = UnixStream::pair().unwrap();
+        let (mut c, d) = UnixStream::pair().unwrap();
+        use std::os::fd::AsFd;
+        let r = wait_any(&[b.as_fd(), d.as_fd()], Some(Duration::from_millis(10))).unwrap();
+        assert_eq!(r, vec![false, false]);
+        c.write_all(b"x").unwrap();
+        let r = wait_any(&[b.as_fd(), d.as_fd()], None).unwrap();
+        assert_eq!(r, vec![false, true]);
+        a.write_all(b"x").unwrap();
+        let r = wait_any(&[b.as_fd(), d.as_fd()], Some(Duration::ZERO)).unwrap();
+        assert_eq!(r, vec![true, true]);
+        assert_eq!(wait_any(&[], Some(Duration::ZERO)).unwrap(), Vec::<bool>::new());
     }
 }
