@@ -231,6 +231,16 @@ fn main() {
             }
             Ok("5120 B over 3 segments".into())
         });
+        p.check("gnttab copy into a read-only grant fails per segment", || {
+            let ro = shr.share_pages(0, 1, false)?;
+            let st = gt.copy_to_guest(0, &[SgSeg { gref: ro.refs()[0], offset: 0, len: 8 }], &[1u8; 8])?;
+            if st[0].is_ok() {
+                return Err(bail("wrote into a read-only grant"));
+            }
+            let mut b = [0u8; 8];
+            let st2 = gt.copy_from_guest(0, &[SgSeg { gref: ro.refs()[0], offset: 0, len: 8 }], &mut b)?;
+            Ok(format!("write: {}, read: {}", st[0], st2[0]))
+        });
         p.check("gnttab copy from a bad gref fails per segment", || {
             let mut buf = [0u8; 16];
             let st = gt.copy_from_guest(0, &[SgSeg { gref: 0x7fff_fff0, offset: 0, len: 16 }], &mut buf)?;

@@ -45,7 +45,21 @@
 //!   fd only reports that ring's port. An interruptible wait (blkif's `interrupt()`) is
 //!   [`poll::wait_any`] over the evtchn fd and one end of a `UnixStream::pair()`.
 //! - xenstore: [`xenstore::XenStore`] read/write/watch, [`xenstore::XenStore::transaction`]
-//!   (retries on EAGAIN), watch fd (`AsFd`) + [`xenstore::XenStore::check_watch`].
+//!   (retries on EAGAIN), [`xenstore::XenStore::wait_watch`] (timeout), or
+//!   [`xenstore::XenStore::watch_fd`] + [`xenstore::XenStore::check_watch`] for an event loop.
+//!
+//! A sketch of those adapters (in blkif or xl-plugin, not here: this crate does not depend on
+//! blkif):
+//! ```text
+//! impl SharedRing for RingMap   { fn load_u32_acquire(&self, off) -> u32 { self.0.load_u32_acquire(off).expect("in bounds") } … }
+//! impl GrantMemory for Grants   { fn copy_from_guest(&self, domid, segs, buf) { check(self.0.copy_from_guest(domid, &sg(segs), buf)?) } … }
+//! impl EventChannel for Port    { fn wait(&self, t) -> bool { wait_any(&[evtchn.as_fd(), intr.as_fd()], t) → pending + unmask } … }
+//! impl XenStore for Store       { fn read(&self, p) { self.0.read_opt(p).map(|o| o.map(lossy)) } … }
+//! ```
+//! Grant status mapping for blkif's `GrantError`: `GNTST_bad_gntref`/`GNTST_bad_domain` →
+//! `InvalidRef`; Xen 4.17 reports a copy *into* a read-only grant as `GNTST_general_error`
+//! ("Attempt to write-pin a r/o grant entry"), so `ReadOnly` can only be inferred for
+//! `copy_to_guest` segments failing with `general_error`; anything else → `Failed`.
 //!
 //! # Not done yet (TODO)
 //! - libxenguest save/restore (`xc_domain_save`/`xc_domain_restore` with their callback

@@ -2,7 +2,7 @@
 //! transactions (with retry on EAGAIN).
 
 use std::ffi::{c_char, c_uint, c_void, CStr, CString};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::ptr::NonNull;
 use std::time::Duration;
 
@@ -459,7 +459,7 @@ impl XenStore {
     }
 
     /// Returns a pending watch event without blocking (`xs_check_watch`), `None` if none.
-    /// After [`XenStore::fd`] polls readable, call this until it returns `None`.
+    /// After [`XenStore::watch_fd`] polls readable, call this until it returns `None`.
     pub fn check_watch(&self) -> Result<Option<WatchEvent>> {
         // SAFETY: valid handle.
         let arr = unsafe { (self.api.xs_check_watch)(self.raw()) };
@@ -520,6 +520,20 @@ impl XenStore {
     }
 }
 
+impl XenStore {
+    /// The fd that becomes readable when a watch fires, for a poll loop or tokio's
+    /// `AsyncFd` (then drain with [`XenStore::check_watch`]).
+    pub fn watch_fd(&self) -> Result<BorrowedFd<'_>> {
+        let fd = self.as_raw_fd();
+        if fd < 0 {
+            return Err(Error::last_os("xs_fileno", ""));
+        }
+        // SAFETY: the fd is owned by the handle and stays open until xs_close in Drop, which
+        // cannot run while `self` is borrowed.
+        Ok(unsafe { BorrowedFd::borrow_raw(fd) })
+    }
+}
+
 fn check_token(call: &'static str, token: &str) -> Result<CString> {
     CString::new(token).map_err(|_| Error::InvalidArgument {
         call,
@@ -533,16 +547,6 @@ impl AsRawFd for XenStore {
         // SAFETY: valid handle; xs_fileno returns an fd owned by the handle (creating the
         // watch pipe on first use).
         unsafe { (self.api.xs_fileno)(self.raw()) }
-    }
-}
-
-impl AsFd for XenStore {
-    fn as_fd(&self) -> BorrowedFd<'_> {
-        let fd = self.as_raw_fd();
-        assert!(fd >= 0, "xs_fileno failed");
-        // SAFETY: the fd is owned by the handle and stays open until xs_close in Drop, which
-        // cannot run while `self` is borrowed.
-        unsafe { BorrowedFd::borrow_raw(fd) }
     }
 }
 
