@@ -1,0 +1,970 @@
+//! The image engine: open/create, guest read/write with COW, zeroes and discard, flush
+//! (ordered write-back of the metadata caches), info and map.
+
+use crate::compress::decompress;
+use crate::error::{Error, Result};
+use crate::header::{self, build_header, put_be32, put_be64, CompressionType, Header, INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
+use crate::io::{FileIo, ImageIo};
+use crate::l2::{l1_to_l2, Cluster, L2Geom, COPIED, OFFSET_MASK, ZERO};
+use crate::refcount::rb_set;
+use crate::snapshot::Snapshot;
+use serde::Serialize;
+use std::collections::{BTreeSet, HashMap};
+use std::path::Path;
+use tracing::{debug, info, warn};
+
+/// Options for [`Qcow2::create`].
+#[derive(Debug, Clone)]
+pub struct CreateOptions {
+    /// Virtual disk size in bytes.
+    pub size: u64,
+    /// log2 of the cluster size, 9..=21 (default 16 = 64 KiB).
+    pub cluster_bits: u32,
+    /// log2 of the refcount width in bits, 0..=6 (default 4 = 16-bit).
+    pub refcount_order: u32,
+}
+
+impl Default for CreateOptions {
+    fn default() -> Self {
+        CreateOptions { size: 0, cluster_bits: 16, refcount_order: 4 }
+    }
+}
+
+/// Options for [`Qcow2::open`].
+#[derive(Debug, Clone, Default)]
+pub struct OpenOptions {
+    pub read_only: bool,
+}
+
+/// Path-free facts about an open image.
+#[derive(Debug, Clone, Serialize)]
+pub struct ImageInfo {
+    pub version: u32,
+    pub virtual_size: u64,
+    pub cluster_size: u64,
+    pub refcount_bits: u32,
+    pub l1_size: u32,
+    pub nb_snapshots: u32,
+    pub dirty: bool,
+    pub corrupt: bool,
+    pub read_only: bool,
+    pub read_only_reason: Option<String>,
+    pub extended_l2: bool,
+    pub compression_type: CompressionType,
+    pub features: Vec<String>,
+    pub file_length: u64,
+    pub allocated_clusters: u64,
+}
+
+/// One run of a guest→host mapping.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct MapEntry {
+    pub guest_offset: u64,
+    pub length: u64,
+    pub host_offset: Option<u64>,
+    /// "data", "zero", "compressed" or "unallocated".
+    pub kind: &'static str,
+    pub refcount: u64,
+    pub shared: bool,
+}
+
+/// Which L1 table a lookup goes through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Tree {
+    Active,
+    /// A snapshot's L1, keyed by its L1 offset.
+    Snap(u64),
+}
+
+/// An open qcow2 image.
+pub struct Qcow2 {
+    pub(crate) io: Box<dyn ImageIo>,
+    pub(crate) h: Header,
+    pub(crate) cs: u64,
+    pub(crate) read_only: bool,
+    pub(crate) ro_reason: Option<String>,
+    pub(crate) io_writable: bool,
+    pub(crate) l1: Vec<u64>,
+    /// Dirty 512-byte sectors of the active L1 (sector index within the table).
+    pub(crate) l1_dirty: BTreeSet<u64>,
+    pub(crate) reftable: Vec<u64>,
+    pub(crate) rb_cache: HashMap<u64, Vec<u8>>,
+    pub(crate) rb_dirty: BTreeSet<u64>,
+    pub(crate) l2_cache: HashMap<u64, Vec<u64>>,
+    pub(crate) l2_dirty: BTreeSet<u64>,
+    /// Byte ranges whose clusters lose one reference once the pointer removal is durable.
+    pub(crate) pending_free: Vec<(u64, u64)>,
+    pub(crate) snapshots: Vec<Snapshot>,
+    pub(crate) snapshot_table_bytes: u64,
+    pub(crate) snap_l1: HashMap<u64, Vec<u64>>,
+    pub(crate) free_cursor: u64,
+    pub(crate) end_hint: u64,
+    pub(crate) cache_limit: usize,
+    pub(crate) decomp: Option<(u64, Vec<u8>)>,
+    pub(crate) dirty_set_by_us: bool,
+}
+
+fn ioe(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
+    let w = what.into();
+    move |e| Error::io(w, e)
+}
+
+impl Qcow2 {
+    // ------------------------------------------------------------------ create / open
+
+    /// Create a new image on an empty `io`.
+    pub fn create(mut io: Box<dyn ImageIo>, opts: &CreateOptions) -> Result<Qcow2> {
+        if !(9..=21).contains(&opts.cluster_bits) {
+            return Err(Error::invalid(format!("cluster_bits {} not in 9..=21", opts.cluster_bits)));
+        }
+        if opts.refcount_order > 6 {
+            return Err(Error::invalid(format!("refcount_order {} not in 0..=6", opts.refcount_order)));
+        }
+        if opts.size > (1u64 << 61) {
+            return Err(Error::invalid(format!("size {} is too large", opts.size)));
+        }
+        if io.len().map_err(ioe("reading the length of the new image"))? != 0 {
+            return Err(Error::invalid("the image file to create is not empty"));
+        }
+        let cs = 1u64 << opts.cluster_bits;
+        let mut h = Header {
+            version: 3,
+            backing_file_offset: 0,
+            backing_file_size: 0,
+            cluster_bits: opts.cluster_bits,
+            size: opts.size,
+            crypt_method: 0,
+            l1_size: 0,
+            l1_table_offset: 0,
+            refcount_table_offset: cs,
+            refcount_table_clusters: 1,
+            nb_snapshots: 0,
+            snapshots_offset: 0,
+            incompatible: 0,
+            compatible: 0,
+            autoclear: 0,
+            refcount_order: opts.refcount_order,
+            header_length: header::V3_HEADER_LEN,
+            compression: CompressionType::Zlib,
+            extensions: Vec::new(),
+        };
+        let l1_entries = h.l1_entries_for(opts.size);
+        if l1_entries * 8 > header::MAX_L1_BYTES {
+            return Err(Error::invalid(format!(
+                "size {} needs an L1 table of {l1_entries} entries, above the 32 MiB limit for {cs}-byte clusters",
+                opts.size
+            )));
+        }
+        h.l1_size = l1_entries as u32;
+        let l1c = (l1_entries * 8).div_ceil(cs);
+        let per_rb = (cs * 8) >> opts.refcount_order;
+        let (mut rt, mut rb) = (1u64, 1u64);
+        loop {
+            let total = 1 + rt + rb + l1c;
+            let rb2 = total.div_ceil(per_rb);
+            let rt2 = (rb2 * 8).div_ceil(cs);
+            if rb2 == rb && rt2 == rt {
+                break;
+            }
+            rb = rb2.max(rb);
+            rt = rt2.max(rt);
+        }
+        let total = 1 + rt + rb + l1c;
+        h.refcount_table_clusters = rt as u32;
+        h.refcount_table_offset = cs;
+        h.l1_table_offset = if l1c > 0 { (1 + rt + rb) * cs } else { 0 };
+        // refblocks
+        let mut blocks = vec![0u8; (rb * cs) as usize];
+        for c in 0..total {
+            let b = (c / per_rb) as usize;
+            if let Some(blk) = blocks.get_mut(b * cs as usize..(b + 1) * cs as usize) {
+                rb_set(blk, opts.refcount_order, c % per_rb, 1);
+            }
+        }
+        let mut table = vec![0u8; (rt * cs) as usize];
+        for b in 0..rb {
+            put_be64(&mut table, (b * 8) as usize, (1 + rt + b) * cs);
+        }
+        io.write_at(&table, cs).map_err(ioe("writing the refcount table"))?;
+        io.write_at(&blocks, (1 + rt) * cs).map_err(ioe("writing the refcount blocks"))?;
+        if l1c > 0 {
+            io.write_at(&vec![0u8; (l1c * cs) as usize], h.l1_table_offset)
+                .map_err(ioe("writing the L1 table"))?;
+        }
+        io.flush().map_err(ioe("flushing the new image"))?;
+        io.write_at(&build_header(&h), 0).map_err(ioe("writing the header"))?;
+        io.flush().map_err(ioe("flushing the new header"))?;
+        info!(size = opts.size, cluster_size = cs, "created qcow2 image");
+        Self::open(io, &OpenOptions { read_only: false })
+    }
+
+    /// Create a new image file (fails if it exists).
+    pub fn create_file(path: &Path, opts: &CreateOptions) -> Result<Qcow2> {
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .map_err(ioe(format!("creating {}", path.display())))?;
+        Self::create(Box::new(FileIo::new(f)), opts)
+    }
+
+    /// Open an image file.
+    pub fn open_file(path: &Path, opts: &OpenOptions) -> Result<Qcow2> {
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(!opts.read_only)
+            .open(path)
+            .map_err(ioe(format!("opening {}", path.display())))?;
+        Self::open(Box::new(FileIo::new(f)), opts)
+    }
+
+    /// Open an image. Never writes when `opts.read_only`; a corrupt, v2 or extended-L2
+    /// image is opened read-only (see [`ImageInfo::read_only_reason`]).
+    pub fn open(io: Box<dyn ImageIo>, opts: &OpenOptions) -> Result<Qcow2> {
+        let len = io.len().map_err(ioe("reading the image length"))?;
+        let mut first = vec![0u8; len.min(104) as usize];
+        io.read_at(&mut first, 0).map_err(ioe("reading the header"))?;
+        if first.len() < 72 {
+            return Err(Error::corrupt(format!("image is only {len} bytes long, too short for a qcow2 header")));
+        }
+        let cb = header::get_be32(&first, 20);
+        if !(9..=21).contains(&cb) {
+            return Err(Error::corrupt(format!("header cluster_bits {cb} at offset 20 is out of range 9..=21")));
+        }
+        let mut buf = vec![0u8; len.min(1u64 << cb) as usize];
+        io.read_at(&mut buf, 0).map_err(ioe("reading the header cluster"))?;
+        let h = Header::parse(&buf, len)?;
+        let cs = h.cluster_size();
+        let mut ro_reason = None;
+        if opts.read_only {
+            ro_reason = Some(String::new());
+        } else if h.incompatible & INCOMPAT_CORRUPT != 0 {
+            ro_reason = Some(": the corrupt bit is set (run repair)".to_string());
+        } else if h.version == 2 {
+            ro_reason = Some(": qcow2 version 2 images are read-only in this engine".to_string());
+        } else if h.extended_l2() {
+            ro_reason = Some(": images with extended L2 entries are read-only in this engine".to_string());
+        }
+        if let Some(r) = &ro_reason {
+            if !r.is_empty() {
+                warn!("opening read-only{r}");
+            }
+        }
+        // L1
+        let mut l1b = vec![0u8; (u64::from(h.l1_size) * 8) as usize];
+        io.read_at(&mut l1b, h.l1_table_offset)
+            .map_err(ioe(format!("reading the active L1 table at {:#x}", h.l1_table_offset)))?;
+        let l1: Vec<u64> = l1b.chunks_exact(8).map(|c| header::get_be64(c, 0)).collect();
+        // reftable
+        let mut rtb = vec![0u8; (u64::from(h.refcount_table_clusters) * cs) as usize];
+        io.read_at(&mut rtb, h.refcount_table_offset)
+            .map_err(ioe(format!("reading the refcount table at {:#x}", h.refcount_table_offset)))?;
+        let reftable: Vec<u64> = rtb.chunks_exact(8).map(|c| header::get_be64(c, 0)).collect();
+        let (snapshots, st_bytes) =
+            crate::snapshot::read_table(io.as_ref(), &h, len)?;
+        let mut img = Qcow2 {
+            io,
+            cs,
+            read_only: ro_reason.is_some(),
+            io_writable: !opts.read_only,
+            ro_reason: ro_reason.filter(|r| !r.is_empty()),
+            l1,
+            l1_dirty: BTreeSet::new(),
+            reftable,
+            rb_cache: HashMap::new(),
+            rb_dirty: BTreeSet::new(),
+            l2_cache: HashMap::new(),
+            l2_dirty: BTreeSet::new(),
+            pending_free: Vec::new(),
+            snapshots,
+            snapshot_table_bytes: st_bytes,
+            snap_l1: HashMap::new(),
+            free_cursor: 1,
+            end_hint: 0,
+            cache_limit: ((256u64 << 20) / cs).max(64) as usize,
+            decomp: None,
+            dirty_set_by_us: false,
+            h,
+        };
+        if !img.read_only {
+            if img.h.incompatible & INCOMPAT_DIRTY != 0 {
+                warn!("image has the dirty bit set: rebuilding refcounts");
+                let rep = img.repair()?;
+                info!(leaks = rep.leaks, corruptions = rep.corruptions, "refcounts rebuilt after unclean shutdown");
+                img.set_incompat(img.h.incompatible & !INCOMPAT_DIRTY)?;
+            }
+            if img.h.autoclear != 0 {
+                // we maintain none of the autoclear features: clear them, as QEMU does
+                let mut b = [0u8; 8];
+                put_be64(&mut b, 0, 0);
+                img.io.write_at(&b, header::OFF_AUTOCLEAR).map_err(ioe("clearing autoclear feature bits"))?;
+                img.io.flush().map_err(ioe("flushing the header"))?;
+                img.h.autoclear = 0;
+            }
+        }
+        debug!(size = img.h.size, cluster_size = cs, snapshots = img.snapshots.len(), "opened qcow2 image");
+        Ok(img)
+    }
+
+    pub(crate) fn set_incompat(&mut self, v: u64) -> Result<()> {
+        let mut b = [0u8; 8];
+        put_be64(&mut b, 0, v);
+        self.io.write_at(&b, header::OFF_INCOMPAT).map_err(ioe("writing incompatible feature bits"))?;
+        self.io.flush().map_err(ioe("flushing the header"))?;
+        self.h.incompatible = v;
+        Ok(())
+    }
+
+    // ------------------------------------------------------------------ small helpers
+
+    pub fn virtual_size(&self) -> u64 {
+        self.h.size
+    }
+    pub fn cluster_size(&self) -> u64 {
+        self.cs
+    }
+    pub fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+
+    pub(crate) fn file_len(&self) -> Result<u64> {
+        self.io.len().map_err(ioe("reading the image length"))
+    }
+    /// First cluster index past everything in the file or allocated in memory.
+    pub(crate) fn end_cluster(&self) -> Result<u64> {
+        Ok(self.file_len()?.div_ceil(self.cs).max(self.end_hint))
+    }
+    pub(crate) fn note_end(&mut self, idx: u64) {
+        self.end_hint = self.end_hint.max(idx);
+    }
+    pub(crate) fn geom(&self) -> L2Geom {
+        L2Geom { cluster_bits: self.h.cluster_bits, extended: self.h.extended_l2() }
+    }
+    pub(crate) fn check_writable(&self) -> Result<()> {
+        if self.read_only {
+            return Err(Error::ReadOnly { why: self.ro_reason.clone().unwrap_or_default() });
+        }
+        Ok(())
+    }
+    pub(crate) fn check_range(&self, offset: u64, len: u64, size: u64) -> Result<()> {
+        match offset.checked_add(len) {
+            Some(e) if e <= size => Ok(()),
+            _ => Err(Error::OutOfRange { offset, len, size }),
+        }
+    }
+
+    pub(crate) fn evict_if_needed(&mut self) -> Result<()> {
+        if self.l2_cache.len() + self.rb_cache.len() < self.cache_limit {
+            return Ok(());
+        }
+        if !self.l2_dirty.is_empty() || !self.rb_dirty.is_empty() {
+            self.writeback()?;
+        }
+        let target = self.cache_limit / 2;
+        let l2_keys: Vec<u64> = self.l2_cache.keys().copied().filter(|k| !self.l2_dirty.contains(k)).collect();
+        for k in l2_keys {
+            if self.l2_cache.len() + self.rb_cache.len() <= target {
+                break;
+            }
+            self.l2_cache.remove(&k);
+        }
+        let rb_keys: Vec<u64> = self.rb_cache.keys().copied().filter(|k| !self.rb_dirty.contains(k)).collect();
+        for k in rb_keys {
+            if self.l2_cache.len() + self.rb_cache.len() <= target {
+                break;
+            }
+            self.rb_cache.remove(&k);
+        }
+        Ok(())
+    }
+
+    // ------------------------------------------------------------------ L1 / L2 access
+
+    /// Snapshot L1 tables are loaded on first use and kept.
+    pub(crate) fn load_snap_l1(&mut self, l1_off: u64) -> Result<()> {
+        if self.snap_l1.contains_key(&l1_off) {
+            return Ok(());
+        }
+        let sn = self
+            .snapshots
+            .iter()
+            .find(|s| s.l1_offset == l1_off)
+            .ok_or_else(|| Error::not_found(format!("snapshot with L1 table at {l1_off:#x}")))?;
+        let t = crate::snapshot::read_l1(self.io.as_ref(), l1_off, sn.l1_size, self.cs, self.file_len()?)?;
+        self.snap_l1.insert(l1_off, t);
+        Ok(())
+    }
+
+    pub(crate) fn l1_len(&mut self, tree: Tree) -> Result<usize> {
+        match tree {
+            Tree::Active => Ok(self.l1.len()),
+            Tree::Snap(o) => {
+                self.load_snap_l1(o)?;
+                Ok(self.snap_l1.get(&o).map_or(0, |t| t.len()))
+            }
+        }
+    }
+
+    pub(crate) fn l1_entry(&mut self, tree: Tree, i: u64) -> Result<u64> {
+        match tree {
+            Tree::Active => Ok(self.l1.get(i as usize).copied().unwrap_or(0)),
+            Tree::Snap(o) => {
+                self.load_snap_l1(o)?;
+                Ok(self.snap_l1.get(&o).and_then(|t| t.get(i as usize)).copied().unwrap_or(0))
+            }
+        }
+    }
+
+    pub(crate) fn load_l2(&mut self, off: u64) -> Result<()> {
+        if self.l2_cache.contains_key(&off) {
+            return Ok(());
+        }
+        self.evict_if_needed()?;
+        let flen = self.file_len()?;
+        if off == 0 || off % self.cs != 0 || off.checked_add(self.cs).map_or(true, |e| e > flen) {
+            return Err(Error::corrupt(format!(
+                "L2 table at offset {off:#x} is unaligned or outside the image ({flen} bytes)"
+            )));
+        }
+        let mut b = vec![0u8; self.cs as usize];
+        self.io.read_at(&mut b, off).map_err(ioe(format!("reading L2 table at {off:#x}")))?;
+        let t: Vec<u64> = b.chunks_exact(8).map(|c| header::get_be64(c, 0)).collect();
+        self.l2_cache.insert(off, t);
+        Ok(())
+    }
+
+    /// L2 entry `i` of table `off`: (descriptor, subcluster bitmap or 0).
+    pub(crate) fn l2_get(&mut self, off: u64, i: u64) -> Result<(u64, u64)> {
+        self.load_l2(off)?;
+        let ext = self.h.extended_l2();
+        let t = self.l2_cache.get(&off).ok_or_else(|| Error::corrupt(format!("L2 table at {off:#x} vanished from cache")))?;
+        if ext {
+            let w = (i * 2) as usize;
+            Ok((t.get(w).copied().unwrap_or(0), t.get(w + 1).copied().unwrap_or(0)))
+        } else {
+            Ok((t.get(i as usize).copied().unwrap_or(0), 0))
+        }
+    }
+
+    pub(crate) fn l2_set(&mut self, off: u64, i: u64, v: u64) -> Result<()> {
+        self.load_l2(off)?;
+        if let Some(slot) = self.l2_cache.get_mut(&off).and_then(|t| t.get_mut(i as usize)) {
+            *slot = v;
+        }
+        self.l2_dirty.insert(off);
+        Ok(())
+    }
+
+    pub(crate) fn set_l1(&mut self, i: u64, v: u64) {
+        if let Some(slot) = self.l1.get_mut(i as usize) {
+            if *slot != v {
+                *slot = v;
+                self.l1_dirty.insert(i / 64);
+            }
+        }
+    }
+
+    /// Classify the mapping of guest cluster `gc` in `tree`. Returns (L2 offset or 0,
+    /// descriptor class, bitmap).
+    pub(crate) fn lookup(&mut self, tree: Tree, gc: u64) -> Result<(u64, Cluster, u64)> {
+        let l2e = self.h.l2_entries();
+        let (l1i, l2i) = (gc / l2e, gc % l2e);
+        let e = self.l1_entry(tree, l1i)?;
+        let l2 = l1_to_l2(e, self.cs, &|| format!("{tree:?} L1 entry {l1i}"))?;
+        if l2 == 0 {
+            return Ok((0, Cluster::Unallocated, 0));
+        }
+        let (d, bm) = self.l2_get(l2, l2i)?;
+        let c = self.geom().classify(d, bm, &|| format!("L2 table at {l2:#x} entry {l2i}"))?;
+        Ok((l2, c, bm))
+    }
+
+    // ------------------------------------------------------------------ reads
+
+    /// Read guest data of the active disk.
+    pub fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.check_range(offset, buf.len() as u64, self.h.size)?;
+        self.read_tree(Tree::Active, offset, buf)
+    }
+
+    pub(crate) fn read_tree(&mut self, tree: Tree, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let cs = self.cs;
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            let gc = pos / cs;
+            let co = pos % cs;
+            let n = ((cs - co) as usize).min(buf.len() - done);
+            let Some(out) = buf.get_mut(done..done + n) else { break };
+            let (_, c, bm) = self.lookup(tree, gc)?;
+            self.read_cluster(c, bm, co, out)?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    fn read_host(&self, host: u64, out: &mut [u8], what: &str) -> Result<()> {
+        let flen = self.file_len()?;
+        if host >= flen {
+            return Err(Error::corrupt(format!("{what} at {host:#x} is past the end of the image ({flen} bytes)")));
+        }
+        // the tail of the last data cluster may be missing from the file: reads as zero
+        let avail = ((flen - host) as usize).min(out.len());
+        let (a, b) = out.split_at_mut(avail);
+        self.io.read_at(a, host).map_err(ioe(format!("reading {what} at {host:#x}")))?;
+        b.fill(0);
+        Ok(())
+    }
+
+    fn read_cluster(&mut self, c: Cluster, bm: u64, co: u64, out: &mut [u8]) -> Result<()> {
+        match c {
+            Cluster::Unallocated | Cluster::Zero | Cluster::Normal { zero: true, .. } => {
+                out.fill(0);
+                Ok(())
+            }
+            Cluster::Normal { host, .. } if !self.h.extended_l2() => self.read_host(host + co, out, "data cluster"),
+            Cluster::Normal { host, .. } => {
+                // extended L2: per subcluster allocation bitmap
+                let sc = self.cs / 32;
+                let mut done = 0usize;
+                while done < out.len() {
+                    let p = co + done as u64;
+                    let s = p / sc;
+                    let n = ((sc - p % sc) as usize).min(out.len() - done);
+                    let Some(o) = out.get_mut(done..done + n) else { break };
+                    if bm & (1u64 << s) != 0 {
+                        self.read_host(host + p, o, "data subcluster")?;
+                    } else {
+                        o.fill(0);
+                    }
+                    done += n;
+                }
+                Ok(())
+            }
+            Cluster::Compressed { offset, len } => {
+                let data = self.decompressed(offset, len)?;
+                let s = co as usize;
+                match data.get(s..s + out.len()) {
+                    Some(src) => {
+                        out.copy_from_slice(src);
+                        Ok(())
+                    }
+                    None => Err(Error::corrupt(format!("compressed cluster at {offset:#x} too short"))),
+                }
+            }
+        }
+    }
+
+    pub(crate) fn decompressed(&mut self, offset: u64, len: u64) -> Result<Vec<u8>> {
+        if let Some((o, d)) = &self.decomp {
+            if *o == offset {
+                return Ok(d.clone());
+            }
+        }
+        let flen = self.file_len()?;
+        if offset >= flen {
+            return Err(Error::corrupt(format!("compressed cluster at {offset:#x} is past the end of the image")));
+        }
+        let l = len.min(flen - offset) as usize;
+        let mut input = vec![0u8; l];
+        self.io.read_at(&mut input, offset).map_err(ioe(format!("reading compressed cluster at {offset:#x}")))?;
+        let mut out = vec![0u8; self.cs as usize];
+        decompress(self.h.compression, &input, &mut out, offset)?;
+        self.decomp = Some((offset, out.clone()));
+        Ok(out)
+    }
+
+    // ------------------------------------------------------------------ writes
+
+    /// Get a writable L2 table for L1 index `l1i` of the active tree: allocate a new one,
+    /// or copy a shared one (COW); returns its offset.
+    fn l2_for_write(&mut self, l1i: u64) -> Result<u64> {
+        let e = self.l1_entry(Tree::Active, l1i)?;
+        let old = l1_to_l2(e, self.cs, &|| format!("active L1 entry {l1i}"))?;
+        if old != 0 {
+            let rc = self.refcount(old / self.cs)?;
+            if rc == 1 {
+                if e & COPIED == 0 {
+                    self.set_l1(l1i, old | COPIED);
+                }
+                return Ok(old);
+            }
+            if rc == 0 {
+                return Err(Error::corrupt(format!("L2 table at {old:#x} (L1 entry {l1i}) has refcount 0")));
+            }
+            self.load_l2(old)?;
+        }
+        let new = self.alloc_clusters(1)?;
+        let table = if old != 0 {
+            let mut t = self.l2_cache.get(&old).cloned().unwrap_or_default();
+            for w in t.iter_mut() {
+                *w &= !COPIED;
+            }
+            if self.h.extended_l2() {
+                // bitmap words must keep their bit 63
+                return Err(Error::unsupported("writing extended L2 images"));
+            }
+            t
+        } else {
+            vec![0u64; (self.cs / 8) as usize]
+        };
+        self.l2_cache.insert(new, table);
+        self.l2_dirty.insert(new);
+        self.set_l1(l1i, new | COPIED);
+        if old != 0 {
+            debug!(old, new, "COW of shared L2 table");
+            self.pending_free.push((old, self.cs));
+        }
+        Ok(new)
+    }
+
+    /// Data of a cluster as it currently reads (for COW merges).
+    fn cluster_contents(&mut self, c: Cluster) -> Result<Vec<u8>> {
+        let mut v = vec![0u8; self.cs as usize];
+        self.read_cluster(c, u64::MAX, 0, &mut v)?;
+        Ok(v)
+    }
+
+    fn free_cluster_of(&mut self, c: Cluster) {
+        match c {
+            Cluster::Normal { host, .. } => self.pending_free.push((host, self.cs)),
+            Cluster::Compressed { offset, len } => self.pending_free.push((offset, len.max(1))),
+            _ => {}
+        }
+    }
+
+    fn write_cluster(&mut self, gc: u64, co: u64, data: &[u8]) -> Result<()> {
+        let cs = self.cs;
+        let l2e = self.h.l2_entries();
+        let (l1i, l2i) = (gc / l2e, gc % l2e);
+        let l2 = self.l2_for_write(l1i)?;
+        let (d, bm) = self.l2_get(l2, l2i)?;
+        let c = self.geom().classify(d, bm, &|| format!("L2 table at {l2:#x} entry {l2i}"))?;
+        if let Cluster::Normal { host, zero, copied } = c {
+            let rc = self.refcount(host / cs)?;
+            if rc == 0 {
+                return Err(Error::corrupt(format!(
+                    "data cluster at {host:#x} (L2 {l2:#x} entry {l2i}) has refcount 0"
+                )));
+            }
+            if rc == 1 {
+                if zero && data.len() as u64 != cs {
+                    let mut full = vec![0u8; cs as usize];
+                    if let Some(dst) = full.get_mut(co as usize..co as usize + data.len()) {
+                        dst.copy_from_slice(data);
+                    }
+                    self.io.write_at(&full, host).map_err(ioe(format!("writing data cluster at {host:#x}")))?;
+                } else {
+                    self.io.write_at(data, host + co).map_err(ioe(format!("writing data cluster at {host:#x}")))?;
+                }
+                if zero || !copied {
+                    self.l2_set(l2, l2i, host | COPIED)?;
+                }
+                return Ok(());
+            }
+        }
+        // allocate a new cluster (new data, or COW of a shared/compressed cluster)
+        let mut full = if data.len() as u64 == cs {
+            Vec::new()
+        } else {
+            match c {
+                Cluster::Normal { .. } | Cluster::Compressed { .. } => self.cluster_contents(c)?,
+                _ => vec![0u8; cs as usize],
+            }
+        };
+        let new = self.alloc_clusters(1)?;
+        if full.is_empty() {
+            self.io.write_at(data, new).map_err(ioe(format!("writing data cluster at {new:#x}")))?;
+        } else {
+            if let Some(dst) = full.get_mut(co as usize..co as usize + data.len()) {
+                dst.copy_from_slice(data);
+            }
+            self.io.write_at(&full, new).map_err(ioe(format!("writing data cluster at {new:#x}")))?;
+        }
+        if matches!(c, Cluster::Compressed { .. }) {
+            self.decomp = None;
+        }
+        self.l2_set(l2, l2i, new | COPIED)?;
+        self.free_cluster_of(c);
+        Ok(())
+    }
+
+    /// Write guest data to the active disk. Durable after [`Qcow2::flush`].
+    pub fn write(&mut self, offset: u64, buf: &[u8]) -> Result<()> {
+        self.check_writable()?;
+        self.check_range(offset, buf.len() as u64, self.h.size)?;
+        let cs = self.cs;
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            let co = pos % cs;
+            let n = ((cs - co) as usize).min(buf.len() - done);
+            let Some(chunk) = buf.get(done..done + n) else { break };
+            self.write_cluster(pos / cs, co, chunk)?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Set the descriptor of whole guest cluster `gc` to `new_desc` (0 or ZERO or
+    /// host|ZERO|COPIED), releasing what it pointed to as needed.
+    fn set_whole_cluster(&mut self, gc: u64, unmap: bool, zero_flag: bool) -> Result<()> {
+        let l2e = self.h.l2_entries();
+        let (l1i, l2i) = (gc / l2e, gc % l2e);
+        let e = self.l1_entry(Tree::Active, l1i)?;
+        let l2cur = l1_to_l2(e, self.cs, &|| format!("active L1 entry {l1i}"))?;
+        if l2cur == 0 {
+            return Ok(()); // reads as zero already
+        }
+        let (d, bm) = self.l2_get(l2cur, l2i)?;
+        let c = self.geom().classify(d, bm, &|| format!("L2 table at {l2cur:#x} entry {l2i}"))?;
+        let want_zero = zero_flag && self.h.version >= 3;
+        let new_desc = match c {
+            Cluster::Unallocated if !want_zero => return Ok(()),
+            Cluster::Zero if want_zero => return Ok(()),
+            Cluster::Normal { host, .. } if !unmap => {
+                let rc = self.refcount(host / self.cs)?;
+                if rc == 1 {
+                    host | ZERO | COPIED
+                } else if want_zero {
+                    ZERO
+                } else {
+                    0
+                }
+            }
+            _ => {
+                if want_zero {
+                    ZERO
+                } else {
+                    0
+                }
+            }
+        };
+        if new_desc == d {
+            return Ok(());
+        }
+        let l2 = self.l2_for_write(l1i)?;
+        self.l2_set(l2, l2i, new_desc)?;
+        if new_desc & OFFSET_MASK == 0 {
+            self.free_cluster_of(c);
+            if matches!(c, Cluster::Compressed { .. }) {
+                self.decomp = None;
+            }
+        }
+        Ok(())
+    }
+
+    fn zero_range(&mut self, offset: u64, len: u64, unmap: bool, zero_flag: bool) -> Result<()> {
+        self.check_writable()?;
+        self.check_range(offset, len, self.h.size)?;
+        let cs = self.cs;
+        let end = offset + len;
+        let mut pos = offset;
+        while pos < end {
+            let co = pos % cs;
+            let n = (cs - co).min(end - pos);
+            let whole = co == 0 && (n == cs || pos + n == self.h.size && end == self.h.size);
+            if whole {
+                self.set_whole_cluster(pos / cs, unmap, zero_flag)?;
+            } else {
+                let (_, c, _) = self.lookup(Tree::Active, pos / cs)?;
+                let already_zero = matches!(c, Cluster::Unallocated | Cluster::Zero | Cluster::Normal { zero: true, .. });
+                if !already_zero {
+                    let z = vec![0u8; n as usize];
+                    self.write_cluster(pos / cs, co, &z)?;
+                }
+            }
+            pos += n;
+        }
+        Ok(())
+    }
+
+    /// Make a range read as zeroes. With `may_unmap`, whole clusters are released.
+    pub fn write_zeroes(&mut self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
+        self.zero_range(offset, len, may_unmap, true)
+    }
+
+    /// Discard a range: whole clusters are unmapped, partial ones zeroed; reads back zeroes.
+    pub fn discard(&mut self, offset: u64, len: u64) -> Result<()> {
+        self.zero_range(offset, len, true, false)
+    }
+
+    // ------------------------------------------------------------------ flush
+
+    pub(crate) fn sync(&mut self, what: &str) -> Result<()> {
+        self.io.flush().map_err(ioe(format!("flushing ({what})")))
+    }
+
+    fn write_dirty_l2(&mut self) -> Result<()> {
+        let dirty = std::mem::take(&mut self.l2_dirty);
+        for off in &dirty {
+            if let Some(t) = self.l2_cache.get(off) {
+                let mut b = vec![0u8; self.cs as usize];
+                for (i, w) in t.iter().enumerate() {
+                    put_be64(&mut b, i * 8, *w);
+                }
+                if let Err(e) = self.io.write_at(&b, *off) {
+                    self.l2_dirty = dirty.clone();
+                    return Err(Error::io(format!("writing L2 table at {off:#x}"), e));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn write_dirty_l1(&mut self) -> Result<()> {
+        let dirty = std::mem::take(&mut self.l1_dirty);
+        for sector in &dirty {
+            let first = (sector * 64) as usize;
+            let last = (first + 64).min(self.l1.len());
+            let mut b = vec![0u8; (last.saturating_sub(first)) * 8];
+            for (k, i) in (first..last).enumerate() {
+                put_be64(&mut b, k * 8, self.l1.get(i).copied().unwrap_or(0));
+            }
+            let at = self.h.l1_table_offset + sector * 512;
+            if let Err(e) = self.io.write_at(&b, at) {
+                self.l1_dirty = dirty.clone();
+                return Err(Error::io(format!("writing active L1 table at {at:#x}"), e));
+            }
+        }
+        Ok(())
+    }
+
+    /// Ordered write-back: refblocks, barrier, L2 tables, barrier, L1, barrier, then the
+    /// refcount decreases of clusters whose last pointer is now durably gone.
+    pub(crate) fn writeback(&mut self) -> Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        let mut synced = false;
+        if self.write_dirty_refblocks()? {
+            self.sync("refcount blocks")?;
+            synced = true;
+        }
+        if !self.l2_dirty.is_empty() {
+            if !synced {
+                self.sync("data before L2 tables")?;
+            }
+            self.write_dirty_l2()?;
+            self.sync("L2 tables")?;
+            synced = true;
+        }
+        if !self.l1_dirty.is_empty() {
+            if !synced {
+                self.sync("data before L1 table")?;
+            }
+            self.write_dirty_l1()?;
+            self.sync("L1 table")?;
+        }
+        if !self.pending_free.is_empty() {
+            let frees = std::mem::take(&mut self.pending_free);
+            let cs = self.cs;
+            for (off, len) in frees {
+                for c in off / cs..=(off + len - 1) / cs {
+                    self.add_refcount(c, -1)?;
+                }
+            }
+            if self.write_dirty_refblocks()? {
+                self.sync("refcount decreases")?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Make every completed write durable.
+    pub fn flush(&mut self) -> Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        self.writeback()?;
+        self.sync("flush")
+    }
+
+    /// Flush and close; clears the dirty bit if we set it.
+    pub fn close(mut self) -> Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        self.flush()?;
+        if self.dirty_set_by_us {
+            self.set_incompat(self.h.incompatible & !INCOMPAT_DIRTY)?;
+        }
+        Ok(())
+    }
+
+    // ------------------------------------------------------------------ info / map
+
+    /// Facts about the image.
+    pub fn info(&self) -> ImageInfo {
+        ImageInfo {
+            version: self.h.version,
+            virtual_size: self.h.size,
+            cluster_size: self.cs,
+            refcount_bits: self.h.refcount_bits(),
+            l1_size: self.h.l1_size,
+            nb_snapshots: self.snapshots.len() as u32,
+            dirty: self.h.incompatible & INCOMPAT_DIRTY != 0,
+            corrupt: self.h.incompatible & INCOMPAT_CORRUPT != 0,
+            read_only: self.read_only,
+            read_only_reason: self.ro_reason.clone(),
+            extended_l2: self.h.extended_l2(),
+            compression_type: self.h.compression,
+            features: self.h.feature_names(),
+            file_length: self.file_len().unwrap_or(0),
+            allocated_clusters: self.count_allocated().unwrap_or(0),
+        }
+    }
+
+    /// The guest→host mapping of the active disk (`None`) or a checkpoint, in merged runs.
+    pub fn map(&mut self, id_or_name: Option<&str>) -> Result<Vec<MapEntry>> {
+        let (tree, size) = match id_or_name {
+            None => (Tree::Active, self.h.size),
+            Some(n) => {
+                let s = self.find_snapshot(n)?;
+                (Tree::Snap(s.l1_offset), s.disk_size.unwrap_or(self.h.size))
+            }
+        };
+        let cs = self.cs;
+        let mut out: Vec<MapEntry> = Vec::new();
+        let nclusters = size.div_ceil(cs);
+        for gc in 0..nclusters {
+            let (_, c, _) = self.lookup(tree, gc)?;
+            let (host, kind, rc_idx) = match c {
+                Cluster::Unallocated => (None, "unallocated", None),
+                Cluster::Zero => (None, "zero", None),
+                Cluster::Normal { host, zero: true, .. } => (Some(host), "zero", Some(host / cs)),
+                Cluster::Normal { host, .. } => (Some(host), "data", Some(host / cs)),
+                Cluster::Compressed { offset, .. } => (Some(offset), "compressed", Some(offset / cs)),
+            };
+            let refcount = match rc_idx {
+                Some(i) => self.refcount(i)?,
+                None => 0,
+            };
+            let length = cs.min(size - gc * cs);
+            let ent = MapEntry { guest_offset: gc * cs, length, host_offset: host, kind, refcount, shared: refcount > 1 };
+            if let Some(last) = out.last_mut() {
+                let contiguous_host = match (last.host_offset, ent.host_offset) {
+                    (None, None) => true,
+                    (Some(a), Some(b)) => kind != "compressed" && a + last.length == b,
+                    _ => false,
+                };
+                if last.kind == ent.kind && last.refcount == ent.refcount && contiguous_host
+                    && last.guest_offset + last.length == ent.guest_offset
+                {
+                    last.length += ent.length;
+                    continue;
+                }
+            }
+            out.push(ent);
+        }
+        Ok(out)
+    }
+
+    #[allow(dead_code)]
+    pub(crate) fn put_be32_header(&mut self, off: u64, v: u32) -> Result<()> {
+        let mut b = [0u8; 4];
+        put_be32(&mut b, 0, v);
+        self.io.write_at(&b, off).map_err(ioe("writing a header field"))
+    }
+}

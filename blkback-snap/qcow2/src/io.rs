@@ -1,0 +1,365 @@
+//! Positioned I/O on the image file: the [`ImageIo`] seam and its implementations.
+//!
+//! * [`FileIo`]: a real file (pread/pwrite, `flush` = `fdatasync`).
+//! * [`MemIo`]: a plain in-memory image.
+//! * [`FaultIo`]: an in-memory image that models a volatile write cache, so tests can
+//!   simulate a power loss at any point ([`FaultIo::crash`]) and inject I/O errors.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::sync::{Arc, Mutex};
+
+/// Positioned I/O on an image file.
+pub trait ImageIo: Send {
+    /// Read exactly `buf.len()` bytes at `off`. Reading past the end is `UnexpectedEof`.
+    fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()>;
+    /// Write all of `buf` at `off`, extending the file if needed.
+    fn write_at(&mut self, buf: &[u8], off: u64) -> io::Result<()>;
+    /// Durability barrier: every write completed before it is durable when it returns.
+    fn flush(&mut self) -> io::Result<()>;
+    /// Current length in bytes.
+    fn len(&self) -> io::Result<u64>;
+    /// Truncate or extend (with zeroes).
+    fn set_len(&mut self, len: u64) -> io::Result<()>;
+    /// Whether the image is empty (length 0).
+    fn is_empty(&self) -> io::Result<bool> {
+        Ok(self.len()? == 0)
+    }
+}
+
+fn eof(off: u64, len: usize, size: u64) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::UnexpectedEof,
+        format!("read of {len} bytes at offset {off} is past the end of the image ({size} bytes)"),
+    )
+}
+
+fn mem_range(off: u64, len: usize) -> io::Result<(usize, usize)> {
+    let start = usize::try_from(off)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset too large"))?;
+    let end = start
+        .checked_add(len)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "offset + length overflows"))?;
+    Ok((start, end))
+}
+
+/// An image on a real file.
+pub struct FileIo {
+    file: File,
+}
+
+impl FileIo {
+    pub fn new(file: File) -> Self {
+        FileIo { file }
+    }
+}
+
+impl ImageIo for FileIo {
+    fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
+        self.file.read_exact_at(buf, off)
+    }
+    fn write_at(&mut self, buf: &[u8], off: u64) -> io::Result<()> {
+        self.file.write_all_at(buf, off)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.file.metadata()?.len())
+    }
+    fn set_len(&mut self, len: u64) -> io::Result<()> {
+        self.file.set_len(len)
+    }
+}
+
+/// A plain in-memory image (every write is immediately "durable").
+#[derive(Clone, Default)]
+pub struct MemIo {
+    data: Arc<Mutex<Vec<u8>>>,
+}
+
+impl MemIo {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    pub fn from_bytes(data: Vec<u8>) -> Self {
+        MemIo { data: Arc::new(Mutex::new(data)) }
+    }
+    /// A copy of the current bytes. Clones of a `MemIo` share the same bytes.
+    pub fn bytes(&self) -> Vec<u8> {
+        self.lock().clone()
+    }
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<u8>> {
+        self.data.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+fn vec_read(data: &[u8], buf: &mut [u8], off: u64) -> io::Result<()> {
+    let (s, e) = mem_range(off, buf.len())?;
+    match data.get(s..e) {
+        Some(src) => {
+            buf.copy_from_slice(src);
+            Ok(())
+        }
+        None => Err(eof(off, buf.len(), data.len() as u64)),
+    }
+}
+
+fn vec_write(data: &mut Vec<u8>, buf: &[u8], off: u64) -> io::Result<()> {
+    let (s, e) = mem_range(off, buf.len())?;
+    if data.len() < e {
+        data.resize(e, 0);
+    }
+    if let Some(dst) = data.get_mut(s..e) {
+        dst.copy_from_slice(buf);
+    }
+    Ok(())
+}
+
+fn vec_set_len(data: &mut Vec<u8>, len: u64) -> io::Result<()> {
+    let l = usize::try_from(len)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "length too large"))?;
+    data.resize(l, 0);
+    Ok(())
+}
+
+impl ImageIo for MemIo {
+    fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
+        vec_read(&self.lock(), buf, off)
+    }
+    fn write_at(&mut self, buf: &[u8], off: u64) -> io::Result<()> {
+        vec_write(&mut self.lock(), buf, off)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.lock().len() as u64)
+    }
+    fn set_len(&mut self, len: u64) -> io::Result<()> {
+        vec_set_len(&mut self.lock(), len)
+    }
+}
+
+#[derive(Clone)]
+enum Pending {
+    Write { off: u64, data: Arc<Vec<u8>> },
+    SetLen(u64),
+}
+
+#[derive(Default)]
+struct FaultState {
+    /// The durable image.
+    durable: Arc<Vec<u8>>,
+    /// What the running system sees (durable + every unsynced write).
+    current: Vec<u8>,
+    /// Unsynced operations, in issue order.
+    pending: Vec<Pending>,
+    /// Fail the n-th later write/flush (1 = the next one).
+    fail_after: Option<u64>,
+    writes: u64,
+    flushes: u64,
+}
+
+/// An in-memory image with a volatile write cache, for crash tests.
+///
+/// Writes go to a pending list; `flush` makes them durable. [`FaultIo::crash`] returns the
+/// bytes a power loss could leave: every unsynced write is independently kept, dropped or
+/// torn at 512-byte granularity, applied in a random order. Clones share the same state, so
+/// a test can keep one handle while the engine owns another.
+#[derive(Clone, Default)]
+pub struct FaultIo {
+    st: Arc<Mutex<FaultState>>,
+}
+
+/// Small deterministic PRNG (splitmix64) so crash outcomes are reproducible from a seed.
+struct SplitMix(u64);
+impl SplitMix {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        if n == 0 {
+            0
+        } else {
+            self.next() % n
+        }
+    }
+}
+
+impl FaultIo {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// Start from durable bytes.
+    pub fn from_bytes(data: Vec<u8>) -> Self {
+        let st = FaultState { current: data.clone(), durable: Arc::new(data), ..Default::default() };
+        FaultIo { st: Arc::new(Mutex::new(st)) }
+    }
+    fn lock(&self) -> std::sync::MutexGuard<'_, FaultState> {
+        self.st.lock().unwrap_or_else(|e| e.into_inner())
+    }
+    /// The durable bytes (cheap: shared).
+    pub fn durable(&self) -> Arc<Vec<u8>> {
+        self.lock().durable.clone()
+    }
+    /// What a reader of the running system sees (durable plus unsynced writes).
+    pub fn current(&self) -> Vec<u8> {
+        self.lock().current.clone()
+    }
+    /// Number of unsynced operations.
+    pub fn pending_ops(&self) -> usize {
+        self.lock().pending.len()
+    }
+    /// Number of write and flush calls so far.
+    pub fn op_counts(&self) -> (u64, u64) {
+        let s = self.lock();
+        (s.writes, s.flushes)
+    }
+    /// Make the `n`-th later write or flush (1 = the next one) fail with an I/O error, and
+    /// every one after it too (a dead disk). `None` disarms.
+    pub fn fail_after(&self, n: Option<u64>) {
+        self.lock().fail_after = n;
+    }
+    fn check_fail(st: &mut FaultState) -> io::Result<()> {
+        if let Some(n) = st.fail_after {
+            if n <= 1 {
+                st.fail_after = Some(0);
+                return Err(io::Error::other("injected I/O error"));
+            }
+            st.fail_after = Some(n - 1);
+        }
+        Ok(())
+    }
+    /// The bytes left after a power loss now: each unsynced write independently kept,
+    /// dropped, or torn (a random subset of its 512-byte sectors kept), in a random order.
+    pub fn crash(&self, rng_seed: u64) -> Vec<u8> {
+        let st = self.lock();
+        let mut rng = SplitMix(rng_seed ^ 0x5EED_5EED);
+        let mut img: Vec<u8> = (*st.durable).clone();
+        let mut ops: Vec<Pending> = st.pending.clone();
+        // random order (Fisher-Yates)
+        for i in (1..ops.len()).rev() {
+            let j = rng.below(i as u64 + 1) as usize;
+            ops.swap(i, j);
+        }
+        for op in ops {
+            match op {
+                Pending::SetLen(l) => {
+                    if rng.below(2) == 0 {
+                        let _ = vec_set_len(&mut img, l);
+                    }
+                }
+                Pending::Write { off, data } => match rng.below(3) {
+                    0 => {}
+                    1 => {
+                        let _ = vec_write(&mut img, &data, off);
+                    }
+                    _ => {
+                        // torn: keep a random subset of the 512-byte sectors it covers
+                        let mut pos = 0usize;
+                        while pos < data.len() {
+                            let abs = off + pos as u64;
+                            let sector_end = ((abs / 512) + 1) * 512;
+                            let n = ((sector_end - abs) as usize).min(data.len() - pos);
+                            if rng.below(2) == 0 {
+                                if let Some(chunk) = data.get(pos..pos + n) {
+                                    let _ = vec_write(&mut img, chunk, abs);
+                                }
+                            }
+                            pos += n;
+                        }
+                    }
+                },
+            }
+        }
+        img
+    }
+}
+
+impl ImageIo for FaultIo {
+    fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
+        vec_read(&self.lock().current, buf, off)
+    }
+    fn write_at(&mut self, buf: &[u8], off: u64) -> io::Result<()> {
+        let mut st = self.lock();
+        st.writes += 1;
+        Self::check_fail(&mut st)?;
+        vec_write(&mut st.current, buf, off)?;
+        st.pending.push(Pending::Write { off, data: Arc::new(buf.to_vec()) });
+        Ok(())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        let mut st = self.lock();
+        st.flushes += 1;
+        Self::check_fail(&mut st)?;
+        st.durable = Arc::new(st.current.clone());
+        st.pending.clear();
+        Ok(())
+    }
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.lock().current.len() as u64)
+    }
+    fn set_len(&mut self, len: u64) -> io::Result<()> {
+        let mut st = self.lock();
+        st.writes += 1;
+        Self::check_fail(&mut st)?;
+        vec_set_len(&mut st.current, len)?;
+        st.pending.push(Pending::SetLen(len));
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memio_eof_is_error() {
+        let mut m = MemIo::new();
+        m.write_at(&[1, 2, 3], 10).unwrap();
+        assert_eq!(m.len().unwrap(), 13);
+        let mut b = [0u8; 4];
+        assert_eq!(m.read_at(&mut b, 10).unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
+        let mut b = [0u8; 3];
+        m.read_at(&mut b, 10).unwrap();
+        assert_eq!(b, [1, 2, 3]);
+    }
+
+    #[test]
+    fn faultio_crash_keeps_durable() {
+        let mut f = FaultIo::from_bytes(vec![0; 2048]);
+        f.write_at(&[7; 1024], 0).unwrap();
+        f.flush().unwrap();
+        f.write_at(&[9; 1024], 1024).unwrap();
+        let mut seen_kept = false;
+        let mut seen_dropped = false;
+        for seed in 0..64 {
+            let img = f.crash(seed);
+            assert_eq!(&img[..1024], &[7; 1024][..]);
+            if img[1024..] == [9; 1024][..] {
+                seen_kept = true;
+            }
+            if img[1024..] == [0; 1024][..] {
+                seen_dropped = true;
+            }
+        }
+        assert!(seen_kept && seen_dropped);
+    }
+
+    #[test]
+    fn faultio_fail_after() {
+        let mut f = FaultIo::new();
+        f.fail_after(Some(2));
+        f.write_at(&[1], 0).unwrap();
+        assert!(f.flush().is_err());
+        assert!(f.write_at(&[1], 0).is_err());
+        f.fail_after(None);
+        f.write_at(&[1], 0).unwrap();
+    }
+}
