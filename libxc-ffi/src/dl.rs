@@ -60,7 +60,10 @@ fn last_dlerror() -> String {
 
 impl Library {
     /// Opens the first of `sonames` that loads. `label` names the library in errors.
-    pub(crate) fn open(label: &'static str, sonames: &[&'static str]) -> Result<Library, LoadError> {
+    pub(crate) fn open(
+        label: &'static str,
+        sonames: &[&'static str],
+    ) -> Result<Library, LoadError> {
         let mut reasons = Vec::new();
         for &soname in sonames {
             let c = CString::new(soname).expect("sonames are literals without NUL");

@@ -153,9 +153,13 @@ mod tests {
 
     #[test]
     fn os_error_names_call_context_errno_and_hint() {
-        let e = Error::os("xs_read", "/local/domain/0/name", ENOENT).with_hint("is xenstored running?");
+        let e =
+            Error::os("xs_read", "/local/domain/0/name", ENOENT).with_hint("is xenstored running?");
         let s = e.to_string();
-        assert!(s.starts_with("xs_read(/local/domain/0/name) failed: "), "{s}");
+        assert!(
+            s.starts_with("xs_read(/local/domain/0/name) failed: "),
+            "{s}"
+        );
         assert!(s.contains("No such file or directory"), "{s}");
         assert!(s.contains("is xenstored running?"), "{s}");
         assert_eq!(e.errno(), Some(ENOENT));
@@ -169,7 +173,10 @@ mod tests {
         assert!(Error::os("xs_transaction_end", "", EAGAIN).is_again());
         assert!(Error::NoSuchDomain(7).is_not_found());
         assert_eq!(Error::ReadOnly.errno(), None);
-        let lib = Error::LibraryUnavailable { library: "libxenstore", reason: "nope".into() };
+        let lib = Error::LibraryUnavailable {
+            library: "libxenstore",
+            reason: "nope".into(),
+        };
         assert!(lib.is_library_unavailable());
         assert!(lib.to_string().contains("libxen-dev"));
         // with_hint leaves non-Os variants alone

@@ -88,10 +88,12 @@ pub mod xenstore;
 
 pub use error::{Error, Result};
 pub use evtchn::{BoundPort, Evtchn, Port};
-pub use gnttab::{CopySegment, ForeignPage, GntShr, SgSeg, GrantMapping, GrantStatus, Gnttab, Prot, SharedPages};
+pub use gnttab::{
+    CopySegment, ForeignPage, GntShr, Gnttab, GrantMapping, GrantStatus, Prot, SgSeg, SharedPages,
+};
 pub use mem::{LocalPages, SharedMem, PAGE_SIZE};
 pub use xenctrl::{DomainInfo, ShutdownReason, XenCtrl};
-pub use xenstore::{Permission, Access, Transaction, WatchEvent, XenStore};
+pub use xenstore::{Access, Permission, Transaction, WatchEvent, XenStore};
 
 /// Which Xen libraries can be loaded in this process (no hypervisor needed): one entry per
 /// library with its soname, or the reason it is unavailable.

@@ -195,7 +195,10 @@ impl LocalPages {
 
     /// Like [`LocalPages::new`], choosing whether writes are allowed (to test read-only paths).
     pub fn with_access(pages: usize, writable: bool) -> LocalPages {
-        let size = pages.max(1).checked_mul(PAGE_SIZE).expect("page count overflows");
+        let size = pages
+            .max(1)
+            .checked_mul(PAGE_SIZE)
+            .expect("page count overflows");
         let layout = Layout::from_size_align(size, PAGE_SIZE).expect("valid layout");
         // SAFETY: the layout has a non-zero size.
         let p = unsafe { std::alloc::alloc_zeroed(layout) };
@@ -303,7 +306,10 @@ mod tests {
             Err(Error::OutOfBounds { offset, len: 4, size }) if offset == 2 * PAGE_SIZE - 3 && size == 2 * PAGE_SIZE
         ));
         // overflowing offset+len does not wrap around
-        assert!(matches!(p.read_bytes(usize::MAX, &mut [0u8; 2]), Err(Error::OutOfBounds { .. })));
+        assert!(matches!(
+            p.read_bytes(usize::MAX, &mut [0u8; 2]),
+            Err(Error::OutOfBounds { .. })
+        ));
         // zero-length at the end is fine, past the end is not
         p.read_bytes(2 * PAGE_SIZE, &mut []).unwrap();
         assert!(p.read_bytes(2 * PAGE_SIZE + 1, &mut []).is_err());
@@ -319,8 +325,17 @@ mod tests {
         let mut raw = [0u8; 4];
         p.read_bytes(0, &mut raw).unwrap();
         assert_eq!(u32::from_ne_bytes(raw), 0xdead_beef);
-        assert!(matches!(p.load_u32_acquire(2), Err(Error::Misaligned { offset: 2, align: 4 })));
-        assert!(matches!(p.load_u32_acquire(PAGE_SIZE), Err(Error::OutOfBounds { .. })));
+        assert!(matches!(
+            p.load_u32_acquire(2),
+            Err(Error::Misaligned {
+                offset: 2,
+                align: 4
+            })
+        ));
+        assert!(matches!(
+            p.load_u32_acquire(PAGE_SIZE),
+            Err(Error::OutOfBounds { .. })
+        ));
         assert!(p.load_u32_acquire(PAGE_SIZE - 4).is_ok());
         assert!(p.store_u32_release(PAGE_SIZE - 2, 1).is_err());
     }

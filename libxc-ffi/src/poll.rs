@@ -8,9 +8,16 @@ use crate::error::{Error, Result, EINTR};
 use crate::sys;
 
 /// Waits until `fd` is readable. `timeout = None` waits forever. Returns false on timeout.
-pub(crate) fn wait_readable(fd: RawFd, timeout: Option<Duration>, what: &'static str) -> Result<bool> {
+pub(crate) fn wait_readable(
+    fd: RawFd,
+    timeout: Option<Duration>,
+    what: &'static str,
+) -> Result<bool> {
     if fd < 0 {
-        return Err(Error::InvalidArgument { call: what, reason: format!("invalid fd {fd}") });
+        return Err(Error::InvalidArgument {
+            call: what,
+            reason: format!("invalid fd {fd}"),
+        });
     }
     let deadline = timeout.map(|t| Instant::now() + t);
     loop {
@@ -22,7 +29,11 @@ pub(crate) fn wait_readable(fd: RawFd, timeout: Option<Duration>, what: &'static
                 i32::try_from(left.as_micros().div_ceil(1000)).unwrap_or(i32::MAX)
             }
         };
-        let mut p = sys::PollFd { fd, events: sys::POLLIN, revents: 0 };
+        let mut p = sys::PollFd {
+            fd,
+            events: sys::POLLIN,
+            revents: 0,
+        };
         // SAFETY: one valid pollfd structure for the duration of the call.
         let r = unsafe { sys::poll(&mut p, 1, ms) };
         if r < 0 {
@@ -41,8 +52,14 @@ pub(crate) fn wait_readable(fd: RawFd, timeout: Option<Duration>, what: &'static
 /// timeout. Retries on EINTR.
 pub fn wait_any(fds: &[BorrowedFd<'_>], timeout: Option<Duration>) -> Result<Vec<bool>> {
     let deadline = timeout.map(|t| Instant::now() + t);
-    let mut p: Vec<sys::PollFd> =
-        fds.iter().map(|f| sys::PollFd { fd: f.as_raw_fd(), events: sys::POLLIN, revents: 0 }).collect();
+    let mut p: Vec<sys::PollFd> = fds
+        .iter()
+        .map(|f| sys::PollFd {
+            fd: f.as_raw_fd(),
+            events: sys::POLLIN,
+            revents: 0,
+        })
+        .collect();
     loop {
         let ms: i32 = match deadline {
             None => -1,
@@ -99,6 +116,9 @@ mod tests {
         a.write_all(b"x").unwrap();
         let r = wait_any(&[b.as_fd(), d.as_fd()], Some(Duration::ZERO)).unwrap();
         assert_eq!(r, vec![true, true]);
-        assert_eq!(wait_any(&[], Some(Duration::ZERO)).unwrap(), Vec::<bool>::new());
+        assert_eq!(
+            wait_any(&[], Some(Duration::ZERO)).unwrap(),
+            Vec::<bool>::new()
+        );
     }
 }

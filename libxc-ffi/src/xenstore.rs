@@ -78,17 +78,26 @@ impl Permission {
             Access::Write => sys::XS_PERM_WRITE,
             Access::ReadWrite => sys::XS_PERM_READ | sys::XS_PERM_WRITE,
         };
-        sys::xs_permissions { id: self.domid, perms }
+        sys::xs_permissions {
+            id: self.domid,
+            perms,
+        }
     }
 
     fn from_raw(p: sys::xs_permissions) -> Permission {
-        let access = match (p.perms & sys::XS_PERM_READ != 0, p.perms & sys::XS_PERM_WRITE != 0) {
+        let access = match (
+            p.perms & sys::XS_PERM_READ != 0,
+            p.perms & sys::XS_PERM_WRITE != 0,
+        ) {
             (false, false) => Access::None,
             (true, false) => Access::Read,
             (false, true) => Access::Write,
             (true, true) => Access::ReadWrite,
         };
-        Permission { domid: p.id, access }
+        Permission {
+            domid: p.id,
+            access,
+        }
     }
 }
 
@@ -108,7 +117,10 @@ impl WatchEvent {
         if parts.len() <= sys::XS_WATCH_TOKEN {
             return Err(Error::InvalidArgument {
                 call: "xs_read_watch",
-                reason: format!("watch event with {} strings, expected at least 2", parts.len()),
+                reason: format!(
+                    "watch event with {} strings, expected at least 2",
+                    parts.len()
+                ),
             });
         }
         Ok(WatchEvent {
@@ -122,12 +134,18 @@ impl WatchEvent {
 /// it a C string. Rejects empty paths, NULs, and paths longer than [`ABS_PATH_MAX`].
 pub fn check_path(call: &'static str, path: &str) -> Result<CString> {
     if path.is_empty() {
-        return Err(Error::InvalidArgument { call, reason: "empty xenstore path".into() });
+        return Err(Error::InvalidArgument {
+            call,
+            reason: "empty xenstore path".into(),
+        });
     }
     if path.len() > ABS_PATH_MAX {
         return Err(Error::InvalidArgument {
             call,
-            reason: format!("xenstore path of {} bytes exceeds {ABS_PATH_MAX}", path.len()),
+            reason: format!(
+                "xenstore path of {} bytes exceeds {ABS_PATH_MAX}",
+                path.len()
+            ),
         });
     }
     CString::new(path).map_err(|_| Error::InvalidArgument {
@@ -314,7 +332,10 @@ impl XenStore {
         // SAFETY: on success xs_directory returns one malloc'd block holding `num` string
         // pointers and the strings; ownership passes to us.
         let parts = unsafe { take_string_array(arr, num as usize) };
-        Ok(parts.into_iter().map(|b| String::from_utf8_lossy(&b).into_owned()).collect())
+        Ok(parts
+            .into_iter()
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .collect())
     }
 
     fn get_permissions_in(&self, t: xs_transaction_t, path: &str) -> Result<Vec<Permission>> {
@@ -337,7 +358,12 @@ impl XenStore {
         Ok(v)
     }
 
-    fn set_permissions_in(&self, t: xs_transaction_t, path: &str, perms: &[Permission]) -> Result<()> {
+    fn set_permissions_in(
+        &self,
+        t: xs_transaction_t,
+        path: &str,
+        perms: &[Permission],
+    ) -> Result<()> {
         let c = check_path("xs_set_permissions", path)?;
         if perms.is_empty() {
             return Err(Error::InvalidArgument {
@@ -349,7 +375,13 @@ impl XenStore {
         // SAFETY: valid handle and path; `raw` holds `raw.len()` entries and outlives the
         // call; libxenstore only reads it.
         let ok = unsafe {
-            (self.api.xs_set_permissions)(self.raw(), t, c.as_ptr(), raw.as_mut_ptr(), raw.len() as c_uint)
+            (self.api.xs_set_permissions)(
+                self.raw(),
+                t,
+                c.as_ptr(),
+                raw.as_mut_ptr(),
+                raw.len() as c_uint,
+            )
         };
         if ok {
             Ok(())
@@ -364,7 +396,8 @@ impl XenStore {
     }
     /// Reads a node's value as UTF-8 (lossy).
     pub fn read_string(&self, path: &str) -> Result<String> {
-        self.read(path).map(|v| String::from_utf8_lossy(&v).into_owned())
+        self.read(path)
+            .map(|v| String::from_utf8_lossy(&v).into_owned())
     }
     /// Reads a node, mapping "does not exist" (ENOENT) to `Ok(None)`.
     pub fn read_opt(&self, path: &str) -> Result<Option<Vec<u8>>> {
@@ -465,7 +498,11 @@ impl XenStore {
         let arr = unsafe { (self.api.xs_check_watch)(self.raw()) };
         if arr.is_null() {
             let e = Error::last_os("xs_check_watch", "");
-            return if e.errno() == Some(EAGAIN) { Ok(None) } else { Err(e) };
+            return if e.errno() == Some(EAGAIN) {
+                Ok(None)
+            } else {
+                Err(e)
+            };
         }
         // SAFETY: on success `ret[0]` and `ret[1]` are valid strings in one malloc'd block.
         let parts = unsafe { take_string_array(arr, 2) };
@@ -491,7 +528,11 @@ impl XenStore {
         if id == XBT_NULL {
             return Err(Error::last_os("xs_transaction_start", ""));
         }
-        Ok(Transaction { xs: self, id, done: false })
+        Ok(Transaction {
+            xs: self,
+            id,
+            done: false,
+        })
     }
 
     /// Runs `f` in a transaction and commits it, retrying the whole closure when xenstored
@@ -516,7 +557,9 @@ impl XenStore {
                 }
             }
         }
-        Err(Error::TransactionConflict { attempts: TRANSACTION_ATTEMPTS })
+        Err(Error::TransactionConflict {
+            attempts: TRANSACTION_ATTEMPTS,
+        })
     }
 }
 
@@ -573,7 +616,8 @@ impl Transaction<'_> {
     }
     /// Reads a node as a string.
     pub fn read_string(&self, path: &str) -> Result<String> {
-        self.read(path).map(|v| String::from_utf8_lossy(&v).into_owned())
+        self.read(path)
+            .map(|v| String::from_utf8_lossy(&v).into_owned())
     }
     /// Reads a node, `Ok(None)` if it does not exist.
     pub fn read_opt(&self, path: &str) -> Result<Option<Vec<u8>>> {
@@ -618,7 +662,10 @@ impl Transaction<'_> {
         if unsafe { (self.xs.api.xs_transaction_end)(self.xs.raw(), self.id, abort) } {
             Ok(())
         } else {
-            Err(Error::last_os("xs_transaction_end", if abort { "abort" } else { "commit" }))
+            Err(Error::last_os(
+                "xs_transaction_end",
+                if abort { "abort" } else { "commit" },
+            ))
         }
     }
 
@@ -649,7 +696,9 @@ mod tests {
 
     #[test]
     fn watch_event_parsing() {
-        let ev = WatchEvent::from_parts(&[b"/local/domain/5/device/vbd/51712/state", b"fe:5:51712"]).unwrap();
+        let ev =
+            WatchEvent::from_parts(&[b"/local/domain/5/device/vbd/51712/state", b"fe:5:51712"])
+                .unwrap();
         assert_eq!(ev.path, "/local/domain/5/device/vbd/51712/state");
         assert_eq!(ev.token, "fe:5:51712");
         // extra strings are ignored
@@ -678,7 +727,10 @@ mod tests {
             join(&domain_path(0), &["backend", "vbd", "5", "51712"]).unwrap(),
             "/local/domain/0/backend/vbd/5/51712"
         );
-        assert_eq!(join("/local/domain/0/", &["name"]).unwrap(), "/local/domain/0/name");
+        assert_eq!(
+            join("/local/domain/0/", &["name"]).unwrap(),
+            "/local/domain/0/name"
+        );
         assert_eq!(join("/", &["tool"]).unwrap(), "/tool");
         assert_eq!(join("device", &["vbd"]).unwrap(), "device/vbd");
         assert_eq!(join("", &["device", "vbd"]).unwrap(), "device/vbd");
@@ -688,7 +740,10 @@ mod tests {
         }
         assert!(join("/x", &["a".repeat(ABS_PATH_MAX)]).is_err());
         let n = 42u32.to_string();
-        assert_eq!(join("/x", &[n.as_str(), "feature-persistent"]).unwrap(), "/x/42/feature-persistent");
+        assert_eq!(
+            join("/x", &[n.as_str(), "feature-persistent"]).unwrap(),
+            "/x/42/feature-persistent"
+        );
     }
 
     #[test]
@@ -698,13 +753,23 @@ mod tests {
             assert_eq!(Permission::from_raw(p.to_raw()), p);
         }
         assert_eq!(
-            Permission { domid: 3, access: Access::ReadWrite }.to_raw(),
+            Permission {
+                domid: 3,
+                access: Access::ReadWrite
+            }
+            .to_raw(),
             sys::xs_permissions { id: 3, perms: 3 }
         );
         // internal bits (owner, enoent-ok) are ignored on the way in
         assert_eq!(
-            Permission::from_raw(sys::xs_permissions { id: 1, perms: 0x08 | 0x01 }),
-            Permission { domid: 1, access: Access::Read }
+            Permission::from_raw(sys::xs_permissions {
+                id: 1,
+                perms: 0x08 | 0x01
+            }),
+            Permission {
+                domid: 1,
+                access: Access::Read
+            }
         );
     }
 }
