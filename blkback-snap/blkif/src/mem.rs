@@ -57,6 +57,9 @@ pub trait GrantMemory: Send + Sync {
 /// `store_u32_release` is `wmb()` followed by a write, `fence` is `mb()`.
 pub trait SharedRing: Send + Sync {
     fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
     fn load_u32_acquire(&self, off: usize) -> u32;
     fn store_u32_release(&self, off: usize, val: u32);
     /// Full barrier (`mb()`), between publishing an index and re-reading the peer's event index.

@@ -26,6 +26,7 @@ impl Segment {
     pub fn offset(&self) -> usize {
         usize::from(self.first_sect) * SECTOR_SIZE as usize
     }
+    #[allow(clippy::len_without_is_empty)] // a valid segment is never empty
     pub fn len(&self) -> usize {
         self.nr_sectors() as usize * SECTOR_SIZE as usize
     }

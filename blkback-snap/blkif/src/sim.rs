@@ -33,7 +33,7 @@ impl Page {
     /// Copy `buf.len()` bytes at `off` out of the page.
     pub fn read(&self, off: usize, buf: &mut [u8]) {
         assert!(off + buf.len() <= PAGE_SIZE, "page read out of bounds");
-        if off % 4 == 0 && buf.len() % 4 == 0 {
+        if off.is_multiple_of(4) && buf.len().is_multiple_of(4) {
             for (i, chunk) in buf.chunks_exact_mut(4).enumerate() {
                 chunk.copy_from_slice(&self.words[off / 4 + i].load(Ordering::Relaxed).to_le_bytes());
             }
@@ -48,7 +48,7 @@ impl Page {
     /// Copy `buf` into the page at `off`.
     pub fn write(&self, off: usize, buf: &[u8]) {
         assert!(off + buf.len() <= PAGE_SIZE, "page write out of bounds");
-        if off % 4 == 0 && buf.len() % 4 == 0 {
+        if off.is_multiple_of(4) && buf.len().is_multiple_of(4) {
             for (i, chunk) in buf.chunks_exact(4).enumerate() {
                 let v = u32::from_le_bytes(chunk.try_into().expect("4 bytes"));
                 self.words[off / 4 + i].store(v, Ordering::Relaxed);
@@ -71,7 +71,7 @@ impl Page {
     }
 
     fn word(&self, off: usize) -> &AtomicU32 {
-        assert!(off % 4 == 0 && off < PAGE_SIZE);
+        assert!(off.is_multiple_of(4) && off < PAGE_SIZE);
         &self.words[off / 4]
     }
 }

@@ -208,7 +208,7 @@ fn hostile_requests() {
             indirect_grefs: grefs,
         };
         let segs_page = Page::new();
-        segs_page.write(0, &encode_segment_array(&vec![seg(g, 0, 7); 20]));
+        segs_page.write(0, &encode_segment_array(&[seg(g, 0, 7); 20]));
         let gi = h.guest.grant(&segs_page, true);
         expect(&mut h, &mut model, ind(1, 4097, 0x1141, 0, [gi; 8]), e);
         expect(&mut h, &mut model, ind(1, 65535, 0x1142, 0, [gi; 8]), e);
@@ -437,7 +437,7 @@ fn quiesce_resume_with_concurrent_submitter() {
                     let mut data = vec![0u8; 512];
                     data[..8].copy_from_slice(&seq.to_le_bytes());
                     let mut b = front.make_buf(&[(1, 1)], Some(&data), true);
-                    let id = front.queue_io(BLKIF_OP_WRITE, seq % 64, &mut b, seq % 3 == 0);
+                    let id = front.queue_io(BLKIF_OP_WRITE, seq % 64, &mut b, seq.is_multiple_of(3));
                     inflight.insert(id, (b, seq));
                     seq += 1;
                 }
