@@ -252,11 +252,15 @@ impl Qcow2 {
         'outer: loop {
             let mut idx = self.free_cursor.max(1);
             let mut run_start = idx;
+            let mut first_free: Option<u64> = None;
             loop {
                 if self.refcount(idx)? != 0 {
                     run_start = idx + 1;
-                } else if idx + 1 - run_start == n {
-                    break;
+                } else {
+                    first_free.get_or_insert(idx);
+                    if idx + 1 - run_start == n {
+                        break;
+                    }
                 }
                 idx += 1;
             }
@@ -278,9 +282,11 @@ impl Qcow2 {
             for i in run_start..run_start + n {
                 self.set_refcount(i, 1)?;
             }
-            if run_start <= self.free_cursor.max(1) {
-                self.free_cursor = run_start + n;
-            }
+            // everything before the first free cluster seen is in use
+            self.free_cursor = match first_free {
+                Some(f) if f < run_start => f,
+                _ => run_start + n,
+            };
             self.note_end(run_start + n);
             return Ok(run_start * self.cs);
         }

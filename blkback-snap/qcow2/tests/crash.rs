@@ -1,0 +1,191 @@
+//! Power-loss tests: stop the engine at every write/flush of an operation (injected I/O
+//! error), then simulate a power loss (unsynced writes kept, dropped or torn) and check
+//! that the image only ever leaks: no refcount corruption, data is the old or the new state.
+
+mod common;
+use common::Rng;
+use std::collections::BTreeMap;
+use xensnap_qcow2::{CreateOptions, FaultIo, ImageIo, MemIo, OpenOptions, Qcow2};
+
+const SIZE: usize = 1 << 20;
+
+fn open_fault(bytes: &[u8]) -> (FaultIo, Qcow2) {
+    let f = FaultIo::from_bytes(bytes.to_vec());
+    let img = Qcow2::open(Box::new(f.clone()), &OpenOptions::default()).unwrap();
+    (f, img)
+}
+
+fn read_all(img: &mut Qcow2, snap: Option<&str>) -> Vec<u8> {
+    let mut b = vec![0u8; SIZE];
+    match snap {
+        None => img.read(0, &mut b).unwrap(),
+        Some(s) => img.read_checkpoint(s, 0, &mut b).unwrap(),
+    }
+    b
+}
+
+struct Expect {
+    actives: Vec<Vec<u8>>,
+    snaps: BTreeMap<String, Vec<u8>>,
+    snap_sets: Vec<Vec<String>>,
+}
+
+fn verify(bytes: Vec<u8>, ex: &Expect, ctx: &str) {
+    let mut img = Qcow2::open(Box::new(MemIo::from_bytes(bytes.clone())), &OpenOptions { read_only: true })
+        .unwrap_or_else(|e| panic!("{ctx}: open after crash failed: {e}"));
+    let rep = img.check().unwrap();
+    assert_eq!(rep.corruptions, 0, "{ctx}: {rep:?}");
+    assert_eq!(rep.overlaps, 0, "{ctx}: {rep:?}");
+    assert!(rep.errors.iter().all(|e| e.contains("OFLAG_COPIED")), "{ctx}: {rep:?}");
+    let active = read_all(&mut img, None);
+    assert!(ex.actives.iter().any(|a| *a == active), "{ctx}: active data is neither old nor new");
+    let names: Vec<String> = img.checkpoint_list().into_iter().map(|s| s.name).collect();
+    assert!(ex.snap_sets.contains(&names), "{ctx}: snapshot set {names:?}");
+    for n in &names {
+        assert!(read_all(&mut img, Some(n)) == ex.snaps[n], "{ctx}: snapshot {n} content");
+    }
+    drop(img);
+    let mut img = Qcow2::open(Box::new(MemIo::from_bytes(bytes)), &OpenOptions::default()).unwrap();
+    img.repair().unwrap();
+    let rep = img.check().unwrap();
+    assert!(rep.is_clean(), "{ctx}: after repair {rep:?}");
+}
+
+/// Run `op` on a copy of `base`, failing at every possible I/O op, crash with a few seeds.
+fn crash_sweep(base: &[u8], ex: &Expect, name: &str, op: &dyn Fn(&mut Qcow2) -> xensnap_qcow2::Result<()>) {
+    let (f, mut img) = open_fault(base);
+    let (w0, f0) = f.op_counts();
+    op(&mut img).unwrap();
+    let (w1, f1) = f.op_counts();
+    let total = (w1 - w0) + (f1 - f0);
+    assert!(total > 0);
+    eprintln!("{name}: {total} I/O ops swept");
+    for k in 1..=total + 1 {
+        let (f, mut img) = open_fault(base);
+        f.fail_after(Some(k));
+        let _ = op(&mut img);
+        drop(img);
+        for seed in 0..6 {
+            verify(f.crash(seed * 7919 + k), ex, &format!("{name}: failing op {k}/{total}, seed {seed}"));
+        }
+    }
+}
+
+fn base_image() -> (Vec<u8>, Vec<u8>, Vec<u8>) {
+    let f = FaultIo::new();
+    let mut img = Qcow2::create(Box::new(f.clone()), &CreateOptions { size: SIZE as u64, cluster_bits: 12, refcount_order: 4 }).unwrap();
+    let mut rng = Rng(99);
+    let mut model = vec![0u8; SIZE];
+    for _ in 0..20 {
+        let off = rng.below(SIZE as u64 - 20000) as usize;
+        let len = 1 + rng.below(20000) as usize;
+        let mut b = vec![0u8; len];
+        rng.fill(&mut b);
+        img.write(off as u64, &b).unwrap();
+        model[off..off + len].copy_from_slice(&b);
+    }
+    img.checkpoint_create("base").unwrap();
+    let snap = model.clone();
+    for _ in 0..10 {
+        let off = rng.below(SIZE as u64 - 20000) as usize;
+        let len = 1 + rng.below(20000) as usize;
+        let mut b = vec![0u8; len];
+        rng.fill(&mut b);
+        img.write(off as u64, &b).unwrap();
+        model[off..off + len].copy_from_slice(&b);
+    }
+    img.close().unwrap();
+    let bytes = (*f.durable()).clone();
+    (bytes, snap, model)
+}
+
+#[test]
+fn crash_during_checkpoint_create() {
+    let (base, snap, model) = base_image();
+    let ex = Expect {
+        actives: vec![model.clone()],
+        snaps: [("base".to_string(), snap), ("new".to_string(), model)].into_iter().collect(),
+        snap_sets: vec![vec!["base".into()], vec!["base".into(), "new".into()]],
+    };
+    crash_sweep(&base, &ex, "create", &|img| img.checkpoint_create("new").map(|_| ()));
+}
+
+#[test]
+fn crash_during_revert() {
+    let (base, snap, model) = base_image();
+    let ex = Expect {
+        actives: vec![model, snap.clone()],
+        snaps: [("base".to_string(), snap)].into_iter().collect(),
+        snap_sets: vec![vec!["base".into()]],
+    };
+    crash_sweep(&base, &ex, "revert", &|img| img.checkpoint_revert("base"));
+}
+
+#[test]
+fn crash_during_delete() {
+    let (base, snap, model) = base_image();
+    let ex = Expect {
+        actives: vec![model],
+        snaps: [("base".to_string(), snap)].into_iter().collect(),
+        snap_sets: vec![vec!["base".into()], vec![]],
+    };
+    crash_sweep(&base, &ex, "delete", &|img| img.checkpoint_delete("base"));
+}
+
+#[test]
+fn crash_during_cow_writes() {
+    let (base, snap, model) = base_image();
+    let mut new = model.clone();
+    let writes: Vec<(usize, Vec<u8>)> = (0..6).map(|i| (i * 150_001 % (SIZE - 9000), vec![0xE0 + i as u8; 9000])).collect();
+    for (o, b) in &writes {
+        new[*o..*o + b.len()].copy_from_slice(b);
+    }
+    // without a flush the writes may be lost wholesale or partially; we only check the
+    // old/new extremes for the committed case, and metadata integrity everywhere
+    let ex = Expect {
+        actives: vec![model.clone(), new.clone()],
+        snaps: [("base".to_string(), snap.clone())].into_iter().collect(),
+        snap_sets: vec![vec!["base".into()]],
+    };
+    let op = |img: &mut Qcow2| -> xensnap_qcow2::Result<()> {
+        for (o, b) in &writes {
+            img.write(*o as u64, b)?;
+        }
+        img.discard(0, 64 << 10)?;
+        img.write(0, &[0u8; 10])?;
+        img.flush()
+    };
+    let mut new2 = new.clone();
+    new2[..64 << 10].fill(0);
+    let ex = Expect { actives: vec![model, new2.clone()], ..ex };
+    // metadata-only verification: the active data may be any mix before the final flush
+    let (f, mut img) = open_fault(&base);
+    let (w0, f0) = f.op_counts();
+    op(&mut img).unwrap();
+    assert!(read_all(&mut img, None) == new2);
+    let (w1, f1) = f.op_counts();
+    let total = (w1 - w0) + (f1 - f0);
+    for k in 1..=total + 1 {
+        let (f, mut img) = open_fault(&base);
+        f.fail_after(Some(k));
+        let r = op(&mut img);
+        drop(img);
+        for seed in 0..6 {
+            let bytes = f.crash(seed + 1000 * k);
+            let mut im = Qcow2::open(Box::new(MemIo::from_bytes(bytes.clone())), &OpenOptions { read_only: true }).unwrap();
+            let rep = im.check().unwrap();
+            assert_eq!(rep.corruptions, 0, "cow k={k} seed={seed}: {rep:?}");
+            assert!(rep.errors.iter().all(|e| e.contains("OFLAG_COPIED")), "cow k={k}: {rep:?}");
+            assert!(read_all(&mut im, Some("base")) == ex.snaps["base"], "snapshot changed by COW writes");
+            if r.is_ok() {
+                assert!(read_all(&mut im, None) == new2, "flushed data lost");
+            }
+        }
+    }
+    let _ = f_len_unused();
+}
+
+fn f_len_unused() -> u64 {
+    let m = MemIo::new();
+    m.len().unwrap_or(0)
+}
