@@ -73,3 +73,53 @@ impl Rng {
         }
     }
 }
+
+pub fn be64(b: &[u8], o: usize) -> u64 {
+    u64::from_be_bytes(b[o..o + 8].try_into().unwrap())
+}
+pub fn be32(b: &[u8], o: usize) -> u32 {
+    u32::from_be_bytes(b[o..o + 4].try_into().unwrap())
+}
+pub fn put64(b: &mut [u8], o: usize, v: u64) {
+    b[o..o + 8].copy_from_slice(&v.to_be_bytes());
+}
+pub fn put32(b: &mut [u8], o: usize, v: u32) {
+    b[o..o + 4].copy_from_slice(&v.to_be_bytes());
+}
+
+/// Raw view of a (16-bit refcount) image for hand-made corruptions.
+pub struct Raw {
+    pub b: Vec<u8>,
+}
+impl Raw {
+    pub fn cs(&self) -> usize {
+        1 << be32(&self.b, 20)
+    }
+    pub fn l1_off(&self) -> usize {
+        be64(&self.b, 40) as usize
+    }
+    pub fn reftable_off(&self) -> usize {
+        be64(&self.b, 48) as usize
+    }
+    /// Offset of the 16-bit refcount entry of the cluster at `off`.
+    pub fn rc_entry(&self, off: usize) -> usize {
+        let cs = self.cs();
+        let per = cs / 2;
+        let c = off / cs;
+        let rb = be64(&self.b, self.reftable_off() + (c / per) * 8) as usize;
+        assert!(rb != 0);
+        rb + (c % per) * 2
+    }
+    pub fn refcount(&self, off: usize) -> u16 {
+        let e = self.rc_entry(off);
+        u16::from_be_bytes([self.b[e], self.b[e + 1]])
+    }
+    pub fn set_refcount(&mut self, off: usize, v: u16) {
+        let e = self.rc_entry(off);
+        self.b[e..e + 2].copy_from_slice(&v.to_be_bytes());
+    }
+    /// First L2 table offset and its first data cluster (entry offset, descriptor).
+    pub fn first_l2(&self) -> usize {
+        (be64(&self.b, self.l1_off()) & 0x00ff_ffff_ffff_fe00) as usize
+    }
+}
