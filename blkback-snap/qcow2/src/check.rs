@@ -43,6 +43,15 @@ impl CheckReport {
     }
 }
 
+/// Keep at most this many messages (the counters keep counting).
+const MAX_MESSAGES: usize = 1000;
+
+fn note(rep: &mut CheckReport, msg: String) {
+    if rep.errors.len() < MAX_MESSAGES {
+        rep.errors.push(msg);
+    }
+}
+
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Kind {
     None,
@@ -73,7 +82,7 @@ impl Counter {
         for c in first..=last {
             let Some(r) = self.refs.get_mut(c as usize) else {
                 rep.corruptions += 1;
-                rep.errors.push(format!("ERROR {what} at {off:#x}: cluster {:#x} is past the end of the image", c * self.cs));
+                note(rep, format!("ERROR {what} at {off:#x}: cluster {:#x} is past the end of the image", c * self.cs));
                 return;
             };
             *r += 1;
@@ -82,7 +91,7 @@ impl Counter {
                     *k = kind;
                 } else if *k != kind {
                     rep.overlaps += 1;
-                    rep.errors.push(format!(
+                    note(rep, format!(
                         "ERROR overlap: cluster {:#x} is used as {k:?} and as {kind:?} ({what})",
                         c * self.cs
                     ));
@@ -99,12 +108,13 @@ impl Qcow2 {
             Ok(n) => n,
             Err(e) => {
                 rep.corruptions += 1;
-                rep.errors.push(format!("ERROR cannot read {tree:?} L1 table: {e}"));
+                note(rep, format!("ERROR cannot read {tree:?} L1 table: {e}"));
                 return Ok(());
             }
         };
         let geom = self.geom();
         let step = if geom.extended { 2 } else { 1 };
+        let mut seen = std::collections::HashSet::new();
         for i in 0..n as u64 {
             let e = self.l1_entry(tree, i)?;
             let l2 = match l1_to_l2(e, cs, &|| format!("{tree:?} L1 entry {i}")) {
@@ -112,23 +122,28 @@ impl Qcow2 {
                 Ok(o) => o,
                 Err(er) => {
                     rep.corruptions += 1;
-                    rep.errors.push(format!("ERROR {er}"));
+                    note(rep, format!("ERROR {er}"));
                     continue;
                 }
             };
             ctr.inc(rep, l2, cs, Kind::L2, &format!("L2 table ({tree:?} L1 entry {i})"));
+            if !seen.insert(l2) {
+                rep.corruptions += 1;
+                note(rep, format!("ERROR {tree:?} L1 entry {i}: L2 table at {l2:#x} is already used by another entry of the same L1 table"));
+                continue;
+            }
             if check_copied {
                 let rc = self.refcount(l2 / cs).unwrap_or(0);
                 if (e & COPIED != 0) != (rc == 1) {
                     rep.copied_flag_errors += 1;
-                    rep.errors.push(format!(
+                    note(rep, format!(
                         "ERROR OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={e:#x} refcount={rc}"
                     ));
                 }
             }
             if let Err(er) = self.load_l2(l2) {
                 rep.corruptions += 1;
-                rep.errors.push(format!("ERROR {er}"));
+                note(rep, format!("ERROR {er}"));
                 continue;
             }
             let t = self.l2_cache.get(&l2).cloned().unwrap_or_default();
@@ -137,7 +152,7 @@ impl Qcow2 {
                 match geom.classify(*w, bm, &|| format!("L2 table at {l2:#x} entry {j}")) {
                     Err(er) => {
                         rep.corruptions += 1;
-                        rep.errors.push(format!("ERROR {er}"));
+                        note(rep, format!("ERROR {er}"));
                     }
                     Ok(Cluster::Normal { host, copied, .. }) => {
                         ctr.inc(rep, host, cs, Kind::Data, &format!("data cluster (L2 {l2:#x} entry {j})"));
@@ -145,7 +160,7 @@ impl Qcow2 {
                             let rc = self.refcount(host / cs).unwrap_or(0);
                             if copied != (rc == 1) {
                                 rep.copied_flag_errors += 1;
-                                rep.errors.push(format!(
+                                note(rep, format!(
                                     "ERROR OFLAG_COPIED data cluster: l2_entry={w:#x} (L2 {l2:#x} entry {j}) refcount={rc}"
                                 ));
                             }
@@ -179,7 +194,7 @@ impl Qcow2 {
                 self.walk_tree(Tree::Snap(s.l1_offset), &mut ctr, rep, false)?;
             }
             if self.h.version >= 3 && s.extra.len() < 16 {
-                rep.errors.push(format!("ERROR snapshot table entry {} is incomplete (extra data {} bytes)", s.id, s.extra.len()));
+                note(rep, format!("ERROR snapshot table entry {} is incomplete (extra data {} bytes)", s.id, s.extra.len()));
                 rep.corruptions += 1;
             }
         }
@@ -192,7 +207,7 @@ impl Qcow2 {
                     Ok(o) => ctr.inc(rep, o, cs, Kind::Refblock, &format!("refcount block (reftable entry {rt})")),
                     Err(er) => {
                         rep.corruptions += 1;
-                        rep.errors.push(format!("ERROR {er}"));
+                        note(rep, format!("ERROR {er}"));
                     }
                 }
             }
@@ -213,7 +228,7 @@ impl Qcow2 {
                 Err(er) => {
                     if r > 0 {
                         rep.corruptions += 1;
-                        rep.errors.push(format!("ERROR cannot read refcount of cluster {:#x}: {er}", c * cs));
+                        note(rep, format!("ERROR cannot read refcount of cluster {:#x}: {er}", c * cs));
                     }
                     return;
                 }
@@ -226,11 +241,11 @@ impl Qcow2 {
             }
             if rc < r {
                 rep.corruptions += 1;
-                rep.errors.push(format!("ERROR cluster {c} (offset {:#x}) refcount={rc} reference={r}", c * cs));
+                note(rep, format!("ERROR cluster {c} (offset {:#x}) refcount={rc} reference={r}", c * cs));
             } else if rc > r {
                 rep.leaks += 1;
                 if rep.leaks <= 100 {
-                    rep.errors.push(format!("Leaked cluster {c} (offset {:#x}) refcount={rc} reference={r}", c * cs));
+                    note(rep, format!("Leaked cluster {c} (offset {:#x}) refcount={rc} reference={r}", c * cs));
                 }
             }
         };

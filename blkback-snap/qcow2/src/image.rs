@@ -263,6 +263,7 @@ impl Qcow2 {
         let reftable: Vec<u64> = rtb.chunks_exact(8).map(|c| header::get_be64(c, 0)).collect();
         let (snapshots, st_bytes) =
             crate::snapshot::read_table(io.as_ref(), &h, len)?;
+        check_fixed_overlaps(&h, &snapshots, st_bytes)?;
         let mut img = Qcow2 {
             io,
             cs,
@@ -967,4 +968,36 @@ impl Qcow2 {
         put_be32(&mut b, 0, v);
         self.io.write_at(&b, off).map_err(ioe("writing a header field"))
     }
+}
+
+/// The header, the active L1, the refcount table, the snapshot table and the snapshot L1
+/// tables must not overlap each other.
+fn check_fixed_overlaps(h: &Header, snaps: &[Snapshot], st_bytes: u64) -> Result<()> {
+    let cs = h.cluster_size();
+    let round = |b: u64| b.div_ceil(cs) * cs;
+    let mut regions: Vec<(u64, u64, String)> = vec![(0, cs, "header".into())];
+    if h.l1_size > 0 {
+        regions.push((h.l1_table_offset, round(u64::from(h.l1_size) * 8), "active L1 table".into()));
+    }
+    regions.push((h.refcount_table_offset, u64::from(h.refcount_table_clusters) * cs, "refcount table".into()));
+    if st_bytes > 0 {
+        regions.push((h.snapshots_offset, round(st_bytes), "snapshot table".into()));
+    }
+    for s in snaps {
+        if s.l1_size > 0 {
+            regions.push((s.l1_offset, round(u64::from(s.l1_size) * 8), format!("L1 table of snapshot {}", s.id)));
+        }
+    }
+    regions.sort_by_key(|r| r.0);
+    for w in regions.windows(2) {
+        if let [a, b] = w {
+            if a.0.saturating_add(a.1) > b.0 {
+                return Err(Error::corrupt(format!(
+                    "{} at {:#x} overlaps {} at {:#x}",
+                    a.2, a.0, b.2, b.0
+                )));
+            }
+        }
+    }
+    Ok(())
 }

@@ -181,11 +181,17 @@ impl Qcow2 {
         let geom = self.geom();
         let step = if self.h.extended_l2() { 2 } else { 1 };
         let mut v: Vec<u64> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
         for i in 0..n as u64 {
             let e = self.l1_entry(tree, i)?;
             let l2 = l1_to_l2(e, cs, &|| format!("{tree:?} L1 entry {i}"))?;
             if l2 == 0 {
                 continue;
+            }
+            if !seen.insert(l2) {
+                return Err(Error::corrupt(format!(
+                    "{tree:?} L1 entry {i}: L2 table at {l2:#x} is already used by another entry of the same L1 table"
+                )));
             }
             v.push(l2 / cs);
             self.load_l2(l2)?;
