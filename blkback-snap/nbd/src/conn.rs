@@ -51,7 +51,10 @@ fn read_exact_or_eof<R: Read>(r: &mut R, buf: &mut [u8]) -> io::Result<bool> {
         match r.read(&mut buf[done..]) {
             Ok(0) if done == 0 => return Ok(false),
             Ok(0) => {
-                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "peer closed mid-message"))
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "peer closed mid-message",
+                ))
             }
             Ok(n) => done += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -93,7 +96,12 @@ fn opt_reply<W: Write>(w: &mut W, option: u32, reply: u32, data: &[u8]) -> io::R
 
 /// Send an option error reply with a human-readable message.
 fn opt_error<W: Write>(w: &mut W, option: u32, reply: u32, msg: &str) -> io::Result<()> {
-    debug!(option = opt_name(option), reply = format_args!("{reply:#x}"), msg, "option refused");
+    debug!(
+        option = opt_name(option),
+        reply = format_args!("{reply:#x}"),
+        msg,
+        "option refused"
+    );
     opt_reply(w, option, reply, msg.as_bytes())
 }
 
@@ -146,12 +154,19 @@ fn handshake<S: Read + Write>(
         }
         let magic = be_u64(&hdr[0..8]);
         if magic != IHAVEOPT {
-            return Err(NbdError::BadMagic { what: "option magic", got: magic });
+            return Err(NbdError::BadMagic {
+                what: "option magic",
+                got: magic,
+            });
         }
         let option = be_u32(&hdr[8..12]);
         let len = be_u32(&hdr[12..16]);
         if len > MAX_OPTION_LEN {
-            return Err(NbdError::OptionTooLong { option, len, limit: MAX_OPTION_LEN });
+            return Err(NbdError::OptionTooLong {
+                option,
+                len,
+                limit: MAX_OPTION_LEN,
+            });
         }
         // Bounded by MAX_OPTION_LEN above.
         let mut data = vec![0u8; len as usize];
@@ -189,7 +204,12 @@ fn handshake<S: Read + Write>(
                 }
                 s.write_all(&reply)?;
                 s.flush()?;
-                return Ok(Some(Export { name, device, size, flags }));
+                return Ok(Some(Export {
+                    name,
+                    device,
+                    size,
+                    flags,
+                }));
             }
             OPT_ABORT => {
                 // The client may already have closed its end; a failed ACK is not an error.
@@ -203,7 +223,9 @@ fn handshake<S: Read + Write>(
                     continue;
                 }
                 for (name, desc) in registry.list() {
-                    let Ok(nlen) = u32::try_from(name.len()) else { continue };
+                    let Ok(nlen) = u32::try_from(name.len()) else {
+                        continue;
+                    };
                     let mut d = Vec::with_capacity(4 + name.len() + desc.len());
                     d.extend_from_slice(&nlen.to_be_bytes());
                     d.extend_from_slice(name.as_bytes());
@@ -218,9 +240,12 @@ fn handshake<S: Read + Write>(
                 }
             }
             OPT_STARTTLS => opt_error(s, option, REP_ERR_UNSUP, "TLS is not supported")?,
-            OPT_STRUCTURED_REPLY => {
-                opt_error(s, option, REP_ERR_UNSUP, "only simple replies are supported")?
-            }
+            OPT_STRUCTURED_REPLY => opt_error(
+                s,
+                option,
+                REP_ERR_UNSUP,
+                "only simple replies are supported",
+            )?,
             OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => opt_error(
                 s,
                 option,
@@ -252,18 +277,33 @@ fn info_or_go<S: Read + Write>(
         Some((name, reqs.chunks_exact(2).map(be_u16).collect::<Vec<u16>>()))
     })();
     let Some((name, reqs)) = parsed else {
-        opt_error(s, option, REP_ERR_INVALID, "malformed NBD_OPT_INFO/NBD_OPT_GO data")?;
+        opt_error(
+            s,
+            option,
+            REP_ERR_INVALID,
+            "malformed NBD_OPT_INFO/NBD_OPT_GO data",
+        )?;
         return Ok(None);
     };
     let name = match std::str::from_utf8(name) {
         Ok(n) if n.len() <= MAX_NAME_LEN => n,
         _ => {
-            opt_error(s, option, REP_ERR_INVALID, "export name is not a valid string")?;
+            opt_error(
+                s,
+                option,
+                REP_ERR_INVALID,
+                "export name is not a valid string",
+            )?;
             return Ok(None);
         }
     };
     let Some(device) = registry.lookup(name) else {
-        opt_error(s, option, REP_ERR_UNKNOWN, &format!("no export named {name:?}"))?;
+        opt_error(
+            s,
+            option,
+            REP_ERR_UNKNOWN,
+            &format!("no export named {name:?}"),
+        )?;
         return Ok(None);
     };
     let size = device.size();
@@ -283,7 +323,11 @@ fn info_or_go<S: Read + Write>(
     if reqs.contains(&INFO_DESCRIPTION) {
         if let Some(desc) = registry.description(name) {
             let mut d = INFO_DESCRIPTION.to_be_bytes().to_vec();
-            d.extend_from_slice(desc.as_bytes().get(..MAX_NAME_LEN).unwrap_or(desc.as_bytes()));
+            d.extend_from_slice(
+                desc.as_bytes()
+                    .get(..MAX_NAME_LEN)
+                    .unwrap_or(desc.as_bytes()),
+            );
             opt_reply(s, option, REP_INFO, &d)?;
         }
     }
@@ -297,7 +341,12 @@ fn info_or_go<S: Read + Write>(
 
     opt_reply(s, option, REP_ACK, &[])?;
     if option == OPT_GO {
-        Ok(Some(Export { name: name.to_owned(), device, size, flags }))
+        Ok(Some(Export {
+            name: name.to_owned(),
+            device,
+            size,
+            flags,
+        }))
     } else {
         Ok(None)
     }
@@ -394,7 +443,10 @@ fn transmission<S: Read + Write>(
         }
         let magic = be_u32(&h[0..4]);
         if magic != REQUEST_MAGIC {
-            return Err(NbdError::BadMagic { what: "request magic", got: u64::from(magic) });
+            return Err(NbdError::BadMagic {
+                what: "request magic",
+                got: u64::from(magic),
+            });
         }
         let flags = be_u16(&h[4..6]);
         let cmd = be_u16(&h[6..8]);
@@ -408,7 +460,10 @@ fn transmission<S: Read + Write>(
             // We will not buffer (or skip) that much; report and hang up.
             warn!(len, "write request too large, disconnecting");
             simple_reply(s, handle, EINVAL)?;
-            return Err(NbdError::RequestTooLarge { len, limit: MAX_PAYLOAD });
+            return Err(NbdError::RequestTooLarge {
+                len,
+                limit: MAX_PAYLOAD,
+            });
         }
         // Error decided before touching the device (bad flags, read-only, out of range).
         let early = check_request(cmd, flags, offset, len, export.size, ro);

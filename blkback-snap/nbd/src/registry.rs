@@ -26,7 +26,11 @@ pub trait ExportRegistry: Send + Sync + 'static {
 
     /// Description for `NBD_INFO_DESCRIPTION`; the default takes it from [`Self::list`].
     fn description(&self, name: &str) -> Option<String> {
-        self.list().into_iter().find(|(n, _)| n == name).map(|(_, d)| d).filter(|d| !d.is_empty())
+        self.list()
+            .into_iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, d)| d)
+            .filter(|d| !d.is_empty())
     }
 }
 
@@ -68,7 +72,10 @@ impl ExportRegistry for StaticExports {
     }
 
     fn list(&self) -> Vec<(String, String)> {
-        self.0.iter().map(|(n, (_, d))| (n.clone(), d.clone())).collect()
+        self.0
+            .iter()
+            .map(|(n, (_, d))| (n.clone(), d.clone()))
+            .collect()
     }
 
     fn can_multi_conn(&self, _name: &str, _device: &dyn BlockDevice) -> bool {
@@ -76,6 +83,9 @@ impl ExportRegistry for StaticExports {
     }
 
     fn description(&self, name: &str) -> Option<String> {
-        self.0.get(name).map(|(_, d)| d.clone()).filter(|d| !d.is_empty())
+        self.0
+            .get(name)
+            .map(|(_, d)| d.clone())
+            .filter(|d| !d.is_empty())
     }
 }
