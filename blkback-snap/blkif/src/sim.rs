@@ -547,3 +547,60 @@ pub fn simple_layout(nr_sectors: u64, first_offset: u8) -> Vec<(u8, u8)> {
     }
     out
 }
+
+/// Fuzz entry point for the whole ring path: `data` is split into ring entries, queued by a
+/// hostile frontend that also owns a few data pages (grant refs 9..=12, two of them
+/// read-only) and two indirect-looking pages filled from `data`, then served by a
+/// [`crate::BlkifRing`] over a 64 KiB disk. The backend must never panic, must answer every
+/// entry unless it marked the ring broken, and must answer with the request's id.
+pub fn fuzz_ring(data: &[u8]) {
+    use crate::backend::{BlkifRing, Features, RingParams};
+    use xensnap_blockdev::MemDisk;
+    let Some((&ctl, rest)) = data.split_first() else { return };
+    let abi = if ctl & 1 == 0 { Abi::X86_64 } else { Abi::X86_32 };
+    let guest = TestGuest::new(1);
+    let (be, fe) = evtchn_pair();
+    let mut front = TestFront::new(guest.clone(), abi, u32::from(ctl >> 1) & 1, fe);
+    for i in 0..4 {
+        let p = Page::new();
+        p.write(0, &[i as u8; PAGE_SIZE]);
+        guest.grant(&p, i >= 2);
+    }
+    for chunk in rest.chunks(PAGE_SIZE).take(2) {
+        let p = Page::new();
+        p.write(0, chunk);
+        guest.grant(&p, true);
+    }
+    let ring = BlkifRing::new(RingParams {
+        domid: 1,
+        abi,
+        ring: guest.map_ring(1, &front.ring_refs).expect("ring"),
+        grants: guest.clone(),
+        evtchn: be,
+        device: Arc::new(MemDisk::new(64 << 10)),
+        features: Features { discard_secure: ctl & 4 != 0, ..Features::default() },
+    })
+    .expect("geometry");
+    let entries: Vec<&[u8]> = rest.chunks(abi.entry_size()).take(front.geom.size as usize).collect();
+    for e in &entries {
+        front.put_raw(e);
+    }
+    if ctl & 8 != 0 {
+        front.set_req_prod_raw(u32::from_le_bytes([ctl, 0, 0, ctl >> 4]));
+    } else {
+        front.push();
+    }
+    while ring.poll() == crate::backend::Poll::Busy {}
+    let rsps = front.take_responses();
+    // A guest may name its own ring page as a data buffer; then the frontend's view of the
+    // ring is legitimately garbage (the backend must merely survive it).
+    let names_ring = front.ring_refs.iter().any(|r| data.windows(4).any(|w| w == r.to_le_bytes()));
+    if ring.broken().is_none() && ctl & 8 == 0 && !names_ring {
+        assert_eq!(rsps.len(), entries.len());
+        for (e, r) in entries.iter().zip(&rsps) {
+            let mut full = vec![0u8; abi.entry_size()];
+            full[..e.len()].copy_from_slice(e);
+            assert_eq!(r.id, parse_request(abi, &full).expect("size").id());
+        }
+    }
+}

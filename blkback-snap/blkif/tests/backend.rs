@@ -479,3 +479,17 @@ fn quiesce_resume_with_concurrent_submitter() {
         assert_eq!(worker.join().unwrap(), Poll::Stopped);
     }
 }
+
+#[test]
+fn fuzz_ring_smoke() {
+    for seed in 0..300u64 {
+        let len = (seed as usize * 37) % 5000;
+        let mut d = pattern(seed, len);
+        if let Some(c) = d.first_mut() {
+            *c &= !8; // mostly well-behaved producer index
+        }
+        fuzz_ring(&d);
+    }
+    fuzz_ring(&[8, 1, 2, 3]);
+    fuzz_ring(&[]);
+}
