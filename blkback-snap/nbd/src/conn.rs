@@ -323,11 +323,7 @@ fn info_or_go<S: Read + Write>(
     if reqs.contains(&INFO_DESCRIPTION) {
         if let Some(desc) = registry.description(name) {
             let mut d = INFO_DESCRIPTION.to_be_bytes().to_vec();
-            d.extend_from_slice(
-                desc.as_bytes()
-                    .get(..MAX_NAME_LEN)
-                    .unwrap_or(desc.as_bytes()),
-            );
+            d.extend_from_slice(truncate_str(&desc, MAX_NAME_LEN).as_bytes());
             opt_reply(s, option, REP_INFO, &d)?;
         }
     }
@@ -350,6 +346,15 @@ fn info_or_go<S: Read + Write>(
     } else {
         Ok(None)
     }
+}
+
+/// The longest prefix of `s` of at most `max` bytes that ends on a character boundary.
+fn truncate_str(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
 }
 
 /// Map a device error to an NBD error value. `write` selects the spec's ENOSPC for
@@ -568,5 +573,85 @@ fn transmission<S: Read + Write>(
         if buf.capacity() > 4 * 1024 * 1024 && len < 1024 * 1024 {
             buf = Vec::new();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_checks() {
+        let size = 1 << 20;
+        assert_eq!(check_request(CMD_READ, 0, 0, 4096, size, false), None);
+        assert_eq!(check_request(CMD_READ, 0, size, 0, size, false), None);
+        assert_eq!(
+            check_request(CMD_READ, 0, size, 1, size, false),
+            Some(EINVAL)
+        );
+        assert_eq!(
+            check_request(CMD_READ, 0, u64::MAX, u32::MAX, size, false),
+            Some(EINVAL)
+        );
+        assert_eq!(
+            check_request(CMD_READ, 0, 0, MAX_PAYLOAD + 1, u64::MAX, false),
+            Some(EINVAL)
+        );
+        assert_eq!(
+            check_request(CMD_READ, CMD_FLAG_DF, 0, 1, size, false),
+            Some(EINVAL)
+        );
+        assert_eq!(
+            check_request(CMD_WRITE, 0, size - 1, 2, size, false),
+            Some(ENOSPC)
+        );
+        assert_eq!(check_request(CMD_WRITE, 0, 0, 2, size, true), Some(EPERM));
+        assert_eq!(
+            check_request(CMD_WRITE, CMD_FLAG_FUA, 0, 2, size, false),
+            None
+        );
+        assert_eq!(
+            check_request(CMD_WRITE, CMD_FLAG_NO_HOLE, 0, 2, size, false),
+            Some(EINVAL)
+        );
+        assert_eq!(
+            check_request(CMD_TRIM, 0, size, 1, size, false),
+            Some(EINVAL)
+        );
+        assert_eq!(check_request(CMD_TRIM, 0, 0, 1, size, true), Some(EPERM));
+        assert_eq!(
+            check_request(CMD_WRITE_ZEROES, CMD_FLAG_NO_HOLE, 0, 1, size, false),
+            None
+        );
+        assert_eq!(
+            check_request(CMD_WRITE_ZEROES, 0, size, 1, size, false),
+            Some(ENOSPC)
+        );
+        assert_eq!(check_request(CMD_FLUSH, 0, 0, 0, size, true), None);
+        assert_eq!(check_request(CMD_DISC, 0xffff, 0, 0, size, false), None);
+        assert_eq!(check_request(CMD_CACHE, 0, 0, 1, size, false), Some(EINVAL));
+        assert_eq!(check_request(1000, 0, 0, 0, size, false), Some(EINVAL));
+    }
+
+    #[test]
+    fn error_mapping() {
+        let oor = BlockError::OutOfRange {
+            offset: 1,
+            len: 1,
+            size: 1,
+        };
+        assert_eq!(errno(&oor, false), EINVAL);
+        assert_eq!(errno(&oor, true), ENOSPC);
+        assert_eq!(errno(&BlockError::ReadOnly, true), EPERM);
+        assert_eq!(errno(&BlockError::Unsupported("x"), true), ENOTSUP);
+        assert_eq!(errno(&BlockError::NoSpace, true), ENOSPC);
+        assert_eq!(errno(&BlockError::Io("x".into()), false), EIO);
+    }
+
+    #[test]
+    fn truncation_keeps_utf8() {
+        assert_eq!(truncate_str("h\u{e9}llo", 2), "h");
+        assert_eq!(truncate_str("h\u{e9}llo", 3), "h\u{e9}");
+        assert_eq!(truncate_str("abc", 10), "abc");
     }
 }
