@@ -33,7 +33,7 @@ pub fn fuzz_one(data: &[u8]) {
     let _ = img.check();
     let _ = img.info();
     let cs = img.cluster_size();
-    let size = img.virtual_size().min(64 << 20);
+    let size = img.virtual_size().min(4 << 20);
     let mut buf = vec![0u8; cs as usize];
     let mut off = 0;
     while off < size {
@@ -46,7 +46,7 @@ pub fn fuzz_one(data: &[u8]) {
     for s in img.checkpoint_list() {
         let _ = img.map(Some(&s.id));
         let mut off = 0;
-        let size = s.disk_size.min(64 << 20);
+        let size = s.disk_size.min(4 << 20);
         while off < size {
             let n = cs.min(size - off) as usize;
             if let Some(b) = buf.get_mut(..n) {
