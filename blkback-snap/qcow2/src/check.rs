@@ -146,7 +146,7 @@ impl Qcow2 {
                 note(rep, format!("ERROR {er}"));
                 continue;
             }
-            let t = self.l2_cache.get(&l2).cloned().unwrap_or_default();
+            let t = self.l2_table(l2)?;
             for (j, w) in t.iter().step_by(step).enumerate() {
                 let bm = if step == 2 { t.get(j * 2 + 1).copied().unwrap_or(0) } else { 0 };
                 match geom.classify(*w, bm, &|| format!("L2 table at {l2:#x} entry {j}")) {

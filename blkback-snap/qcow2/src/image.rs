@@ -328,6 +328,11 @@ impl Qcow2 {
     pub fn is_read_only(&self) -> bool {
         self.read_only
     }
+    /// Set the metadata cache size (L2 tables + refcount blocks, in clusters; minimum 4).
+    /// The default is 256 MiB worth of clusters.
+    pub fn set_cache_limit(&mut self, clusters: usize) {
+        self.cache_limit = clusters.max(4);
+    }
 
     pub(crate) fn file_len(&self) -> Result<u64> {
         self.io.len().map_err(ioe("reading the image length"))
@@ -433,6 +438,15 @@ impl Qcow2 {
         let t: Vec<u64> = b.chunks_exact(8).map(|c| header::get_be64(c, 0)).collect();
         self.l2_cache.insert(off, t);
         Ok(())
+    }
+
+    /// A copy of the raw words of L2 table `off`.
+    pub(crate) fn l2_table(&mut self, off: u64) -> Result<Vec<u64>> {
+        self.load_l2(off)?;
+        self.l2_cache
+            .get(&off)
+            .cloned()
+            .ok_or_else(|| Error::corrupt(format!("L2 table at {off:#x} vanished from cache")))
     }
 
     /// L2 entry `i` of table `off`: (descriptor, subcluster bitmap or 0).
@@ -594,22 +608,26 @@ impl Qcow2 {
             if rc == 0 {
                 return Err(Error::corrupt(format!("L2 table at {old:#x} (L1 entry {l1i}) has refcount 0")));
             }
-            self.load_l2(old)?;
+            if self.h.extended_l2() {
+                return Err(Error::unsupported("writing extended L2 images"));
+            }
         }
-        let new = self.alloc_clusters(1)?;
+        // copy the old table before allocating (allocation may evict it from the cache)
         let table = if old != 0 {
-            let mut t = self.l2_cache.get(&old).cloned().unwrap_or_default();
+            self.load_l2(old)?;
+            let mut t = self
+                .l2_cache
+                .get(&old)
+                .cloned()
+                .ok_or_else(|| Error::corrupt(format!("L2 table at {old:#x} vanished from cache")))?;
             for w in t.iter_mut() {
                 *w &= !COPIED;
-            }
-            if self.h.extended_l2() {
-                // bitmap words must keep their bit 63
-                return Err(Error::unsupported("writing extended L2 images"));
             }
             t
         } else {
             vec![0u64; (self.cs / 8) as usize]
         };
+        let new = self.alloc_clusters(1)?;
         self.l2_cache.insert(new, table);
         self.l2_dirty.insert(new);
         self.set_l1(l1i, new | COPIED);

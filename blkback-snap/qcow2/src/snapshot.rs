@@ -195,7 +195,7 @@ impl Qcow2 {
             }
             v.push(l2 / cs);
             self.load_l2(l2)?;
-            let t = self.l2_cache.get(&l2).cloned().unwrap_or_default();
+            let t = self.l2_table(l2)?;
             for (j, w) in t.iter().step_by(step).enumerate() {
                 let bm = if step == 2 { t.get(j * 2 + 1).copied().unwrap_or(0) } else { 0 };
                 match geom.classify(*w, bm, &|| format!("L2 table at {l2:#x} entry {j}"))? {
@@ -305,7 +305,7 @@ impl Qcow2 {
                 self.set_l1(i, want);
             }
             self.load_l2(l2)?;
-            let t = self.l2_cache.get(&l2).cloned().unwrap_or_default();
+            let t = self.l2_table(l2)?;
             for (j, w) in t.iter().enumerate() {
                 if let Cluster::Normal { host, .. } = geom.classify(*w, 0, &|| format!("L2 table at {l2:#x} entry {j}"))? {
                     let nv = if self.refcount(host / cs)? == 1 { w | COPIED } else { w & !COPIED };
