@@ -1,0 +1,153 @@
+//! Model-based property test of the image engine: random sequences of write / read /
+//! discard / write-zeroes / checkpoint create / revert / delete / read of a checkpoint /
+//! close+reopen, checked against an in-memory model (one byte vector for the active disk and
+//! one per checkpoint), with the engine's own consistency check after every step.
+
+use proptest::prelude::*;
+use xensnap_qcow2::{CreateOptions, ImageIo, MemIo, OpenOptions, Qcow2};
+
+const SECTOR: u64 = 512;
+
+#[derive(Debug, Clone)]
+enum Op {
+    Write { sector: u64, sectors: u64, seed: u8 },
+    Read { sector: u64, sectors: u64 },
+    Discard { sector: u64, sectors: u64 },
+    Zero { sector: u64, sectors: u64, unmap: bool },
+    Create,
+    Revert(usize),
+    Delete(usize),
+    ReadCheckpoint { which: usize, sector: u64, sectors: u64 },
+    Reopen,
+}
+
+fn op(total_sectors: u64) -> impl Strategy<Value = Op> {
+    let range = (0..total_sectors).prop_flat_map(move |s| (Just(s), 1..=(total_sectors - s).min(300)));
+    prop_oneof![
+        6 => (range.clone(), any::<u8>()).prop_map(|((sector, sectors), seed)| Op::Write { sector, sectors, seed }),
+        3 => range.clone().prop_map(|(sector, sectors)| Op::Read { sector, sectors }),
+        1 => range.clone().prop_map(|(sector, sectors)| Op::Discard { sector, sectors }),
+        1 => (range.clone(), any::<bool>()).prop_map(|((sector, sectors), unmap)| Op::Zero { sector, sectors, unmap }),
+        2 => Just(Op::Create),
+        1 => any::<usize>().prop_map(Op::Revert),
+        1 => any::<usize>().prop_map(Op::Delete),
+        2 => (any::<usize>(), range).prop_map(|(which, (sector, sectors))| Op::ReadCheckpoint { which, sector, sectors }),
+        1 => Just(Op::Reopen),
+    ]
+}
+
+fn pattern(seed: u8, off: u64, len: usize) -> Vec<u8> {
+    (0..len).map(|i| seed.wrapping_add(((off as usize + i) / 7) as u8) | 1).collect()
+}
+
+struct Model {
+    active: Vec<u8>,
+    checkpoints: Vec<(String, Vec<u8>)>,
+    next_name: u32,
+}
+
+fn assert_clean(img: &mut Qcow2, step: usize, op: &Op) {
+    let report = img.check().unwrap_or_else(|e| panic!("step {step} {op:?}: check failed: {e}"));
+    assert!(report.is_clean(), "step {step} {op:?}: image not clean: {report:?}");
+}
+
+fn run(cluster_bits: u32, size: u64, ops: Vec<Op>) {
+    let io = MemIo::new();
+    let opts = CreateOptions { size, cluster_bits, ..Default::default() };
+    let mut img = Qcow2::create(Box::new(io.clone()) as Box<dyn ImageIo>, &opts).expect("create");
+    let mut m = Model { active: vec![0; size as usize], checkpoints: vec![], next_name: 0 };
+    for (step, op) in ops.iter().enumerate() {
+        match op {
+            Op::Write { sector, sectors, seed } => {
+                let (off, len) = (sector * SECTOR, (sectors * SECTOR) as usize);
+                let data = pattern(*seed, off, len);
+                img.write(off, &data).expect("write");
+                m.active[off as usize..off as usize + len].copy_from_slice(&data);
+            }
+            Op::Read { sector, sectors } => {
+                let (off, len) = (sector * SECTOR, (sectors * SECTOR) as usize);
+                let mut buf = vec![0xee; len];
+                img.read(off, &mut buf).expect("read");
+                assert!(buf == m.active[off as usize..off as usize + len], "step {step} {op:?}: data differs");
+            }
+            Op::Discard { sector, sectors } => {
+                let (off, len) = (sector * SECTOR, sectors * SECTOR);
+                img.discard(off, len).expect("discard");
+                m.active[off as usize..(off + len) as usize].fill(0);
+            }
+            Op::Zero { sector, sectors, unmap } => {
+                let (off, len) = (sector * SECTOR, sectors * SECTOR);
+                img.write_zeroes(off, len, *unmap).expect("write_zeroes");
+                m.active[off as usize..(off + len) as usize].fill(0);
+            }
+            Op::Create => {
+                let name = format!("ck{}", m.next_name);
+                m.next_name += 1;
+                img.checkpoint_create(&name).expect("checkpoint create");
+                m.checkpoints.push((name, m.active.clone()));
+            }
+            Op::Revert(i) => {
+                if m.checkpoints.is_empty() {
+                    assert!(img.checkpoint_revert("nonexistent").is_err());
+                    continue;
+                }
+                let (name, data) = &m.checkpoints[i % m.checkpoints.len()];
+                img.checkpoint_revert(name).expect("revert");
+                m.active = data.clone();
+            }
+            Op::Delete(i) => {
+                if m.checkpoints.is_empty() {
+                    continue;
+                }
+                let (name, _) = m.checkpoints.remove(i % m.checkpoints.len());
+                img.checkpoint_delete(&name).expect("delete");
+            }
+            Op::ReadCheckpoint { which, sector, sectors } => {
+                if m.checkpoints.is_empty() {
+                    continue;
+                }
+                let (name, data) = &m.checkpoints[which % m.checkpoints.len()];
+                let (off, len) = (sector * SECTOR, (sectors * SECTOR) as usize);
+                let mut buf = vec![0xee; len];
+                img.read_checkpoint(name, off, &mut buf).expect("read checkpoint");
+                assert!(buf == data[off as usize..off as usize + len], "step {step} {op:?}: checkpoint data differs");
+            }
+            Op::Reopen => {
+                img.close().expect("close");
+                img = Qcow2::open(Box::new(io.clone()), &OpenOptions { read_only: false }).expect("reopen");
+            }
+        }
+        assert_clean(&mut img, step, op);
+        let names: Vec<String> = img.checkpoint_list().into_iter().map(|s| s.name).collect();
+        let want: Vec<String> = m.checkpoints.iter().map(|c| c.0.clone()).collect();
+        assert_eq!(names, want, "step {step} {op:?}: checkpoint list");
+    }
+    // Full comparison at the end: the active disk and every checkpoint.
+    let mut buf = vec![0; size as usize];
+    img.read(0, &mut buf).expect("final read");
+    assert!(buf == m.active, "final active disk differs");
+    for (name, data) in &m.checkpoints {
+        img.read_checkpoint(name, 0, &mut buf).expect("final checkpoint read");
+        assert!(&buf == data, "final checkpoint {name} differs");
+    }
+    img.close().expect("close");
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, max_shrink_iters: 2000, ..ProptestConfig::default() })]
+
+    #[test]
+    fn model_512b_clusters(ops in proptest::collection::vec(op(512), 1..60)) {
+        run(9, 256 * 1024, ops);
+    }
+
+    #[test]
+    fn model_4k_clusters(ops in proptest::collection::vec(op(2048), 1..60)) {
+        run(12, 1024 * 1024, ops);
+    }
+
+    #[test]
+    fn model_64k_clusters(ops in proptest::collection::vec(op(8192), 1..40)) {
+        run(16, 4 * 1024 * 1024, ops);
+    }
+}
