@@ -252,12 +252,16 @@ impl Qcow2 {
         for c in 0..ctr.nclusters {
             visit(self, c, rep);
         }
-        // refcounts of clusters past the end of the file
+        // refcounts of clusters past the end of the file (only distinct, readable refblocks;
+        // a refblock used twice is reported as an overlap by the reference count)
+        let mut seen = std::collections::HashSet::new();
+        let flen = ctr.nclusters * cs;
         for rt in 0..self.reftable.len() as u64 {
             if (rt + 1) * e <= ctr.nclusters {
                 continue;
             }
-            if self.refblock_offset(rt).unwrap_or(0) == 0 {
+            let rb = self.refblock_offset(rt).unwrap_or(0);
+            if rb == 0 || rb.saturating_add(cs) > flen || !seen.insert(rb) {
                 continue;
             }
             for c in (rt * e).max(ctr.nclusters)..(rt + 1) * e {

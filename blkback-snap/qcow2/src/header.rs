@@ -205,7 +205,7 @@ impl Header {
             h.autoclear = be64(buf, 88);
             h.refcount_order = be32(buf, 96);
             h.header_length = be32(buf, 100);
-            if h.header_length < 104 || h.header_length % 8 != 0 {
+            if h.header_length < 104 || !h.header_length.is_multiple_of(8) {
                 return Err(Error::corrupt(format!(
                     "header_length {} at offset 100 must be >= 104 and a multiple of 8",
                     h.header_length
@@ -351,7 +351,7 @@ impl Header {
 
 /// A table at `off` of `bytes` must be cluster aligned and lie inside the file.
 pub(crate) fn check_table(cs: u64, file_len: u64, what: &str, off: u64, bytes: u64) -> Result<()> {
-    if off % cs != 0 {
+    if !off.is_multiple_of(cs) {
         return Err(Error::corrupt(format!("{what} offset {off:#x} is not cluster aligned")));
     }
     if off == 0 && bytes > 0 {

@@ -428,7 +428,7 @@ impl Qcow2 {
         }
         self.evict_if_needed()?;
         let flen = self.file_len()?;
-        if off == 0 || off % self.cs != 0 || off.checked_add(self.cs).map_or(true, |e| e > flen) {
+        if off == 0 || !off.is_multiple_of(self.cs) || off.checked_add(self.cs).is_none_or(|e| e > flen) {
             return Err(Error::corrupt(format!(
                 "L2 table at offset {off:#x} is unaligned or outside the image ({flen} bytes)"
             )));

@@ -57,7 +57,7 @@ impl L2Geom {
         }
         let host = e & OFFSET_MASK;
         let copied = e & COPIED != 0;
-        if host % cs != 0 {
+        if !host.is_multiple_of(cs) {
             return Err(Error::corrupt(format!(
                 "{}: cluster offset {host:#x} is not aligned to the cluster size",
                 where_()
@@ -89,7 +89,7 @@ pub(crate) fn l1_to_l2(e: u64, cs: u64, where_: &dyn Fn() -> String) -> Result<u
         return Err(Error::corrupt(format!("{}: L1 entry {e:#018x} has reserved bits set", where_())));
     }
     let off = e & OFFSET_MASK;
-    if off % cs != 0 {
+    if !off.is_multiple_of(cs) {
         return Err(Error::corrupt(format!("{}: L2 table offset {off:#x} is not cluster aligned", where_())));
     }
     if off == 0 && e & COPIED != 0 {

@@ -85,7 +85,7 @@ impl Qcow2 {
         }
         self.evict_if_needed()?;
         let flen = self.file_len()?;
-        if off == 0 || off.checked_add(self.cs).map_or(true, |e| e > flen) {
+        if off == 0 || off.checked_add(self.cs).is_none_or(|e| e > flen) {
             return Err(Error::corrupt(format!(
                 "refcount block at offset {off:#x} lies outside the image ({flen} bytes)"
             )));
@@ -197,7 +197,7 @@ impl Qcow2 {
         for &(idx, n) in deltas {
             let rc = self.refcount(idx)?;
             if increase {
-                if rc.checked_add(n).map_or(true, |v| v > max) {
+                if rc.checked_add(n).is_none_or(|v| v > max) {
                     return Err(Error::RefcountOverflow {
                         what: format!(
                             "cluster at {:#x} has refcount {rc}; adding {n} exceeds the maximum {max} of {}-bit refcounts",
@@ -445,9 +445,10 @@ impl Qcow2 {
         let mut n = 0;
         let e = self.rb_entries();
         let order = self.h.refcount_order;
+        let mut seen = std::collections::HashSet::new();
         for rt in 0..self.reftable.len() as u64 {
             let rb = self.refblock_offset(rt)?;
-            if rb == 0 {
+            if rb == 0 || !seen.insert(rb) {
                 continue;
             }
             let owned;
@@ -474,7 +475,7 @@ mod tests {
     fn rb_roundtrip_all_orders() {
         for order in 0..=6u32 {
             let mut b = vec![0u8; 512];
-            let n = 512 * 8 >> order;
+            let n = (512 * 8) >> order;
             let max = if order == 6 { u64::MAX } else { (1u64 << (1 << order)) - 1 };
             for i in 0..n {
                 rb_set(&mut b, order, i, (i * 7) & max);
