@@ -155,3 +155,35 @@ fn refcount_order_zero_refuses_checkpoint() {
         assert_qemu_clean(&p);
     }
 }
+
+#[test]
+fn v2_images_are_read_only() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("v2.qcow2");
+    let ps = p.to_str().unwrap();
+    run(&["qemu-img", "create", "-q", "-f", "qcow2", "-o", "compat=0.10", ps, "4M"]);
+    run(&["qemu-io", "-f", "qcow2", "-c", "write -P 0x31 1k 70k", ps]);
+    run(&["qemu-img", "snapshot", "-c", "old", ps]);
+    run(&["qemu-io", "-f", "qcow2", "-c", "write -P 0x32 0 4k", ps]);
+    let before = std::fs::read(&p).unwrap();
+    let mut img = Qcow2::open_file(&p, &OpenOptions::default()).unwrap();
+    let info = img.info();
+    assert_eq!(info.version, 2);
+    assert!(info.read_only);
+    let mut model = vec![0u8; 4 << 20];
+    model[1024..1024 + (70 << 10)].fill(0x31);
+    let snap = model.clone();
+    model[..4096].fill(0x32);
+    let mut b = vec![0u8; 4 << 20];
+    img.read(0, &mut b).unwrap();
+    assert!(b == model);
+    img.read_checkpoint("old", 0, &mut b).unwrap();
+    assert!(b == snap);
+    assert!(img.write(0, &[0]).is_err());
+    assert!(img.check().unwrap().is_clean());
+    drop(img);
+    assert_eq!(std::fs::read(&p).unwrap(), before);
+}
