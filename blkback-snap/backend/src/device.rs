@@ -1,0 +1,541 @@
+//! Serving one virtual disk: the backend directory libxl wrote, the image its `params`
+//! names, the xenbus state machine, the ring worker and the control socket.
+//!
+//! Generic over blkif's seams, so the same code runs on real Xen (adapters in
+//! [`crate::xen`]) and in-process against blkif's sim (tests).
+//!
+//! Xenstore nodes this backend adds under `<backend>` (besides blkif's protocol nodes):
+//! - `xensnap-status`: `ready` once the image is open and the control socket listens, or
+//!   `error: <why>` (then `hotplug-error` holds the reason and the hook fails the attach);
+//! - `xensnap-socket`: the control socket path; `xensnap-pid`: the serving process.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use xensnap_blkif::xenbus::{
+    ConnectParams, Connector, DiskInfo, EvtchnBinder, RingConnector, XenStore, XenbusBackend, XenbusState,
+};
+use xensnap_blkif::{BlkifRing, Features, GrantMemory, StatsSnapshot};
+
+use crate::control::{self, ControlServer, Handler, Request};
+use crate::image::{parse_params, Format, Image};
+
+/// How to serve a device.
+#[derive(Clone, Debug)]
+pub struct ServeOptions {
+    /// Force an image format (default: by file name, see [`crate::image`]).
+    pub format: Option<Format>,
+    /// Directory of the control sockets (`blkback-<domid>-<devid>.sock`).
+    pub socket_dir: PathBuf,
+    /// Also listen on `<image>.xensnap.sock` (what `xl-snap image …` looks for).
+    pub image_socket: bool,
+    /// How long to wait for the image lock (a previous backend may still be exiting).
+    pub lock_wait: Duration,
+    pub features: Features,
+    /// Watch poll interval (also how quickly removal / stop is noticed).
+    pub tick: Duration,
+    /// Default `quiesce` timeout.
+    pub quiesce_timeout: Duration,
+    /// After the toolstack set `online=0` and we reached Closed, exit even if the backend
+    /// directory is never removed.
+    pub closed_grace: Duration,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        ServeOptions {
+            format: None,
+            socket_dir: PathBuf::from("/run/xensnap"),
+            image_socket: true,
+            lock_wait: Duration::from_secs(10),
+            features: Features::default(),
+            tick: Duration::from_millis(250),
+            quiesce_timeout: Duration::from_secs(10),
+            closed_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("backend {0}: {1}")]
+    Backend(String, String),
+    #[error("xenstore: {0}")]
+    Store(String),
+}
+
+/// Why [`serve`] returned.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The toolstack removed the backend directory.
+    Removed,
+    /// Offline and closed for longer than the grace period.
+    ClosedOffline,
+    /// The caller asked to stop.
+    Stopped,
+}
+
+/// The parts of a backend directory we use.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackendNodes {
+    pub path: String,
+    pub frontend_id: u16,
+    pub devid: u32,
+    pub params: String,
+    pub read_only: bool,
+    pub vdev: Option<String>,
+}
+
+/// `/local/domain/<be>/backend/vbd/<fe-domid>/<devid>` -> `(fe-domid, devid)`.
+pub fn parse_backend_path(p: &str) -> Option<(u16, u32)> {
+    let mut it = p.trim_end_matches('/').rsplit('/');
+    let devid = it.next()?.parse().ok()?;
+    let domid = it.next()?.parse().ok()?;
+    Some((domid, devid))
+}
+
+pub fn read_backend(store: &dyn XenStore, be: &str) -> Result<BackendNodes, ServeError> {
+    let bad = |m: String| ServeError::Backend(be.to_string(), m);
+    let rd = |k: &str| store.read(&format!("{be}/{k}")).map_err(|e| ServeError::Store(e.to_string()));
+    let (domid, devid) = parse_backend_path(be).ok_or_else(|| bad("path is not .../<domid>/<devid>".into()))?;
+    let frontend_id = rd("frontend-id")?
+        .and_then(|s| s.trim().parse::<u16>().ok())
+        .ok_or_else(|| bad("frontend-id missing".into()))?;
+    if frontend_id != domid {
+        return Err(bad(format!("frontend-id {frontend_id} does not match the path")));
+    }
+    let params = rd("params")?.filter(|s| !s.is_empty()).ok_or_else(|| bad("params missing".into()))?;
+    let mode = rd("mode")?.unwrap_or_else(|| "w".into());
+    Ok(BackendNodes {
+        path: be.to_string(),
+        frontend_id,
+        devid,
+        params,
+        read_only: !mode.starts_with('w'),
+        vdev: rd("dev")?,
+    })
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Ring state shared between the xenbus loop and the control socket.
+#[derive(Default)]
+struct RingSlot {
+    ring: Option<Arc<BlkifRing>>,
+    /// A `quiesce` is in force (applied to any ring connected meanwhile).
+    held: bool,
+    connects: u64,
+    /// Counters of rings already disconnected.
+    past: StatsSnapshot,
+}
+
+fn add_stats(a: &StatsSnapshot, b: &StatsSnapshot) -> StatsSnapshot {
+    StatsSnapshot {
+        requests: a.requests + b.requests,
+        ok: a.ok + b.ok,
+        errors: a.errors + b.errors,
+        unsupported: a.unsupported + b.unsupported,
+        notifications: a.notifications + b.notifications,
+        bytes_read: a.bytes_read + b.bytes_read,
+        bytes_written: a.bytes_written + b.bytes_written,
+    }
+}
+
+fn stats_json(s: &StatsSnapshot) -> Value {
+    json!({
+        "requests": s.requests, "ok": s.ok, "errors": s.errors, "unsupported": s.unsupported,
+        "notifications": s.notifications, "bytes_read": s.bytes_read, "bytes_written": s.bytes_written,
+    })
+}
+
+/// One served disk (shared by the xenbus loop and the control socket).
+pub struct Device {
+    pub nodes: BackendNodes,
+    pub image: Image,
+    slot: Mutex<RingSlot>,
+    state: Mutex<XenbusState>,
+    quiesce_timeout: Duration,
+}
+
+impl Device {
+    fn ring(&self) -> Option<Arc<BlkifRing>> {
+        lock(&self.slot).ring.clone()
+    }
+
+    /// Quiesce the current ring (if any) and keep new rings quiesced until [`Device::resume`].
+    pub fn quiesce(&self, timeout: Duration) -> Result<Value, String> {
+        let ring = {
+            let mut s = lock(&self.slot);
+            s.held = true;
+            s.ring.clone()
+        };
+        match ring {
+            None => Ok(json!({ "drained": 0, "connected": false })),
+            Some(r) => match r.quiesce_timeout(timeout) {
+                Ok(n) => Ok(json!({ "drained": n, "connected": true })),
+                Err(left) => Err(format!(
+                    "quiesce timed out after {} ms with {left} request(s) in flight; the ring stays quiesced (send resume)",
+                    timeout.as_millis()
+                )),
+            },
+        }
+    }
+
+    pub fn resume(&self) {
+        let ring = {
+            let mut s = lock(&self.slot);
+            s.held = false;
+            s.ring.clone()
+        };
+        if let Some(r) = ring {
+            r.resume();
+        }
+    }
+
+    pub fn is_held(&self) -> bool {
+        lock(&self.slot).held
+    }
+
+    pub fn stats(&self) -> StatsSnapshot {
+        let s = lock(&self.slot);
+        let cur = s.ring.as_ref().map(|r| r.stats()).unwrap_or_default();
+        add_stats(&s.past, &cur)
+    }
+
+    pub fn state(&self) -> XenbusState {
+        *lock(&self.state)
+    }
+
+    pub fn status(&self) -> Value {
+        let (connected, quiesced, broken, connects, held) = {
+            let s = lock(&self.slot);
+            match &s.ring {
+                Some(r) => (true, r.is_quiesced(), r.broken(), s.connects, s.held),
+                None => (false, false, None, s.connects, s.held),
+            }
+        };
+        let st = self.state();
+        json!({
+            "backend": self.nodes.path,
+            "frontend_id": self.nodes.frontend_id,
+            "devid": self.nodes.devid,
+            "vdev": self.nodes.vdev,
+            "image": self.image.path.display().to_string(),
+            "format": self.image.format.as_str(),
+            "size": self.image.device.size(),
+            "read_only": self.image.device.read_only(),
+            "state": st.as_u32(),
+            "state_name": format!("{st:?}"),
+            "connected": connected,
+            "connects": connects,
+            "quiesced": quiesced || held,
+            "broken": broken,
+            "pid": std::process::id(),
+            "stats": stats_json(&self.stats()),
+        })
+    }
+
+    fn qcow2(&self) -> Result<MutexGuard<'_, xensnap_qcow2::Qcow2>, String> {
+        let q = self.image.qcow2.as_ref().ok_or("not a qcow2 image (served raw)")?;
+        Ok(lock(q))
+    }
+
+    /// Run `f` with the ring quiesced: quiesce now unless the caller already holds a quiesce.
+    fn with_quiesced<T>(&self, f: impl FnOnce() -> Result<T, String>) -> Result<T, String> {
+        if self.is_held() {
+            return f();
+        }
+        self.quiesce(self.quiesce_timeout).inspect_err(|_| self.resume())?;
+        let r = f();
+        self.resume();
+        r
+    }
+
+    fn require_quiet(&self, what: &str) -> Result<(), String> {
+        if self.ring().is_some() && !self.is_held() {
+            return Err(format!("{what} needs the disk quiesced (send quiesce first) or the guest disconnected"));
+        }
+        Ok(())
+    }
+}
+
+fn qe(e: xensnap_qcow2::Error) -> String {
+    e.to_string()
+}
+
+impl Handler for Device {
+    fn handle(&self, req: &Request) -> Result<Value, String> {
+        match req {
+            Request::Status => Ok(self.status()),
+            Request::Stats => Ok(stats_json(&self.stats())),
+            Request::Quiesce { timeout_ms } => {
+                let t = timeout_ms.map(Duration::from_millis).unwrap_or(self.quiesce_timeout);
+                let t0 = Instant::now();
+                let mut v = self.quiesce(t)?;
+                v["micros"] = json!(t0.elapsed().as_micros() as u64);
+                Ok(v)
+            }
+            Request::Resume => {
+                self.resume();
+                Ok(json!({ "resumed": true }))
+            }
+            Request::Flush => {
+                self.image.device.flush().map_err(|e| e.to_string())?;
+                Ok(json!({ "flushed": true }))
+            }
+            Request::Info => Ok(json!(self.qcow2()?.info())),
+            Request::Check { repair } => {
+                if *repair {
+                    self.require_quiet("check with repair")?;
+                    Ok(json!(self.qcow2()?.repair().map_err(qe)?))
+                } else {
+                    Ok(json!(self.qcow2()?.check().map_err(qe)?))
+                }
+            }
+            Request::CheckpointCreate { name } => {
+                if self.image.qcow2.is_none() {
+                    return Err("not a qcow2 image (served raw)".into());
+                }
+                let t0 = Instant::now();
+                let info = self.with_quiesced(|| self.qcow2()?.checkpoint_create(name).map_err(qe))?;
+                let mut v = json!(info);
+                v["micros"] = json!(t0.elapsed().as_micros() as u64);
+                Ok(v)
+            }
+            Request::CheckpointList => Ok(json!(self.qcow2()?.checkpoint_list())),
+            Request::CheckpointDelete { checkpoint } => {
+                self.qcow2()?.checkpoint_delete(checkpoint).map_err(qe)?;
+                Ok(json!({ "deleted": checkpoint }))
+            }
+            Request::CheckpointRevert { checkpoint } => {
+                self.require_quiet("checkpoint-revert")?;
+                self.qcow2()?.checkpoint_revert(checkpoint).map_err(qe)?;
+                Ok(json!({ "reverted": checkpoint }))
+            }
+            Request::Map { checkpoint } => Ok(json!(self.qcow2()?.map(checkpoint.as_deref()).map_err(qe)?)),
+        }
+    }
+}
+
+/// blkif's [`RingConnector`], publishing the live ring to the [`Device`] (for the control
+/// socket) and applying a held quiesce to a ring that connects meanwhile.
+struct SlotConnector {
+    inner: RingConnector,
+    dev: Arc<Device>,
+}
+
+impl Connector for SlotConnector {
+    fn connect(&mut self, p: &ConnectParams) -> Result<(), String> {
+        self.inner.connect(p)?;
+        let ring = self.inner.ring().expect("connected");
+        let mut s = lock(&self.dev.slot);
+        if s.held {
+            // The worker may already have admitted a request; quiesce() waits for it.
+            ring.quiesce();
+        }
+        tracing::info!(
+            frontend = p.frontend_domid,
+            order = p.ring_page_order,
+            abi = ?p.abi,
+            port = p.event_channel,
+            "ring connected"
+        );
+        s.ring = Some(ring);
+        s.connects += 1;
+        Ok(())
+    }
+
+    fn disconnect(&mut self) {
+        {
+            let mut s = lock(&self.dev.slot);
+            if let Some(r) = s.ring.take() {
+                s.past = add_stats(&s.past, &r.stats());
+                tracing::info!("ring disconnected");
+            }
+        }
+        self.inner.disconnect();
+    }
+
+    fn disk_info(&self) -> DiskInfo {
+        self.inner.disk_info()
+    }
+}
+
+/// Report a fatal setup error where libxl and the hook look: `hotplug-error`,
+/// `xensnap-status`, and state InitWait so that libxl runs the hook, which fails the attach
+/// with this message (instead of a bare 10 s "unable to initialize device" timeout).
+fn report_setup_error(store: &dyn XenStore, be: &str, msg: &str) {
+    let _ = store.write(&format!("{be}/hotplug-error"), msg);
+    let _ = store.write(&format!("{be}/xensnap-status"), &format!("error: {msg}"));
+    let _ = store.write(&format!("{be}/state"), "2");
+}
+
+/// Serve the device at `be` until the toolstack removes it (or `stop` is set).
+pub fn serve(
+    store: Arc<dyn XenStore>,
+    grants: Arc<dyn GrantMemory>,
+    binder: Arc<dyn EvtchnBinder>,
+    be: &str,
+    opts: &ServeOptions,
+    stop: &AtomicBool,
+    on_ready: &mut dyn FnMut(&Arc<Device>),
+) -> Result<Outcome, ServeError> {
+    let be = be.trim_end_matches('/').to_string();
+    let nodes = match read_backend(&*store, &be) {
+        Ok(n) => n,
+        Err(e) => {
+            report_setup_error(&*store, &be, &e.to_string());
+            return Err(e);
+        }
+    };
+    let (fmt, path) = parse_params(&nodes.params);
+    let image = match Image::open(&path, opts.format.or(fmt), nodes.read_only, opts.lock_wait) {
+        Ok(i) => i,
+        Err(e) => {
+            let msg = format!("blkback-snap: {e}");
+            report_setup_error(&*store, &be, &msg);
+            wait_removed(&*store, &be, opts, stop);
+            return Err(ServeError::Backend(be, e.to_string()));
+        }
+    };
+    tracing::info!(backend = %be, image = %path.display(), format = image.format.as_str(),
+        size = image.device.size(), read_only = nodes.read_only, "image open");
+    let dev = Arc::new(Device {
+        nodes: nodes.clone(),
+        image,
+        slot: Mutex::new(RingSlot::default()),
+        state: Mutex::new(XenbusState::Initialising),
+        quiesce_timeout: opts.quiesce_timeout,
+    });
+
+    // Control sockets before we announce anything.
+    let sock = control::socket_path(&opts.socket_dir, nodes.frontend_id, nodes.devid);
+    let handler: Arc<dyn Handler> = dev.clone();
+    let mut servers = Vec::new();
+    match ControlServer::bind(&sock, Arc::clone(&handler)) {
+        Ok(s) => servers.push(s),
+        Err(e) => {
+            let msg = format!("blkback-snap: control socket {}: {e}", sock.display());
+            report_setup_error(&*store, &be, &msg);
+            wait_removed(&*store, &be, opts, stop);
+            return Err(ServeError::Backend(be, msg));
+        }
+    }
+    if opts.image_socket {
+        let alias = control::image_socket_path(&dev.image.path);
+        match ControlServer::bind(&alias, handler) {
+            Ok(s) => servers.push(s),
+            Err(e) => tracing::warn!("image control socket {}: {e} (continuing without it)", alias.display()),
+        }
+    }
+
+    let w = |k: &str, v: &str| store.write(&format!("{be}/{k}"), v).map_err(|e| ServeError::Store(e.to_string()));
+    w("xensnap-socket", &sock.display().to_string())?;
+    w("xensnap-pid", &std::process::id().to_string())?;
+    w("xensnap-format", dev.image.format.as_str())?;
+    let _ = store.remove(&format!("{be}/hotplug-error"));
+    w("xensnap-status", "ready")?;
+
+    let mut conn = SlotConnector {
+        inner: RingConnector::new(grants, binder, Arc::clone(&dev.image.device), opts.features.clone()),
+        dev: Arc::clone(&dev),
+    };
+    let se = |e: xensnap_blkif::xenbus::XenbusError| ServeError::Backend(be.clone(), e.to_string());
+    let mut xb = XenbusBackend::new(Arc::clone(&store), &be, opts.features.clone()).map_err(se)?;
+    xb.start(&conn.disk_info()).map_err(se)?;
+    *lock(&dev.state) = xb.state();
+    on_ready(&dev);
+
+    let mut closed_since: Option<Instant> = None;
+    let outcome = loop {
+        if stop.load(Ordering::Relaxed) {
+            break Outcome::Stopped;
+        }
+        match xb.step(&mut conn, Some(opts.tick)) {
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!("xenbus step: {e}");
+                std::thread::sleep(opts.tick);
+            }
+        }
+        let st = xb.state();
+        *lock(&dev.state) = st;
+        // Removal: libxl deletes the whole backend directory after the hook's "remove".
+        match store.read(&format!("{be}/state")) {
+            Ok(None) => break Outcome::Removed,
+            Ok(Some(_)) => {}
+            Err(e) => tracing::warn!("reading our state: {e}"),
+        }
+        let online = store.read(&format!("{be}/online")).ok().flatten();
+        if st == XenbusState::Closed && online.as_deref() == Some("0") {
+            let t = *closed_since.get_or_insert_with(Instant::now);
+            if t.elapsed() >= opts.closed_grace {
+                break Outcome::ClosedOffline;
+            }
+        } else {
+            closed_since = None;
+        }
+    };
+    conn.disconnect();
+    let _ = xb.unwatch();
+    if let Err(e) = dev.image.device.flush() {
+        tracing::warn!("final flush: {e}");
+    }
+    drop(servers);
+    tracing::info!(backend = %be, ?outcome, stats = ?dev.stats(), "device done");
+    Ok(outcome)
+}
+
+/// After a setup failure: answer the toolstack's Closing with Closed and wait until the
+/// backend directory is gone (or stop / grace).
+fn wait_removed(store: &dyn XenStore, be: &str, opts: &ServeOptions, stop: &AtomicBool) {
+    let t0 = Instant::now();
+    while !stop.load(Ordering::Relaxed) && t0.elapsed() < opts.closed_grace {
+        match store.read(&format!("{be}/state")) {
+            Ok(None) => return,
+            Ok(Some(s)) if s.trim() == "5" => {
+                let _ = store.write(&format!("{be}/state"), "6");
+            }
+            _ => {}
+        }
+        let _ = store.read_watch(Some(opts.tick));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use xensnap_blkif::xenbus::MemXenStore;
+
+    #[test]
+    fn backend_paths() {
+        assert_eq!(parse_backend_path("/local/domain/0/backend/vbd/3/51712"), Some((3, 51712)));
+        assert_eq!(parse_backend_path("/local/domain/0/backend/vbd/3/51712/"), Some((3, 51712)));
+        assert_eq!(parse_backend_path("/local/domain/0/backend/vbd/x/51712"), None);
+        assert_eq!(parse_backend_path("51712"), None);
+    }
+
+    #[test]
+    fn backend_nodes() {
+        let xs = MemXenStore::new();
+        let be = "/local/domain/0/backend/vbd/3/51712";
+        let w = |k: &str, v: &str| xs.write(&format!("{be}/{k}"), v).unwrap();
+        assert!(read_backend(&*xs, be).is_err());
+        w("frontend-id", "3");
+        assert!(read_backend(&*xs, be).unwrap_err().to_string().contains("params"));
+        w("params", "/img/g.qcow2");
+        w("dev", "xvda");
+        let n = read_backend(&*xs, be).unwrap();
+        assert_eq!((n.frontend_id, n.devid, n.read_only), (3, 51712, false));
+        assert_eq!(n.vdev.as_deref(), Some("xvda"));
+        w("mode", "r");
+        assert!(read_backend(&*xs, be).unwrap().read_only);
+        w("frontend-id", "4");
+        assert!(read_backend(&*xs, be).unwrap_err().to_string().contains("does not match"));
+    }
+}
