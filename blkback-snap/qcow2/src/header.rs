@@ -430,11 +430,11 @@ pub(crate) fn build_header(h: &Header) -> Vec<u8> {
         put_be32(&mut b, off + 4, ft_len as u32);
         off += 8;
         for (ty, bit, name) in features {
-            if let Some(s) = b.get_mut(off..off + 48) {
-                s[0] = ty;
-                s[1] = bit;
+            if let Some([t, bt, rest @ ..]) = b.get_mut(off..off + 48) {
+                *t = ty;
+                *bt = bit;
                 let n = name.as_bytes();
-                if let Some(d) = s.get_mut(2..2 + n.len()) {
+                if let Some(d) = rest.get_mut(..n.len()) {
                     d.copy_from_slice(n);
                 }
             }

@@ -947,7 +947,24 @@ impl Qcow2 {
         let cs = self.cs;
         let mut out: Vec<MapEntry> = Vec::new();
         let nclusters = size.div_ceil(cs);
-        for gc in 0..nclusters {
+        let l2e = self.h.l2_entries();
+        let mut gc = 0u64;
+        let l1_len = self.l1_len(tree)? as u64;
+        while gc < nclusters {
+            if gc / l2e >= l1_len {
+                // past the L1 table: unallocated to the end
+                push_run(&mut out, MapEntry { guest_offset: gc * cs, length: size - gc * cs, host_offset: None, kind: "unallocated", refcount: 0, shared: false });
+                break;
+            }
+            // whole L2 ranges without a table are one unallocated run
+            let e = self.l1_entry(tree, gc / l2e)?;
+            if e & OFFSET_MASK == 0 && e & crate::l2::L1_RESERVED == 0 {
+                let end = ((gc / l2e + 1) * l2e).min(nclusters);
+                let length = (end * cs).min(size) - gc * cs;
+                push_run(&mut out, MapEntry { guest_offset: gc * cs, length, host_offset: None, kind: "unallocated", refcount: 0, shared: false });
+                gc = end;
+                continue;
+            }
             let (_, c, _) = self.lookup(tree, gc)?;
             let (host, kind, rc_idx) = match c {
                 Cluster::Unallocated => (None, "unallocated", None),
@@ -961,21 +978,8 @@ impl Qcow2 {
                 None => 0,
             };
             let length = cs.min(size - gc * cs);
-            let ent = MapEntry { guest_offset: gc * cs, length, host_offset: host, kind, refcount, shared: refcount > 1 };
-            if let Some(last) = out.last_mut() {
-                let contiguous_host = match (last.host_offset, ent.host_offset) {
-                    (None, None) => true,
-                    (Some(a), Some(b)) => kind != "compressed" && a + last.length == b,
-                    _ => false,
-                };
-                if last.kind == ent.kind && last.refcount == ent.refcount && contiguous_host
-                    && last.guest_offset + last.length == ent.guest_offset
-                {
-                    last.length += ent.length;
-                    continue;
-                }
-            }
-            out.push(ent);
+            push_run(&mut out, MapEntry { guest_offset: gc * cs, length, host_offset: host, kind, refcount, shared: refcount > 1 });
+            gc += 1;
         }
         Ok(out)
     }
@@ -1018,4 +1022,24 @@ fn check_fixed_overlaps(h: &Header, snaps: &[Snapshot], st_bytes: u64) -> Result
         }
     }
     Ok(())
+}
+
+/// Append a map entry, merging it into the previous run when contiguous and alike.
+fn push_run(out: &mut Vec<MapEntry>, ent: MapEntry) {
+    if let Some(last) = out.last_mut() {
+        let contiguous_host = match (last.host_offset, ent.host_offset) {
+            (None, None) => true,
+            (Some(a), Some(b)) => ent.kind != "compressed" && a.checked_add(last.length) == Some(b),
+            _ => false,
+        };
+        if last.kind == ent.kind
+            && last.refcount == ent.refcount
+            && contiguous_host
+            && last.guest_offset + last.length == ent.guest_offset
+        {
+            last.length += ent.length;
+            return;
+        }
+    }
+    out.push(ent);
 }

@@ -5,6 +5,23 @@
 //! are durable before the pointer that uses them; pointer removals are durable before the
 //! refcount decrease that frees; the header is the commit point of table switches. A crash
 //! can therefore only leak clusters, which [`Qcow2::repair`] reclaims.
+//!
+//! Semantics the callers rely on:
+//! * `write`/`write_zeroes`/`discard` return when the data is in the image file (page cache)
+//!   and the metadata in memory; nothing is durable until [`Qcow2::flush`] returns. A crash
+//!   before a flush loses some or all unflushed writes (never flushed ones), and may leak.
+//! * `flush` writes back metadata in dependency order (refblocks, barrier, L2 tables,
+//!   barrier, L1, barrier, then deferred refcount decreases), so it costs up to four
+//!   fdatasyncs when metadata changed and one otherwise.
+//! * `checkpoint_create`/`revert`/`delete` flush first and return only when durable.
+//! * [`Qcow2`] is not internally synchronised: use one owner, or [`SharedImage`]
+//!   (`Arc<Mutex<Qcow2>>`) which serialises every request.
+//! * A data cluster is written in place iff its refcount is 1 (the refcount, not the COPIED
+//!   flag, is authoritative); COPIED flags are still maintained exactly for qemu-img.
+//! * Refused at open: unknown incompatible bits, external data files, encryption, backing
+//!   files. Opened read-only (writes give `Error::ReadOnly`): images with the corrupt bit
+//!   (until `repair`), qcow2 v2, extended L2. Bitmaps are not maintained: opening read-write
+//!   clears the autoclear bits, as QEMU does for features it does not know.
 
 mod blockdev;
 mod check;

@@ -103,6 +103,9 @@ pub(crate) fn read_table(io: &dyn ImageIo, h: &Header, flen: u64) -> Result<(Vec
             check_table(cs, flen, &format!("snapshot {i} L1 table"), l1_offset, u64::from(l1_size) * 8)?;
         }
         let disk_size = if extra.len() >= 16 { Some(get_be64(extra, 8)) } else { None };
+        if disk_size.is_some_and(|d| d > (1u64 << 62)) {
+            return Err(corrupt_entry(i, pos, &format!("disk size {} is absurd", disk_size.unwrap_or(0))));
+        }
         out.push(Snapshot {
             l1_offset,
             l1_size,
