@@ -3,11 +3,14 @@
 //! For each allocated size (default 1 and 16 GiB) it fills an image (64 KiB clusters), then
 //! times checkpoint create / revert / delete three ways — the engine in-process, the
 //! `xl-snap` command (process start included) and `qemu-img snapshot -c/-a/-d` — and
-//! measures 4 KiB read/write IOPS before and right after a checkpoint, in the same strided
-//! pattern `qemu-img bench` uses (one request per cluster, so every write after the
-//! checkpoint is a first touch and takes the copy-on-write path) and with random offsets
-//! (anchor: the same requests as a `qemu-io` script). Last, the space cost: file growth per
-//! byte written by 4 KiB random writes after a checkpoint, on two fresh copies.
+//! measures 4 KiB read/write IOPS before and right after a checkpoint with `qemu-img bench`'s
+//! access patterns: strided (one request per cluster, so every write after the checkpoint is
+//! a first touch and takes the copy-on-write path) and scattered (a large odd step modulo the
+//! disk size, which `qemu-img bench` wraps, visiting 4 KiB blocks all over the disk in a
+//! non-sequential order). Three columns: the engine in-process, `qemu-img bench` against
+//! `xl-snap image serve` (the same client as the anchor, our engine behind NBD), and
+//! `qemu-img bench` on the file (QEMU's engine). Last, the space cost: file growth per byte
+//! written by 4 KiB random writes after a checkpoint, on two fresh copies.
 //!
 //! Usage: bench-image [--sizes 1,16] [--dir DIR] [--xl-snap PATH] [--reps 3]
 
@@ -21,6 +24,8 @@ use xensnap_qcow2::{CreateOptions, OpenOptions, Qcow2};
 const GIB: u64 = 1 << 30;
 const CLUSTER: u64 = 64 << 10;
 const IO: usize = 4096;
+/// 4 KiB × an odd number: modulo a power-of-two disk size it visits every 4 KiB block once.
+const SCATTER_STEP: u64 = 4096 * 40503;
 
 #[derive(Parser)]
 struct Args {
@@ -126,7 +131,7 @@ fn qemu_check_clean(path: &Path) -> R<()> {
 
 fn bench_size(a: &Args, gib: u64) -> R<()> {
     let alloc = gib * GIB;
-    let virt = (2 * alloc).max(4 * GIB);
+    let virt = alloc; // fully allocated, so scattered requests (which wrap) all hit data
     let path = a.dir.join(format!("bench-{gib}g.qcow2"));
     let p = path.to_str().ok_or("path")?.to_owned();
     let xl = a.xl_snap.to_str().ok_or("xl-snap path")?.to_owned();
@@ -166,39 +171,49 @@ fn bench_size(a: &Args, gib: u64) -> R<()> {
         println!("{name:<28} {:>14.2} {:>16.2} {:>14.2} {:>21.2}x", ms(i), ms(pp), ms(qq), ms(qq) / ms(pp));
     }
 
-    // IOPS, strided (qemu-img bench's pattern: one 4 KiB request per cluster).
+    // IOPS: qemu-img bench's strided pattern and a scattered one (odd step, wrapping).
     let n = a.ops.min(alloc / CLUSTER);
     let strided: Vec<u64> = (0..n).map(|i| i * CLUSTER).collect();
-    let mut rng = rand::rngs::StdRng::seed_from_u64(gib);
-    let random: Vec<u64> = (0..n).map(|_| rng.gen_range(0..alloc / IO as u64) * IO as u64).collect();
-    let ours = engine_iops(&path, &strided, &random)?;
-    let theirs = qemu_iops(&p, n, &random, &a.dir)?;
-    println!("{:<40} {:>12} {:>12} {:>18}", "4 KiB IOPS (QD1)", "xensnap", "qemu", "xensnap / qemu");
+    let scattered: Vec<u64> = (0..n).map(|i| (i * SCATTER_STEP) % alloc).collect();
+    let ours = engine_iops(&path, &strided, &scattered)?;
+    let via_nbd = nbd_iops(&xl, &path, &a.dir, n)?;
+    let theirs = qemu_iops(&p, n)?;
+    println!(
+        "{:<40} {:>10} {:>14} {:>10} {:>12} {:>12}",
+        "4 KiB IOPS (QD1)", "xensnap", "xensnap/NBD", "qemu", "xensnap/qemu", "NBD/qemu"
+    );
     let labels = [
         "strided read, before checkpoint",
         "strided write, before checkpoint",
         "strided write, right after checkpoint",
         "strided read, after checkpoint",
-        "random read, before checkpoint",
-        "random write, before checkpoint",
-        "random write, right after checkpoint",
-        "random read, after checkpoint",
+        "scattered read, before checkpoint",
+        "scattered write, before checkpoint",
+        "scattered write, right after checkpoint",
+        "scattered read, after checkpoint",
     ];
     for (i, l) in labels.iter().enumerate() {
-        println!("{l:<40} {:>12.0} {:>12.0} {:>17.2}x", ours[i], theirs[i], ours[i] / theirs[i]);
+        println!(
+            "{l:<40} {:>10.0} {:>14.0} {:>10.0} {:>11.2}x {:>11.2}x",
+            ours[i],
+            via_nbd[i],
+            theirs[i],
+            ours[i] / theirs[i],
+            via_nbd[i] / theirs[i]
+        );
     }
-    println!("(strided anchor: qemu-img bench -d 1 -s 4k -S 64k; random anchor: the same requests as a qemu-io script, process start included)");
+    println!("(qemu-img bench -d 1 -s 4k, step 64k (strided) or {SCATTER_STEP} (scattered); {n} requests per row)");
     qemu_check_clean(&path)?;
     let _ = std::fs::remove_file(&path);
     Ok(())
 }
 
-/// In-process engine IOPS in the order: strided r, w, checkpoint, w, r, delete; random the same.
-fn engine_iops(path: &Path, strided: &[u64], random: &[u64]) -> R<Vec<f64>> {
+/// In-process engine IOPS in the order: strided r, w, checkpoint, w, r, delete; scattered the same.
+fn engine_iops(path: &Path, strided: &[u64], scattered: &[u64]) -> R<Vec<f64>> {
     let mut out = vec![];
     let mut img = Qcow2::open_file(path, &OpenOptions { read_only: false }).map_err(q("open"))?;
     let mut buf = vec![0x5au8; IO];
-    for offs in [strided, random] {
+    for offs in [strided, scattered] {
         let rate = |img: &mut Qcow2, buf: &mut Vec<u8>, write: bool| -> R<f64> {
             let t = Instant::now();
             for &o in offs {
@@ -221,9 +236,9 @@ fn engine_iops(path: &Path, strided: &[u64], random: &[u64]) -> R<Vec<f64>> {
     Ok(out)
 }
 
-fn bench_run(p: &str, n: u64, write: bool) -> R<f64> {
+fn bench_run(p: &str, fmt: &str, n: u64, step: &str, write: bool) -> R<f64> {
     let n_s = n.to_string();
-    let mut args = vec!["bench", "-f", "qcow2", "-c", &n_s, "-d", "1", "-s", "4k", "-S", "64k"];
+    let mut args = vec!["bench", "-f", fmt, "-c", &n_s, "-d", "1", "-s", "4k", "-S", step];
     if write {
         args.push("-w");
     }
@@ -256,18 +271,51 @@ fn qemu_io_script(p: &str, offs: &[u64], write: bool, dir: &Path) -> R<f64> {
     Ok(offs.len() as f64 / d.as_secs_f64())
 }
 
-fn qemu_iops(p: &str, n: u64, random: &[u64], dir: &Path) -> R<Vec<f64>> {
-    let mut out = vec![bench_run(p, n, false)?, bench_run(p, n, true)?];
-    sh("qemu-img", &["snapshot", "-c", "iops", p])?;
-    out.push(bench_run(p, n, true)?);
-    out.push(bench_run(p, n, false)?);
-    sh("qemu-img", &["snapshot", "-d", "iops", p])?;
-    out.push(qemu_io_script(p, random, false, dir)?);
-    out.push(qemu_io_script(p, random, true, dir)?);
-    sh("qemu-img", &["snapshot", "-c", "iops", p])?;
-    out.push(qemu_io_script(p, random, true, dir)?);
-    out.push(qemu_io_script(p, random, false, dir)?);
-    sh("qemu-img", &["snapshot", "-d", "iops", p])?;
+fn qemu_iops(p: &str, n: u64) -> R<Vec<f64>> {
+    bench_sequence(p, "qcow2", n, &mut |op| {
+        sh("qemu-img", &["snapshot", if op == "create" { "-c" } else { "-d" }, "iops", p]).map(|_| ())
+    })
+}
+
+/// The same `qemu-img bench` sequence against `xl-snap image serve`; checkpoints go through
+/// the server's control socket.
+fn nbd_iops(xl: &str, path: &Path, dir: &Path, n: u64) -> R<Vec<f64>> {
+    let sock = dir.join("bench-nbd.sock");
+    let mut child = Command::new(xl)
+        .args(["image", "serve"])
+        .arg(path)
+        .arg("--socket")
+        .arg(&sock)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| format!("{xl}: {e}"))?;
+    let ctl = PathBuf::from(format!("{}.xensnap.sock", path.display()));
+    let t = Instant::now();
+    while !(sock.exists() && ctl.exists()) && t.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let uri = format!("nbd+unix:///?socket={}", sock.display());
+    let p = path.to_str().ok_or("path")?;
+    let r = bench_sequence(&uri, "raw", n, &mut |op| {
+        sh(xl, &["image", "checkpoint", op, p, "iops"]).map(|_| ())
+    });
+    let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+    let _ = child.wait();
+    r
+}
+
+/// strided r, w, checkpoint, w, r, delete; scattered the same.
+fn bench_sequence(target: &str, fmt: &str, n: u64, ck: &mut dyn FnMut(&str) -> R<()>) -> R<Vec<f64>> {
+    let scatter = SCATTER_STEP.to_string();
+    let mut out = vec![];
+    for step in ["64k", scatter.as_str()] {
+        out.push(bench_run(target, fmt, n, step, false)?);
+        out.push(bench_run(target, fmt, n, step, true)?);
+        ck("create")?;
+        out.push(bench_run(target, fmt, n, step, true)?);
+        out.push(bench_run(target, fmt, n, step, false)?);
+        ck("delete")?;
+    }
     Ok(out)
 }
 
