@@ -9,7 +9,7 @@ use xensnap_blockdev::{BlockDevice, BlockError, BlockResult};
 fn to_block(e: Error) -> BlockError {
     match e {
         Error::OutOfRange { offset, len, size } => BlockError::OutOfRange { offset, len, size },
-        Error::ReadOnly { .. } => BlockError::ReadOnly,
+        Error::ReadOnly => BlockError::ReadOnly,
         Error::Io { ref source, .. } if source.raw_os_error() == Some(28) => BlockError::NoSpace,
         other => BlockError::Io(other.to_string()),
     }

@@ -293,7 +293,8 @@ impl Qcow2 {
     /// image and switched in with one header write.
     pub fn repair(&mut self) -> Result<CheckReport> {
         if !self.io_writable {
-            return Err(Error::ReadOnly { why: ": repair needs the image opened read-write".into() });
+            warn!("repair needs the image opened read-write");
+            return Err(Error::ReadOnly);
         }
         if !self.read_only {
             self.flush()?;

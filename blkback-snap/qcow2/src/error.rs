@@ -27,9 +27,10 @@ pub enum Error {
     /// A guest request reaches past the end of the virtual disk.
     #[error("request {offset}+{len} is beyond the virtual disk size {size}")]
     OutOfRange { offset: u64, len: u64, size: u64 },
-    /// A write-type operation on an image opened read-only.
-    #[error("image is opened read-only{why}")]
-    ReadOnly { why: String },
+    /// A write-type operation on an image opened read-only (the reason, when the engine
+    /// chose read-only itself, is in [`crate::ImageInfo::read_only_reason`] and the log).
+    #[error("image is opened read-only")]
+    ReadOnly,
     /// A refcount would exceed the maximum of the image's refcount width.
     #[error("refcount overflow: {what}")]
     RefcountOverflow { what: String },

@@ -349,7 +349,10 @@ impl Qcow2 {
     }
     pub(crate) fn check_writable(&self) -> Result<()> {
         if self.read_only {
-            return Err(Error::ReadOnly { why: self.ro_reason.clone().unwrap_or_default() });
+            if let Some(r) = &self.ro_reason {
+                debug!("write refused: read-only{r}");
+            }
+            return Err(Error::ReadOnly);
         }
         Ok(())
     }
