@@ -59,6 +59,8 @@ enum Cmd {
         #[arg(long)]
         allow_kernel_blkback: bool,
     },
+    /// Check a qcow2 image that is not being served (read-only; exit 1 unless clean).
+    CheckImage { path: PathBuf },
     /// Send one JSON request to a control socket and print the reply's result.
     Ctl {
         /// Socket path, or DOMID/DEVID for <socket-dir>/blkback-DOMID-DEVID.sock.
@@ -92,6 +94,7 @@ fn main() {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(false)
         .init();
     let code = match run(Cli::parse()) {
         Ok(()) => 0,
@@ -143,6 +146,17 @@ fn run(cli: Cli) -> Result<(), String> {
             .map_err(|e| e.to_string())?;
             tracing::info!(?out, "exiting");
             Ok(())
+        }
+        Cmd::CheckImage { path } => {
+            let mut img = xensnap_qcow2::Qcow2::open_file(&path, &xensnap_qcow2::OpenOptions { read_only: true })
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+            let r = img.check().map_err(|e| format!("{}: {e}", path.display()))?;
+            println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
+            if r.is_clean() {
+                Ok(())
+            } else {
+                Err(format!("{}: not clean", path.display()))
+            }
         }
         Cmd::Ctl { target, request, socket_dir, timeout_s } => {
             let path = match target.split_once('/') {
