@@ -52,6 +52,10 @@ fn assert_clean(img: &mut Qcow2, step: usize, op: &Op) {
 }
 
 fn run(cluster_bits: u32, size: u64, ops: Vec<Op>) {
+    run_with(cluster_bits, size, ops, false)
+}
+
+fn run_with(cluster_bits: u32, size: u64, ops: Vec<Op>, qemu: bool) {
     let io = MemIo::new();
     let opts = CreateOptions { size, cluster_bits, ..Default::default() };
     let mut img = Qcow2::create(Box::new(io.clone()) as Box<dyn ImageIo>, &opts).expect("create");
@@ -131,6 +135,41 @@ fn run(cluster_bits: u32, size: u64, ops: Vec<Op>) {
         assert!(&buf == data, "final checkpoint {name} differs");
     }
     img.close().expect("close");
+    if qemu {
+        qemu_agrees(&io.bytes(), &m);
+    }
+}
+
+/// QEMU's tools read the image we wrote exactly as the model says: `qemu-img check` is clean,
+/// `qemu-img compare` finds the active disk equal to the model, `snapshot -l` lists every
+/// checkpoint and `convert -l` of each equals the model's copy.
+fn qemu_agrees(image: &[u8], m: &Model) {
+    use std::process::Command;
+    let d = tempfile::tempdir().expect("tempdir");
+    let img = d.path().join("m.qcow2");
+    std::fs::write(&img, image).expect("write image");
+    let run = |c: &mut Command| {
+        let out = c.output().expect("spawn qemu tool");
+        assert!(
+            out.status.success(),
+            "{c:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    run(Command::new("qemu-img").arg("check").arg(&img));
+    let raw = d.path().join("active.raw");
+    std::fs::write(&raw, &m.active).expect("write raw");
+    run(Command::new("qemu-img").args(["compare", "-f", "qcow2", "-F", "raw"]).arg(&img).arg(&raw));
+    let list = run(Command::new("qemu-img").args(["snapshot", "-l"]).arg(&img));
+    for (name, data) in &m.checkpoints {
+        assert!(list.split_whitespace().any(|w| w == name), "qemu-img snapshot -l lacks {name}: {list}");
+        let out = d.path().join(format!("{name}.raw"));
+        run(Command::new("qemu-img").args(["convert", "-l", &format!("snapshot.name={name}"), "-O", "raw"]).arg(&img).arg(&out));
+        let got = std::fs::read(&out).expect("read converted");
+        assert!(&got == data, "qemu-img convert -l {name} differs from the model");
+    }
 }
 
 proptest! {
@@ -144,6 +183,12 @@ proptest! {
     #[test]
     fn model_4k_clusters(ops in proptest::collection::vec(op(2048), 1..60)) {
         run(12, 1024 * 1024, ops);
+    }
+
+    #[test]
+    fn model_then_qemu_agrees(cluster_bits in prop_oneof![Just(9u32), Just(12), Just(16), Just(21)],
+                              ops in proptest::collection::vec(op(4096), 1..40)) {
+        run_with(cluster_bits, 2 * 1024 * 1024, ops, true);
     }
 
     #[test]
