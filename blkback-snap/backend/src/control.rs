@@ -60,11 +60,17 @@ pub enum Request {
     },
     /// Disk checkpoint of the live image: quiesce (unless already quiesced), flush, create,
     /// resume (unless the caller quiesced).
-    CheckpointCreate { name: String },
+    CheckpointCreate {
+        name: String,
+    },
     CheckpointList,
-    CheckpointDelete { checkpoint: String },
+    CheckpointDelete {
+        checkpoint: String,
+    },
     /// Only while quiesced or disconnected (the guest's page cache would not match).
-    CheckpointRevert { checkpoint: String },
+    CheckpointRevert {
+        checkpoint: String,
+    },
     Map {
         #[serde(default)]
         checkpoint: Option<String>,
@@ -103,7 +109,11 @@ pub fn serve_connection(h: &dyn Handler, stream: UnixStream) -> std::io::Result<
             return Ok(());
         }
         if !line.ends_with('\n') {
-            writeln!(w, "{}", json!({ "error": "request line too long or truncated" }))?;
+            writeln!(
+                w,
+                "{}",
+                json!({ "error": "request line too long or truncated" })
+            )?;
             return Ok(());
         }
         writeln!(w, "{}", reply_for_line(h, &line))?;
@@ -141,29 +151,37 @@ impl ControlServer {
         l.set_nonblocking(true)?;
         let stop = Arc::new(AtomicBool::new(false));
         let st = Arc::clone(&stop);
-        let thread = std::thread::Builder::new().name("control".into()).spawn(move || {
-            while !st.load(Ordering::Relaxed) {
-                match l.accept() {
-                    Ok((s, _)) => {
-                        let h = Arc::clone(&h);
-                        let _ = s.set_nonblocking(false);
-                        let _ = std::thread::Builder::new().name("control-conn".into()).spawn(move || {
-                            if let Err(e) = serve_connection(&*h, s) {
-                                tracing::debug!("control connection: {e}");
-                            }
-                        });
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        std::thread::sleep(Duration::from_millis(50));
-                    }
-                    Err(e) => {
-                        tracing::warn!("control accept: {e}");
-                        std::thread::sleep(Duration::from_millis(200));
+        let thread = std::thread::Builder::new()
+            .name("control".into())
+            .spawn(move || {
+                while !st.load(Ordering::Relaxed) {
+                    match l.accept() {
+                        Ok((s, _)) => {
+                            let h = Arc::clone(&h);
+                            let _ = s.set_nonblocking(false);
+                            let _ = std::thread::Builder::new()
+                                .name("control-conn".into())
+                                .spawn(move || {
+                                    if let Err(e) = serve_connection(&*h, s) {
+                                        tracing::debug!("control connection: {e}");
+                                    }
+                                });
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                            std::thread::sleep(Duration::from_millis(50));
+                        }
+                        Err(e) => {
+                            tracing::warn!("control accept: {e}");
+                            std::thread::sleep(Duration::from_millis(200));
+                        }
                     }
                 }
-            }
-        })?;
-        Ok(ControlServer { path: path.to_path_buf(), stop, thread: Some(thread) })
+            })?;
+        Ok(ControlServer {
+            path: path.to_path_buf(),
+            stop,
+            thread: Some(thread),
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -184,16 +202,24 @@ impl Drop for ControlServer {
 /// Send one request to the socket at `path` and return `Ok(result)` or `Err(message)`.
 pub fn call(path: &Path, req: &Value, timeout: Duration) -> Result<Value, String> {
     let s = UnixStream::connect(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    s.set_read_timeout(Some(timeout)).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
     let mut w = s.try_clone().map_err(|e| e.to_string())?;
     writeln!(w, "{req}").map_err(|e| format!("{}: {e}", path.display()))?;
     let mut reply = String::new();
-    BufReader::new(s).take(64 << 20).read_line(&mut reply).map_err(|e| format!("{}: {e}", path.display()))?;
+    BufReader::new(s)
+        .take(64 << 20)
+        .read_line(&mut reply)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
     let v: Value = serde_json::from_str(&reply).map_err(|e| format!("bad reply {reply:?}: {e}"))?;
     if let Some(ok) = v.get("ok") {
         Ok(ok.clone())
     } else {
-        Err(v.get("error").and_then(Value::as_str).unwrap_or("malformed reply").to_string())
+        Err(v
+            .get("error")
+            .and_then(Value::as_str)
+            .unwrap_or("malformed reply")
+            .to_string())
     }
 }
 
@@ -229,21 +255,41 @@ mod tests {
     fn request_wire_format() {
         let p = |s: &str| serde_json::from_str::<Request>(s);
         assert_eq!(p(r#"{"op":"status"}"#).unwrap(), Request::Status);
-        assert_eq!(p(r#"{"op":"quiesce"}"#).unwrap(), Request::Quiesce { timeout_ms: None });
-        assert_eq!(p(r#"{"op":"quiesce","timeout_ms":5}"#).unwrap(), Request::Quiesce { timeout_ms: Some(5) });
-        assert_eq!(p(r#"{"op":"check"}"#).unwrap(), Request::Check { repair: false });
+        assert_eq!(
+            p(r#"{"op":"quiesce"}"#).unwrap(),
+            Request::Quiesce { timeout_ms: None }
+        );
+        assert_eq!(
+            p(r#"{"op":"quiesce","timeout_ms":5}"#).unwrap(),
+            Request::Quiesce {
+                timeout_ms: Some(5)
+            }
+        );
+        assert_eq!(
+            p(r#"{"op":"check"}"#).unwrap(),
+            Request::Check { repair: false }
+        );
         // xl-snap's own request encoding is accepted as is.
-        assert_eq!(p(r#"{"op":"check","repair":true}"#).unwrap(), Request::Check { repair: true });
+        assert_eq!(
+            p(r#"{"op":"check","repair":true}"#).unwrap(),
+            Request::Check { repair: true }
+        );
         assert_eq!(
             p(r#"{"op":"checkpoint-create","name":"c1"}"#).unwrap(),
             Request::CheckpointCreate { name: "c1".into() }
         );
-        assert_eq!(p(r#"{"op":"map","checkpoint":null}"#).unwrap(), Request::Map { checkpoint: None });
+        assert_eq!(
+            p(r#"{"op":"map","checkpoint":null}"#).unwrap(),
+            Request::Map { checkpoint: None }
+        );
         assert!(p(r#"{"op":"checkpoint-create"}"#).is_err());
         assert!(p(r#"{"op":"quiesce","bogus":1}"#).is_err());
         assert!(p(r#"{"op":"rm -rf"}"#).is_err());
         assert!(p("not json").is_err());
-        assert_eq!(serde_json::to_string(&Request::CheckpointList).unwrap(), r#"{"op":"checkpoint-list"}"#);
+        assert_eq!(
+            serde_json::to_string(&Request::CheckpointList).unwrap(),
+            r#"{"op":"checkpoint-list"}"#
+        );
     }
 
     #[test]
@@ -266,7 +312,11 @@ mod tests {
         let srv = ControlServer::bind(&path, h.clone()).unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
-        let dmode = std::fs::metadata(path.parent().unwrap()).unwrap().permissions().mode() & 0o777;
+        let dmode = std::fs::metadata(path.parent().unwrap())
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
         assert_eq!(dmode, 0o700);
         // A second server on a live socket is refused.
         assert_eq!(
@@ -275,7 +325,10 @@ mod tests {
         );
         let r = call(&path, &json!({"op":"status"}), Duration::from_secs(5)).unwrap();
         assert!(r["seen"].as_str().unwrap().contains("Status"));
-        assert_eq!(call(&path, &json!({"op":"flush"}), Duration::from_secs(5)).unwrap_err(), "flush failed");
+        assert_eq!(
+            call(&path, &json!({"op":"flush"}), Duration::from_secs(5)).unwrap_err(),
+            "flush failed"
+        );
         // Several requests on one connection, then an over-long line ends it with an error.
         let s = UnixStream::connect(&path).unwrap();
         let mut w = s.try_clone().unwrap();
@@ -302,7 +355,13 @@ mod tests {
 
     #[test]
     fn paths() {
-        assert_eq!(socket_path(Path::new("/run/xensnap"), 3, 51712), PathBuf::from("/run/xensnap/blkback-3-51712.sock"));
-        assert_eq!(image_socket_path(Path::new("/v/g.qcow2")), PathBuf::from("/v/g.qcow2.xensnap.sock"));
+        assert_eq!(
+            socket_path(Path::new("/run/xensnap"), 3, 51712),
+            PathBuf::from("/run/xensnap/blkback-3-51712.sock")
+        );
+        assert_eq!(
+            image_socket_path(Path::new("/v/g.qcow2")),
+            PathBuf::from("/v/g.qcow2.xensnap.sock")
+        );
     }
 }

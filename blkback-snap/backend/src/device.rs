@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use xensnap_blkif::xenbus::{
-    ConnectParams, Connector, DiskInfo, EvtchnBinder, RingConnector, XenStore, XenbusBackend, XenbusState,
+    ConnectParams, Connector, DiskInfo, EvtchnBinder, RingConnector, XenStore, XenbusBackend,
+    XenbusState,
 };
 use xensnap_blkif::{BlkifRing, Features, GrantMemory, StatsSnapshot};
 
@@ -99,15 +100,24 @@ pub fn parse_backend_path(p: &str) -> Option<(u16, u32)> {
 
 pub fn read_backend(store: &dyn XenStore, be: &str) -> Result<BackendNodes, ServeError> {
     let bad = |m: String| ServeError::Backend(be.to_string(), m);
-    let rd = |k: &str| store.read(&format!("{be}/{k}")).map_err(|e| ServeError::Store(e.to_string()));
-    let (domid, devid) = parse_backend_path(be).ok_or_else(|| bad("path is not .../<domid>/<devid>".into()))?;
+    let rd = |k: &str| {
+        store
+            .read(&format!("{be}/{k}"))
+            .map_err(|e| ServeError::Store(e.to_string()))
+    };
+    let (domid, devid) =
+        parse_backend_path(be).ok_or_else(|| bad("path is not .../<domid>/<devid>".into()))?;
     let frontend_id = rd("frontend-id")?
         .and_then(|s| s.trim().parse::<u16>().ok())
         .ok_or_else(|| bad("frontend-id missing".into()))?;
     if frontend_id != domid {
-        return Err(bad(format!("frontend-id {frontend_id} does not match the path")));
+        return Err(bad(format!(
+            "frontend-id {frontend_id} does not match the path"
+        )));
     }
-    let params = rd("params")?.filter(|s| !s.is_empty()).ok_or_else(|| bad("params missing".into()))?;
+    let params = rd("params")?
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| bad("params missing".into()))?;
     let mode = rd("mode")?.unwrap_or_else(|| "w".into());
     Ok(BackendNodes {
         path: be.to_string(),
@@ -241,7 +251,11 @@ impl Device {
     }
 
     fn qcow2(&self) -> Result<MutexGuard<'_, xensnap_qcow2::Qcow2>, String> {
-        let q = self.image.qcow2.as_ref().ok_or("not a qcow2 image (served raw)")?;
+        let q = self
+            .image
+            .qcow2
+            .as_ref()
+            .ok_or("not a qcow2 image (served raw)")?;
         Ok(lock(q))
     }
 
@@ -250,7 +264,8 @@ impl Device {
         if self.is_held() {
             return f();
         }
-        self.quiesce(self.quiesce_timeout).inspect_err(|_| self.resume())?;
+        self.quiesce(self.quiesce_timeout)
+            .inspect_err(|_| self.resume())?;
         let r = f();
         self.resume();
         r
@@ -258,7 +273,9 @@ impl Device {
 
     fn require_quiet(&self, what: &str) -> Result<(), String> {
         if self.ring().is_some() && !self.is_held() {
-            return Err(format!("{what} needs the disk quiesced (send quiesce first) or the guest disconnected"));
+            return Err(format!(
+                "{what} needs the disk quiesced (send quiesce first) or the guest disconnected"
+            ));
         }
         Ok(())
     }
@@ -274,7 +291,9 @@ impl Handler for Device {
             Request::Status => Ok(self.status()),
             Request::Stats => Ok(stats_json(&self.stats())),
             Request::Quiesce { timeout_ms } => {
-                let t = timeout_ms.map(Duration::from_millis).unwrap_or(self.quiesce_timeout);
+                let t = timeout_ms
+                    .map(Duration::from_millis)
+                    .unwrap_or(self.quiesce_timeout);
                 let t0 = Instant::now();
                 let mut v = self.quiesce(t)?;
                 v["micros"] = json!(t0.elapsed().as_micros() as u64);
@@ -302,7 +321,8 @@ impl Handler for Device {
                     return Err("not a qcow2 image (served raw)".into());
                 }
                 let t0 = Instant::now();
-                let info = self.with_quiesced(|| self.qcow2()?.checkpoint_create(name).map_err(qe))?;
+                let info =
+                    self.with_quiesced(|| self.qcow2()?.checkpoint_create(name).map_err(qe))?;
                 let mut v = json!(info);
                 v["micros"] = json!(t0.elapsed().as_micros() as u64);
                 Ok(v)
@@ -317,7 +337,10 @@ impl Handler for Device {
                 self.qcow2()?.checkpoint_revert(checkpoint).map_err(qe)?;
                 Ok(json!({ "reverted": checkpoint }))
             }
-            Request::Map { checkpoint } => Ok(json!(self.qcow2()?.map(checkpoint.as_deref()).map_err(qe)?)),
+            Request::Map { checkpoint } => Ok(json!(self
+                .qcow2()?
+                .map(checkpoint.as_deref())
+                .map_err(qe)?)),
         }
     }
 }
@@ -430,11 +453,18 @@ pub fn serve(
         let alias = control::image_socket_path(&dev.image.path);
         match ControlServer::bind(&alias, handler) {
             Ok(s) => servers.push(s),
-            Err(e) => tracing::warn!("image control socket {}: {e} (continuing without it)", alias.display()),
+            Err(e) => tracing::warn!(
+                "image control socket {}: {e} (continuing without it)",
+                alias.display()
+            ),
         }
     }
 
-    let w = |k: &str, v: &str| store.write(&format!("{be}/{k}"), v).map_err(|e| ServeError::Store(e.to_string()));
+    let w = |k: &str, v: &str| {
+        store
+            .write(&format!("{be}/{k}"), v)
+            .map_err(|e| ServeError::Store(e.to_string()))
+    };
     w("xensnap-socket", &sock.display().to_string())?;
     w("xensnap-pid", &std::process::id().to_string())?;
     w("xensnap-format", dev.image.format.as_str())?;
@@ -442,7 +472,12 @@ pub fn serve(
     w("xensnap-status", "ready")?;
 
     let mut conn = SlotConnector {
-        inner: RingConnector::new(grants, binder, Arc::clone(&dev.image.device), opts.features.clone()),
+        inner: RingConnector::new(
+            grants,
+            binder,
+            Arc::clone(&dev.image.device),
+            opts.features.clone(),
+        ),
         dev: Arc::clone(&dev),
     };
     let se = |e: xensnap_blkif::xenbus::XenbusError| ServeError::Backend(be.clone(), e.to_string());
@@ -514,9 +549,18 @@ mod tests {
 
     #[test]
     fn backend_paths() {
-        assert_eq!(parse_backend_path("/local/domain/0/backend/vbd/3/51712"), Some((3, 51712)));
-        assert_eq!(parse_backend_path("/local/domain/0/backend/vbd/3/51712/"), Some((3, 51712)));
-        assert_eq!(parse_backend_path("/local/domain/0/backend/vbd/x/51712"), None);
+        assert_eq!(
+            parse_backend_path("/local/domain/0/backend/vbd/3/51712"),
+            Some((3, 51712))
+        );
+        assert_eq!(
+            parse_backend_path("/local/domain/0/backend/vbd/3/51712/"),
+            Some((3, 51712))
+        );
+        assert_eq!(
+            parse_backend_path("/local/domain/0/backend/vbd/x/51712"),
+            None
+        );
         assert_eq!(parse_backend_path("51712"), None);
     }
 
@@ -527,7 +571,10 @@ mod tests {
         let w = |k: &str, v: &str| xs.write(&format!("{be}/{k}"), v).unwrap();
         assert!(read_backend(&*xs, be).is_err());
         w("frontend-id", "3");
-        assert!(read_backend(&*xs, be).unwrap_err().to_string().contains("params"));
+        assert!(read_backend(&*xs, be)
+            .unwrap_err()
+            .to_string()
+            .contains("params"));
         w("params", "/img/g.qcow2");
         w("dev", "xvda");
         let n = read_backend(&*xs, be).unwrap();
@@ -536,6 +583,9 @@ mod tests {
         w("mode", "r");
         assert!(read_backend(&*xs, be).unwrap().read_only);
         w("frontend-id", "4");
-        assert!(read_backend(&*xs, be).unwrap_err().to_string().contains("does not match"));
+        assert!(read_backend(&*xs, be)
+            .unwrap_err()
+            .to_string()
+            .contains("does not match"));
     }
 }

@@ -15,7 +15,11 @@ use clap::{Parser, Subcommand};
 use xensnap_blkif::Features;
 
 #[derive(Parser)]
-#[command(name = "blkback-snap", version, about = "Userspace Xen blkif backend serving qcow2/raw images")]
+#[command(
+    name = "blkback-snap",
+    version,
+    about = "Userspace Xen blkif backend serving qcow2/raw images"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -74,6 +78,12 @@ enum Cmd {
     },
 }
 
+/// Print to stdout; a closed pipe (`| grep -q`) is not an error.
+fn print_out(s: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stdout(), "{s}");
+}
+
 const KERNEL_BLKBACK: &str = "/sys/bus/xen-backend/drivers/vbd";
 
 fn kernel_check(allow: bool) -> Result<(), String> {
@@ -108,13 +118,22 @@ fn main() {
 
 fn run(cli: Cli) -> Result<(), String> {
     match cli.cmd {
-        Cmd::Watch { script_name, log_dir, socket_dir, allow_kernel_blkback } => {
+        Cmd::Watch {
+            script_name,
+            log_dir,
+            socket_dir,
+            allow_kernel_blkback,
+        } => {
             kernel_check(allow_kernel_blkback)?;
             let mut serve_args = vec!["--socket-dir".to_string(), socket_dir.display().to_string()];
             if allow_kernel_blkback {
                 serve_args.push("--allow-kernel-blkback".into());
             }
-            watch::run(&watch::WatchOptions { script_name, log_dir, serve_args })
+            watch::run(&watch::WatchOptions {
+                script_name,
+                log_dir,
+                serve_args,
+            })
         }
         Cmd::Serve {
             backend,
@@ -128,37 +147,61 @@ fn run(cli: Cli) -> Result<(), String> {
             kernel_check(allow_kernel_blkback)?;
             let format = match format {
                 None => None,
-                Some(f) => Some(Format::parse(&f).ok_or(format!("unknown format {f} (qcow2|raw)"))?),
+                Some(f) => {
+                    Some(Format::parse(&f).ok_or(format!("unknown format {f} (qcow2|raw)"))?)
+                }
             };
             let opts = ServeOptions {
                 format,
                 socket_dir,
                 image_socket: !no_image_socket,
-                features: Features { max_indirect_segments, max_ring_page_order, ..Features::default() },
+                features: Features {
+                    max_indirect_segments,
+                    max_ring_page_order,
+                    ..Features::default()
+                },
                 ..ServeOptions::default()
             };
             let store = Arc::new(XsStore::open().map_err(|e| e.to_string())?);
             let grants = Arc::new(XenGrants::open().map_err(|e| e.to_string())?);
             let stop = AtomicBool::new(false);
-            let out = device::serve(store, grants, Arc::new(XenBinder), &backend, &opts, &stop, &mut |d| {
-                tracing::info!(status = %d.status(), "serving");
-            })
+            let out = device::serve(
+                store,
+                grants,
+                Arc::new(XenBinder),
+                &backend,
+                &opts,
+                &stop,
+                &mut |d| {
+                    tracing::info!(status = %d.status(), "serving");
+                },
+            )
             .map_err(|e| e.to_string())?;
             tracing::info!(?out, "exiting");
             Ok(())
         }
         Cmd::CheckImage { path } => {
-            let mut img = xensnap_qcow2::Qcow2::open_file(&path, &xensnap_qcow2::OpenOptions { read_only: true })
+            let mut img = xensnap_qcow2::Qcow2::open_file(
+                &path,
+                &xensnap_qcow2::OpenOptions { read_only: true },
+            )
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+            let r = img
+                .check()
                 .map_err(|e| format!("{}: {e}", path.display()))?;
-            let r = img.check().map_err(|e| format!("{}: {e}", path.display()))?;
-            println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
+            print_out(&serde_json::to_string_pretty(&r).unwrap_or_default());
             if r.is_clean() {
                 Ok(())
             } else {
                 Err(format!("{}: not clean", path.display()))
             }
         }
-        Cmd::Ctl { target, request, socket_dir, timeout_s } => {
+        Cmd::Ctl {
+            target,
+            request,
+            socket_dir,
+            timeout_s,
+        } => {
             let path = match target.split_once('/') {
                 Some((d, n)) if d.parse::<u16>().is_ok() && n.parse::<u32>().is_ok() => {
                     control::socket_path(&socket_dir, d.parse().unwrap(), n.parse().unwrap())
@@ -171,7 +214,7 @@ fn run(cli: Cli) -> Result<(), String> {
                 serde_json::json!({ "op": request })
             };
             let v = control::call(&path, &req, Duration::from_secs(timeout_s))?;
-            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            print_out(&serde_json::to_string_pretty(&v).unwrap_or_default());
             Ok(())
         }
     }
