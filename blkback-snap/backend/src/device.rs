@@ -481,7 +481,15 @@ pub fn serve(
         dev: Arc::clone(&dev),
     };
     let se = |e: xensnap_blkif::xenbus::XenbusError| ServeError::Backend(be.clone(), e.to_string());
-    let mut xb = XenbusBackend::new(Arc::clone(&store), &be, opts.features.clone()).map_err(se)?;
+    let mut xb = match XenbusBackend::new(Arc::clone(&store), &be, opts.features.clone()) {
+        Ok(x) => x,
+        Err(e) => {
+            let msg = format!("blkback-snap: {e}");
+            report_setup_error(&*store, &be, &msg);
+            wait_removed(&*store, &be, opts, stop);
+            return Err(ServeError::Backend(be.clone(), msg));
+        }
+    };
     xb.start(&conn.disk_info()).map_err(se)?;
     *lock(&dev.state) = xb.state();
     on_ready(&dev);

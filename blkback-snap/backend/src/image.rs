@@ -77,7 +77,9 @@ pub struct RawFile {
 
 impl RawFile {
     pub fn new(file: File, read_only: bool) -> std::io::Result<RawFile> {
-        let size = file.metadata()?.len() & !511;
+        // Seek, not metadata: a block device's metadata length is 0.
+        use std::io::Seek;
+        let size = (&file).seek(std::io::SeekFrom::End(0))? & !511;
         Ok(RawFile {
             file,
             size,
