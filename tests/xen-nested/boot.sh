@@ -18,7 +18,8 @@
 #   --netdev SPEC     a QEMU -netdev spec with id=n0 (e.g. dgram,...), attached as virtio-net
 #   --mac MAC         MAC address of that NIC (default 52:54:00:99:00:01)
 #   --mem MB          QEMU memory (default 3072)   --dom0-mem MB  (default 1024)
-#   --smp N           vCPUs (default 2)
+#   --smp N           vCPUs (default 1, env XTB_SMP: with 2, dom0 processes (xl, bash)
+#                     segfaulted around xl restore in about half the runs under MTTCG)
 #   --xen-args "..."  extra Xen cmdline             --dom0-args "..." extra dom0 kernel cmdline
 #   --shell           interactive dom0 shell on the serial console instead of SCRIPT (debugging)
 # Inside dom0: the share is /xtb (XTB_DIR); the script is /xtb/test/main.sh, helpers in
@@ -30,10 +31,10 @@
 # infrastructure failure, see serial.log); 2 = usage/setup error.
 # Env: XTB_CACHE (image cache, see build.sh), XTB_QEMU (default qemu-system-x86_64),
 #      XTB_ACCEL=tcg|kvm (default tcg: KVM cannot run Xen on PVM hosts), XTB_TCG_THREAD=multi|single,
-#      XTB_CPU (TCG cpu model, default max,-smap), XTB_QEMU_EXTRA (more QEMU args)
+#      XTB_CPU (TCG cpu model, default max,-smap,-svm), XTB_QEMU_EXTRA (more QEMU args)
 set -uo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
-NAME="" RUN="" TMO=900 BINS="" IP="" NETDEV="" MAC=52:54:00:99:00:01 MEM=3072 DOM0_MEM=1024 SMP=2
+NAME="" RUN="" TMO=900 BINS="" IP="" NETDEV="" MAC=52:54:00:99:00:01 MEM=3072 DOM0_MEM=1024 SMP=${XTB_SMP:-1}
 XEN_EXTRA="" DOM0_EXTRA="" SHELLMODE=0 PUTS=() ENVS=()
 usage() { sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 2; }
 while [ $# -gt 0 ]; do case $1 in
@@ -82,8 +83,11 @@ DOM0_ARGS="root=/dev/vda ro console=hvc0 earlyprintk=xen init=/usr/local/sbin/xt
 DOM0_ARGS="$DOM0_ARGS $DOM0_EXTRA"
 case ${XTB_ACCEL:-tcg} in
   kvm) ACCEL=(-accel kvm -cpu host,-arch-capabilities);;   # only with real nested VMX/SVM (untested)
-  *)   # SMAP off: bookworm's QEMU 7.2 TCG mis-emulates it for a PV dom0 (#PF at its first instruction)
-       ACCEL=(-accel "tcg,thread=${XTB_TCG_THREAD:-multi},tb-size=512" -cpu "${XTB_CPU:-max,-smap}");;
+  *)   # -smap: bookworm's QEMU 7.2 TCG mis-emulates SMAP for a PV dom0 (#PF at its first instruction).
+       # -svm: with SVM visible, dom0 processes segfaulted at tiny addresses (%fs-relative, i.e. a
+       # lost FS base) around `xl restore` in most runs; Xen on AMD+SVM loads PV segment bases with
+       # VMLOAD, which is our suspect in TCG. Without SVM: no HVM/PVH guests (they hung under TCG anyway).
+       ACCEL=(-accel "tcg,thread=${XTB_TCG_THREAD:-multi},tb-size=512" -cpu "${XTB_CPU:-max,-smap,-svm}");;
 esac
 NET=(-nic none)
 [ -n "$NETDEV" ] && NET=(-netdev "$NETDEV" -device "virtio-net-pci,netdev=n0,mac=$MAC")
@@ -103,29 +107,37 @@ printf '%q ' "${CMD[@]}" > "$RUN/qemu-cmdline"; echo >> "$RUN/qemu-cmdline"
 # ---- run it; whatever happens, QEMU is stopped when this script ends
 QPID=""
 stop_qemu() {
-  local p; p=$(cat "$RUN/qemu.pid" 2>/dev/null) || return 0
+  trap '' PIPE                        # our reader may be gone already: never die before the kill
+  local p t; t=$(cat "$RUN/timeout.pid" 2>/dev/null)
+  # before QEMU wrote its pidfile: TERM to `timeout` is passed on to QEMU
+  [ -n "$t" ] && grep -qa "xtb-$NAME" "/proc/$t/cmdline" 2>/dev/null && kill -TERM "$t" 2>/dev/null
+  rm -f "$RUN/timeout.pid"
+  p=$(cat "$RUN/qemu.pid" 2>/dev/null) || return 0
   if [ -n "$p" ] && grep -qa "xtb-$NAME" "/proc/$p/cmdline" 2>/dev/null; then
-    echo "boot.sh[$NAME]: stopping QEMU pid $p"
     kill -TERM "$p" 2>/dev/null; for _ in 1 2 3 4 5 6 7 8 9 10; do kill -0 "$p" 2>/dev/null || break; sleep 0.5; done
     kill -KILL "$p" 2>/dev/null
+    echo "boot.sh[$NAME]: stopped QEMU pid $p" 2>/dev/null
   fi
   rm -f "$RUN/qemu.pid"
 }
 trap 'stop_qemu' EXIT
-trap 'echo "boot.sh[$NAME]: interrupted"; stop_qemu; exit 130' INT TERM HUP
+trap 'stop_qemu; echo "boot.sh[$NAME]: interrupted" 2>/dev/null; exit 130' INT TERM HUP
 T0=${EPOCHREALTIME/./}
 echo "boot.sh[$NAME]: run dir $RUN, limit ${TMO}s, $("$QEMU" --version | head -1), accel ${XTB_ACCEL:-tcg}"
 if [ $SHELLMODE = 1 ]; then "${CMD[@]}"; exit $?; fi
-# `timeout` is a second safety net: it stops QEMU even if this script is SIGKILLed
-( timeout -k 10 "$TMO" "${CMD[@]}" </dev/null 2>&1; echo "XTB-HOST qemu exited rc=$?" ) | \
+# `timeout` is a second safety net: it stops QEMU even if this script is SIGKILLed. The
+# pipeline runs in the background so that a signal to this script runs its trap at once.
+( timeout -k 10 "$TMO" "${CMD[@]}" </dev/null 2>&1 & echo $! > "$RUN/timeout.pid"; wait $!
+  echo "XTB-HOST qemu exited rc=$?" ) | \
   while IFS= read -r line; do
     d=$(( ${EPOCHREALTIME/./} - T0 ))
     line="[$(printf '%4d.%02d' $((d/1000000)) $(( (d%1000000)/10000 )))] ${line//$'\r'/}"
     printf '%s\n' "$line" >> "$RUN/serial.log"
     if [ "${XTB_VERBOSE:-0}" = 1 ]; then printf '%s\n' "$line"
-    else case $line in *CHECK\ *|*TIMING\ *|*XTB-*|*INFO\ *|*Panic*|*panic*|*"Hardware Dom0 crashed"*|*segfault*) printf '[%s] %s\n' "$NAME" "$line";; esac
+    else case $line in *CHECK\ *|*TIMING\ *|*XTB-*|*INFO\ *|*ABORT:*|*Panic*|*panic*|*"Hardware Dom0 crashed"*|*segfault*) printf '[%s] %s\n' "$NAME" "$line";; esac
     fi
-  done
+  done &
+wait $!
 stop_qemu
 [ "${XTB_KEEP_OVERLAY:-0}" = 1 ] || rm -f "$RUN/dom0-overlay.qcow2"   # dom0's writes (save files...): not needed
 # ---- result

@@ -84,9 +84,20 @@ export XTB_DIR=/xtb XTB_OUT=/xtb/out
 TMO=$(arg xtb.timeout || echo 600)
 log "running /xtb/run.sh (limit ${TMO}s)"
 cd /root
-# (tee via process substitution: background processes of run.sh that keep the output open
-#  cannot stop PID 1 from finishing)
-timeout -k 10 "$TMO" bash /xtb/run.sh </dev/null > >(tee /xtb/out/dom0.log) 2>&1; rc=$?
+# Own session so the whole script can be killed; tee via process substitution, so background
+# processes of run.sh that keep the output open cannot stop PID 1 from finishing.
+setsid bash /xtb/run.sh </dev/null > >(tee /xtb/out/dom0.log) 2>&1 &
+SPID=$!
+END=$(( $(date +%s) + TMO ))
+while kill -0 $SPID 2>/dev/null && [ "$(date +%s)" -lt $END ]; do sleep 1; done
+if kill -0 $SPID 2>/dev/null; then
+  log "XTB-FAIL run.sh hit its ${TMO}s limit; processes (D = stuck in the kernel):"
+  ps -eo pid,ppid,stat,wchan:28,etime,args | grep -v ' \[' | tee /xtb/out/ps-at-timeout.txt
+  for p in $(ps -eo pid=,stat= | awk '$2 ~ /^D/{print $1}'); do echo "--- stack of $p ($(cat /proc/$p/comm)):"; cat /proc/$p/stack; done 2>/dev/null | tee -a /xtb/out/ps-at-timeout.txt
+  kill -TERM -- -$SPID 2>/dev/null; sleep 5; kill -KILL -- -$SPID 2>/dev/null; sleep 1
+  rc=124
+else
+  wait $SPID; rc=$?
+fi
 sleep 1
-[ "$rc" = 124 ] && log "XTB-FAIL run.sh hit its ${TMO}s limit"
 finish "$rc"

@@ -20,7 +20,7 @@ xtb_section "link to the peer ($XTB_PEER_NAME, $PEER)"
 ip -br addr show eth0 | sed 's/^/  /'
 xl list >/dev/null; xtb_check xl-list $?
 T=$(xtb_now)
-xtb_wait 300 busybox ping -c1 -W1 "$PEER"; xtb_check peer-ping $?
+xtb_wait 300 busybox ping -c1 -W1 "$PEER"; xtb_check peer-ping $? || xtb_abort "no link to the peer"
 xtb_timing peer-reachable "$(xtb_since "$T")"
 busybox ping -c3 "$PEER" | tail -1 | sed 's/^/  /'
 xtb_wait 120 sh -c "echo hello-from-$ROLE | socat -T5 - TCP:$PEER:7000,connect-timeout=2 | grep -q hello-from-$ROLE"

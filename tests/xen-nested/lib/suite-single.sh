@@ -34,7 +34,7 @@ else
 fi
 
 xtb_section "PV guest with a file-backed disk (loop + kernel blkback)"
-xtb_guest_create $G || { xl list; xtb_finish; }
+xtb_guest_create $G || xtb_abort "guest did not start"
 xtb_wait_tick $G 2 60
 grep -a 'GUEST-' "$CON" | grep -v TICK | sed 's/^/  /'
 grep -aq 'GUEST-DISK-CHECK ok' "$CON"; xtb_check guest-disk-write-read $? "$(grep -ao 'GUEST-DISK-CHECK.*' "$CON" | head -1)"
@@ -43,20 +43,20 @@ xenstore-ls /local/domain/0/backend 2>/dev/null | grep -E '^ *vbd' | head -1 | g
 
 xtb_section "xl save / xl restore"
 B=$(xtb_last_tick $G); echo "  tick before save: $B"
-xtb_step xl-save 120 xl save $G /var/lib/xen/save/$G.save
+xtb_step xl-save 120 xl save $G /var/lib/xen/save/$G.save || xtb_abort "xl save failed"
 ls -la /var/lib/xen/save/$G.save | sed 's/^/  /'
 ! xl list $G >/dev/null 2>&1; xtb_check domain-gone-after-save $?
 T=$(xtb_now)
-xtb_step xl-restore 120 xl restore /var/lib/xen/save/$G.save
+xtb_step xl-restore 120 xl restore /var/lib/xen/save/$G.save || xtb_abort "xl restore failed"
 xtb_wait_tick $G "$B" 60; rc=$?
 xtb_timing restore-to-next-tick "$(xtb_since "$T")"
 A=$(xtb_last_tick $G); echo "  tick after restore: $A"
-xtb_check guest-resumed-after-restore $rc "tick $B -> $A"
+xtb_check guest-resumed-after-restore $rc "tick $B -> $A" || xtb_abort "guest not running after restore"
 rm -f /var/lib/xen/save/$G.save
 
 xtb_section "xl save -c (checkpoint; the domain keeps running) and restore of the checkpoint"
 xtb_wait_tick $G "$A" 30
-xtb_step xl-save-checkpoint 120 xl save -c $G /var/lib/xen/save/$G.ckpt
+xtb_step xl-save-checkpoint 120 xl save -c $G /var/lib/xen/save/$G.ckpt || xtb_abort "xl save -c failed"
 CK=$(xtb_last_tick $G); echo "  tick at checkpoint: ~$CK"
 xl list $G >/dev/null 2>&1; xtb_check domain-running-after-save-c $?
 xtb_wait_tick $G $((CK + 2)) 60; xtb_check guest-ticking-after-save-c $?
@@ -64,7 +64,7 @@ LATE=$(xtb_last_tick $G); echo "  tick before destroy: $LATE"
 xtb_step xl-destroy 60 xl destroy $G
 L0=$(xtb_tick_count $G)
 T=$(xtb_now)
-xtb_step xl-restore-checkpoint 120 xl restore /var/lib/xen/save/$G.ckpt
+xtb_step xl-restore-checkpoint 120 xl restore /var/lib/xen/save/$G.ckpt || xtb_abort "restore of the checkpoint failed"
 xtb_wait 60 eval '[ "$(xtb_tick_count '$G')" -gt '"$L0"' ]'
 xtb_timing restore-checkpoint-to-next-tick "$(xtb_since "$T")"
 NEXT=$(xtb_tick_at $G $((L0 + 1)))

@@ -22,18 +22,42 @@ xtb_check() {
   else echo "CHECK FAIL $n (rc=$rc)${*:+ ($*)}"; XTB_FAILS=$((XTB_FAILS+1)); echo "FAIL $n" >> "$XTB_OUT/checks.txt"; fi
   return "$rc"
 }
+# xtb_limit LIMIT CMD...: run CMD (in the background) for at most LIMIT seconds; rc 124 when
+# it had to be stopped. Unlike timeout(1) it does not wait for a process stuck in the kernel
+# (D state) to die: it reports it (ps, kernel stack) and moves on.
+xtb_limit() {
+  local lim=$1 pid end; shift
+  "$@" & pid=$!
+  end=$(( $(date +%s) + lim ))
+  while kill -0 $pid 2>/dev/null; do
+    if [ "$(date +%s)" -ge $end ]; then
+      echo "  TIME LIMIT ${lim}s hit: $*"; ps -o pid,stat,wchan:28,etime,args --ppid $pid -p $pid
+      grep -q '^State:.*D' /proc/$pid/status 2>/dev/null && { echo "  stuck in the kernel:"; cat /proc/$pid/stack; }
+      kill -TERM $pid 2>/dev/null; sleep 3; kill -KILL $pid 2>/dev/null; sleep 1
+      kill -0 $pid 2>/dev/null && echo "  (still there after SIGKILL: left behind)"
+      return 124
+    fi
+    sleep 0.2
+  done
+  wait $pid
+}
 # xtb_step NAME LIMIT CMD...: run CMD with a time limit, print its TIMING and CHECK
 xtb_step() {
   local n=$1 lim=$2 t rc; shift 2
-  t=$(xtb_now); timeout -k 5 "$lim" "$@"; rc=$?
+  t=$(xtb_now); xtb_limit "$lim" "$@"; rc=$?
   xtb_timing "$n" "$(xtb_since "$t")"
-  [ $rc = 124 ] && echo "  ($n: time limit ${lim}s hit)"
   xtb_check "$n" $rc
 }
 # xtb_wait LIMIT CMD...: retry CMD every 0.2 s until it succeeds (0) or LIMIT seconds pass (1)
 xtb_wait() {
   local lim=$1 end; shift; end=$(( $(date +%s) + lim ))
   until "$@" >/dev/null 2>&1; do [ "$(date +%s)" -ge $end ] && return 1; sleep 0.2; done
+}
+# xtb_abort WHY: stop the script here (later steps depend on this one): summary + exit
+xtb_abort() {
+  echo "ABORT: $* - skipping the rest of this script"
+  xl list 2>/dev/null; local c; for c in /var/log/xen/console/guest-*.log; do [ -f "$c" ] && { echo "--- $c:"; tail -5 "$c"; }; done
+  xtb_finish
 }
 xtb_finish() {
   xtb_section "summary: $XTB_PASSES checks passed, $XTB_FAILS failed"
