@@ -10,7 +10,9 @@ XTB_OUT=${XTB_OUT:-/xtb/out}; mkdir -p "$XTB_OUT"
 XTB_FAILS=0 XTB_PASSES=0
 XTB_GUESTDIR=/var/lib/xtb; mkdir -p "$XTB_GUESTDIR" /var/lib/xen/save
 
-xtb_now()     { date +%s.%N; }
+# time = dom0 uptime (monotonic); dom0's wall clock can jump by minutes under TCG
+xtb_now()     { cut -d' ' -f1 /proc/uptime; }
+xtb_upsec()   { cut -d. -f1 /proc/uptime; }
 xtb_since()   { awk -v a="$1" -v b="$(xtb_now)" 'BEGIN{printf "%.1f", b-a}'; }
 xtb_info()    { echo "INFO $*"; }
 xtb_timing()  { echo "TIMING $1 $2"; echo "$1 $2" >> "$XTB_OUT/timings.txt"; }
@@ -28,9 +30,9 @@ xtb_check() {
 xtb_limit() {
   local lim=$1 pid end; shift
   "$@" & pid=$!
-  end=$(( $(date +%s) + lim ))
+  end=$(( $(xtb_upsec) + lim ))
   while kill -0 $pid 2>/dev/null; do
-    if [ "$(date +%s)" -ge $end ]; then
+    if [ "$(xtb_upsec)" -ge $end ]; then
       echo "  TIME LIMIT ${lim}s hit: $*"; ps -o pid,stat,wchan:28,etime,args --ppid $pid -p $pid
       grep -q '^State:.*D' /proc/$pid/status 2>/dev/null && { echo "  stuck in the kernel:"; cat /proc/$pid/stack; }
       kill -TERM $pid 2>/dev/null; sleep 3; kill -KILL $pid 2>/dev/null; sleep 1
@@ -50,8 +52,8 @@ xtb_step() {
 }
 # xtb_wait LIMIT CMD...: retry CMD every 0.2 s until it succeeds (0) or LIMIT seconds pass (1)
 xtb_wait() {
-  local lim=$1 end; shift; end=$(( $(date +%s) + lim ))
-  until "$@" >/dev/null 2>&1; do [ "$(date +%s)" -ge $end ] && return 1; sleep 0.2; done
+  local lim=$1 end; shift; end=$(( $(xtb_upsec) + lim ))
+  until "$@" >/dev/null 2>&1; do [ "$(xtb_upsec)" -ge $end ] && return 1; sleep 0.2; done
 }
 # xtb_abort WHY: stop the script here (later steps depend on this one): summary + exit
 xtb_abort() {
