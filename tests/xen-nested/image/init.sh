@@ -88,10 +88,11 @@ cd /root
 # processes of run.sh that keep the output open cannot stop PID 1 from finishing.
 setsid bash /xtb/run.sh </dev/null > >(tee /xtb/out/dom0.log) 2>&1 &
 SPID=$!
-# (uptime, not date: dom0's wall clock jumps, e.g. by minutes when a guest is created)
-upsec() { cut -d. -f1 /proc/uptime; }
-END=$(( $(upsec) + TMO ))
-while kill -0 $SPID 2>/dev/null && [ "$(upsec)" -lt $END ]; do sleep 1; done
+# Builtins only (read, kill): under TCG, processes forked while xl creates/restores a domain
+# sometimes crash (segfault/GP in libc), and a crashed `$(...)` here must not end the wait.
+upsec() { local u; read -r u _ < /proc/uptime; UP=${u%.*}; }
+upsec; END=$(( UP + TMO ))
+while kill -0 $SPID 2>/dev/null; do upsec; [ "$UP" -ge "$END" ] && break; sleep 1; done
 if kill -0 $SPID 2>/dev/null; then
   log "XTB-FAIL run.sh hit its ${TMO}s limit; processes (D = stuck in the kernel):"
   ps -eo pid,ppid,stat,wchan:28,etime,args | grep -v ' \[' | tee /xtb/out/ps-at-timeout.txt

@@ -11,8 +11,9 @@ XTB_FAILS=0 XTB_PASSES=0
 XTB_GUESTDIR=/var/lib/xtb; mkdir -p "$XTB_GUESTDIR" /var/lib/xen/save
 
 # time = dom0 uptime (monotonic); dom0's wall clock can jump by minutes under TCG
-xtb_now()     { cut -d' ' -f1 /proc/uptime; }
-xtb_upsec()   { cut -d. -f1 /proc/uptime; }
+# (builtins only: forked helpers occasionally crash under TCG while xl creates/restores a domain)
+xtb_now()     { local u; read -r u _ < /proc/uptime; echo "$u"; }
+xtb_upsec()   { local u; read -r u _ < /proc/uptime; echo "${u%.*}"; }
 xtb_since()   { awk -v a="$1" -v b="$(xtb_now)" 'BEGIN{printf "%.1f", b-a}'; }
 xtb_info()    { echo "INFO $*"; }
 xtb_timing()  { echo "TIMING $1 $2"; echo "$1 $2" >> "$XTB_OUT/timings.txt"; }
@@ -28,11 +29,12 @@ xtb_check() {
 # it had to be stopped. Unlike timeout(1) it does not wait for a process stuck in the kernel
 # (D state) to die: it reports it (ps, kernel stack) and moves on.
 xtb_limit() {
-  local lim=$1 pid end; shift
+  local lim=$1 pid end u; shift
   "$@" & pid=$!
-  end=$(( $(xtb_upsec) + lim ))
+  read -r u _ < /proc/uptime; end=$(( ${u%.*} + lim ))
   while kill -0 $pid 2>/dev/null; do
-    if [ "$(xtb_upsec)" -ge $end ]; then
+    read -r u _ < /proc/uptime
+    if [ "${u%.*}" -ge $end ]; then
       echo "  TIME LIMIT ${lim}s hit: $*"; ps -o pid,stat,wchan:28,etime,args --ppid $pid -p $pid
       grep -q '^State:.*D' /proc/$pid/status 2>/dev/null && { echo "  stuck in the kernel:"; cat /proc/$pid/stack; }
       kill -TERM $pid 2>/dev/null; sleep 3; kill -KILL $pid 2>/dev/null; sleep 1
@@ -52,8 +54,8 @@ xtb_step() {
 }
 # xtb_wait LIMIT CMD...: retry CMD every 0.2 s until it succeeds (0) or LIMIT seconds pass (1)
 xtb_wait() {
-  local lim=$1 end; shift; end=$(( $(xtb_upsec) + lim ))
-  until "$@" >/dev/null 2>&1; do [ "$(xtb_upsec)" -ge $end ] && return 1; sleep 0.2; done
+  local lim=$1 end u; shift; read -r u _ < /proc/uptime; end=$(( ${u%.*} + lim ))
+  until "$@" >/dev/null 2>&1; do read -r u _ < /proc/uptime; [ "${u%.*}" -ge $end ] && return 1; sleep 0.2; done
 }
 # xtb_abort WHY: stop the script here (later steps depend on this one): summary + exit
 xtb_abort() {
