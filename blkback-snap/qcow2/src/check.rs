@@ -299,6 +299,8 @@ impl Qcow2 {
         if !self.read_only {
             self.flush()?;
         }
+        // pending checkpoint work holds references the published trees do not show
+        self.wait_durable()?;
         let mut rep = CheckReport::default();
         let ctr = self.count_refs(&mut rep, true)?;
         self.compare(&ctr, &mut rep);

@@ -74,6 +74,9 @@ pub(crate) enum Tree {
     Active,
     /// A snapshot's L1, keyed by its L1 offset.
     Snap(u64),
+    /// An L1 table held in memory only (a taken checkpoint that is not durable yet, or the
+    /// old active tree of a revert whose references are being dropped), keyed by an id.
+    Mem(u64),
 }
 
 /// An open qcow2 image.
@@ -102,6 +105,21 @@ pub struct Qcow2 {
     pub(crate) cache_limit: usize,
     pub(crate) decomp: Option<(u64, Vec<u8>)>,
     pub(crate) dirty_set_by_us: bool,
+    /// Background durability work, processed in order (see `durable.rs`).
+    pub(crate) jobs: std::collections::VecDeque<crate::durable::Job>,
+    /// In-memory L1 tables of [`Tree::Mem`] trees.
+    pub(crate) mem_l1: HashMap<u64, Vec<u64>>,
+    pub(crate) next_mem: u64,
+    /// Clusters allocated since the last checkpoint take / revert switch (only tracked while
+    /// jobs are queued): they are not shared with the tree the active one was copied from.
+    pub(crate) fresh: std::collections::HashSet<u64>,
+    /// A revert switch is not committed yet: the active L1 has no home on disk, so it is not
+    /// written back (flush completes the switch first).
+    pub(crate) l1_unpublished: bool,
+    /// A write dropped a reference whose count was handed over to a pending checkpoint: a
+    /// crash before that checkpoint is durable leaks clusters, so the dirty bit is set
+    /// before the next write-back (and cleared when all work is durable).
+    pub(crate) leak_window: bool,
 }
 
 fn ioe(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
@@ -286,6 +304,12 @@ impl Qcow2 {
             cache_limit: ((256u64 << 20) / cs).max(64) as usize,
             decomp: None,
             dirty_set_by_us: false,
+            jobs: std::collections::VecDeque::new(),
+            mem_l1: HashMap::new(),
+            next_mem: 1,
+            fresh: std::collections::HashSet::new(),
+            l1_unpublished: false,
+            leak_window: false,
             h,
         };
         if !img.read_only {
@@ -412,6 +436,7 @@ impl Qcow2 {
                 self.load_snap_l1(o)?;
                 Ok(self.snap_l1.get(&o).map_or(0, |t| t.len()))
             }
+            Tree::Mem(m) => Ok(self.mem_l1.get(&m).map_or(0, |t| t.len())),
         }
     }
 
@@ -422,6 +447,7 @@ impl Qcow2 {
                 self.load_snap_l1(o)?;
                 Ok(self.snap_l1.get(&o).and_then(|t| t.get(i as usize)).copied().unwrap_or(0))
             }
+            Tree::Mem(m) => Ok(self.mem_l1.get(&m).and_then(|t| t.get(i as usize)).copied().unwrap_or(0)),
         }
     }
 
@@ -602,7 +628,7 @@ impl Qcow2 {
         let old = l1_to_l2(e, self.cs, &|| format!("active L1 entry {l1i}"))?;
         if old != 0 {
             let rc = self.refcount(old / self.cs)?;
-            if rc == 1 {
+            if rc == 1 && !self.uncounted_share(l1i, old / self.cs) {
                 if e & COPIED == 0 {
                     self.set_l1(l1i, old | COPIED);
                 }
@@ -636,7 +662,11 @@ impl Qcow2 {
         self.set_l1(l1i, new | COPIED);
         if old != 0 {
             debug!(old, new, "COW of shared L2 table");
-            self.pending_free.push((old, self.cs));
+            if self.uncounted_share(l1i, old / self.cs) {
+                self.leak_window = true; // the count now belongs to the pending checkpoint
+            } else {
+                self.pending_free.push((old, self.cs));
+            }
         }
         Ok(new)
     }
@@ -646,6 +676,22 @@ impl Qcow2 {
         let mut v = vec![0u8; self.cs as usize];
         self.read_cluster(c, u64::MAX, 0, &mut v)?;
         Ok(v)
+    }
+
+    /// The active tree at L1 index `l1i` stops pointing at `c`: give back its reference
+    /// once the pointer removal is durable, unless that reference was never counted (a
+    /// checkpoint taken but not yet durable shares it: the count is handed over to it).
+    fn drop_ref(&mut self, l1i: u64, c: Cluster) {
+        let first = match c {
+            Cluster::Normal { host, .. } => host / self.cs,
+            Cluster::Compressed { offset, .. } => offset / self.cs,
+            _ => return,
+        };
+        if self.uncounted_share(l1i, first) {
+            self.leak_window = true;
+            return;
+        }
+        self.free_cluster_of(c);
     }
 
     fn free_cluster_of(&mut self, c: Cluster) {
@@ -670,7 +716,7 @@ impl Qcow2 {
                     "data cluster at {host:#x} (L2 {l2:#x} entry {l2i}) has refcount 0"
                 )));
             }
-            if rc == 1 {
+            if rc == 1 && !self.uncounted_share(l1i, host / cs) {
                 if zero && data.len() as u64 != cs {
                     let mut full = vec![0u8; cs as usize];
                     if let Some(dst) = full.get_mut(co as usize..co as usize + data.len()) {
@@ -708,7 +754,7 @@ impl Qcow2 {
             self.decomp = None;
         }
         self.l2_set(l2, l2i, new | COPIED)?;
-        self.free_cluster_of(c);
+        self.drop_ref(l1i, c);
         Ok(())
     }
 
@@ -747,7 +793,7 @@ impl Qcow2 {
             Cluster::Zero if want_zero => return Ok(()),
             Cluster::Normal { host, .. } if !unmap => {
                 let rc = self.refcount(host / self.cs)?;
-                if rc == 1 {
+                if rc == 1 && !self.uncounted_share(l1i, host / self.cs) {
                     host | ZERO | COPIED
                 } else if want_zero {
                     ZERO
@@ -769,7 +815,7 @@ impl Qcow2 {
         let l2 = self.l2_for_write(l1i)?;
         self.l2_set(l2, l2i, new_desc)?;
         if new_desc & OFFSET_MASK == 0 {
-            self.free_cluster_of(c);
+            self.drop_ref(l1i, c);
             if matches!(c, Cluster::Compressed { .. }) {
                 self.decomp = None;
             }
@@ -859,6 +905,12 @@ impl Qcow2 {
         if self.read_only {
             return Ok(());
         }
+        if self.leak_window && self.h.incompatible & INCOMPAT_DIRTY == 0 {
+            // refcounts on disk may soon exceed the references (handed-over counts of a
+            // checkpoint that is not durable yet): have a crash repaired on open
+            self.set_incompat(self.h.incompatible | INCOMPAT_DIRTY)?;
+            self.dirty_set_by_us = true;
+        }
         let mut synced = false;
         if self.write_dirty_refblocks()? {
             self.sync("refcount blocks")?;
@@ -872,7 +924,7 @@ impl Qcow2 {
             self.sync("L2 tables")?;
             synced = true;
         }
-        if !self.l1_dirty.is_empty() {
+        if !self.l1_dirty.is_empty() && !self.l1_unpublished {
             if !synced {
                 self.sync("data before L1 table")?;
             }
@@ -899,6 +951,10 @@ impl Qcow2 {
         if self.read_only {
             return Ok(());
         }
+        if self.l1_unpublished {
+            // writes after a revert switch become durable with the switch itself
+            self.complete_switch()?;
+        }
         self.writeback()?;
         self.sync("flush")
     }
@@ -908,6 +964,7 @@ impl Qcow2 {
         if self.read_only {
             return Ok(());
         }
+        self.wait_durable()?;
         self.flush()?;
         if self.dirty_set_by_us {
             self.set_incompat(self.h.incompatible & !INCOMPAT_DIRTY)?;
@@ -943,8 +1000,8 @@ impl Qcow2 {
         let (tree, size) = match id_or_name {
             None => (Tree::Active, self.h.size),
             Some(n) => {
-                let s = self.find_snapshot(n)?;
-                (Tree::Snap(s.l1_offset), s.disk_size.unwrap_or(self.h.size))
+                let (t, s, _) = self.find_checkpoint(n)?;
+                (t, s.disk_size.unwrap_or(self.h.size))
             }
         };
         let cs = self.cs;

@@ -26,6 +26,7 @@
 mod blockdev;
 mod check;
 mod compress;
+mod durable;
 mod error;
 mod header;
 mod image;
@@ -40,7 +41,7 @@ pub use error::{Error, Result};
 pub use header::CompressionType;
 pub use image::{CreateOptions, ImageInfo, MapEntry, OpenOptions, Qcow2};
 pub use io::{FaultIo, FileIo, ImageIo, MemIo};
-pub use snapshot::SnapshotInfo;
+pub use snapshot::{CheckpointState, SnapshotInfo};
 
 /// Fuzzing entry point: open `data` read-only, check it, read every cluster of the active
 /// disk and of every checkpoint. Errors are ignored; it must never panic.

@@ -179,14 +179,44 @@ impl Qcow2 {
         Ok(nv)
     }
 
-    /// Apply sorted `(cluster index, count)` deltas with sign, after checking every one of
-    /// them first (so an overflow or underflow leaves no partial update).
-    pub(crate) fn apply_deltas(&mut self, deltas: &[(u64, u64)], increase: bool) -> Result<()> {
-        self.check_deltas(deltas, increase)?;
-        for &(idx, n) in deltas {
-            let rc = self.refcount(idx)?;
-            let v = if increase { rc + n } else { rc - n };
-            self.set_refcount(idx, v)?;
+    /// Apply deltas already validated by [`Qcow2::check_deltas`], one refblock at a time.
+    pub(crate) fn apply_deltas_unchecked(&mut self, deltas: &[(u64, u64)], increase: bool) -> Result<()> {
+        let e = self.rb_entries();
+        let order = self.h.refcount_order;
+        let mut k = 0;
+        while k < deltas.len() {
+            let rt = deltas[k].0 / e;
+            let rb = self.refblock_offset(rt)?;
+            let mut end = k;
+            while end < deltas.len() && deltas[end].0 / e == rt {
+                end += 1;
+            }
+            if rb == 0 {
+                for &(idx, n) in &deltas[k..end] {
+                    let rc = self.refcount(idx)?;
+                    self.set_refcount(idx, if increase { rc + n } else { rc.saturating_sub(n) })?;
+                }
+            } else {
+                self.load_refblock(rb)?;
+                let mut freed = None;
+                if let Some(b) = self.rb_cache.get_mut(&rb) {
+                    for &(idx, n) in &deltas[k..end] {
+                        let rc = rb_get(b, order, idx % e);
+                        let v = if increase { rc + n } else { rc.saturating_sub(n) };
+                        rb_set(b, order, idx % e, v);
+                        if v == 0 && freed.is_none() {
+                            freed = Some(idx);
+                        }
+                    }
+                }
+                self.rb_dirty.insert(rb);
+                if let Some(f) = freed {
+                    if f < self.free_cursor {
+                        self.free_cursor = f;
+                    }
+                }
+            }
+            k = end;
         }
         Ok(())
     }
@@ -281,6 +311,9 @@ impl Qcow2 {
             }
             for i in run_start..run_start + n {
                 self.set_refcount(i, 1)?;
+            }
+            if !self.jobs.is_empty() {
+                self.fresh.extend(run_start..run_start + n);
             }
             // everything before the first free cluster seen is in use
             self.free_cursor = match first_free {

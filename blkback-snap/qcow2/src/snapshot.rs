@@ -8,8 +8,6 @@ use crate::image::{Qcow2, Tree};
 use crate::io::ImageIo;
 use crate::l2::{l1_to_l2, Cluster, COPIED, OFFSET_MASK};
 use serde::Serialize;
-use std::time::{SystemTime, UNIX_EPOCH};
-use tracing::info;
 
 const MAX_EXTRA: u32 = 1024;
 const MAX_TABLE_BYTES: u64 = 64 << 20;
@@ -29,6 +27,17 @@ pub(crate) struct Snapshot {
     pub disk_size: Option<u64>,
 }
 
+/// Durability of a checkpoint.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckpointState {
+    /// The point in time is fixed and the checkpoint readable; not yet on disk (a crash
+    /// loses it).
+    Taken,
+    /// In the snapshot table on disk.
+    Durable,
+}
+
 /// Public description of a checkpoint.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct SnapshotInfo {
@@ -40,11 +49,14 @@ pub struct SnapshotInfo {
     pub vm_state_size: u64,
     pub disk_size: u64,
     pub l1_size: u32,
+    /// 0 while `taken`.
     pub l1_offset: u64,
+    /// `taken` or `durable`.
+    pub state: CheckpointState,
 }
 
 impl Snapshot {
-    fn info(&self, cur_size: u64) -> SnapshotInfo {
+    pub(crate) fn info(&self, cur_size: u64, state: CheckpointState) -> SnapshotInfo {
         let large = if self.extra.len() >= 8 { get_be64(&self.extra, 0) } else { 0 };
         SnapshotInfo {
             id: self.id.clone(),
@@ -56,6 +68,7 @@ impl Snapshot {
             disk_size: self.disk_size.unwrap_or(cur_size),
             l1_size: self.l1_size,
             l1_offset: self.l1_offset,
+            state,
         }
     }
 }
@@ -162,94 +175,17 @@ pub(crate) fn read_l1(io: &dyn ImageIo, off: u64, size: u32, cs: u64, flen: u64)
 }
 
 impl Qcow2 {
-    pub(crate) fn find_snapshot(&self, id_or_name: &str) -> Result<Snapshot> {
-        self.snapshots
-            .iter()
-            .find(|s| s.id == id_or_name)
-            .or_else(|| self.snapshots.iter().find(|s| s.name == id_or_name))
-            .cloned()
-            .ok_or_else(|| Error::not_found(format!("checkpoint '{id_or_name}' (no snapshot with that id or name)")))
-    }
-
-    /// All checkpoints, in table order.
+    /// All checkpoints: the durable ones in table order, then the taken ones in take order.
+    /// Checkpoints whose deletion has begun are not listed.
     pub fn checkpoint_list(&self) -> Vec<SnapshotInfo> {
-        self.snapshots.iter().map(|s| s.info(self.h.size)).collect()
+        self.visible().into_iter().map(|(_, s, st)| s.info(self.h.size, st)).collect()
     }
 
-    /// Every cluster reference of a tree (L2 tables and data, compressed per cluster of its
-    /// sector span), as sorted (cluster index, count). Validates every entry.
-    pub(crate) fn tree_refs(&mut self, tree: Tree) -> Result<Vec<(u64, u64)>> {
-        let cs = self.cs;
-        let n = self.l1_len(tree)?;
-        let geom = self.geom();
-        let step = if self.h.extended_l2() { 2 } else { 1 };
-        let mut v: Vec<u64> = Vec::new();
-        let mut seen = std::collections::HashSet::new();
-        for i in 0..n as u64 {
-            let e = self.l1_entry(tree, i)?;
-            let l2 = l1_to_l2(e, cs, &|| format!("{tree:?} L1 entry {i}"))?;
-            if l2 == 0 {
-                continue;
-            }
-            if !seen.insert(l2) {
-                return Err(Error::corrupt(format!(
-                    "{tree:?} L1 entry {i}: L2 table at {l2:#x} is already used by another entry of the same L1 table"
-                )));
-            }
-            v.push(l2 / cs);
-            self.load_l2(l2)?;
-            let t = self.l2_table(l2)?;
-            for (j, w) in t.iter().step_by(step).enumerate() {
-                let bm = if step == 2 { t.get(j * 2 + 1).copied().unwrap_or(0) } else { 0 };
-                match geom.classify(*w, bm, &|| format!("L2 table at {l2:#x} entry {j}"))? {
-                    Cluster::Normal { host, .. } => v.push(host / cs),
-                    Cluster::Compressed { offset, len } => {
-                        for c in offset / cs..=(offset + len.max(1) - 1) / cs {
-                            v.push(c);
-                        }
-                    }
-                    _ => {}
-                }
-            }
-        }
-        v.sort_unstable();
-        let mut out: Vec<(u64, u64)> = Vec::new();
-        for c in v {
-            match out.last_mut() {
-                Some((last, n)) if *last == c => *n += 1,
-                _ => out.push((c, 1)),
-            }
-        }
-        Ok(out)
-    }
-
-    /// Drop every unwritten metadata change (used when an operation fails before its
-    /// commit point; callers flushed before starting, so the disk state is the truth).
-    pub(crate) fn rollback(&mut self) {
-        let dirty_rb = std::mem::take(&mut self.rb_dirty);
-        for k in dirty_rb {
-            self.rb_cache.remove(&k);
-        }
-        let dirty_l2 = std::mem::take(&mut self.l2_dirty);
-        for k in dirty_l2 {
-            self.l2_cache.remove(&k);
-        }
-        self.pending_free.clear();
-        if !self.l1_dirty.is_empty() {
-            self.l1_dirty.clear();
-            let mut b = vec![0u8; self.l1.len() * 8];
-            if self.io.read_at(&mut b, self.h.l1_table_offset).is_ok() {
-                self.l1 = b.chunks_exact(8).map(|c| get_be64(c, 0)).collect();
-            }
-        }
-        self.free_cursor = 1;
-    }
-
-    fn write_bytes(&mut self, b: &[u8], off: u64, what: &str) -> Result<()> {
+    pub(crate) fn write_bytes(&mut self, b: &[u8], off: u64, what: &str) -> Result<()> {
         self.io.write_at(b, off).map_err(|e| Error::io(format!("writing {what} at {off:#x}"), e))
     }
 
-    fn l1_bytes(t: &[u64], clear_copied: bool) -> Vec<u8> {
+    pub(crate) fn l1_bytes(t: &[u64], clear_copied: bool) -> Vec<u8> {
         let mut b = vec![0u8; t.len() * 8];
         for (i, v) in t.iter().enumerate() {
             put_be64(&mut b, i * 8, if clear_copied { v & !COPIED } else { *v });
@@ -258,7 +194,7 @@ impl Qcow2 {
     }
 
     /// Allocate and write a snapshot table (not flushed). Returns (offset, bytes).
-    fn write_new_table(&mut self, snaps: &[Snapshot]) -> Result<(u64, u64)> {
+    pub(crate) fn write_new_table(&mut self, snaps: &[Snapshot]) -> Result<(u64, u64)> {
         let tb = build_table(snaps);
         if tb.is_empty() {
             return Ok((0, 0));
@@ -272,22 +208,12 @@ impl Qcow2 {
     }
 
     /// The 12-byte header commit: nb_snapshots + snapshots_offset.
-    fn commit_table(&mut self, nb: u32, off: u64) -> Result<()> {
+    pub(crate) fn commit_table(&mut self, nb: u32, off: u64) -> Result<()> {
         let mut hb = [0u8; 12];
         put_be32(&mut hb, 0, nb);
         put_be64(&mut hb, 4, off);
         self.write_bytes(&hb, header::OFF_NB_SNAPSHOTS, "header snapshot fields")?;
         self.sync("snapshot table commit")
-    }
-
-    fn free_range(&mut self, off: u64, bytes: u64) -> Result<()> {
-        if bytes == 0 {
-            return Ok(());
-        }
-        for c in off / self.cs..=(off + bytes - 1) / self.cs {
-            self.add_refcount(c, -1)?;
-        }
-        Ok(())
     }
 
     /// Set COPIED in the active L1 and its L2 tables exactly where the refcount is 1.
@@ -321,187 +247,69 @@ impl Qcow2 {
         Ok(())
     }
 
-    /// Create a checkpoint of the active disk. Returns when it is durable.
+    /// Create a checkpoint of the active disk and return when it is durable: the earlier
+    /// background work, [`Qcow2::checkpoint_take`], then [`Qcow2::wait_durable`]. If the
+    /// references cannot be added (refcount overflow, corrupt tree) nothing is kept.
     pub fn checkpoint_create(&mut self, name: &str) -> Result<SnapshotInfo> {
         self.check_writable()?;
         if name.is_empty() || name.len() > 65535 {
             return Err(Error::invalid("checkpoint name must be 1..=65535 bytes"));
         }
-        if self.snapshots.iter().any(|s| s.name == name) {
+        if self.visible().iter().any(|s| s.1.name == name) {
             return Err(Error::invalid(format!("a checkpoint named '{name}' already exists")));
         }
-        if self.snapshots.len() as u32 >= header::MAX_SNAPSHOTS {
-            return Err(Error::invalid("the image already has 65536 snapshots"));
+        self.wait_durable()?;
+        let info = self.checkpoint_take(name)?;
+        if let Err(e) = self.wait_durable() {
+            let front = match self.jobs.front() {
+                Some(crate::durable::Job::Link { pred, cursor, .. }) => Some((*pred, *cursor)),
+                _ => None,
+            };
+            let walking = match front {
+                Some((pred, cursor)) => (cursor as usize) < self.l1_len(pred).unwrap_or(0),
+                None => false,
+            };
+            if walking {
+                if let Err(e2) = self.abort_only_take() {
+                    tracing::warn!("could not undo the failed checkpoint: {e2}");
+                }
+            }
+            return Err(e);
         }
-        self.flush()?;
-        let r = self.checkpoint_create_inner(name);
-        if r.is_err() {
-            self.rollback();
-        }
-        r
+        let (_, sn, _) = self.find_checkpoint(&info.id)?;
+        Ok(sn.info(self.h.size, CheckpointState::Durable))
     }
 
-    fn checkpoint_create_inner(&mut self, name: &str) -> Result<SnapshotInfo> {
-        let cs = self.cs;
-        let refs = self.tree_refs(Tree::Active)?;
-        self.apply_deltas(&refs, true)?;
-        // copy of the active L1
-        let l1_bytes = Self::l1_bytes(&self.l1, true);
-        let l1_off = if l1_bytes.is_empty() { 0 } else { self.alloc_clusters((l1_bytes.len() as u64).div_ceil(cs))? };
-        if l1_off != 0 {
-            self.write_bytes(&l1_bytes, l1_off, "snapshot L1 table")?;
-        }
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
-        let next_id = self.snapshots.iter().filter_map(|s| s.id.parse::<u64>().ok()).max().unwrap_or(0) + 1;
-        let mut extra = vec![0u8; 24];
-        put_be64(&mut extra, 0, 0);
-        put_be64(&mut extra, 8, self.h.size);
-        put_be64(&mut extra, 16, u64::MAX);
-        let sn = Snapshot {
-            l1_offset: l1_off,
-            l1_size: self.l1.len() as u32,
-            id: next_id.to_string(),
-            name: name.to_string(),
-            date_sec: now.as_secs() as u32,
-            date_nsec: now.subsec_nanos(),
-            vm_clock_nsec: 0,
-            vm_state_size: 0,
-            extra,
-            disk_size: Some(self.h.size),
-        };
-        let mut snaps = self.snapshots.clone();
-        snaps.push(sn.clone());
-        let (t_off, t_len) = self.write_new_table(&snaps)?;
-        // 1. refcounts (+ the L1 copy and table contents) durable
-        self.write_dirty_refblocks()?;
-        self.sync("checkpoint refcounts")?;
-        // 2. COPIED flags of the active tree: everything is shared now
-        self.rebuild_copied()?;
-        self.writeback()?;
-        // 3. commit
-        let (old_off, old_len) = (self.h.snapshots_offset, self.snapshot_table_bytes);
-        self.commit_table(snaps.len() as u32, t_off)?;
-        self.h.nb_snapshots = snaps.len() as u32;
-        self.h.snapshots_offset = t_off;
-        self.snapshot_table_bytes = t_len;
-        self.snapshots = snaps;
-        // 4. the old table is unreferenced now
-        self.free_range(old_off, old_len)?;
-        self.writeback()?;
-        self.sync("checkpoint")?;
-        info!(id = %sn.id, name, clusters = refs.len(), "checkpoint created");
-        Ok(sn.info(self.h.size))
-    }
-
-    /// Make the active disk equal to a checkpoint again (the checkpoint stays).
+    /// Make the active disk equal to a checkpoint again (the checkpoint stays); returns when
+    /// durable: [`Qcow2::checkpoint_revert_switch`] then [`Qcow2::wait_durable`].
     pub fn checkpoint_revert(&mut self, id_or_name: &str) -> Result<()> {
         self.check_writable()?;
-        let sn = self.find_snapshot(id_or_name)?;
-        self.flush()?;
-        let r = self.revert_inner(&sn);
-        if r.is_err() {
-            self.rollback();
-        }
-        r
+        self.find_checkpoint(id_or_name)?;
+        self.wait_durable()?;
+        self.checkpoint_revert_switch(id_or_name)?;
+        self.wait_durable()
     }
 
-    fn revert_inner(&mut self, sn: &Snapshot) -> Result<()> {
-        let cs = self.cs;
-        let size = sn.disk_size.unwrap_or(self.h.size);
-        let need = self.h.l1_entries_for(size);
-        if need * 8 > header::MAX_L1_BYTES {
-            return Err(Error::corrupt(format!("checkpoint '{}' disk size {size} is absurd", sn.name)));
-        }
-        let tree = Tree::Snap(sn.l1_offset);
-        self.load_snap_l1(sn.l1_offset)?;
-        let mut new_l1 = self.snap_l1.get(&sn.l1_offset).cloned().unwrap_or_default();
-        if (new_l1.len() as u64) < need {
-            new_l1.resize(need as usize, 0);
-        }
-        let new_refs = self.tree_refs(tree)?;
-        let old_refs = self.tree_refs(Tree::Active)?;
-        self.apply_deltas(&new_refs, true)?;
-        let bytes = Self::l1_bytes(&new_l1, true);
-        let new_off = if bytes.is_empty() { 0 } else { self.alloc_clusters((bytes.len() as u64).div_ceil(cs))? };
-        if new_off != 0 {
-            self.write_bytes(&bytes, new_off, "new active L1 table")?;
-        }
-        self.write_dirty_refblocks()?;
-        self.sync("revert: new tree references")?;
-        // commit: size, crypt_method, l1_size, l1_table_offset (bytes 24..48)
-        let mut hb = [0u8; 24];
-        put_be64(&mut hb, 0, size);
-        put_be32(&mut hb, 8, 0);
-        put_be32(&mut hb, 12, new_l1.len() as u32);
-        put_be64(&mut hb, 16, new_off);
-        self.write_bytes(&hb, header::OFF_SIZE, "header L1 fields")?;
-        self.sync("revert commit")?;
-        let old_l1_off = self.h.l1_table_offset;
-        let old_l1_bytes = self.l1.len() as u64 * 8;
-        self.h.size = size;
-        self.h.l1_size = new_l1.len() as u32;
-        self.h.l1_table_offset = new_off;
-        self.l1 = new_l1.iter().map(|v| v & !COPIED).collect();
-        self.l1_dirty.clear();
-        // the old active tree is unreferenced now
-        self.apply_deltas(&old_refs, false)?;
-        self.free_range(old_l1_off, old_l1_bytes)?;
-        self.decomp = None;
-        self.rebuild_copied()?;
-        self.writeback()?;
-        self.sync("revert")?;
-        info!(id = %sn.id, name = %sn.name, "reverted to checkpoint");
-        Ok(())
-    }
-
-    /// Delete a checkpoint, freeing what only it referenced.
+    /// Delete a checkpoint, freeing what only it referenced; returns when durable.
     pub fn checkpoint_delete(&mut self, id_or_name: &str) -> Result<()> {
         self.check_writable()?;
-        let sn = self.find_snapshot(id_or_name)?;
-        self.flush()?;
-        let r = self.delete_inner(&sn);
-        if r.is_err() {
-            self.rollback();
-        }
-        r
-    }
-
-    fn delete_inner(&mut self, sn: &Snapshot) -> Result<()> {
-        let refs = self.tree_refs(Tree::Snap(sn.l1_offset))?;
-        self.check_deltas(&refs, false)?;
-        let snaps: Vec<Snapshot> = self.snapshots.iter().filter(|s| s.id != sn.id).cloned().collect();
-        let (t_off, t_len) = self.write_new_table(&snaps)?;
-        self.write_dirty_refblocks()?;
-        self.sync("delete: new snapshot table")?;
-        let (old_off, old_len) = (self.h.snapshots_offset, self.snapshot_table_bytes);
-        self.commit_table(snaps.len() as u32, t_off)?;
-        self.h.nb_snapshots = snaps.len() as u32;
-        self.h.snapshots_offset = t_off;
-        self.snapshot_table_bytes = t_len;
-        self.snapshots = snaps;
-        self.snap_l1.remove(&sn.l1_offset);
-        // unpublished: drop its references
-        self.apply_deltas(&refs, false)?;
-        self.free_range(sn.l1_offset, u64::from(sn.l1_size) * 8)?;
-        self.free_range(old_off, old_len)?;
-        self.rebuild_copied()?;
-        self.writeback()?;
-        self.sync("delete")?;
-        info!(id = %sn.id, name = %sn.name, "checkpoint deleted");
-        Ok(())
+        self.find_checkpoint(id_or_name)?;
+        self.wait_durable()?;
+        self.checkpoint_delete_begin(id_or_name)?;
+        self.wait_durable()
     }
 
     /// Read a checkpoint's data (independent of later writes to the active disk).
     pub fn read_checkpoint(&mut self, id_or_name: &str, offset: u64, buf: &mut [u8]) -> Result<()> {
-        let sn = self.find_snapshot(id_or_name)?;
+        let (tree, sn, _) = self.find_checkpoint(id_or_name)?;
         let size = sn.disk_size.unwrap_or(self.h.size);
         self.check_range(offset, buf.len() as u64, size)?;
-        self.read_tree(Tree::Snap(sn.l1_offset), offset, buf)
+        self.read_tree(tree, offset, buf)
     }
 
     /// Size of a checkpoint's disk.
     pub fn checkpoint_size(&self, id_or_name: &str) -> Result<u64> {
-        Ok(self.find_snapshot(id_or_name)?.disk_size.unwrap_or(self.h.size))
+        Ok(self.find_checkpoint(id_or_name)?.1.disk_size.unwrap_or(self.h.size))
     }
 }
 

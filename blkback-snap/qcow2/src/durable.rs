@@ -1,0 +1,812 @@
+//! Two-phase checkpoints: *taken* in O(L1) with no I/O, made *durable* by bounded background
+//! steps; revert and delete split the same way.
+//!
+//! # Accounting model
+//!
+//! On disk, a refcount is never below the number of references from published structures
+//! (the header's active L1, the snapshot table's L1s and what they reach): a crash at any
+//! moment can only leak. In memory, every refcount equals the number of references from all
+//! live trees (active, published checkpoints, taken checkpoints, dropped trees whose
+//! references are still being given back) **minus the uncounted shares** of the queued
+//! *link* jobs:
+//!
+//! * A link job has a frozen `pred` tree and a `succ` tree (the active one, or another frozen
+//!   tree) that was a copy of `pred` when the job was created. A cluster at the same L1/L2
+//!   position in both trees is counted once, not twice, until the job's walk reaches that
+//!   L1 index (its `cursor`) and adds the missing reference.
+//! * `checkpoint_take` makes the taken checkpoint `pred` and the active tree `succ`: the
+//!   active tree's count simply stands for both. `checkpoint_revert_switch` makes the target
+//!   checkpoint `pred` and the new active tree (its copy) `succ`.
+//! * While the active tree is the `succ` of a link whose walk has not passed L1 index `i`,
+//!   every cluster at index `i` that was not allocated since the take/switch (`fresh`) is
+//!   shared with `pred`: a write takes the copy-on-write path, and the dropped pointer does
+//!   **not** give its reference back — the count is handed over to `pred` (the walk will
+//!   find the positions differ and add nothing). Behind the cursor, the walk has added the
+//!   reference, so the ordinary rules (COW iff refcount > 1, deferred decrease) apply.
+//! * A new take (or switch) while a link still has the active tree as `succ` re-points that
+//!   link at the frozen copy: it had the same content at that instant.
+//!
+//! Jobs run strictly in queue order, one at a time: a link walk, then its commit (append
+//! the snapshot table entry with a 12-byte header write, or publish the new active L1 with
+//! a 24-byte header write for a revert); drop jobs (the old active tree of a revert, a
+//! deleted checkpoint) give the references back after the tree is durably unpublished.
+//! Commits write back everything first, so every published reference is counted on disk.
+//!
+//! A guest write that hands a count over leaves a cluster that only an unpublished
+//! checkpoint references: a crash leaks it. Before such a state can reach disk the dirty
+//! bit is set (lazily, at the next write-back), so our `open` and QEMU's open
+//! (`check -r all`) reclaim the leaks; it is cleared when the queue is empty again.
+//! `checkpoint_create` without interleaved guest writes never sets it.
+
+use crate::error::{Error, Result};
+use crate::header::{self, put_be32, put_be64, INCOMPAT_DIRTY};
+use crate::image::{Qcow2, Tree};
+use crate::l2::{l1_to_l2, Cluster, COPIED};
+use crate::snapshot::{CheckpointState, Snapshot, SnapshotInfo};
+use std::collections::{HashMap, HashSet};
+use tracing::{info, warn};
+
+/// What a link job does once its walk is complete.
+#[derive(Debug, Clone)]
+pub(crate) enum Then {
+    /// Publish the taken checkpoint `snap` (its L1 is the link's `pred`) in the table.
+    Commit { snap: Snapshot, delete_requested: bool },
+    /// Publish the active L1 at a new location (a revert switch).
+    Switch,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) enum DropWhat {
+    /// The old active tree of a revert (unpublished by the switch commit).
+    OldActive,
+    /// A published checkpoint (by id): unpublished by a table rewrite first.
+    Snapshot(String),
+}
+
+#[derive(Debug, Clone)]
+pub(crate) enum Job {
+    Link { pred: Tree, succ: Tree, cursor: u64, then: Then },
+    Drop { what: DropWhat, tree: Option<Tree>, cursor: u64, free: Vec<(u64, u64)> },
+}
+
+/// Budget units: one L2 table walked, or one commit; this many empty L1 entries count as one.
+const EMPTY_PER_UNIT: u64 = 512;
+
+fn merge(mut v: Vec<u64>) -> Vec<(u64, u64)> {
+    v.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(v.len());
+    for c in v {
+        match out.last_mut() {
+            Some((last, n)) if *last == c => *n += 1,
+            _ => out.push((c, 1)),
+        }
+    }
+    out
+}
+
+impl Qcow2 {
+    // ------------------------------------------------------------------ state queries
+
+    /// Is the reference of the active tree at L1 index `l1i` to cluster `idx` uncounted
+    /// (shared with the frozen tree the active one was copied from, not yet walked)?
+    pub(crate) fn uncounted_share(&self, l1i: u64, idx: u64) -> bool {
+        if self.jobs.is_empty() {
+            return false;
+        }
+        for j in &self.jobs {
+            if let Job::Link { succ: Tree::Active, cursor, .. } = j {
+                return l1i >= *cursor && !self.fresh.contains(&idx);
+            }
+        }
+        false
+    }
+
+    /// Is there background work (taken checkpoints, revert or delete) not durable yet?
+    pub fn durable_pending(&self) -> bool {
+        !self.jobs.is_empty()
+    }
+
+    pub(crate) fn new_mem(&mut self, l1: Vec<u64>) -> u64 {
+        let id = self.next_mem;
+        self.next_mem += 1;
+        self.mem_l1.insert(id, l1);
+        id
+    }
+
+    /// Ids of published checkpoints whose deletion is queued.
+    pub(crate) fn deleting_ids(&self) -> HashSet<&str> {
+        self.jobs
+            .iter()
+            .filter_map(|j| match j {
+                Job::Drop { what: DropWhat::Snapshot(id), tree: None, .. } => Some(id.as_str()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Visible checkpoints: published ones (minus queued deletions), then taken ones.
+    pub(crate) fn visible(&self) -> Vec<(Tree, Snapshot, CheckpointState)> {
+        let del = self.deleting_ids();
+        let mut out: Vec<(Tree, Snapshot, CheckpointState)> = self
+            .snapshots
+            .iter()
+            .filter(|s| !del.contains(s.id.as_str()))
+            .map(|s| (Tree::Snap(s.l1_offset), s.clone(), CheckpointState::Durable))
+            .collect();
+        for j in &self.jobs {
+            if let Job::Link { pred, then: Then::Commit { snap, delete_requested: false }, .. } = j {
+                out.push((*pred, snap.clone(), CheckpointState::Taken));
+            }
+        }
+        out
+    }
+
+    pub(crate) fn find_checkpoint(&self, id_or_name: &str) -> Result<(Tree, Snapshot, CheckpointState)> {
+        let v = self.visible();
+        let hit = v.iter().find(|s| s.1.id == id_or_name).or_else(|| v.iter().find(|s| s.1.name == id_or_name));
+        hit.cloned()
+            .ok_or_else(|| Error::not_found(format!("checkpoint '{id_or_name}' (no snapshot with that id or name)")))
+    }
+
+    fn next_checkpoint_id(&self) -> String {
+        let pending = self.jobs.iter().filter_map(|j| match j {
+            Job::Link { then: Then::Commit { snap, .. }, .. } => snap.id.parse::<u64>().ok(),
+            _ => None,
+        });
+        let max = self.snapshots.iter().filter_map(|s| s.id.parse::<u64>().ok()).chain(pending).max().unwrap_or(0);
+        (max + 1).to_string()
+    }
+
+    /// Validate an L1 table in O(L1): entries well formed, no L2 table used twice.
+    fn validate_l1(&self, t: &[u64], what: &str) -> Result<()> {
+        let mut seen = HashSet::new();
+        for (i, e) in t.iter().enumerate() {
+            let l2 = l1_to_l2(*e, self.cs, &|| format!("{what} L1 entry {i}"))?;
+            if l2 != 0 && !seen.insert(l2) {
+                return Err(Error::corrupt(format!(
+                    "{what} L1 entry {i}: L2 table at {l2:#x} is already used by another entry of the same L1 table"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    // ------------------------------------------------------------------ phase 1 APIs
+
+    /// Take a checkpoint: fix the point in time. O(L1) work in memory, no I/O, no flush. The
+    /// checkpoint is listed (state `taken`) and readable at once; it becomes `durable` after
+    /// background work ([`Qcow2::durable_step`] / [`Qcow2::wait_durable`]). A crash before
+    /// that loses it (and only leaks clusters).
+    pub fn checkpoint_take(&mut self, name: &str) -> Result<SnapshotInfo> {
+        self.check_writable()?;
+        if name.is_empty() || name.len() > 65535 {
+            return Err(Error::invalid("checkpoint name must be 1..=65535 bytes"));
+        }
+        let vis = self.visible();
+        if vis.iter().any(|s| s.1.name == name) {
+            return Err(Error::invalid(format!("a checkpoint named '{name}' already exists")));
+        }
+        let queued = self.jobs.iter().filter(|j| matches!(j, Job::Link { then: Then::Commit { .. }, .. })).count();
+        if self.snapshots.len() + queued >= header::MAX_SNAPSHOTS as usize {
+            return Err(Error::invalid("the image already has 65536 snapshots"));
+        }
+        // every tree may share a cluster: the refcount width must hold one per tree
+        let trees = 2 + self.snapshots.len() as u64 + self.jobs.len() as u64;
+        if trees > self.rc_max() {
+            return Err(Error::RefcountOverflow {
+                what: format!(
+                    "{trees} trees could share a cluster, above the maximum {} of {}-bit refcounts",
+                    self.rc_max(),
+                    self.h.refcount_bits()
+                ),
+            });
+        }
+        self.validate_l1(&self.l1, "active")?;
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        let mut extra = vec![0u8; 24];
+        put_be64(&mut extra, 0, 0);
+        put_be64(&mut extra, 8, self.h.size);
+        put_be64(&mut extra, 16, u64::MAX);
+        let sn = Snapshot {
+            l1_offset: 0,
+            l1_size: self.l1.len() as u32,
+            id: self.next_checkpoint_id(),
+            name: name.to_string(),
+            date_sec: now.as_secs() as u32,
+            date_nsec: now.subsec_nanos(),
+            vm_clock_nsec: 0,
+            vm_state_size: 0,
+            extra,
+            disk_size: Some(self.h.size),
+        };
+        let m = self.new_mem(self.l1.clone());
+        self.relink_active(Tree::Mem(m));
+        let info = sn.info(self.h.size, CheckpointState::Taken);
+        self.jobs.push_back(Job::Link {
+            pred: Tree::Mem(m),
+            succ: Tree::Active,
+            cursor: 0,
+            then: Then::Commit { snap: sn, delete_requested: false },
+        });
+        info!(id = %info.id, name, "checkpoint taken");
+        Ok(info)
+    }
+
+    /// The active tree is about to be frozen as `frozen`: a link whose `succ` is the active
+    /// tree now links to the frozen copy; everything allocated so far becomes shared.
+    fn relink_active(&mut self, frozen: Tree) {
+        for j in self.jobs.iter_mut() {
+            if let Job::Link { succ, .. } = j {
+                if *succ == Tree::Active {
+                    *succ = frozen;
+                }
+            }
+        }
+        self.fresh = HashSet::new();
+    }
+
+    /// Switch the guest-visible disk to a checkpoint (taken or durable): O(L1) in memory
+    /// (plus reading a durable checkpoint's L1 if not cached). The switch is durable after
+    /// background work; a crash before leaves the disk as it was. [`Qcow2::flush`] completes
+    /// the switch first (writes after a switch become durable with it), and so does a second
+    /// switch.
+    pub fn checkpoint_revert_switch(&mut self, id_or_name: &str) -> Result<()> {
+        self.check_writable()?;
+        self.find_checkpoint(id_or_name)?;
+        if self.l1_unpublished {
+            self.complete_switch()?;
+        }
+        let (tree, sn, _) = self.find_checkpoint(id_or_name)?;
+        let size = sn.disk_size.unwrap_or(self.h.size);
+        let need = self.h.l1_entries_for(size);
+        if need * 8 > header::MAX_L1_BYTES {
+            return Err(Error::corrupt(format!("checkpoint '{}' disk size {size} is absurd", sn.name)));
+        }
+        let n = self.l1_len(tree)?;
+        let mut new_l1 = Vec::with_capacity(n.max(need as usize));
+        for i in 0..n as u64 {
+            new_l1.push(self.l1_entry(tree, i)? & !COPIED);
+        }
+        self.validate_l1(&new_l1, &format!("checkpoint '{}'", sn.name))?;
+        if (new_l1.len() as u64) < need {
+            new_l1.resize(need as usize, 0);
+        }
+        let old_loc = (self.h.l1_table_offset, u64::from(self.h.l1_size) * 8);
+        let old_l1 = std::mem::replace(&mut self.l1, new_l1);
+        let d = self.new_mem(old_l1);
+        self.relink_active(Tree::Mem(d));
+        self.l1_dirty.clear();
+        self.l1_unpublished = true;
+        self.h.size = size;
+        self.decomp = None;
+        self.jobs.push_back(Job::Link { pred: tree, succ: Tree::Active, cursor: 0, then: Then::Switch });
+        self.jobs.push_back(Job::Drop { what: DropWhat::OldActive, tree: Some(Tree::Mem(d)), cursor: 0, free: vec![old_loc] });
+        info!(id = %sn.id, name = %sn.name, "switched to checkpoint");
+        Ok(())
+    }
+
+    /// Delete a checkpoint: it disappears from the list at once; the table rewrite and the
+    /// freeing of what only it referenced are background work (a crash before the table
+    /// rewrite is durable keeps it). Deleting a taken checkpoint lets it become durable first.
+    pub fn checkpoint_delete_begin(&mut self, id_or_name: &str) -> Result<()> {
+        self.check_writable()?;
+        let (tree, sn, state) = self.find_checkpoint(id_or_name)?;
+        if state == CheckpointState::Taken {
+            for j in self.jobs.iter_mut() {
+                if let Job::Link { pred, then: Then::Commit { delete_requested, .. }, .. } = j {
+                    if *pred == tree {
+                        *delete_requested = true;
+                    }
+                }
+            }
+        }
+        self.jobs.push_back(Job::Drop { what: DropWhat::Snapshot(sn.id.clone()), tree: None, cursor: 0, free: vec![] });
+        info!(id = %sn.id, name = %sn.name, "checkpoint deletion queued");
+        Ok(())
+    }
+
+    /// Run all background work to completion.
+    pub fn wait_durable(&mut self) -> Result<()> {
+        while !self.durable_step(64)? {}
+        Ok(())
+    }
+
+    /// Complete a pending revert switch (and the work queued before it).
+    pub(crate) fn complete_switch(&mut self) -> Result<()> {
+        while self.l1_unpublished {
+            if self.durable_step(64)? {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Do a bounded amount of background work: about `budget` L2 tables walked, or one
+    /// commit (a few writes and flushes). Returns whether everything is durable. On error
+    /// the job stays queued at the position it reached.
+    pub fn durable_step(&mut self, budget: usize) -> Result<bool> {
+        if self.read_only || self.jobs.is_empty() {
+            return Ok(self.jobs.is_empty());
+        }
+        let mut left = budget.max(1) as u64 * EMPTY_PER_UNIT;
+        while left > 0 {
+            let Some(mut job) = self.jobs.pop_front() else { break };
+            match self.run_job(&mut job, &mut left) {
+                Ok(true) => {}
+                Ok(false) => {
+                    self.jobs.push_front(job);
+                    break;
+                }
+                Err(e) => {
+                    self.jobs.push_front(job);
+                    warn!("background checkpoint work failed: {e}");
+                    return Err(e);
+                }
+            }
+        }
+        if self.jobs.is_empty() {
+            self.all_durable()?;
+        }
+        Ok(self.jobs.is_empty())
+    }
+
+    fn all_durable(&mut self) -> Result<()> {
+        self.mem_l1.clear();
+        self.fresh = HashSet::new();
+        self.leak_window = false;
+        if self.dirty_set_by_us && self.h.incompatible & INCOMPAT_DIRTY != 0 {
+            self.writeback()?;
+            self.sync("all checkpoint work durable")?;
+            self.set_incompat(self.h.incompatible & !INCOMPAT_DIRTY)?;
+            self.dirty_set_by_us = false;
+        }
+        Ok(())
+    }
+
+    /// Work on one job; Ok(true) when it is finished.
+    fn run_job(&mut self, job: &mut Job, left: &mut u64) -> Result<bool> {
+        match job {
+            Job::Link { pred, succ, cursor, then } => {
+                let n = self.l1_len(*pred)? as u64;
+                while *cursor < n {
+                    if *left == 0 {
+                        return Ok(false);
+                    }
+                    let worked = self.link_index(*pred, *succ, *cursor)?;
+                    *cursor += 1;
+                    *left = left.saturating_sub(if worked { EMPTY_PER_UNIT } else { 1 });
+                }
+                if *left == 0 {
+                    return Ok(false);
+                }
+                *left = left.saturating_sub(EMPTY_PER_UNIT);
+                match then {
+                    Then::Commit { snap, .. } => self.commit_snapshot(*pred, snap.clone())?,
+                    Then::Switch => self.commit_switch()?,
+                }
+                Ok(true)
+            }
+            Job::Drop { what, tree, cursor, free } => {
+                if tree.is_none() {
+                    let DropWhat::Snapshot(id) = what else {
+                        return Err(Error::corrupt("drop job without a tree"));
+                    };
+                    let (t, f) = self.unpublish_snapshot(id)?;
+                    *tree = Some(t);
+                    *free = f;
+                    *left = left.saturating_sub(EMPTY_PER_UNIT);
+                }
+                let t = tree.ok_or_else(|| Error::corrupt("drop job without a tree"))?;
+                let n = self.l1_len(t)? as u64;
+                while *cursor < n {
+                    if *left == 0 {
+                        return Ok(false);
+                    }
+                    let worked = self.drop_index(t, *cursor)?;
+                    *cursor += 1;
+                    *left = left.saturating_sub(if worked { EMPTY_PER_UNIT } else { 1 });
+                }
+                for (off, len) in std::mem::take(free) {
+                    self.free_bytes(off, len)?;
+                }
+                self.writeback()?;
+                self.sync("checkpoint references dropped")?;
+                if let Tree::Mem(m) = t {
+                    self.mem_l1.remove(&m);
+                }
+                info!("checkpoint references dropped");
+                Ok(true)
+            }
+        }
+    }
+
+    // ------------------------------------------------------------------ walks
+
+    /// Cluster references of one L2 entry.
+    fn push_refs(c: Cluster, cs: u64, v: &mut Vec<u64>) {
+        match c {
+            Cluster::Normal { host, .. } => v.push(host / cs),
+            Cluster::Compressed { offset, len } => {
+                for c in offset / cs..=(offset + len.max(1) - 1) / cs {
+                    v.push(c);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// References shared by `pred` and `succ` at L1 index `i` (same L2 table: the table and
+    /// everything in it; different tables: the entries at equal positions with equal
+    /// clusters). The bool says whether the L2 table itself is shared.
+    pub(crate) fn shares_at(&mut self, pred: Tree, succ: Tree, i: u64) -> Result<Option<(Vec<u64>, bool)>> {
+        let cs = self.cs;
+        let fe = self.l1_entry(pred, i)?;
+        let tf = l1_to_l2(fe, cs, &|| format!("{pred:?} L1 entry {i}"))?;
+        if tf == 0 {
+            return Ok(None);
+        }
+        let se = if (i as usize) < self.l1_len(succ)? { self.l1_entry(succ, i)? } else { 0 };
+        let ts = l1_to_l2(se, cs, &|| format!("{succ:?} L1 entry {i}"))?;
+        let geom = self.geom();
+        let mut v = Vec::new();
+        let ft = self.l2_table(tf)?;
+        if ts == tf {
+            v.reserve(ft.len() + 1);
+            v.push(tf / cs);
+            for (j, w) in ft.iter().enumerate() {
+                if *w & !COPIED == 0 {
+                    continue;
+                }
+                Self::push_refs(geom.classify(*w, 0, &|| format!("L2 table at {tf:#x} entry {j}"))?, cs, &mut v);
+            }
+            return Ok(Some((v, true)));
+        }
+        if ts != 0 {
+            let st = self.l2_table(ts)?;
+            for (j, (a, b)) in ft.iter().zip(st.iter()).enumerate() {
+                if *a & !COPIED == 0 {
+                    continue;
+                }
+                let ca = geom.classify(*a, 0, &|| format!("L2 table at {tf:#x} entry {j}"))?;
+                let same = match ca {
+                    Cluster::Normal { host, .. } => b & crate::l2::OFFSET_MASK == host && b & crate::l2::COMPRESSED == 0,
+                    Cluster::Compressed { .. } => *a & !COPIED == *b & !COPIED,
+                    _ => false,
+                };
+                if same {
+                    Self::push_refs(ca, cs, &mut v);
+                }
+            }
+        }
+        Ok(Some((v, false)))
+    }
+
+    /// One link step: add the references `pred` and `succ` share at index `i`.
+    fn link_index(&mut self, pred: Tree, succ: Tree, i: u64) -> Result<bool> {
+        let Some((v, table_shared)) = self.shares_at(pred, succ, i)? else { return Ok(false) };
+        let deltas = merge(v);
+        self.check_deltas(&deltas, true)?;
+        self.apply_deltas_unchecked(&deltas, true)?;
+        self.fix_copied_index(i, table_shared && succ == Tree::Active)?;
+        Ok(true)
+    }
+
+    /// References of `tree` at index `i`.
+    fn refs_at(&mut self, tree: Tree, i: u64) -> Result<Option<Vec<u64>>> {
+        Ok(self.shares_at(tree, tree, i)?.map(|(v, _)| v))
+    }
+
+    /// One drop step: give back the references of `tree` at index `i` (the tree is durably
+    /// unpublished, so the decrease may reach disk at any time).
+    fn drop_index(&mut self, tree: Tree, i: u64) -> Result<bool> {
+        let Some(v) = self.refs_at(tree, i)? else { return Ok(false) };
+        let deltas = merge(v);
+        self.check_deltas(&deltas, false)?;
+        self.apply_deltas_unchecked(&deltas, false)?;
+        self.fix_copied_index(i, false)?;
+        Ok(true)
+    }
+
+    /// Set COPIED in the active L1 entry `i` and its L2 table exactly where the refcount is
+    /// 1. `all_shared`: every entry of the table just gained a reference (clear them all).
+    pub(crate) fn fix_copied_index(&mut self, i: u64, all_shared: bool) -> Result<()> {
+        let cs = self.cs;
+        let geom = self.geom();
+        if geom.extended || i as usize >= self.l1.len() {
+            return Ok(());
+        }
+        let e = self.l1_entry(Tree::Active, i)?;
+        let l2 = l1_to_l2(e, cs, &|| format!("active L1 entry {i}"))?;
+        if l2 == 0 {
+            return Ok(());
+        }
+        let want = if self.refcount(l2 / cs)? == 1 { l2 | COPIED } else { l2 };
+        if want != e {
+            self.set_l1(i, want);
+        }
+        self.load_l2(l2)?;
+        if all_shared {
+            if let Some(t) = self.l2_cache.get_mut(&l2) {
+                let mut changed = false;
+                for w in t.iter_mut() {
+                    if *w & COPIED != 0 {
+                        *w &= !COPIED;
+                        changed = true;
+                    }
+                }
+                if changed {
+                    self.l2_dirty.insert(l2);
+                }
+            }
+            return Ok(());
+        }
+        let t = self.l2_table(l2)?;
+        for (j, w) in t.iter().enumerate() {
+            if let Cluster::Normal { host, .. } = geom.classify(*w, 0, &|| format!("L2 table at {l2:#x} entry {j}"))? {
+                let nv = if self.refcount(host / cs)? == 1 { w | COPIED } else { w & !COPIED };
+                if nv != *w {
+                    self.l2_set(l2, j as u64, nv)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    // ------------------------------------------------------------------ commits
+
+    fn free_bytes(&mut self, off: u64, bytes: u64) -> Result<()> {
+        if bytes == 0 || off == 0 {
+            return Ok(());
+        }
+        for c in off / self.cs..=(off + bytes - 1) / self.cs {
+            self.add_refcount(c, -1)?;
+        }
+        Ok(())
+    }
+
+    /// Publish a taken checkpoint: everything written back and flushed, then its L1 and the
+    /// new snapshot table, flushed, then the 12-byte header commit.
+    fn commit_snapshot(&mut self, pred: Tree, mut snap: Snapshot) -> Result<()> {
+        let cs = self.cs;
+        self.writeback()?;
+        self.sync("checkpoint tree")?;
+        let Tree::Mem(m) = pred else { return Err(Error::corrupt("taken checkpoint without an in-memory L1")) };
+        let l1 = self.mem_l1.get(&m).cloned().unwrap_or_default();
+        let bytes = Self::l1_bytes(&l1, true);
+        let off = if bytes.is_empty() { 0 } else { self.alloc_clusters((bytes.len() as u64).div_ceil(cs))? };
+        if off != 0 {
+            self.write_bytes(&bytes, off, "snapshot L1 table")?;
+        }
+        snap.l1_offset = off;
+        snap.l1_size = l1.len() as u32;
+        let mut snaps = self.snapshots.clone();
+        snaps.push(snap.clone());
+        let (t_off, t_len) = self.write_new_table(&snaps)?;
+        self.write_dirty_refblocks()?;
+        self.sync("checkpoint refcounts")?;
+        let (old_off, old_len) = (self.h.snapshots_offset, self.snapshot_table_bytes);
+        self.commit_table(snaps.len() as u32, t_off)?;
+        self.h.nb_snapshots = snaps.len() as u32;
+        self.h.snapshots_offset = t_off;
+        self.snapshot_table_bytes = t_len;
+        self.snapshots = snaps;
+        self.snap_l1.insert(off, l1);
+        // later jobs that name this tree by its memory id find it in the table now
+        self.rename_tree(Tree::Mem(m), Tree::Snap(off));
+        self.mem_l1.remove(&m);
+        self.free_bytes(old_off, old_len)?;
+        info!(id = %snap.id, name = %snap.name, "checkpoint durable");
+        Ok(())
+    }
+
+    fn rename_tree(&mut self, from: Tree, to: Tree) {
+        for j in self.jobs.iter_mut() {
+            match j {
+                Job::Link { pred, succ, .. } => {
+                    if *pred == from {
+                        *pred = to;
+                    }
+                    if *succ == from {
+                        *succ = to;
+                    }
+                }
+                Job::Drop { tree: Some(t), .. } if *t == from => *t = to,
+                _ => {}
+            }
+        }
+    }
+
+    /// Publish the active L1 after a revert switch: new location, flushed, header switch.
+    fn commit_switch(&mut self) -> Result<()> {
+        let cs = self.cs;
+        self.writeback()?;
+        let bytes = Self::l1_bytes(&self.l1, false);
+        let new_off = if bytes.is_empty() { 0 } else { self.alloc_clusters((bytes.len() as u64).div_ceil(cs))? };
+        if new_off != 0 {
+            self.write_bytes(&bytes, new_off, "new active L1 table")?;
+        }
+        self.write_dirty_refblocks()?;
+        self.sync("revert: new tree references")?;
+        let mut hb = [0u8; 24];
+        put_be64(&mut hb, 0, self.h.size);
+        put_be32(&mut hb, 8, 0);
+        put_be32(&mut hb, 12, self.l1.len() as u32);
+        put_be64(&mut hb, 16, new_off);
+        self.write_bytes(&hb, header::OFF_SIZE, "header L1 fields")?;
+        self.sync("revert commit")?;
+        self.h.l1_size = self.l1.len() as u32;
+        self.h.l1_table_offset = new_off;
+        self.l1_unpublished = false;
+        self.l1_dirty.clear();
+        info!("revert durable");
+        Ok(())
+    }
+
+    /// Remove a published checkpoint from the table (durably). Returns its tree (moved to
+    /// memory) and the ranges to free once its references are given back.
+    fn unpublish_snapshot(&mut self, id: &str) -> Result<(Tree, Vec<(u64, u64)>)> {
+        let sn = self
+            .snapshots
+            .iter()
+            .find(|s| s.id == id)
+            .cloned()
+            .ok_or_else(|| Error::not_found(format!("checkpoint id {id} to delete")))?;
+        self.load_snap_l1(sn.l1_offset)?;
+        let l1 = self.snap_l1.get(&sn.l1_offset).cloned().unwrap_or_default();
+        let snaps: Vec<Snapshot> = self.snapshots.iter().filter(|s| s.id != id).cloned().collect();
+        let (t_off, t_len) = self.write_new_table(&snaps)?;
+        self.write_dirty_refblocks()?;
+        self.sync("delete: new snapshot table")?;
+        let (old_off, old_len) = (self.h.snapshots_offset, self.snapshot_table_bytes);
+        self.commit_table(snaps.len() as u32, t_off)?;
+        self.h.nb_snapshots = snaps.len() as u32;
+        self.h.snapshots_offset = t_off;
+        self.snapshot_table_bytes = t_len;
+        self.snapshots = snaps;
+        self.snap_l1.remove(&sn.l1_offset);
+        let m = self.new_mem(l1);
+        self.rename_tree(Tree::Snap(sn.l1_offset), Tree::Mem(m));
+        info!(id = %sn.id, name = %sn.name, "checkpoint removed from the table");
+        Ok((Tree::Mem(m), vec![(sn.l1_offset, u64::from(sn.l1_size) * 8), (old_off, old_len)]))
+    }
+
+    /// Undo a take whose walk failed (refcount overflow, corrupt table) before its commit,
+    /// when nothing else happened since the take: the job must be the only one.
+    pub(crate) fn abort_only_take(&mut self) -> Result<()> {
+        let (pred, cursor) = match self.jobs.front() {
+            Some(Job::Link { pred, succ: Tree::Active, cursor, then: Then::Commit { .. } }) if self.jobs.len() == 1 => {
+                (*pred, *cursor)
+            }
+            _ => return Err(Error::invalid("no single pending take to abort")),
+        };
+        for i in 0..cursor {
+            if let Some((v, _)) = self.shares_at(pred, Tree::Active, i)? {
+                let deltas = merge(v);
+                self.apply_deltas_unchecked(&deltas, false)?;
+                self.fix_copied_index(i, false)?;
+            }
+        }
+        self.jobs.clear();
+        self.mem_l1.clear();
+        self.fresh = HashSet::new();
+        Ok(())
+    }
+
+    // ------------------------------------------------------------------ accounting check
+
+    /// Test hook: verify the in-memory accounting invariant exactly (refcount = references
+    /// of every live tree − uncounted shares of queued links + deferred decreases), and that
+    /// every non-fresh cluster of the active tree ahead of its link's cursor is shared with
+    /// the link's `pred` at the same position. Returns the mismatches (empty = good).
+    #[doc(hidden)]
+    pub fn verify_accounting(&mut self) -> Result<Vec<String>> {
+        let cs = self.cs;
+        let mut exp: HashMap<u64, i64> = HashMap::new();
+        let add = |exp: &mut HashMap<u64, i64>, off: u64, bytes: u64, d: i64| {
+            if bytes == 0 {
+                return;
+            }
+            for c in off / cs..=(off + bytes - 1) / cs {
+                *exp.entry(c).or_default() += d;
+            }
+        };
+        add(&mut exp, 0, cs, 1);
+        add(&mut exp, self.h.refcount_table_offset, u64::from(self.h.refcount_table_clusters) * cs, 1);
+        let mut rbs = HashSet::new();
+        for rt in 0..self.reftable.len() as u64 {
+            let o = self.refblock_offset(rt)?;
+            if o != 0 && rbs.insert(o) {
+                add(&mut exp, o, cs, 1);
+            }
+        }
+        if !self.l1_unpublished && self.h.l1_size > 0 {
+            add(&mut exp, self.h.l1_table_offset, u64::from(self.h.l1_size) * 8, 1);
+        }
+        add(&mut exp, self.h.snapshots_offset, self.snapshot_table_bytes, 1);
+        let count_tree = |this: &mut Qcow2, exp: &mut HashMap<u64, i64>, t: Tree, from: u64, d: i64| -> Result<()> {
+            let n = this.l1_len(t)? as u64;
+            for i in from..n {
+                if let Some(v) = this.refs_at(t, i)? {
+                    for c in v {
+                        *exp.entry(c).or_default() += d;
+                    }
+                }
+            }
+            Ok(())
+        };
+        count_tree(self, &mut exp, Tree::Active, 0, 1)?;
+        for s in self.snapshots.clone() {
+            add(&mut exp, s.l1_offset, u64::from(s.l1_size) * 8, 1);
+            count_tree(self, &mut exp, Tree::Snap(s.l1_offset), 0, 1)?;
+        }
+        let jobs: Vec<Job> = self.jobs.iter().cloned().collect();
+        let mut errs = Vec::new();
+        for j in &jobs {
+            match j {
+                Job::Link { pred, succ, cursor, then } => {
+                    if let Then::Commit { .. } = then {
+                        count_tree(self, &mut exp, *pred, 0, 1)?;
+                    }
+                    let n = self.l1_len(*pred)? as u64;
+                    for i in *cursor..n {
+                        if let Some((v, _)) = self.shares_at(*pred, *succ, i)? {
+                            for c in v {
+                                *exp.entry(c).or_default() -= 1;
+                            }
+                        }
+                    }
+                    if *succ == Tree::Active {
+                        self.verify_fresh(*pred, *cursor, &mut errs)?;
+                    }
+                }
+                Job::Drop { tree: Some(t), cursor, free, .. } => {
+                    count_tree(self, &mut exp, *t, *cursor, 1)?;
+                    for (o, b) in free {
+                        add(&mut exp, *o, *b, 1);
+                    }
+                }
+                Job::Drop { .. } => {}
+            }
+        }
+        for (o, b) in self.pending_free.clone() {
+            add(&mut exp, o, b, 1);
+        }
+        let end = self.end_cluster()?.max(exp.keys().max().map_or(0, |m| m + 1));
+        for c in 0..end {
+            let want = exp.get(&c).copied().unwrap_or(0);
+            let have = self.refcount(c)? as i64;
+            if want != have && errs.len() < 50 {
+                errs.push(format!("cluster {c} (offset {:#x}): refcount {have}, expected {want}", c * cs));
+            }
+        }
+        Ok(errs)
+    }
+
+    fn verify_fresh(&mut self, pred: Tree, cursor: u64, errs: &mut Vec<String>) -> Result<()> {
+        let cs = self.cs;
+        let geom = self.geom();
+        for i in cursor..self.l1.len() as u64 {
+            let e = self.l1_entry(Tree::Active, i)?;
+            let ta = l1_to_l2(e, cs, &|| String::new())?;
+            if ta == 0 {
+                continue;
+            }
+            let pe = if (i as usize) < self.l1_len(pred)? { self.l1_entry(pred, i)? } else { 0 };
+            let tp = l1_to_l2(pe, cs, &|| String::new())?;
+            if !self.fresh.contains(&(ta / cs)) && ta != tp {
+                errs.push(format!("active L2 table {ta:#x} at index {i} is not fresh but not shared with {pred:?}"));
+            }
+            let at = self.l2_table(ta)?;
+            let pt = if tp != 0 { self.l2_table(tp)? } else { vec![] };
+            for (j, w) in at.iter().enumerate() {
+                if let Cluster::Normal { host, .. } = geom.classify(*w, 0, &String::new)? {
+                    let p = pt.get(j).copied().unwrap_or(0);
+                    if !self.fresh.contains(&(host / cs)) && p & crate::l2::OFFSET_MASK != host {
+                        errs.push(format!("active cluster {host:#x} at ({i},{j}) is not fresh but not shared with {pred:?}"));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
