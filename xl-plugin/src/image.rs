@@ -67,17 +67,28 @@ pub struct ReadArgs {
 
 #[derive(Subcommand, Debug)]
 pub enum CheckpointCmd {
-    /// Take a checkpoint of the disk (returns when it is durable).
+    /// Take a checkpoint of the disk (returns when it is durable, unless --no-wait).
     Create {
         file: PathBuf,
         name: String,
         #[arg(long)]
         json: bool,
+        /// On a served image: return once the checkpoint is taken (the point in time is
+        /// fixed); the server makes it durable in the background (see `list`).
+        #[arg(long)]
+        no_wait: bool,
     },
     /// List checkpoints.
     List(ReadArgs),
     /// Bring the disk back to a checkpoint (id or name).
-    Revert { file: PathBuf, checkpoint: String },
+    Revert {
+        file: PathBuf,
+        checkpoint: String,
+        /// On a served image: return once the switch is made; refcount work continues in
+        /// the background.
+        #[arg(long)]
+        no_wait: bool,
+    },
     /// Delete a checkpoint (id or name) and free what only it used.
     Delete { file: PathBuf, checkpoint: String },
 }
@@ -105,9 +116,18 @@ pub struct ServeArgs {
 pub enum Request {
     Info,
     Check { repair: bool },
-    CheckpointCreate { name: String },
+    CheckpointCreate {
+        name: String,
+        /// Return when taken instead of when durable.
+        #[serde(default)]
+        no_wait: bool,
+    },
     CheckpointList,
-    CheckpointRevert { checkpoint: String },
+    CheckpointRevert {
+        checkpoint: String,
+        #[serde(default)]
+        no_wait: bool,
+    },
     CheckpointDelete { checkpoint: String },
     Map { checkpoint: Option<String> },
     Flush,
@@ -143,10 +163,15 @@ pub fn execute(img: &mut Qcow2, req: &Request) -> Result<Value, xensnap_qcow2::E
             let report = if *repair { img.repair()? } else { img.check()? };
             json!(report)
         }
-        Request::CheckpointCreate { name } => json!(img.checkpoint_create(name)?),
+        Request::CheckpointCreate { name, no_wait: true } => json!(img.checkpoint_take(name)?),
+        Request::CheckpointCreate { name, no_wait: false } => json!(img.checkpoint_create(name)?),
         Request::CheckpointList => json!(img.checkpoint_list()),
-        Request::CheckpointRevert { checkpoint } => {
-            img.checkpoint_revert(checkpoint)?;
+        Request::CheckpointRevert { checkpoint, no_wait } => {
+            if *no_wait {
+                img.checkpoint_revert_switch(checkpoint)?;
+            } else {
+                img.checkpoint_revert(checkpoint)?;
+            }
             json!({ "reverted": checkpoint })
         }
         Request::CheckpointDelete { checkpoint } => {
@@ -192,6 +217,12 @@ fn run_request(file: &Path, req: Request) -> Result<Value, CliError> {
         return result.map_err(|msg| CliError::Other(format!("{}: {msg}", file.display())));
     }
     let _lock = lock_image(file, req.mutates())?;
+    // Without a server nobody would finish background work after this process exits.
+    let req = match req {
+        Request::CheckpointCreate { name, .. } => Request::CheckpointCreate { name, no_wait: false },
+        Request::CheckpointRevert { checkpoint, .. } => Request::CheckpointRevert { checkpoint, no_wait: false },
+        other => other,
+    };
     let mut img = Qcow2::open_file(file, &OpenOptions { read_only: !req.mutates() })
         .map_err(image_err(file))?;
     let out = execute(&mut img, &req).map_err(image_err(file))?;
@@ -236,15 +267,15 @@ pub fn run(cmd: ImageCmd) -> Result<(), CliError> {
             }
         }
         ImageCmd::Checkpoint(c) => match c {
-            CheckpointCmd::Create { file, name, json } => {
-                let v = run_request(&file, Request::CheckpointCreate { name })?;
+            CheckpointCmd::Create { file, name, json, no_wait } => {
+                let v = run_request(&file, Request::CheckpointCreate { name, no_wait })?;
                 print_result(&ReadArgs { file, json }, "checkpoint-create", v)
             }
             CheckpointCmd::List(a) => {
                 print_result(&a, "checkpoint-list", run_request(&a.file, Request::CheckpointList)?)
             }
-            CheckpointCmd::Revert { file, checkpoint } => {
-                run_request(&file, Request::CheckpointRevert { checkpoint: checkpoint.clone() })?;
+            CheckpointCmd::Revert { file, checkpoint, no_wait } => {
+                run_request(&file, Request::CheckpointRevert { checkpoint: checkpoint.clone(), no_wait })?;
                 println!("{}: reverted to checkpoint {checkpoint}", file.display());
                 Ok(())
             }
@@ -275,16 +306,17 @@ fn print_result(a: &ReadArgs, what: &str, v: Value) -> Result<(), CliError> {
                 println!("{}: no checkpoints", a.file.display());
                 return Ok(());
             }
-            println!("{:<6} {:<24} {:>10} {:<20} {:>8}", "ID", "NAME", "VM SIZE", "DATE", "DISK");
+            println!("{:<6} {:<24} {:>10} {:<20} {:>9} {}", "ID", "NAME", "VM SIZE", "DATE", "DISK", "STATE");
             for s in list {
                 let date = s.get("date_sec").and_then(Value::as_u64).unwrap_or(0);
                 println!(
-                    "{:<6} {:<24} {:>10} {:<20} {:>8}",
+                    "{:<6} {:<24} {:>10} {:<20} {:>9} {}",
                     s.get("id").and_then(Value::as_str).unwrap_or("?"),
                     s.get("name").and_then(Value::as_str).unwrap_or("?"),
                     s.get("vm_state_size").and_then(Value::as_u64).unwrap_or(0),
                     format_date(date),
                     human(s.get("disk_size").and_then(Value::as_u64).unwrap_or(0)),
+                    s.get("state").and_then(Value::as_str).unwrap_or("?"),
                 );
             }
         }
@@ -387,6 +419,36 @@ impl xensnap_nbd::ExportRegistry for ImageExports {
     }
 }
 
+/// Make taken checkpoints (and switched reverts, begun deletes) durable in the background:
+/// bounded steps under the image lock, so guest I/O interleaves with the refcount walk.
+fn spawn_durability(img: Arc<Mutex<Qcow2>>) {
+    std::thread::spawn(move || loop {
+        let busy = match img.lock() {
+            Err(_) => return,
+            Ok(mut g) => {
+                if g.durable_pending() {
+                    if let Err(e) = g.durable_step(8) {
+                        tracing::error!("background checkpoint work: {e}; retrying in 1 s");
+                        // The work stays queued where it stopped; retry later.
+                        drop(g);
+                        std::thread::sleep(std::time::Duration::from_secs(1));
+                        false
+                    } else {
+                        true
+                    }
+                } else {
+                    false
+                }
+            }
+        };
+        if busy {
+            std::thread::yield_now();
+        } else {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    });
+}
+
 fn serve(a: ServeArgs) -> Result<(), CliError> {
     let file = a.file.clone();
     let _lock = lock_image(&file, true)?;
@@ -419,6 +481,7 @@ fn serve(a: ServeArgs) -> Result<(), CliError> {
     let ctl = control::ControlServer::bind(&ctl_path, img.clone())
         .map_err(|e| CliError::Other(format!("serve: control socket {}: {e}", ctl_path.display())))?;
     println!("control {}", ctl_path.display());
+    spawn_durability(img.clone());
     use std::io::Write;
     let _ = std::io::stdout().flush();
     std::thread::spawn(move || ctl.run());
@@ -433,6 +496,7 @@ fn serve(a: ServeArgs) -> Result<(), CliError> {
         let _ = std::fs::remove_file(p);
     }
     let mut guard = img.lock().map_err(|_| CliError::Other("serve: image lock poisoned".into()))?;
+    guard.wait_durable().map_err(image_err(&file))?;
     guard.flush().map_err(image_err(&file))?;
     drop(guard);
     // Close cleanly when no client still holds the image.

@@ -172,3 +172,43 @@ fn wrong_arguments_get_clear_errors() {
     assert_eq!(std::fs::read(&junk).unwrap(), b"this is not a qcow2 image");
     fails(xl().args(["image", "frobnicate"]));
 }
+
+#[test]
+fn served_checkpoint_no_wait_becomes_durable_in_background() {
+    let d = tempfile::tempdir().unwrap();
+    let img = d.path().join("bg.qcow2");
+    let sock = d.path().join("nbd.sock");
+    ok(xl().args(["image", "create"]).arg(&img).args(["--size", "256M"]));
+    let srv = serve(&img, &sock);
+    let uri = format!("nbd+unix:///?socket={}", sock.display());
+    qemu_io(&uri, &["write -P 0x31 0 32M", "flush"]);
+    let taken: serde_json::Value = serde_json::from_str(&ok(xl()
+        .args(["image", "checkpoint", "create", "--no-wait", "--json"])
+        .arg(&img)
+        .arg("fast")))
+    .unwrap();
+    assert_eq!(taken["name"], "fast");
+    // Writes continue at once; the checkpoint keeps the old data.
+    qemu_io(&uri, &["write -P 0x32 0 1M", "flush"]);
+    let ck = format!("nbd+unix:///checkpoint/fast?socket={}", sock.display());
+    qemu_io(&ck, &["-r", "read -P 0x31 0 32M"]);
+    // The server makes it durable on its own.
+    let t = Instant::now();
+    loop {
+        let list: serde_json::Value =
+            serde_json::from_str(&ok(xl().args(["image", "checkpoint", "list", "--json"]).arg(&img))).unwrap();
+        if list[0]["state"] == "durable" {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(20), "still not durable: {list}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let text = ok(xl().args(["image", "checkpoint", "list"]).arg(&img));
+    assert!(text.contains("STATE") && text.contains("durable"), "{text}");
+    drop(srv);
+    ok(Command::new("qemu-img").args(["check"]).arg(&img));
+    let raw = d.path().join("fast.raw");
+    ok(Command::new("qemu-img").args(["convert", "-l", "snapshot.name=fast", "-O", "raw"]).arg(&img).arg(&raw));
+    let bytes = std::fs::read(&raw).unwrap();
+    assert!(bytes[..32 << 20].iter().all(|&b| b == 0x31), "checkpoint content as qemu-img sees it");
+}
