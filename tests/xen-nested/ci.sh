@@ -117,8 +117,16 @@ BARGS=(); [ -n "$BINS" ] && BARGS=(--bins "$BINS")
 if [ "${XTB_ONLY:-single}" = single ] || [ -z "${XTB_ONLY:-}" ]; then
   attempt single "$HERE/boot.sh" --name single --timeout "${XTB_SINGLE_TIMEOUT:-600}" "${BARGS[@]}" "$HERE/lib/suite-single.sh"
 fi
-if [ "${XTB_ONLY:-pair}" = pair ] || [ -z "${XTB_ONLY:-}" ]; then
+# The pair is not yet reliable under TCG (dom0 processes crash or dom0 freezes around
+# xl create/restore in about half of the loaded runs, see README.md): it runs when asked for
+# (XTB_PAIR=1 or XTB_ONLY=pair) and is otherwise reported as not run, never as passed.
+RAN="single host"
+if [ "${XTB_ONLY:-}" = pair ] || { [ -z "${XTB_ONLY:-}" ] && [ "${XTB_PAIR:-0}" = 1 ]; }; then
   attempt pair "$HERE/pair.sh" --name pair --timeout "${XTB_PAIR_TIMEOUT:-600}" "${BARGS[@]}" "$HERE/lib/suite-pair.sh"
+  RAN="single host + pair"
+  [ "${XTB_ONLY:-}" = pair ] && RAN="pair"
+elif [ -z "${XTB_ONLY:-}" ]; then
+  banner "xen-nested: NOT RUN: pair (two dom0 hosts) - known TCG dom0 crash under load; XTB_PAIR=1 runs it"
 fi
 
 # keep the newest 30 run dirs
@@ -129,5 +137,5 @@ printf '%s\n' "${SUMMARY[@]}"
 echo "TIMING xen-nested-total $(fmt $(( $(usec) - T0 )))"
 [ ${#RETRIED[@]} -gt 0 ] && banner "xen-nested: FLAKY: needed a retry: ${RETRIED[*]}"
 if [ ${#FAILED[@]} -gt 0 ]; then banner "xen-nested: FAILED: ${FAILED[*]} (run dirs under ${XTB_RUNS:-/var/tmp/xensnap-testbed/runs})"; exit 1; fi
-banner "xen-nested: PASSED (single host + pair)"
+banner "xen-nested: PASSED ($RAN)"
 exit 0
