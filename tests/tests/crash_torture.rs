@@ -1,5 +1,6 @@
 //! Crash torture: random workloads (writes, flushes, discards, checkpoint create / revert /
-//! delete) on the fault-injecting image I/O. Each trial cuts the power at a random write or
+//! delete, and the two-phase forms: take, revert switch and delete begin with background
+//! durability steps and waits interleaved with guest writes) on the fault-injecting image I/O. Each trial cuts the power at a random write or
 //! flush (the I/O layer fails from there on, and the surviving bytes are what a power loss
 //! could leave: unsynced writes dropped, kept or torn at 512-byte granularity, in any order).
 //! After every crash it asserts the engine's guarantees:
@@ -7,8 +8,13 @@
 //! - `check` finds no corruption (leaks are allowed) and `repair` leaves it clean;
 //! - every write acknowledged before a completed flush (or checkpoint operation) is there;
 //!   any later write is either there or not, sector by sector;
-//! - every checkpoint reported created is intact; one caught mid-create or mid-delete is
-//!   either intact or absent; a revert caught midway is all-or-nothing;
+//! - the crashed bytes as they are (before any repair) have no refcount below its references:
+//!   a crash only leaks;
+//! - every checkpoint reported created — by `checkpoint_create`, or listed `durable` after a
+//!   background step — is intact; one caught mid-create or mid-delete, taken but not durable,
+//!   or whose deletion began but is not durable, is either intact or absent; nothing else is
+//!   listed; a revert caught midway is all-or-nothing, and a revert switch not yet durable
+//!   leaves the disk either as before the switch or as the checkpoint plus later writes;
 //! - the repaired image passes the real `qemu-img check` (every 20th trial) and keeps working.
 //!
 //! `XENSNAP_CRASH_POINTS` sets the number of trials (default 1000; the long mode uses more).
@@ -17,7 +23,7 @@ use rand::{rngs::StdRng, Rng, SeedableRng};
 use std::collections::hash_map::DefaultHasher;
 use std::collections::HashSet;
 use std::hash::{Hash, Hasher};
-use xensnap_qcow2::{CreateOptions, FaultIo, ImageIo, MemIo, OpenOptions, Qcow2};
+use xensnap_qcow2::{CheckpointState, CreateOptions, FaultIo, ImageIo, MemIo, OpenOptions, Qcow2};
 
 const SECTOR: usize = 512;
 
@@ -29,6 +35,11 @@ enum Op {
     Create(String),
     Revert(usize),
     Delete(usize),
+    Take(String),
+    Step(usize),
+    RevertSwitch(usize),
+    DeleteBegin(usize),
+    Wait,
 }
 
 fn h(data: &[u8]) -> u64 {
@@ -43,16 +54,24 @@ fn gen_ops(rng: &mut StdRng, sectors: usize, n: usize) -> Vec<Op> {
     for _ in 0..n {
         let s = rng.gen_range(0..sectors);
         let len = rng.gen_range(1..=(sectors - s).min(160));
-        ops.push(match rng.gen_range(0..20) {
-            0..=8 => Op::Write { sector: s, sectors: len, seed: rng.gen() },
+        ops.push(match rng.gen_range(0..30) {
+            0..=8 | 26..=28 => Op::Write { sector: s, sectors: len, seed: rng.gen() },
             9 => Op::Discard { sector: s, sectors: len },
             10..=12 => Op::Flush,
-            13..=15 => {
+            13..=14 => {
                 names += 1;
                 Op::Create(format!("c{names}"))
             }
-            16..=17 => Op::Revert(rng.gen()),
-            _ => Op::Delete(rng.gen()),
+            15 => Op::Revert(rng.gen()),
+            16 => Op::Delete(rng.gen()),
+            17..=19 => {
+                names += 1;
+                Op::Take(format!("c{names}"))
+            }
+            20..=22 => Op::Step(rng.gen_range(1..4)),
+            23 => Op::RevertSwitch(rng.gen()),
+            24 => Op::DeleteBegin(rng.gen()),
+            _ => Op::Wait,
         });
     }
     ops
@@ -114,6 +133,37 @@ struct Outcome {
     maybe: Option<(String, Vec<u8>)>,
     /// A revert caught midway: the disk is either `expect` or exactly this.
     revert_to: Option<Vec<u8>>,
+    /// Taken, not (yet seen) durable: may or may not exist.
+    taken: Vec<(String, Vec<u8>)>,
+    /// Deletion begun, not durable: may or may not exist.
+    deleting: Vec<(String, Vec<u8>)>,
+    /// A revert switch not known durable: the disk may still be as before it.
+    alt: Option<Expect>,
+}
+
+impl Outcome {
+    /// After a successful operation: taken checkpoints listed durable are now musts; with
+    /// nothing pending, deletions and switches are durable.
+    fn promote(&mut self, img: &Qcow2) {
+        let list = img.checkpoint_list();
+        let durable = |n: &str| list.iter().any(|c| c.name == n && c.state == CheckpointState::Durable);
+        let (now, still): (Vec<_>, Vec<_>) = self.taken.drain(..).partition(|(n, _)| durable(n));
+        self.must.extend(now);
+        self.taken = still;
+        if !img.durable_pending() {
+            self.deleting.clear();
+            self.alt = None;
+        }
+    }
+    fn visible(&self) -> Vec<(String, Vec<u8>)> {
+        self.must.iter().chain(self.taken.iter()).cloned().collect()
+    }
+    fn remove_visible(&mut self, name: &str) -> Option<(String, Vec<u8>)> {
+        if let Some(p) = self.must.iter().position(|c| c.0 == name) {
+            return Some(self.must.remove(p));
+        }
+        self.taken.iter().position(|c| c.0 == name).map(|p| self.taken.remove(p))
+    }
 }
 
 /// An image I/O that lies about flushes (acknowledges them without making anything durable):
@@ -148,7 +198,15 @@ fn run_until_failure(t: &Trial, io: &FaultIo, lying: bool) -> Outcome {
         // The lie starts after creation, so that an image exists on "disk".
         let _ = io.clone().flush();
     }
-    let mut o = Outcome { expect: Expect::new(t.size), must: vec![], maybe: None, revert_to: None };
+    let mut o = Outcome {
+        expect: Expect::new(t.size),
+        must: vec![],
+        maybe: None,
+        revert_to: None,
+        taken: vec![],
+        deleting: vec![],
+        alt: None,
+    };
     o.expect.settle();
     // The crash point is armed by the caller through `io` after creation.
     ARM.with(|a| io.fail_after(a.get()));
@@ -167,6 +225,7 @@ fn run_until_failure(t: &Trial, io: &FaultIo, lying: bool) -> Outcome {
                 let r = img.flush().is_ok();
                 if r {
                     o.expect.settle();
+                    o.alt = None;
                 }
                 r
             }
@@ -174,6 +233,7 @@ fn run_until_failure(t: &Trial, io: &FaultIo, lying: bool) -> Outcome {
                 let content = o.expect.current.clone();
                 if img.checkpoint_create(name).is_ok() {
                     o.expect.settle();
+                    o.alt = None;
                     o.must.push((name.clone(), content));
                     true
                 } else {
@@ -182,12 +242,14 @@ fn run_until_failure(t: &Trial, io: &FaultIo, lying: bool) -> Outcome {
                 }
             }
             Op::Revert(i) => {
-                if o.must.is_empty() {
+                let vis = o.visible();
+                if vis.is_empty() {
                     continue;
                 }
-                let (name, content) = o.must[i % o.must.len()].clone();
+                let (name, content) = vis[i % vis.len()].clone();
                 if img.checkpoint_revert(&name).is_ok() {
                     o.expect.reset_to(&content);
+                    o.alt = None;
                     true
                 } else {
                     o.revert_to = Some(content);
@@ -195,10 +257,12 @@ fn run_until_failure(t: &Trial, io: &FaultIo, lying: bool) -> Outcome {
                 }
             }
             Op::Delete(i) => {
-                if o.must.is_empty() {
+                let vis = o.visible();
+                if vis.is_empty() {
                     continue;
                 }
-                let victim = o.must.remove(i % o.must.len());
+                let name = vis[i % vis.len()].0.clone();
+                let victim = o.remove_visible(&name).expect("visible");
                 if img.checkpoint_delete(&victim.0).is_ok() {
                     true
                 } else {
@@ -206,10 +270,48 @@ fn run_until_failure(t: &Trial, io: &FaultIo, lying: bool) -> Outcome {
                     false
                 }
             }
+            Op::Take(name) => {
+                let content = o.expect.current.clone();
+                img.checkpoint_take(name).expect("take does no I/O and cannot fail here");
+                o.taken.push((name.clone(), content));
+                true
+            }
+            Op::Step(n) => img.durable_step(*n).is_ok(),
+            Op::Wait => img.wait_durable().is_ok(),
+            Op::RevertSwitch(i) => {
+                let vis = o.visible();
+                if vis.is_empty() {
+                    continue;
+                }
+                let (name, content) = vis[i % vis.len()].clone();
+                let before = o.expect.clone();
+                if img.checkpoint_revert_switch(&name).is_ok() {
+                    o.alt = Some(before);
+                    o.expect.reset_to(&content);
+                    true
+                } else {
+                    false
+                }
+            }
+            Op::DeleteBegin(i) => {
+                let vis = o.visible();
+                if vis.is_empty() {
+                    continue;
+                }
+                let name = vis[i % vis.len()].0.clone();
+                img.checkpoint_delete_begin(&name).expect("delete begin does no I/O");
+                let victim = o.remove_visible(&name).expect("visible");
+                o.deleting.push(victim);
+                true
+            }
         };
         if !ok {
+            if std::env::var_os("XENSNAP_CRASH_DEBUG").is_some() {
+                eprintln!("crash during {op:?}");
+            }
             break;
         }
+        o.promote(&img);
     }
     std::mem::forget(img); // the "machine" dies: no destructor may write anything
     o
@@ -221,6 +323,12 @@ thread_local! {
 
 fn verify(trial_no: usize, t: &Trial, o: &Outcome, crashed: Vec<u8>, qemu_check: bool) -> Result<(), String> {
     let ctx = |what: &str| format!("trial {trial_no} (cluster_bits {}, ops {:?}): {what}", t.cluster_bits, t.ops);
+    // The crashed bytes as they are: a crash only leaks (no refcount below its references).
+    let mut raw = Qcow2::open(Box::new(MemIo::from_bytes(crashed.clone())), &OpenOptions { read_only: true })
+        .map_err(|e| ctx(&format!("read-only open after crash failed: {e}")))?;
+    let rep = raw.check().map_err(|e| ctx(&format!("read-only check failed: {e}")))?;
+    ensure(rep.corruptions == 0 && rep.overlaps == 0, || ctx(&format!("crashed image has refcounts below references: {rep:?}")))?;
+    drop(raw);
     let mem = MemIo::from_bytes(crashed);
     let mut img = Qcow2::open(Box::new(mem.clone()), &OpenOptions { read_only: false })
         .map_err(|e| ctx(&format!("open after crash failed: {e}")))?;
@@ -232,19 +340,27 @@ fn verify(trial_no: usize, t: &Trial, o: &Outcome, crashed: Vec<u8>, qemu_check:
 
     let mut disk = vec![0u8; t.size];
     img.read(0, &mut disk).map_err(|e| ctx(&format!("read failed: {e}")))?;
+    let alt_ok = o.alt.as_ref().is_some_and(|a| a.matches(&disk).is_none());
     match (&o.revert_to, o.expect.matches(&disk)) {
         (_, None) => {}
+        _ if alt_ok => {}
         (Some(r), Some(_)) if *r == disk => {}
         (_, Some(sector)) => return Err(ctx(&format!("sector {sector} holds data that was never acknowledged-and-flushed there"))),
     }
     let listed: Vec<String> = img.checkpoint_list().into_iter().map(|s| s.name).collect();
+    let maybes: Vec<&(String, Vec<u8>)> = o.maybe.iter().chain(o.taken.iter()).chain(o.deleting.iter()).collect();
+    for name in &listed {
+        ensure(o.must.iter().chain(maybes.iter().copied()).any(|c| &c.0 == name), || {
+            ctx(&format!("checkpoint {name} is listed but was never created, or its deletion was durable"))
+        })?;
+    }
     let mut buf = vec![0u8; t.size];
     for (name, content) in &o.must {
         ensure(listed.contains(name), || ctx(&format!("checkpoint {name} reported created is missing: {listed:?}")))?;
         img.read_checkpoint(name, 0, &mut buf).map_err(|e| ctx(&format!("read {name}: {e}")))?;
         ensure(&buf == content, || ctx(&format!("checkpoint {name} content changed")))?;
     }
-    if let Some((name, content)) = &o.maybe {
+    for (name, content) in maybes {
         if listed.contains(name) {
             img.read_checkpoint(name, 0, &mut buf).map_err(|e| ctx(&format!("read {name}: {e}")))?;
             ensure(&buf == content, || ctx(&format!("half-made/half-deleted checkpoint {name} is listed but differs")))?;
@@ -276,6 +392,7 @@ fn crash_torture() {
     let points: usize = std::env::var("XENSNAP_CRASH_POINTS").ok().and_then(|s| s.parse().ok()).unwrap_or(1000);
     let base_seed: u64 = std::env::var("XENSNAP_CRASH_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x0c0ffee);
     let mut kinds = [0usize; 6];
+    let (mut pending_at_crash, mut switch_at_crash) = (0usize, 0usize);
     for trial_no in 0..points {
         let seed = base_seed.wrapping_add(trial_no as u64);
         let mut rng = StdRng::seed_from_u64(seed);
@@ -296,16 +413,19 @@ fn crash_torture() {
         ARM.with(|a| a.set(Some(k)));
         let o = run_until_failure(&t, &io, false);
         kinds[usize::from(o.maybe.is_some()) + 2 * usize::from(o.revert_to.is_some())] += 1;
+        pending_at_crash += usize::from(!o.taken.is_empty() || !o.deleting.is_empty());
+        switch_at_crash += usize::from(o.alt.is_some());
         let crashed = io.crash(seed);
         if let Err(e) = verify(trial_no, &t, &o, crashed, trial_no % 20 == 0) {
             panic!("{e}");
         }
     }
     eprintln!(
-        "crash torture: {points} crash points; caught mid-create/delete: {}, mid-revert: {}",
+        "crash torture: {points} crash points; caught mid-create/delete: {}, mid-revert: {}, with taken or deleting checkpoints not durable: {pending_at_crash}, with a revert switch not durable: {switch_at_crash}",
         kinds[1] + kinds[3],
         kinds[2] + kinds[3]
     );
+    assert!(pending_at_crash > points / 20 && switch_at_crash > points / 100, "the two-phase states are not exercised");
 }
 
 /// The same torture over an I/O layer that acknowledges flushes without making anything

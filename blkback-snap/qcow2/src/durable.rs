@@ -271,16 +271,22 @@ impl Qcow2 {
         if (new_l1.len() as u64) < need {
             new_l1.resize(need as usize, 0);
         }
-        let old_loc = (self.h.l1_table_offset, u64::from(self.h.l1_size) * 8);
+        // The old tree's unwritten L1 changes are dropped with it, so the decreases waiting
+        // for them must wait for the switch instead: the drop job applies them.
+        let mut free = vec![(self.h.l1_table_offset, u64::from(self.h.l1_size) * 8)];
+        free.append(&mut self.pending_free);
         let old_l1 = std::mem::replace(&mut self.l1, new_l1);
         let d = self.new_mem(old_l1);
         self.relink_active(Tree::Mem(d));
-        self.l1_dirty.clear();
+        let sectors = std::mem::take(&mut self.l1_dirty);
+        if !sectors.is_empty() {
+            self.old_l1_dirty = Some((d, self.h.l1_table_offset, sectors));
+        }
         self.l1_unpublished = true;
         self.h.size = size;
         self.decomp = None;
         self.jobs.push_back(Job::Link { pred: tree, succ: Tree::Active, cursor: 0, then: Then::Switch });
-        self.jobs.push_back(Job::Drop { what: DropWhat::OldActive, tree: Some(Tree::Mem(d)), cursor: 0, free: vec![old_loc] });
+        self.jobs.push_back(Job::Drop { what: DropWhat::OldActive, tree: Some(Tree::Mem(d)), cursor: 0, free });
         info!(id = %sn.id, name = %sn.name, "switched to checkpoint");
         Ok(())
     }
@@ -619,7 +625,8 @@ impl Qcow2 {
     /// Publish the active L1 after a revert switch: new location, flushed, header switch.
     fn commit_switch(&mut self) -> Result<()> {
         let cs = self.cs;
-        self.writeback()?;
+        self.writeback()?; // includes the old tree's last L1 changes
+        self.old_l1_dirty = None;
         let bytes = Self::l1_bytes(&self.l1, false);
         let new_off = if bytes.is_empty() { 0 } else { self.alloc_clusters((bytes.len() as u64).div_ceil(cs))? };
         if new_off != 0 {

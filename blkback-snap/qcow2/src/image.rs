@@ -116,6 +116,10 @@ pub struct Qcow2 {
     /// A revert switch is not committed yet: the active L1 has no home on disk, so it is not
     /// written back (flush completes the switch first).
     pub(crate) l1_unpublished: bool,
+    /// While a switch is not committed, the old active tree is still the published one: its
+    /// unwritten L1 sectors (memory tree id, L1 offset, sectors) are written back to its
+    /// old home, so pointer removals it made reach disk before anything relies on them.
+    pub(crate) old_l1_dirty: Option<(u64, u64, BTreeSet<u64>)>,
     /// A write dropped a reference whose count was handed over to a pending checkpoint: a
     /// crash before that checkpoint is durable leaks clusters, so the dirty bit is set
     /// before the next write-back (and cleared when all work is durable).
@@ -309,6 +313,7 @@ impl Qcow2 {
             next_mem: 1,
             fresh: std::collections::HashSet::new(),
             l1_unpublished: false,
+            old_l1_dirty: None,
             leak_window: false,
             h,
         };
@@ -882,6 +887,25 @@ impl Qcow2 {
     }
 
     fn write_dirty_l1(&mut self) -> Result<()> {
+        if let Some((m, off, sectors)) = self.old_l1_dirty.take() {
+            let t = self.mem_l1.get(&m).cloned().unwrap_or_default();
+            for sector in &sectors {
+                let first = (sector * 64) as usize;
+                let last = (first + 64).min(t.len());
+                let mut b = vec![0u8; (last.saturating_sub(first)) * 8];
+                for (k, i) in (first..last).enumerate() {
+                    put_be64(&mut b, k * 8, t.get(i).copied().unwrap_or(0));
+                }
+                let at = off + sector * 512;
+                if let Err(e) = self.io.write_at(&b, at) {
+                    self.old_l1_dirty = Some((m, off, sectors.clone()));
+                    return Err(Error::io(format!("writing the old active L1 table at {at:#x}"), e));
+                }
+            }
+        }
+        if self.l1_unpublished {
+            return Ok(());
+        }
         let dirty = std::mem::take(&mut self.l1_dirty);
         for sector in &dirty {
             let first = (sector * 64) as usize;
@@ -924,7 +948,7 @@ impl Qcow2 {
             self.sync("L2 tables")?;
             synced = true;
         }
-        if !self.l1_dirty.is_empty() && !self.l1_unpublished {
+        if (!self.l1_dirty.is_empty() && !self.l1_unpublished) || self.old_l1_dirty.is_some() {
             if !synced {
                 self.sync("data before L1 table")?;
             }
