@@ -5,6 +5,7 @@
 //! `migrate`) arrive with the backend and the daemon.
 
 mod control;
+mod domain;
 mod image;
 mod size;
 
@@ -23,6 +24,7 @@ enum Command {
     /// Work on qcow2 images: create, inspect, check, checkpoint, serve over NBD.
     #[command(subcommand)]
     Image(image::ImageCmd),
+    #[command(flatten)] Domain(domain::DomainCmd),
 }
 
 fn main() -> ExitCode {
@@ -36,6 +38,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.cmd {
         Command::Image(cmd) => image::run(cmd),
+        Command::Domain(cmd) => domain::run(cmd),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

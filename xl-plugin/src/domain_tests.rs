@@ -1,0 +1,320 @@
+//! Ordering and failure paths of the checkpoint driver over a fake Xen/xl/backends.
+use super::*;
+use std::cell::RefCell;
+use std::rc::Rc;
+
+/// A scripted world: xl save's progress is a sequence of ticks; the domain is Running,
+/// then Suspended for `suspended_ticks` polls, then Running (`-c`) or Paused (`-p`).
+#[derive(Default)]
+struct World {
+    log: Vec<String>,
+    tick: u32,
+    suspend_at: u32,
+    resume_at: u32,
+    end_at: u32,
+    xl_fails: bool,
+    mode: Option<Mode>,
+    fail_op: Option<(String, String)>, // (op, vdev)
+    take_unsupported: bool,
+    // the domain resumes right after this many quiesce calls (the "late watch" race)
+    resume_after_quiesce: bool,
+    started: bool,
+    unpaused: bool,
+    removed: Vec<PathBuf>,
+    checkpoints: Vec<(String, String)>, // (vdev, name)
+    // what the disk saw relative to the guest: (vdev, taken while suspended?)
+    taken_while: Vec<(String, DomState)>,
+}
+
+#[derive(Clone)]
+struct Fake(Rc<RefCell<World>>);
+
+impl World {
+    fn state(&self) -> DomState {
+        if !self.started || self.tick < self.suspend_at {
+            DomState::Running
+        } else if self.tick < self.resume_at {
+            DomState::Suspended
+        } else if self.unpaused {
+            DomState::Running
+        } else {
+            match self.mode {
+                Some(Mode::Save) if !self.xl_fails => DomState::Paused,
+                _ => DomState::Running,
+            }
+        }
+    }
+}
+
+struct Job(Rc<RefCell<World>>);
+impl SaveJob for Job {
+    fn poll(&mut self) -> Option<Result<(), String>> {
+        let mut w = self.0.borrow_mut();
+        w.tick += 1;
+        if w.tick >= w.end_at {
+            let r = if w.xl_fails { "fail" } else { "ok" };
+            w.log.push(format!("xl-save-exit({r})"));
+            Some(if w.xl_fails { Err("exit status 1: Failed to save domain".into()) } else { Ok(()) })
+        } else {
+            None
+        }
+    }
+}
+
+impl Env for Fake {
+    fn domain_state(&self, _domid: u32) -> DomState {
+        self.0.borrow().state()
+    }
+    fn backend(&self, disk: &Disk, req: &Value) -> Result<Value, String> {
+        let mut w = self.0.borrow_mut();
+        let op = req["op"].as_str().unwrap().to_string();
+        w.log.push(format!("{op}({})", disk.vdev));
+        if op == "checkpoint-take" && w.take_unsupported {
+            return Err("bad request: unknown variant `checkpoint-take`".into());
+        }
+        if let Some((fop, fdev)) = &w.fail_op {
+            if *fop == op && *fdev == disk.vdev {
+                return Err(format!("{op} refused by fake"));
+            }
+        }
+        match op.as_str() {
+            "quiesce" => {
+                if w.resume_after_quiesce {
+                    w.resume_at = w.tick; // xl resumed the guest meanwhile
+                }
+                Ok(json!({"drained": 1, "connected": true}))
+            }
+            "checkpoint-take" | "checkpoint-create" => {
+                let st = w.state();
+                w.taken_while.push((disk.vdev.clone(), st));
+                let n = req["name"].as_str().unwrap().to_string();
+                w.checkpoints.push((disk.vdev.clone(), n));
+                Ok(json!({}))
+            }
+            "checkpoint-delete" => {
+                let n = req["checkpoint"].as_str().unwrap().to_string();
+                let v = disk.vdev.clone();
+                w.checkpoints.retain(|(d, c)| !(d == &v && c == &n));
+                Ok(json!({}))
+            }
+            _ => Ok(json!({})),
+        }
+    }
+    fn start_save(&self, _domid: u32, _file: &Path, mode: Mode) -> Result<Box<dyn SaveJob>, String> {
+        let mut w = self.0.borrow_mut();
+        w.log.push(format!("xl-save-start({mode:?})"));
+        w.started = true;
+        w.mode = Some(mode);
+        Ok(Box::new(Job(self.0.clone())))
+    }
+    fn unpause(&self, _domid: u32) -> Result<(), String> {
+        let mut w = self.0.borrow_mut();
+        w.log.push("unpause".into());
+        w.unpaused = true;
+        Ok(())
+    }
+    fn destroy(&self, _domid: u32) -> Result<(), String> {
+        self.0.borrow_mut().log.push("destroy".into());
+        Ok(())
+    }
+    fn remove_file(&self, p: &Path) {
+        let mut w = self.0.borrow_mut();
+        w.log.push("rm-memory".into());
+        w.removed.push(p.to_path_buf());
+    }
+    fn sleep(&self, _d: Duration) {}
+    fn now(&self) -> Instant {
+        Instant::now()
+    }
+}
+
+fn disks() -> Vec<Disk> {
+    ["xvda", "xvdb"]
+        .iter()
+        .map(|v| Disk {
+            vdev: v.to_string(),
+            backend: format!("/local/domain/0/backend/vbd/5/{v}"),
+            socket: PathBuf::from(format!("/run/xensnap/{v}.sock")),
+            image: PathBuf::from(format!("/img/{v}.qcow2")),
+            pid: None,
+        })
+        .collect()
+}
+
+fn world() -> Fake {
+    Fake(Rc::new(RefCell::new(World { suspend_at: 3, resume_at: 10, end_at: 12, ..Default::default() })))
+}
+
+fn run(f: &Fake, mode: Mode) -> Result<BarrierReport, StepError> {
+    snapshot(f, 5, &disks(), Path::new("/s/mem"), "c1", mode, &Opts::default())
+}
+
+fn pos(log: &[String], s: &str) -> usize {
+    log.iter().position(|x| x == s).unwrap_or_else(|| panic!("{s} not in {log:?}"))
+}
+
+#[test]
+fn checkpoint_orders_quiesce_take_resume_inside_the_suspended_window() {
+    let f = world();
+    let rep = run(&f, Mode::Checkpoint).unwrap();
+    let w = f.0.borrow();
+    let l = &w.log;
+    // every quiesce before every take, every take before any resume; all while suspended
+    assert!(pos(l, "quiesce(xvdb)") < pos(l, "checkpoint-take(xvda)"), "{l:?}");
+    assert!(pos(l, "checkpoint-take(xvdb)") < pos(l, "resume(xvda)"), "{l:?}");
+    assert!(pos(l, "resume(xvdb)") < pos(l, "xl-save-exit(ok)"), "{l:?}");
+    assert!(w.taken_while.iter().all(|(_, s)| *s == DomState::Suspended), "{:?}", w.taken_while);
+    assert_eq!(w.checkpoints.len(), 2);
+    assert!(rep.inside_window);
+    assert_eq!(rep.drained, 2);
+    assert!(w.removed.is_empty() && !w.log.contains(&"unpause".to_string()));
+    // nothing touches the backends before the guest stopped
+    assert_eq!(l[0], "xl-save-start(Checkpoint)");
+}
+
+#[test]
+fn take_falls_back_to_checkpoint_create() {
+    let f = world();
+    f.0.borrow_mut().take_unsupported = true;
+    run(&f, Mode::Checkpoint).unwrap();
+    let w = f.0.borrow();
+    assert!(w.log.contains(&"checkpoint-create(xvda)".to_string()));
+    assert_eq!(w.checkpoints.len(), 2);
+}
+
+#[test]
+fn failed_quiesce_resumes_backends_and_discards_memory() {
+    let f = world();
+    f.0.borrow_mut().fail_op = Some(("quiesce".into(), "xvdb".into()));
+    let e = run(&f, Mode::Checkpoint).unwrap_err();
+    assert_eq!(e.step, "quiesce");
+    assert!(e.msg.contains("xvdb"), "{e}");
+    let w = f.0.borrow();
+    assert!(w.log.contains(&"resume(xvda)".into()) && w.log.contains(&"resume(xvdb)".into()), "{:?}", w.log);
+    assert!(w.checkpoints.is_empty());
+    assert_eq!(w.removed, vec![PathBuf::from("/s/mem")]);
+    assert!(e.to_string().contains("memory image /s/mem deleted"), "{e}");
+    assert_eq!(w.state(), DomState::Running);
+}
+
+#[test]
+fn failed_take_on_second_disk_deletes_the_first_and_resumes() {
+    let f = world();
+    f.0.borrow_mut().fail_op = Some(("checkpoint-take".into(), "xvdb".into()));
+    let e = run(&f, Mode::Checkpoint).unwrap_err();
+    assert_eq!(e.step, "disk-checkpoint");
+    let w = f.0.borrow();
+    assert!(w.checkpoints.is_empty(), "half-made disk checkpoint left: {:?}", w.checkpoints);
+    assert!(pos(&w.log, "checkpoint-delete(xvda)") < pos(&w.log, "resume(xvda)"));
+    assert!(w.log.contains(&"resume(xvdb)".into()));
+    assert_eq!(w.removed.len(), 1);
+    assert_eq!(w.state(), DomState::Running);
+}
+
+#[test]
+fn failed_memory_save_deletes_the_disk_checkpoint() {
+    let f = world();
+    f.0.borrow_mut().xl_fails = true;
+    let e = run(&f, Mode::Checkpoint).unwrap_err();
+    assert_eq!(e.step, "memory-save");
+    assert!(e.msg.contains("Failed to save domain"));
+    let w = f.0.borrow();
+    assert!(w.checkpoints.is_empty());
+    assert!(pos(&w.log, "xl-save-exit(fail)") < pos(&w.log, "checkpoint-delete(xvda)"));
+    assert_eq!(w.removed.len(), 1);
+    assert_eq!(w.state(), DomState::Running);
+}
+
+#[test]
+fn missed_window_is_a_clean_failure() {
+    let f = world();
+    f.0.borrow_mut().resume_after_quiesce = true;
+    let e = run(&f, Mode::Checkpoint).unwrap_err();
+    assert_eq!(e.step, "suspend-window");
+    let w = f.0.borrow();
+    assert!(w.checkpoints.is_empty() && w.taken_while.is_empty());
+    assert!(w.log.contains(&"resume(xvda)".into()) && w.log.contains(&"resume(xvdb)".into()));
+    assert_eq!(w.removed.len(), 1);
+}
+
+#[test]
+fn never_suspended_is_a_failure_not_a_silent_memory_only_checkpoint() {
+    let f = world();
+    {
+        let mut w = f.0.borrow_mut();
+        w.suspend_at = 100;
+        w.resume_at = 100;
+    }
+    let e = run(&f, Mode::Checkpoint).unwrap_err();
+    assert_eq!(e.step, "suspend-window");
+    assert_eq!(f.0.borrow().removed.len(), 1);
+    assert!(!f.0.borrow().log.iter().any(|l| l.starts_with("quiesce")));
+}
+
+#[test]
+fn save_mode_leaves_paused_on_success_and_unpauses_on_failure() {
+    let f = world();
+    run(&f, Mode::Save).unwrap();
+    assert_eq!(f.0.borrow().state(), DomState::Paused);
+    assert!(!f.0.borrow().log.contains(&"unpause".into()));
+    // the caller's finishing step fails: everything undone, domain runs
+    let e = abort_save(&f, 5, &disks(), Path::new("/s/mem"), "c1", "write-save-file", "disk full".into());
+    assert_eq!(e.step, "write-save-file");
+    assert_eq!(f.0.borrow().state(), DomState::Running);
+    assert!(f.0.borrow().checkpoints.is_empty());
+
+    let f = world();
+    f.0.borrow_mut().fail_op = Some(("checkpoint-take".into(), "xvda".into()));
+    let e = run(&f, Mode::Save).unwrap_err();
+    assert_eq!(e.step, "disk-checkpoint");
+    let w = f.0.borrow();
+    assert!(w.log.contains(&"unpause".into()), "{:?}", w.log);
+    assert!(!w.log.contains(&"destroy".into()));
+    assert_eq!(w.state(), DomState::Running);
+}
+
+#[test]
+fn negative_control_takes_disk_while_running() {
+    let f = world();
+    unsafe_disk_first(&f, 5, &disks(), Path::new("/s/mem"), "bad", 10).unwrap();
+    let w = f.0.borrow();
+    assert!(w.taken_while.iter().all(|(_, s)| *s == DomState::Running));
+    assert!(pos(&w.log, "checkpoint-take(xvda)") < pos(&w.log, "xl-save-start(Checkpoint)"));
+}
+
+fn fake_xl_file(config: &[u8], body: &[u8]) -> Vec<u8> {
+    let mut v = XL_MAGIC.to_vec();
+    v.extend_from_slice(&0x0102_0304u32.to_ne_bytes());
+    v.extend_from_slice(&1u32.to_ne_bytes()); // mandatory: JSON config
+    v.extend_from_slice(&0u32.to_ne_bytes());
+    v.extend_from_slice(&((4 + config.len()) as u32).to_ne_bytes());
+    v.extend_from_slice(&(config.len() as u32).to_ne_bytes());
+    v.extend_from_slice(config);
+    v.extend_from_slice(body);
+    v
+}
+
+#[test]
+fn metadata_rides_in_the_xl_header_after_the_config() {
+    let meta = Meta { version: 1, domain: "g".into(), domid: 5, disk_checkpoint: "c1".into(), disks: disks(), created: 7 };
+    let cfg = br#"{"c_info":{"name":"g"}}"#;
+    let body = b"LibxenguestStream....memory....".repeat(100);
+    let src = fake_xl_file(cfg, &body);
+    assert_eq!(read_embedded_meta(&mut &src[..]).unwrap(), None);
+    let mut out = Vec::new();
+    embed_meta(&mut &src[..], &mut out, &meta).unwrap();
+    assert_eq!(read_embedded_meta(&mut &out[..]).unwrap(), Some(meta));
+    // What xl's restore reads: magic, flags unchanged, config first, stream after optdata.
+    assert_eq!(&out[..40], &src[..40]);
+    let olen = u32::from_ne_bytes(out[44..48].try_into().unwrap()) as usize;
+    let clen = u32::from_ne_bytes(out[48..52].try_into().unwrap()) as usize;
+    assert_eq!(&out[52..52 + clen], cfg);
+    assert_eq!(&out[48 + olen..], &body[..]);
+    assert!(embed_meta(&mut &b"garbage".repeat(10)[..], &mut Vec::new(), &Meta { disks: vec![], ..read_embedded_meta(&mut &out[..]).unwrap().unwrap() }).is_err());
+}
+
+#[test]
+fn names() {
+    assert!(valid_name("ck-1_2.3"));
+    assert!(!valid_name("../x") && !valid_name("") && !valid_name("a b") && !valid_name(".h"));
+}
