@@ -13,7 +13,31 @@
 //! * `flush` writes back metadata in dependency order (refblocks, barrier, L2 tables,
 //!   barrier, L1, barrier, then deferred refcount decreases), so it costs up to four
 //!   fdatasyncs when metadata changed and one otherwise.
-//! * `checkpoint_create`/`revert`/`delete` flush first and return only when durable.
+//! * `checkpoint_create`/`revert`/`delete` return only when durable (they are the two-phase
+//!   operations below run to completion, after any earlier background work).
+//!
+//! Two-phase checkpoints (see `durable.rs` for the accounting model):
+//! * [`Qcow2::checkpoint_take`] fixes the point in time with O(L1) work in memory and no I/O:
+//!   it copies the active L1 and makes every allocated cluster shared for the writer (the
+//!   set of clusters allocated since the take starts empty). The checkpoint is listed with
+//!   state `taken` and readable at once.
+//! * [`Qcow2::durable_step`]`(budget)` does bounded background work (about `budget` L2
+//!   tables, or one commit of a few writes and flushes) and returns whether everything is
+//!   durable; [`Qcow2::wait_durable`] loops it; [`Qcow2::durable_pending`] tells whether
+//!   work is queued. A server runs steps from a driver thread under the same lock as guest
+//!   I/O (`SharedImage`); guest writes stay correct in between.
+//! * [`Qcow2::checkpoint_revert_switch`] switches the guest-visible disk in O(L1);
+//!   [`Qcow2::checkpoint_delete_begin`] hides a checkpoint at once. Their refcount work is
+//!   background work too. `flush` completes a pending switch first (writes after a switch
+//!   are durable only with it), as does a second switch.
+//! * Several operations may be queued; they become durable in order. On disk a refcount is
+//!   never below its published references (a crash only leaks); a crash loses taken
+//!   checkpoints and switches/deletions not yet durable, never a durable checkpoint. When a
+//!   guest write hands a cluster over to a taken checkpoint (the leak a crash would leave),
+//!   the dirty bit is set before the next write-back and cleared once all work is durable,
+//!   so our open and QEMU's open rebuild the refcounts after a crash.
+//! * `close` finishes pending work; dropping the engine without `close` drops it (the image
+//!   stays consistent).
 //! * [`Qcow2`] is not internally synchronised: use one owner, or [`SharedImage`]
 //!   (`Arc<Mutex<Qcow2>>`) which serialises every request.
 //! * A data cluster is written in place iff its refcount is 1 (the refcount, not the COPIED
