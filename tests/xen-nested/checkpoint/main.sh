@@ -1,0 +1,150 @@
+#!/bin/bash
+# main.sh - dom0 script of the xl-snap checkpoint test (run via run.sh / boot.sh).
+# A PV guest (ck1) runs checker (see checker.c) on xvda, a qcow2 served by blkback-snap.
+#  1. CK_ROUNDS rounds: random pause, `xl-snap checkpoint ck1 rN`, random pause (the checker goes
+#     on), `xl-snap revert ck1 rN`; the first checker line after the restore must be CK-GAP
+#     (in-memory counter == the disk's last record, next sector empty), never CK-MISMATCH.
+#  2. `xl-snap save` + `xl-snap restore` (plain `xl restore` runs on the file xl-snap wrote).
+#  3. negative control, CK_NEG rounds: the disk checkpoint taken 300 ms before the memory one
+#     (outside the suspended window) -> the revert MUST produce CK-MISMATCH.
+#  4. downtime benchmark: CK_BENCH x `xl save -c` (memory only) vs `xl-snap checkpoint`.
+. "$XTB_LIB/xtb.sh"
+P=/xtb/put
+IMG=$XTB_GUESTDIR/ck.qcow2
+INITRD=$XTB_GUESTDIR/ck-initrd.gz
+BS=$(command -v blkback-snap); XS=$(command -v xl-snap)
+ROUNDS=${CK_ROUNDS:-20}; NEG=${CK_NEG:-3}; BENCH=${CK_BENCH:-5}
+G=ck1; CON=$(xtb_console $G)
+export XENSNAP_STATE_DIR=/var/lib/xensnap/checkpoints
+
+xtb_section "setup"
+[ -x "$BS" ] && [ -x "$XS" ]; xtb_check binaries-present $? "$BS $XS"
+rmmod xen-blkback 2>/dev/null; [ ! -e /sys/bus/xen-backend/drivers/vbd ]; xtb_check kernel-blkback-unloaded $?
+install -m 755 "$P/xensnap" /etc/xen/scripts/xensnap; xtb_check hook-installed $?
+cp "$P/ck.qcow2" "$IMG"; xtb_check image-copied $?
+command -v cpio >/dev/null || cpio() { busybox cpio "$@"; }
+rm -rf /tmp/gi && mkdir /tmp/gi && (cd /tmp/gi && zcat /opt/xtb/guest/initrd.gz | cpio -id --quiet && install -m 755 "$P/guest-init.sh" init && install -m 755 "$P/checker" checker && find . | cpio -o -H newc --quiet | gzip -1 > "$INITRD")
+xtb_check guest-initrd $?
+mkdir -p /run/xensnap
+BLKBACK_SNAP_LOG=info "$BS" watch --log-dir /var/log/xen > /var/log/xen/xensnap-watch.log 2>&1 &
+WPID=$!
+sleep 1; kill -0 $WPID 2>/dev/null; xtb_check watcher-running $?
+cat > "$XTB_GUESTDIR/$G.cfg" <<CFG
+name    = "$G"
+type    = "pv"
+kernel  = "/opt/xtb/guest/vmlinuz"
+ramdisk = "$INITRD"
+extra   = "console=hvc0 loglevel=4"
+memory  = ${CK_MEM:-96}
+vcpus   = 1
+disk    = [ 'vdev=xvda, access=rw, script=xensnap, target=$IMG' ]
+on_crash = "destroy"
+CFG
+rm -f "$CON"
+xtb_step create 120 xl create "$XTB_GUESTDIR/$G.cfg" || xtb_abort "xl create failed"
+xtb_wait 180 grep -aq CK-TICK "$CON"; xtb_check checker-running $? "$(grep -a 'CK-START\|CK-GUEST' "$CON" | tr '\n' ' ')"
+[ $? = 0 ] || { tail -30 "$CON"; xtb_abort "checker not running"; }
+
+nlines() { local n; n=$(wc -l < "$CON" 2>/dev/null); echo "${n:-0}"; }
+# first CK-GAP / CK-MISMATCH line after line $1 (waits up to $2 s)
+first_after() {
+  local from=$1 lim=$2 end u l
+  read -r u _ < /proc/uptime; end=$(( ${u%.*} + lim ))
+  while :; do
+    l=$(tail -n +$((from+1)) "$CON" | grep -a -m1 'CK-GAP\|CK-MISMATCH')
+    [ -n "$l" ] && { echo "$l"; return 0; }
+    read -r u _ < /proc/uptime; [ "${u%.*}" -ge $end ] && return 1
+    sleep 0.3
+  done
+}
+rsleep() { sleep "$(awk -v s=$RANDOM -v lo=$1 -v hi=$2 'BEGIN{srand(s); printf "%.2f", lo+rand()*(hi-lo)}')"; }
+last_counter() { grep -ao 'CK-TICK counter=[0-9]*\|CK-GAP counter=[0-9]*' "$CON" | tail -1 | sed 's/.*=//'; }
+
+# revert_and_check NAME EXPECT(consistent|mismatch) LABEL
+revert_and_check() {
+  local n=$1 want=$2 lab=$3 from line rc
+  from=$(nlines)
+  xtb_limit 120 "$XS" revert $G "$n" > /tmp/rv.out 2>&1; rc=$?
+  [ $rc = 0 ] || { cat /tmp/rv.out; xtb_check "$lab-revert-command" $rc; return 1; }
+  line=$(first_after "$from" 60); rc=$?
+  [ $rc = 0 ] || { echo "  no checker line after the revert"; tail -5 "$CON"; xtb_check "$lab" 1 "no checker output"; return 1; }
+  echo "  guest: $line"
+  case $want in
+    consistent) case $line in *CK-GAP*check=ok*) xtb_check "$lab" 0 "$line";; *) xtb_check "$lab" 1 "$line";; esac;;
+    mismatch)   case $line in *CK-MISMATCH*) xtb_check "$lab" 0 "detected: $line";; *) xtb_check "$lab" 1 "NOT detected: $line";; esac;;
+  esac
+}
+
+xtb_section "1. $ROUNDS checkpoint/revert rounds at random moments"
+PASSN=0
+"$XS" checkpoint $G base > /tmp/ck.out 2>&1; xtb_check checkpoint-base $? "$(grep -v XENSNAP-BARRIER /tmp/ck.out)"
+for i in $(seq 1 "$ROUNDS"); do
+  rsleep 0.2 2.5
+  c0=$(last_counter)
+  t=$(xtb_now)
+  xtb_limit 120 "$XS" checkpoint $G "r$i" > /tmp/ck.out 2>&1; rc=$?
+  xtb_timing "checkpoint-r$i" "$(xtb_since "$t")"
+  grep -v XENSNAP-BARRIER /tmp/ck.out | sed 's/^/  /'; grep XENSNAP-BARRIER /tmp/ck.out >> "$XTB_OUT/barriers.txt"
+  [ $rc = 0 ] || { xtb_check "round-$i-checkpoint" $rc; continue; }
+  rsleep 0.5 3
+  c1=$(last_counter)
+  echo "  checker counter before checkpoint ~$c0, before revert ~$c1"
+  revert_and_check "r$i" consistent "round-$i-consistent" && PASSN=$((PASSN+1))
+  "$XS" delete $G "r$i" >/dev/null 2>&1 || echo "  (delete r$i failed)"
+done
+[ "$PASSN" = "$ROUNDS" ]; xtb_check "all-$ROUNDS-rounds-consistent" $? "$PASSN/$ROUNDS"
+"$XS" list $G
+
+xtb_section "2. xl-snap save / restore"
+SF=/var/lib/xen/save/ck1.xlsnap
+rsleep 0.2 2
+xtb_limit 120 "$XS" save $G "$SF" > /tmp/sv.out 2>&1; rc=$?; grep -v XENSNAP-BARRIER /tmp/sv.out | sed 's/^/  /'
+xtb_check save $rc
+! xl domid $G >/dev/null 2>&1; xtb_check save-destroyed-domain $?
+from=$(nlines)
+xtb_limit 120 "$XS" restore "$SF" > /tmp/rs.out 2>&1; rc=$?; sed 's/^/  /' /tmp/rs.out
+xtb_check restore-via-plain-xl-restore $rc
+line=$(first_after "$from" 60); echo "  guest: $line"
+case $line in *CK-GAP*check=ok*) xtb_check save-restore-consistent 0 "$line";; *) xtb_check save-restore-consistent 1 "$line";; esac
+rm -f "$SF"
+
+xtb_section "3. negative control: disk checkpoint 300 ms before the memory checkpoint"
+DET=0
+for i in $(seq 1 "$NEG"); do
+  rsleep 0.2 1
+  xtb_limit 120 "$XS" checkpoint --unsafe-disk-before-ms 300 $G "bad$i" > /tmp/ck.out 2>&1; rc=$?
+  [ $rc = 0 ] || { cat /tmp/ck.out; xtb_check "neg-$i-checkpoint" $rc; continue; }
+  rsleep 0.5 1.5
+  from=$(nlines)
+  "$XS" revert $G "bad$i" > /tmp/rv.out 2>&1 || cat /tmp/rv.out
+  line=$(first_after "$from" 60); echo "  guest: $line"
+  case $line in *CK-MISMATCH*) DET=$((DET+1)); echo "  INFO neg-$i detected (as it must be)";; *) echo "  INFO neg-$i NOT detected";; esac
+  "$XS" delete $G "bad$i" >/dev/null 2>&1
+  # back to a good state for the next round
+  revert_and_check base consistent "neg-$i-back-to-base" >/dev/null
+done
+[ "$DET" = "$NEG" ]; xtb_check "negative-control-detected-every-time" $? "$DET/$NEG mismatches detected"
+
+xtb_section "4. downtime: xl save -c (memory only) vs xl-snap checkpoint (memory + disk)"
+gap_after() { local l; l=$(first_after "$1" 30); echo "$l" | grep -ao 'gap_ms=[0-9.]*' | sed 's/gap_ms=//'; }
+for i in $(seq 1 "$BENCH"); do
+  rsleep 0.5 1.5
+  from=$(nlines); t=$(xtb_now)
+  xl save -c $G /var/lib/xen/save/bench.xl >/dev/null 2>&1; rc=$?
+  d=$(xtb_since "$t"); g=$(gap_after "$from")
+  echo "BENCH xl-save-c rc=$rc cmd_s=$d guest_gap_ms=$g"; rm -f /var/lib/xen/save/bench.xl
+  rsleep 0.5 1.5
+  from=$(nlines); t=$(xtb_now)
+  "$XS" checkpoint $G "b$i" > /tmp/ck.out 2>&1; rc=$?
+  d=$(xtb_since "$t"); g=$(gap_after "$from")
+  echo "BENCH xl-snap-checkpoint rc=$rc cmd_s=$d guest_gap_ms=$g $(grep XENSNAP-BARRIER /tmp/ck.out)"
+  "$XS" delete $G "b$i" >/dev/null 2>&1
+done
+
+xtb_section "results"
+grep -a 'CK-MISMATCH' "$CON" | head -5
+cp "$CON" "$XTB_OUT/guest-ck1.log"; cp /var/log/xen/xensnap-*.log "$XTB_OUT/" 2>/dev/null
+xl destroy $G 2>/dev/null; sleep 2
+"$BS" check-image "$IMG" > /tmp/chk.txt 2>&1; xtb_check image-check-clean $? "$(tr -d '\n' < /tmp/chk.txt | cut -c1-200)"
+kill $WPID 2>/dev/null
+xtb_finish
