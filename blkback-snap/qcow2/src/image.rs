@@ -18,7 +18,7 @@ use tracing::{debug, info, warn};
 pub struct CreateOptions {
     /// Virtual disk size in bytes.
     pub size: u64,
-    /// log2 of the cluster size, 9..=21 (default 16 = 64 KiB).
+    /// log2 of the cluster size, 9..=21 (default 14 = 16 KiB: see CLUSTER-SIZE.md).
     pub cluster_bits: u32,
     /// log2 of the refcount width in bits, 0..=6 (default 4 = 16-bit).
     pub refcount_order: u32,
@@ -26,7 +26,7 @@ pub struct CreateOptions {
 
 impl Default for CreateOptions {
     fn default() -> Self {
-        CreateOptions { size: 0, cluster_bits: 16, refcount_order: 4 }
+        CreateOptions { size: 0, cluster_bits: 14, refcount_order: 4 }
     }
 }
 
