@@ -24,9 +24,10 @@ pub enum ImageCmd {
         /// Virtual disk size (e.g. 10G).
         #[arg(long, value_parser = parse_size)]
         size: u64,
-        /// Cluster size, a power of two from 512 to 2M.
-        #[arg(long, value_parser = parse_size, default_value = "64k")]
-        cluster_size: u64,
+        /// Cluster size, a power of two from 512 to 2M [default: the engine's, 16k; see
+        /// blkback-snap/qcow2/CLUSTER-SIZE.md for the trade-off].
+        #[arg(long, value_parser = parse_size)]
+        cluster_size: Option<u64>,
         /// Refcount width in bits (1, 2, 4, 8, 16, 32 or 64).
         #[arg(long, default_value_t = 16)]
         refcount_bits: u32,
@@ -233,6 +234,7 @@ fn run_request(file: &Path, req: Request) -> Result<Value, CliError> {
 pub fn run(cmd: ImageCmd) -> Result<(), CliError> {
     match cmd {
         ImageCmd::Create { file, size, cluster_size, refcount_bits } => {
+            let cluster_size = cluster_size.unwrap_or(1 << CreateOptions::default().cluster_bits);
             if !cluster_size.is_power_of_two() || !(512..=2 << 20).contains(&cluster_size) {
                 return Err(CliError::Other(format!(
                     "--cluster-size {cluster_size}: must be a power of two from 512 to 2M"

@@ -85,7 +85,7 @@ fn q<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> String + '_ {
 fn fill(path: &Path, virt: u64, alloc: u64) -> R<Duration> {
     let _ = std::fs::remove_file(path);
     let t = Instant::now();
-    let mut img = Qcow2::create_file(path, &CreateOptions { size: virt, ..Default::default() })
+    let mut img = Qcow2::create_file(path, &CreateOptions { size: virt, cluster_bits: CLUSTER.trailing_zeros(), ..Default::default() })
         .map_err(q("create"))?;
     let mut buf = vec![0u8; 2 << 20];
     let mut off = 0;
