@@ -159,14 +159,19 @@ impl Qcow2 {
 
     /// Validate an L1 table in O(L1): entries well formed, no L2 table used twice.
     fn validate_l1(&self, t: &[u64], what: &str) -> Result<()> {
-        let mut seen = HashSet::new();
+        let mut seen = Vec::with_capacity(t.len());
         for (i, e) in t.iter().enumerate() {
             let l2 = l1_to_l2(*e, self.cs, &|| format!("{what} L1 entry {i}"))?;
-            if l2 != 0 && !seen.insert(l2) {
-                return Err(Error::corrupt(format!(
-                    "{what} L1 entry {i}: L2 table at {l2:#x} is already used by another entry of the same L1 table"
-                )));
+            if l2 != 0 {
+                seen.push(l2);
             }
+        }
+        seen.sort_unstable();
+        if let Some(w) = seen.windows(2).find(|w| w[0] == w[1]) {
+            return Err(Error::corrupt(format!(
+                "{what} L1 table: L2 table at {:#x} is used by two entries of the same L1 table",
+                w[0]
+            )));
         }
         Ok(())
     }
@@ -262,11 +267,13 @@ impl Qcow2 {
         if need * 8 > header::MAX_L1_BYTES {
             return Err(Error::corrupt(format!("checkpoint '{}' disk size {size} is absurd", sn.name)));
         }
-        let n = self.l1_len(tree)?;
-        let mut new_l1 = Vec::with_capacity(n.max(need as usize));
-        for i in 0..n as u64 {
-            new_l1.push(self.l1_entry(tree, i)? & !COPIED);
-        }
+        self.l1_len(tree)?; // loads a durable checkpoint's L1
+        let src = match tree {
+            Tree::Snap(o) => self.snap_l1.get(&o),
+            Tree::Mem(m) => self.mem_l1.get(&m),
+            Tree::Active => None,
+        };
+        let mut new_l1: Vec<u64> = src.map(|t| t.iter().map(|v| v & !COPIED).collect()).unwrap_or_default();
         self.validate_l1(&new_l1, &format!("checkpoint '{}'", sn.name))?;
         if (new_l1.len() as u64) < need {
             new_l1.resize(need as usize, 0);

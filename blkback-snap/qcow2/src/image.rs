@@ -772,12 +772,64 @@ impl Qcow2 {
         while done < buf.len() {
             let pos = offset + done as u64;
             let co = pos % cs;
+            if co == 0 && (buf.len() - done) as u64 >= 2 * cs {
+                let k = self.write_new_run(pos / cs, buf.get(done..).unwrap_or(&[]))?;
+                if k > 0 {
+                    done += k * cs as usize;
+                    continue;
+                }
+            }
             let n = ((cs - co) as usize).min(buf.len() - done);
             let Some(chunk) = buf.get(done..done + n) else { break };
             self.write_cluster(pos / cs, co, chunk)?;
             done += n;
         }
         Ok(())
+    }
+
+    /// Whole-cluster writes from guest cluster `gc` that all need a new host cluster
+    /// (unallocated, zero, compressed or shared) under one L2 table: one contiguous
+    /// allocation and one write. Returns the number of clusters written (0: not applicable).
+    fn write_new_run(&mut self, gc: u64, data: &[u8]) -> Result<usize> {
+        let cs = self.cs;
+        let l2e = self.h.l2_entries();
+        let (l1i, l2i) = (gc / l2e, gc % l2e);
+        let max = (data.len() as u64 / cs).min(l2e - l2i);
+        if max < 2 || self.h.extended_l2() {
+            return Ok(0);
+        }
+        let l2 = self.l2_for_write(l1i)?;
+        let geom = self.geom();
+        let mut k = 0u64;
+        while k < max {
+            let (d, bm) = self.l2_get(l2, l2i + k)?;
+            let needs_new = match geom.classify(d, bm, &|| format!("L2 table at {l2:#x} entry {}", l2i + k))? {
+                Cluster::Normal { host, .. } => {
+                    self.refcount(host / cs)? != 1 || self.uncounted_share(l1i, host / cs)
+                }
+                _ => true,
+            };
+            if !needs_new {
+                break;
+            }
+            k += 1;
+        }
+        if k < 2 {
+            return Ok(0);
+        }
+        let new = self.alloc_clusters(k)?;
+        let bytes = data.get(..(k * cs) as usize).ok_or_else(|| Error::invalid("short write run"))?;
+        self.io.write_at(bytes, new).map_err(ioe(format!("writing data clusters at {new:#x}")))?;
+        for i in 0..k {
+            let (d, bm) = self.l2_get(l2, l2i + i)?;
+            let c = geom.classify(d, bm, &|| format!("L2 table at {l2:#x} entry {}", l2i + i))?;
+            if matches!(c, Cluster::Compressed { .. }) {
+                self.decomp = None;
+            }
+            self.l2_set(l2, l2i + i, (new + i * cs) | COPIED)?;
+            self.drop_ref(l1i, c);
+        }
+        Ok(k as usize)
     }
 
     /// Set the descriptor of whole guest cluster `gc` to `new_desc` (0 or ZERO or
