@@ -44,7 +44,11 @@ step "checkpoint 'before' while the image is served"
 "$XL" image checkpoint create "$IMG" before
 step "more writes after the checkpoint (copy-on-write): 0x33 over the first MiB, 4 KiB of 0x44 at 4 MiB"
 qio "" -c "write -P 0x33 0 1M" -c "write -P 0x44 4M 4k" -c flush
-"$XL" image checkpoint create "$IMG" after
+step "checkpoint 'after' with --no-wait: returns once taken (the point in time is fixed, in memory); the server makes it durable in the background"
+"$XL" image checkpoint create --no-wait "$IMG" after
+"$XL" image checkpoint list "$IMG"
+for _ in $(seq 100); do grep -q "after .* durable" <("$XL" image checkpoint list "$IMG") && break; sleep 0.1; done
+grep -q "after .* durable" <("$XL" image checkpoint list "$IMG") && ok "'after' became durable in the background" || fail "'after' did not become durable"
 "$XL" image checkpoint list "$IMG"
 
 step "the checkpoint export still reads the old data while the disk has the new"
