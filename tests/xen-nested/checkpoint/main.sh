@@ -45,28 +45,44 @@ xtb_step create 120 xl create "$XTB_GUESTDIR/$G.cfg" || xtb_abort "xl create fai
 xtb_wait 180 grep -aq CK-TICK "$CON"; xtb_check checker-running $? "$(grep -a 'CK-START\|CK-GUEST' "$CON" | tr '\n' ' ')"
 [ $? = 0 ] || { tail -30 "$CON"; xtb_abort "checker not running"; }
 
-nlines() { local n; n=$(wc -l < "$CON" 2>/dev/null); echo "${n:-0}"; }
-# first CK-GAP / CK-MISMATCH line after line $1 (waits up to $2 s)
+# Waiting uses bash builtins only (mapfile, read -t on a fifo): forked helpers of dom0 crash or
+# hang now and then under TCG while xl maps a domain's memory (tests/xen-nested/README.md).
+mkfifo /tmp/ck-slp 2>/dev/null; exec 9<>/tmp/ck-slp
+bsleep() { read -r -t "$1" -u 9 _; }
+nlines() { local L; mapfile -t L < "$CON" 2>/dev/null; NL=${#L[@]}; }
+# first CK-GAP / CK-MISMATCH line after line $1, waiting up to $2 s -> $LINE (rc 1: none)
 first_after() {
-  local from=$1 lim=$2 end u l
-  read -r u _ < /proc/uptime; end=$(( ${u%.*} + lim ))
+  local from=$1 lim=$2 end u L x
+  read -r u _ < /proc/uptime; end=$(( ${u%.*} + lim )); LINE=
   while :; do
-    l=$(tail -n +$((from+1)) "$CON" | grep -a -m1 'CK-GAP\|CK-MISMATCH')
-    [ -n "$l" ] && { echo "$l"; return 0; }
+    mapfile -t -s "$from" L < "$CON" 2>/dev/null
+    for x in "${L[@]}"; do case $x in *CK-GAP*|*CK-MISMATCH*) LINE=${x//$'\r'/}; return 0;; esac; done
     read -r u _ < /proc/uptime; [ "${u%.*}" -ge $end ] && return 1
-    sleep 0.3
+    bsleep 0.3
   done
 }
-rsleep() { sleep "$(awk -v s=$RANDOM -v lo=$1 -v hi=$2 'BEGIN{srand(s); printf "%.2f", lo+rand()*(hi-lo)}')"; }
-last_counter() { grep -ao 'CK-TICK counter=[0-9]*\|CK-GAP counter=[0-9]*' "$CON" | tail -1 | sed 's/.*=//'; }
+rsleep() { local lo=$1 span=$2 ms; ms=$(( lo + RANDOM % span )); bsleep "$((ms/1000)).$(printf %03d $((ms%1000)))"; }  # ms
+last_counter() { local L x; mapfile -t L < "$CON"; CNT=; for x in "${L[@]}"; do case $x in *CK-TICK*|*CK-GAP*) x=${x#*counter=}; CNT=${x%% *};; esac; done; }
+# run "$@" (an xl-snap command) with a time limit; once more after a crash of dom0 userspace
+# (SIGSEGV in xl: the known TCG flake; xl-snap's failure path leaves the domain running)
+retry1() {
+  local out=$1 rc; shift
+  xtb_limit 150 "$@" > "$out" 2>&1; rc=$?
+  if [ $rc != 0 ] && grep -q 'SIGSEGV\|signal: 11\|SIGBUS\|signal: 7' "$out"; then
+    echo "  INFO retrying once after a dom0 crash: $(grep -o "step '[^']*' failed[^[]*" "$out" | head -1)"; FLAKES=$((FLAKES+1))
+    xl list >/dev/null 2>&1; xtb_limit 150 "$@" > "$out" 2>&1; rc=$?
+  fi
+  return $rc
+}
+FLAKES=0
 
 # revert_and_check NAME EXPECT(consistent|mismatch) LABEL
 revert_and_check() {
   local n=$1 want=$2 lab=$3 from line rc
-  from=$(nlines)
-  xtb_limit 120 "$XS" revert $G "$n" > /tmp/rv.out 2>&1; rc=$?
+  nlines; from=$NL
+  retry1 /tmp/rv.out "$XS" revert $G "$n"; rc=$?
   [ $rc = 0 ] || { cat /tmp/rv.out; xtb_check "$lab-revert-command" $rc; return 1; }
-  line=$(first_after "$from" 60); rc=$?
+  first_after "$from" 90; rc=$?; line=$LINE
   [ $rc = 0 ] || { echo "  no checker line after the revert"; tail -5 "$CON"; xtb_check "$lab" 1 "no checker output"; return 1; }
   echo "  guest: $line"
   case $want in
@@ -77,17 +93,17 @@ revert_and_check() {
 
 xtb_section "1. $ROUNDS checkpoint/revert rounds at random moments"
 PASSN=0
-"$XS" checkpoint $G base > /tmp/ck.out 2>&1; xtb_check checkpoint-base $? "$(grep -v XENSNAP-BARRIER /tmp/ck.out)"
+retry1 /tmp/ck.out "$XS" checkpoint $G base; xtb_check checkpoint-base $? "$(grep -v XENSNAP-BARRIER /tmp/ck.out)"
 for i in $(seq 1 "$ROUNDS"); do
-  rsleep 0.2 2.5
-  c0=$(last_counter)
+  rsleep 200 2300
+  last_counter; c0=$CNT
   t=$(xtb_now)
-  xtb_limit 120 "$XS" checkpoint $G "r$i" > /tmp/ck.out 2>&1; rc=$?
+  retry1 /tmp/ck.out "$XS" checkpoint $G "r$i"; rc=$?
   xtb_timing "checkpoint-r$i" "$(xtb_since "$t")"
   grep -v XENSNAP-BARRIER /tmp/ck.out | sed 's/^/  /'; grep XENSNAP-BARRIER /tmp/ck.out >> "$XTB_OUT/barriers.txt"
   [ $rc = 0 ] || { xtb_check "round-$i-checkpoint" $rc; continue; }
-  rsleep 0.5 3
-  c1=$(last_counter)
+  rsleep 500 2500
+  last_counter; c1=$CNT
   echo "  checker counter before checkpoint ~$c0, before revert ~$c1"
   revert_and_check "r$i" consistent "round-$i-consistent" && PASSN=$((PASSN+1))
   "$XS" delete $G "r$i" >/dev/null 2>&1 || echo "  (delete r$i failed)"
@@ -97,27 +113,27 @@ done
 
 xtb_section "2. xl-snap save / restore"
 SF=/var/lib/xen/save/ck1.xlsnap
-rsleep 0.2 2
-xtb_limit 120 "$XS" save $G "$SF" > /tmp/sv.out 2>&1; rc=$?; grep -v XENSNAP-BARRIER /tmp/sv.out | sed 's/^/  /'
+rsleep 200 1800
+retry1 /tmp/sv.out "$XS" save $G "$SF"; rc=$?; grep -v XENSNAP-BARRIER /tmp/sv.out | sed 's/^/  /'
 xtb_check save $rc
 ! xl domid $G >/dev/null 2>&1; xtb_check save-destroyed-domain $?
-from=$(nlines)
-xtb_limit 120 "$XS" restore "$SF" > /tmp/rs.out 2>&1; rc=$?; sed 's/^/  /' /tmp/rs.out
+nlines; from=$NL
+retry1 /tmp/rs.out "$XS" restore "$SF"; rc=$?; sed 's/^/  /' /tmp/rs.out
 xtb_check restore-via-plain-xl-restore $rc
-line=$(first_after "$from" 60); echo "  guest: $line"
+first_after "$from" 90; line=$LINE; echo "  guest: $line"
 case $line in *CK-GAP*check=ok*) xtb_check save-restore-consistent 0 "$line";; *) xtb_check save-restore-consistent 1 "$line";; esac
 rm -f "$SF"
 
 xtb_section "3. negative control: disk checkpoint 300 ms before the memory checkpoint"
 DET=0
 for i in $(seq 1 "$NEG"); do
-  rsleep 0.2 1
-  xtb_limit 120 "$XS" checkpoint --unsafe-disk-before-ms 300 $G "bad$i" > /tmp/ck.out 2>&1; rc=$?
+  rsleep 200 800
+  retry1 /tmp/ck.out "$XS" checkpoint --unsafe-disk-before-ms 300 $G "bad$i"; rc=$?
   [ $rc = 0 ] || { cat /tmp/ck.out; xtb_check "neg-$i-checkpoint" $rc; continue; }
-  rsleep 0.5 1.5
-  from=$(nlines)
-  "$XS" revert $G "bad$i" > /tmp/rv.out 2>&1 || cat /tmp/rv.out
-  line=$(first_after "$from" 60); echo "  guest: $line"
+  rsleep 500 1000
+  nlines; from=$NL
+  retry1 /tmp/rv.out "$XS" revert $G "bad$i" || cat /tmp/rv.out
+  first_after "$from" 90; line=$LINE; echo "  guest: $line"
   case $line in *CK-MISMATCH*) DET=$((DET+1)); echo "  INFO neg-$i detected (as it must be)";; *) echo "  INFO neg-$i NOT detected";; esac
   "$XS" delete $G "bad$i" >/dev/null 2>&1
   # back to a good state for the next round
@@ -126,22 +142,23 @@ done
 [ "$DET" = "$NEG" ]; xtb_check "negative-control-detected-every-time" $? "$DET/$NEG mismatches detected"
 
 xtb_section "4. downtime: xl save -c (memory only) vs xl-snap checkpoint (memory + disk)"
-gap_after() { local l; l=$(first_after "$1" 30); echo "$l" | grep -ao 'gap_ms=[0-9.]*' | sed 's/gap_ms=//'; }
+gap_after() { first_after "$1" 30; GAP=${LINE#*gap_ms=}; GAP=${GAP%% *}; }
 for i in $(seq 1 "$BENCH"); do
-  rsleep 0.5 1.5
-  from=$(nlines); t=$(xtb_now)
-  xl save -c $G /var/lib/xen/save/bench.xl >/dev/null 2>&1; rc=$?
-  d=$(xtb_since "$t"); g=$(gap_after "$from")
-  echo "BENCH xl-save-c rc=$rc cmd_s=$d guest_gap_ms=$g"; rm -f /var/lib/xen/save/bench.xl
-  rsleep 0.5 1.5
-  from=$(nlines); t=$(xtb_now)
-  "$XS" checkpoint $G "b$i" > /tmp/ck.out 2>&1; rc=$?
-  d=$(xtb_since "$t"); g=$(gap_after "$from")
-  echo "BENCH xl-snap-checkpoint rc=$rc cmd_s=$d guest_gap_ms=$g $(grep XENSNAP-BARRIER /tmp/ck.out)"
+  rsleep 500 1000
+  nlines; from=$NL; t=$(xtb_now)
+  xtb_limit 150 xl save -c $G /var/lib/xen/save/bench.xl >/dev/null 2>&1; rc=$?
+  d=$(xtb_since "$t"); gap_after "$from"
+  echo "BENCH xl-save-c rc=$rc cmd_s=$d guest_gap_ms=$GAP"; rm -f /var/lib/xen/save/bench.xl
+  rsleep 500 1000
+  nlines; from=$NL; t=$(xtb_now)
+  retry1 /tmp/ck.out "$XS" checkpoint $G "b$i"; rc=$?
+  d=$(xtb_since "$t"); gap_after "$from"
+  echo "BENCH xl-snap-checkpoint rc=$rc cmd_s=$d guest_gap_ms=$GAP $(grep XENSNAP-BARRIER /tmp/ck.out)"
   "$XS" delete $G "b$i" >/dev/null 2>&1
 done
 
 xtb_section "results"
+xtb_info "dom0 crashes retried: $FLAKES"
 grep -a 'CK-MISMATCH' "$CON" | head -5
 cp "$CON" "$XTB_OUT/guest-ck1.log"; cp /var/log/xen/xensnap-*.log "$XTB_OUT/" 2>/dev/null
 xl destroy $G 2>/dev/null; sleep 2
