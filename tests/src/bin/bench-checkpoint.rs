@@ -23,10 +23,10 @@
 use clap::Parser;
 use rand::{Rng, SeedableRng};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use xensnap_tests::bench::{q, sh, median, ms, us, R};
 use xensnap_qcow2::{CreateOptions, OpenOptions, Qcow2, SharedImage};
 
 const GIB: u64 = 1 << 30;
@@ -49,33 +49,6 @@ struct Args {
     /// Skip part 2.
     #[arg(long)]
     no_table: bool,
-}
-
-type R<T> = Result<T, String>;
-
-fn q<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> String + '_ {
-    move |e| format!("{what}: {e}")
-}
-
-fn sh(cmd: &str, args: &[&str]) -> R<(Duration, String)> {
-    let t = Instant::now();
-    let out = Command::new(cmd).args(args).output().map_err(|e| format!("{cmd}: {e}"))?;
-    let d = t.elapsed();
-    if !out.status.success() {
-        return Err(format!("{cmd} {}: {}{}", args.join(" "), String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)));
-    }
-    Ok((d, String::from_utf8_lossy(&out.stdout).into_owned()))
-}
-
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
-}
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
-}
-fn us(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e6
 }
 
 fn parse_size(s: &str) -> R<u64> {

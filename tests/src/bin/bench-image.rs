@@ -19,6 +19,7 @@ use rand::{Rng, SeedableRng};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
+use xensnap_tests::bench::{q, sh, median, ms, R};
 use xensnap_qcow2::{CreateOptions, OpenOptions, Qcow2};
 
 const GIB: u64 = 1 << 30;
@@ -45,8 +46,6 @@ struct Args {
     #[arg(long, default_value_t = 16384)]
     ops: u64,
 }
-
-type R<T> = Result<T, String>;
 
 fn main() {
     let a = Args::parse();
@@ -77,10 +76,6 @@ fn qemu_version() -> String {
         .unwrap_or_else(|| "qemu-img (version unknown)".into())
 }
 
-fn q<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> String + '_ {
-    move |e| format!("{what}: {e}")
-}
-
 /// Make an image of `virt` bytes with the first `alloc` bytes written (nonzero pattern).
 fn fill(path: &Path, virt: u64, alloc: u64) -> R<Duration> {
     let _ = std::fs::remove_file(path);
@@ -98,30 +93,6 @@ fn fill(path: &Path, virt: u64, alloc: u64) -> R<Duration> {
     }
     img.close().map_err(q("close"))?;
     Ok(t.elapsed())
-}
-
-fn sh(cmd: &str, args: &[&str]) -> R<(Duration, String)> {
-    let t = Instant::now();
-    let out = Command::new(cmd).args(args).output().map_err(|e| format!("{cmd}: {e}"))?;
-    let d = t.elapsed();
-    if !out.status.success() {
-        return Err(format!(
-            "{cmd} {}: {}{}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    Ok((d, String::from_utf8_lossy(&out.stdout).into_owned()))
-}
-
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
 }
 
 fn qemu_check_clean(path: &Path) -> R<()> {
