@@ -150,7 +150,7 @@ fn part1(a: &Args, cs: u64) -> R<()> {
         sh("qemu-img", &["check", &p]).map_err(|e| format!("qemu-img check not clean: {e}"))?;
         let (take, dur, sw, rev, cre, qc, qa) = (median(take), median(dur), median(sw), median(rev), median(cre), median(qc), median(qa));
         println!(
-            "{:>4} G {:>10.1} {:>11.2} {:>10.1} {:>11.2} {:>10.2} {:>12.2} {:>12.2} {:>11.0}x {:>12.2}x {:>11.0} {:>12.0} {:>10.0}%",
+            "{:>4} G {:>10.1} {:>11.2} {:>10.1} {:>11.2} {:>10.2} {:>12.2} {:>12.2} {:>11.0}x {:>12.2}x {:>11} {:>12} {:>11}",
             gib,
             us(take),
             ms(dur),
@@ -161,9 +161,9 @@ fn part1(a: &Args, cs: u64) -> R<()> {
             ms(qa),
             qc.as_secs_f64() / take.as_secs_f64(),
             dur.as_secs_f64() / qc.as_secs_f64(),
-            steady,
-            during,
-            100.0 * during / steady
+            num(steady, "{:.0}"),
+            num(during, "{:.0}"),
+            num(100.0 * during / steady, "{:.0}%"),
         );
         let _ = std::fs::remove_file(&path);
     }
@@ -178,6 +178,15 @@ fn part1(a: &Args, cs: u64) -> R<()> {
 /// is made durable in the background.
 fn lock(i: &SharedImage) -> std::sync::MutexGuard<'_, Qcow2> {
     i.0.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A number, or "-" where there was nothing to measure (no data allocated).
+fn num(x: f64, fmt: &str) -> String {
+    if x.is_finite() {
+        if fmt.ends_with('%') { format!("{x:.0}%") } else { format!("{x:.0}") }
+    } else {
+        "-".into()
+    }
 }
 
 fn iops_during(path: &Path, region: u64) -> R<(f64, f64)> {
