@@ -68,8 +68,9 @@ last_counter() { local L x; mapfile -t L < "$CON"; CNT=; for x in "${L[@]}"; do 
 retry1() {
   local out=$1 rc; shift
   xtb_limit 150 "$@" > "$out" 2>&1; rc=$?
-  if [ $rc != 0 ] && grep -q 'SIGSEGV\|signal: 11\|SIGBUS\|signal: 7' "$out"; then
-    echo "  INFO retrying once after a dom0 crash: $(grep -o "step '[^']*' failed[^[]*" "$out" | head -1)"; FLAKES=$((FLAKES+1))
+  if [ $rc != 0 ] && { [ $rc -ge 128 ] && [ $rc != 124 ] || grep -q 'SIGSEGV\|signal: 11\|SIGBUS\|signal: 7' "$out"; }; then
+    echo "  INFO retrying once after a dom0 crash (rc=$rc): $(grep -o "step '[^']*' failed[^[]*" "$out" | head -1)"; FLAKES=$((FLAKES+1))
+    case "$*" in *" checkpoint "*) local d=$XENSNAP_STATE_DIR/$G/${!#}; [ -f "$d/meta.json" ] || rm -rf "$d";; esac
     xl list >/dev/null 2>&1; xtb_limit 150 "$@" > "$out" 2>&1; rc=$?
   fi
   return $rc
