@@ -1,0 +1,126 @@
+#!/bin/bash
+# main-fs.sh - dom0 script of the filesystem / live-checkpoint / benchmark test (run via
+# run-fs-bench.sh). One boot, three phases, the same guest (guest-fs.sh) and workload:
+#  S  (blkback-snap, qcow2): xen-blkback unloaded, `blkback-snap watch`; guest xsbfs with
+#     xvda = fs.qcow2 (mkfs.ext4, data set, umount/fsck/remount/verify, fstrim, file I/O, then a
+#     writer during which dom0 takes checkpoint "during-write" over the image socket alias) and
+#     xvdb = bench-s.qcow2 (benchmark). fs.qcow2 goes back to the host for the checkpoint checks.
+#  Q  (QEMU qdisk, qcow2): watcher stopped; guest xsbq, xvdb = bench-q.qcow2, backendtype=qdisk.
+#  K  (kernel xen-blkback, raw file via loop): modprobe xen-blkback; guest xsbk, xvdb = raw file.
+# Benchmark lines (XSB-BENCH) of all guests -> $XTB_OUT/bench.txt. Env: XSB_SECS (per test),
+# XSB_ROUNDS, XSB_PHASES (default "S K Q": qdisk last, a dom0 freeze was once seen in it).
+# /xtb/put: xensnap (hook), guest-fs.sh, xsbio (static), xsb-guest-overlay.tgz (e2fsprogs),
+# fs.qcow2, bench-s.qcow2, bench-q.qcow2 (made on the host by qemu-img, same options).
+. "$XTB_LIB/xtb.sh"
+P=/xtb/put G=$XTB_GUESTDIR
+INITRD=$G/xsbfs-initrd.gz
+BS=$(command -v blkback-snap)
+SECS=${XSB_SECS:-10} ROUNDS=${XSB_ROUNDS:-2} PHASES=${XSB_PHASES:-S K Q}
+: > "$XTB_OUT/bench.txt"
+
+if command -v xen_probe >/dev/null; then
+  xtb_section "libxc-ffi xen_probe"
+  timeout 120 xen_probe > "$XTB_OUT/xen_probe.txt" 2>&1; rc=$?; sed 's/^/  /' "$XTB_OUT/xen_probe.txt"
+  l=$(grep 'evtchn loopback' "$XTB_OUT/xen_probe.txt"); [ "${l%% *}" = OK ]; xtb_check xen-probe-evtchn-loopback $? "$l"
+  xtb_info "xen_probe exit $rc (= failed probe checks)"
+fi
+xtb_section "setup: guest initramfs (test bed guest + e2fsprogs + ext4 modules + xsbio)"
+command -v cpio >/dev/null || cpio() { busybox cpio "$@"; }
+KV=$(uname -r)
+rm -rf /tmp/gi && mkdir /tmp/gi && cd /tmp/gi && zcat /opt/xtb/guest/initrd.gz | cpio -id --quiet
+tar xzf "$P/xsb-guest-overlay.tgz" -C /tmp/gi && install -m 755 "$P/xsbio" bin/xsbio && install -m 755 "$P/guest-fs.sh" init
+for f in $(modprobe --show-depends -a crc32c_generic ext4 | awk '$1=="insmod"{print $2}' | awk '!s[$0]++'); do
+  r=${f#/lib/modules/$KV/}; mkdir -p "lib/modules/$(dirname "$r")"; cp "$f" "lib/modules/$r"; echo "$r" >> modules.order
+done
+find . | cpio -o -H newc --quiet | gzip -1 > "$INITRD"; rc=$?; cd /
+xtb_check guest-initrd $rc "$(ls -la "$INITRD" | awk '{print $5}') bytes; modules: $(sed 's|.*/||' /tmp/gi/modules.order | tr '\n' ' ')"
+install -m 755 "$P/xensnap" /etc/xen/scripts/xensnap
+for f in fs.qcow2 bench-s.qcow2 bench-q.qcow2; do cp "$P/$f" "$G/$f"; done
+truncate -s 128M "$G/bench-k.raw"
+
+mkcfg() {  # NAME PHASE LABEL DISK...
+  local n=$1 ph=$2 lb=$3 d; shift 3
+  {
+    echo "name = \"$n\""; echo 'type = "pv"'; echo 'kernel = "/opt/xtb/guest/vmlinuz"'; echo "ramdisk = \"$INITRD\""
+    echo "extra = \"console=hvc0 loglevel=4 xsb.phase=$ph xsb.label=$lb xsb.secs=$SECS xsb.rounds=$ROUNDS\""
+    echo 'memory = 256'; echo 'vcpus = 1'; echo 'on_crash = "destroy"'
+    printf 'disk = [ '; for d in "$@"; do printf "'%s', " "$d"; done; echo ']'
+  } > "$G/$n.cfg"; echo "$G/$n.cfg"
+}
+# guest_checks NAME: every XSB-GUEST-CHECK line of the guest as a dom0 check
+guest_checks() {
+  local con; con=$(xtb_console "$1")
+  grep -a 'XSB-GUEST-CHECK' "$con" | tr -d '\r' | while read -r _ name res rest; do
+    echo "$1-$name $([ "$res" = ok ] && echo 0 || echo 1) $rest"
+  done > /tmp/gc.txt
+  while read -r name rc rest; do xtb_check "$name" "$rc" "$rest"; done < /tmp/gc.txt
+  grep -a 'XSB-BENCH' "$con" | tr -d '\r' >> "$XTB_OUT/bench.txt"
+  grep -a 'XSB-BENCH\|XSB-GUEST-DISK\|XSB-GUEST-DATASET\|XSB-WRITER' "$con" | tr -d '\r' | sed 's/^/  guest: /'
+}
+# run_guest NAME CFG LIMIT: create, wait for XSB-GUEST-DONE
+run_guest() {
+  local n=$1 cfg=$2 lim=$3 con t; con=$(xtb_console "$n"); rm -f "$con"; t=$(xtb_now)
+  xtb_step "$n-create" 180 xl create "$cfg" || { tail -30 /var/log/xen/xl-$n.log 2>/dev/null; return 1; }
+  xtb_wait "$lim" grep -aq XSB-GUEST-DONE "$con"; local rc=$?
+  xtb_timing "$n-create-to-done" "$(xtb_since "$t")"
+  xtb_check "$n-guest-done" $rc || tail -40 "$con"
+  guest_checks "$n"
+}
+lastw() { grep -ao 'XSB-W [0-9]*' "$(xtb_console "$1")" | tail -1 | awk '{print $2+0}'; }
+
+for PH in $PHASES; do case $PH in
+S)
+  xtb_section "phase S: blkback-snap (qcow2): filesystem, live checkpoint, benchmark"
+  rmmod xen-blkback 2>/dev/null; [ ! -e /sys/bus/xen-backend/drivers/vbd ]; xtb_check kernel-blkback-unloaded $?
+  mkdir -p /run/xensnap
+  BLKBACK_SNAP_LOG=info "$BS" watch --log-dir /var/log/xen > /var/log/xen/xensnap-watch.log 2>&1 & WPID=$!
+  sleep 1; kill -0 $WPID 2>/dev/null; xtb_check watcher-running $?
+  n=xsbfs; con=$(xtb_console $n); rm -f "$con"
+  cfg=$(mkcfg $n fs snap "vdev=xvda, access=rw, script=xensnap, target=$G/fs.qcow2" "vdev=xvdb, access=rw, script=xensnap, target=$G/bench-s.qcow2")
+  t=$(xtb_now)
+  if xtb_step $n-create 180 xl create "$cfg"; then
+    BE=/local/domain/0/backend/vbd/$(xl domid $n)/51712; PIDA=$(xenstore-read $BE/xensnap-pid)
+    xtb_wait 600 grep -aqE 'XSB-W 5([^0-9]|$)' "$con"; xtb_check writer-running $? "$(xtb_since "$t") s after create"
+    W0=$(lastw $n)
+    "$BS" ctl "$G/fs.qcow2.xensnap.sock" '{"op":"checkpoint-create","name":"during-write"}' > /tmp/ck.json; rc=$?
+    W1=$(lastw $n)
+    xtb_check checkpoint-create-while-writing $rc "writer at file $W0 before, $W1 after the call; $(tr -d '\n ' < /tmp/ck.json | cut -c1-200)"
+    echo "$W0 $W1" > "$XTB_OUT/checkpoint-writer-index.txt"
+    xtb_wait 300 grep -aq XSB-WRITER-DONE "$con"
+    WF=$(grep -ao 'XSB-WRITER-DONE files=[0-9]*' "$con" | grep -o '[0-9]*$')
+    [ -n "$WF" ] && [ "$WF" -gt "$W1" ]; xtb_check writer-continued-after-checkpoint $? "final file $WF > $W1"
+    "$BS" ctl "$G/fs.qcow2.xensnap.sock" checkpoint-list | tr -d '\n ' | cut -c1-400; echo
+    xtb_wait $(( 200 + ROUNDS * 4 * SECS * 3 )) grep -aq XSB-GUEST-DONE "$con"; rc=$?
+    xtb_timing $n-create-to-done "$(xtb_since "$t")"; xtb_check $n-guest-done $rc || tail -40 "$con"
+    guest_checks $n
+    echo "  stats fs disk: $("$BS" ctl "$G/fs.qcow2.xensnap.sock" stats | tr -d '\n ' | cut -c1-600)"
+    echo "  stats bench disk: $("$BS" ctl "$G/bench-s.qcow2.xensnap.sock" stats | tr -d '\n ' | cut -c1-600)"
+    xtb_step $n-destroy 60 xl destroy $n
+    xtb_wait 60 eval "! kill -0 $PIDA"; xtb_check serving-process-exited $?
+    out=$("$BS" check-image "$G/fs.qcow2" 2>&1); rc=$?; echo "  check-image: $(echo "$out" | tr -d '\n' | cut -c1-300)"
+    xtb_check fs-image-check-clean $rc
+    cp "$G/fs.qcow2" "$XTB_OUT/fs.qcow2"; xtb_check fs-image-copied-to-host $?
+  fi
+  kill $WPID 2>/dev/null; sleep 1
+  ;;
+Q)
+  xtb_section "phase Q: QEMU qdisk (qcow2): benchmark"
+  n=xsbq; cfg=$(mkcfg $n bench qdisk "vdev=xvdb, access=rw, backendtype=qdisk, format=qcow2, target=$G/bench-q.qcow2")
+  run_guest $n "$cfg" $(( 200 + ROUNDS * 4 * SECS * 3 ))
+  xtb_step $n-destroy 60 xl destroy $n
+  ;;
+K)
+  xtb_section "phase K: kernel xen-blkback (raw file via loop): benchmark"
+  modprobe xen-blkback; xtb_wait 10 test -e /sys/bus/xen-backend/drivers/vbd; xtb_check kernel-blkback-loaded $?
+  n=xsbk; cfg=$(mkcfg $n bench kernel "vdev=xvdb, access=rw, format=raw, target=$G/bench-k.raw")
+  run_guest $n "$cfg" $(( 200 + ROUNDS * 4 * SECS * 3 ))
+  losetup -a | sed 's/^/  /'
+  xtb_step $n-destroy 60 xl destroy $n
+  ;;
+esac; done
+
+xtb_section "results"
+sed 's/^/  /' "$XTB_OUT/bench.txt"
+for f in /var/log/xen/xensnap-*.log; do [ -f "$f" ] && { echo "--- $f"; tail -8 "$f"; }; done
+xl list
+xtb_finish

@@ -1,0 +1,119 @@
+#!/usr/bin/env bash
+# run-fs-bench.sh - host side of the filesystem / live-checkpoint / benchmark test of
+# blkback-snap on real Xen (dom0 script main-fs.sh, guest guest-fs.sh; see README.md).
+#  1. builds blkback-snap + xl-snap (release) and xsbio (static), packs e2fsprogs (mke2fs,
+#     e2fsck + their libraries, from this host) for the guest, makes the qcow2 images;
+#  2. boots the nested test bed once (one retry on the known TCG segfault flake / time limit);
+#  3. on the fs image the guest wrote: qemu-img check; the checkpoint "during-write" (taken in
+#     dom0 while the guest's writer ran) is read two ways - `qemu-img convert -l` and our own
+#     engine's NBD export (`xl-snap image serve --read-only`, export checkpoint/during-write,
+#     read by qemu-img over nbd+unix) - both must be identical; e2fsck -fn on it as taken; then
+#     its journal is replayed on a copy (as a mount after a crash would), e2fsck -fn must be
+#     clean, it must mount read-only, and every writer file whose fsync'd sum file exists in the
+#     checkpoint must match its sum;
+#  4. prints the benchmark table (blkback-snap qcow2 vs qdisk qcow2 vs kernel blkback raw).
+# Exit = failed checks (dom0 + host); 124/125 as boot.sh. Env: XSB_SECS, XSB_ROUNDS, XSB_TIMEOUT.
+set -uo pipefail
+HERE=$(cd "$(dirname "$0")" && pwd); ROOT=$(cd "$HERE/../../.." && pwd); XN=$(dirname "$HERE")
+BINS=${XSB_BINS:-}
+if [ -z "$BINS" ]; then
+  (cd "$ROOT" && cargo build --release -q -p blkback-snap -p xl-plugin --bins && cargo build --release -q -p libxc-ffi --example xen_probe) || exit 2
+  BINS=$ROOT/target/release
+fi
+W=$(mktemp -d /tmp/xsbfs-run.XXXX); trap 'umount "$W/mnt" 2>/dev/null; rm -rf "$W"' EXIT
+mkdir -p "$W/bins" "$W/ov/usr/sbin" "$W/ov/etc" "$W/mnt"
+cp "$BINS/blkback-snap" "$W/bins/" || exit 2
+cp "$BINS/examples/xen_probe" "$W/bins/" 2>/dev/null || echo "INFO no xen_probe example in $BINS/examples"
+gcc -O2 -static -o "$W/xsbio" "$HERE/xsbio.c" || exit 2
+# e2fsprogs for the guest (the busybox guest has mke2fs without ext4 journal support and no e2fsck)
+for b in mke2fs e2fsck; do
+  cp /usr/sbin/$b "$W/ov/usr/sbin/" || exit 2
+  for l in $(ldd /usr/sbin/$b | grep -o '/[^ ]*'); do mkdir -p "$W/ov$(dirname "$l")"; cp -L "$l" "$W/ov$l"; done
+done
+cp /etc/mke2fs.conf "$W/ov/etc/"; ln -sf mke2fs "$W/ov/usr/sbin/mkfs.ext4"
+tar czf "$W/xsb-guest-overlay.tgz" -C "$W/ov" . || exit 2
+qemu-img create -q -f qcow2 "$W/fs.qcow2" 256M || exit 2
+# the two benchmark images: same qemu-img options (default 64 KiB clusters) for both backends
+qemu-img create -q -f qcow2 "$W/bench-s.qcow2" 128M && qemu-img create -q -f qcow2 "$W/bench-q.qcow2" 128M || exit 2
+ENV=(); for v in XSB_SECS XSB_ROUNDS XSB_PHASES; do [ -n "${!v:-}" ] && ENV+=(--env "$v=${!v}"); done
+for attempt in 1 2; do
+  RUN=${XTB_RUNS:-/var/tmp/xensnap-testbed/runs}/xsbfs-$(date +%Y%m%d-%H%M%S)-$$
+  "$XN/boot.sh" --name xsbfs --run-dir "$RUN" --timeout "${XSB_TIMEOUT:-1500}" --bins "$W/bins" "${ENV[@]}" \
+    --put "$ROOT/hooks/xensnap" --put "$HERE/guest-fs.sh" --put "$W/xsbio" --put "$W/xsb-guest-overlay.tgz" \
+    --put "$W/fs.qcow2" --put "$W/bench-s.qcow2" --put "$W/bench-q.qcow2" "$@" "$HERE/main-fs.sh"
+  RC=$?
+  [ $RC = 0 ] && break
+  if [ $attempt = 1 ] && [ "${XSB_RETRY:-1}" = 1 ] && { grep -aq 'segfault at' "$RUN/serial.log" || [ $RC = 124 ]; }; then
+    echo "INFO xsbfs: attempt 1 failed (rc=$RC): $(grep -a -m1 'segfault at\|hit its' "$RUN/serial.log" | cut -c1-160); retrying once"
+    continue
+  fi
+  break
+done
+OUT=$RUN/share/out
+hc() { echo "CHECK $([ "$2" = 0 ] && echo PASS || echo FAIL) host-$1${3:+ ($3)}"; [ "$2" = 0 ] || RC=$((RC+1)); }
+
+echo; echo "===== host: the checkpoint taken while the guest wrote ====="
+if [ -f "$OUT/fs.qcow2" ]; then
+  F=$OUT/fs.qcow2 C=during-write
+  qemu-img check -q "$F"; hc fs-qemu-img-check $?
+  qemu-img snapshot -l "$F"
+  qemu-img convert -l snapshot.name=$C -O raw "$F" "$W/ck-qemu.raw"; hc checkpoint-qemu-img-convert $?
+  # our engine's NBD export of the checkpoint, read-only
+  XLS=$BINS/xl-snap
+  "$XLS" image serve --read-only --socket "$W/nbd.sock" --control "$W/ctl.sock" "$F" > "$W/serve.log" 2>&1 & SP=$!
+  for _ in $(seq 50); do [ -S "$W/nbd.sock" ] && break; sleep 0.1; done
+  qemu-img convert -f raw -O raw "nbd+unix:///checkpoint/$C?socket=$W/nbd.sock" "$W/ck-nbd.raw"; hc checkpoint-nbd-export-read $?
+  qemu-img convert -f raw -O raw "nbd+unix:///?socket=$W/nbd.sock" "$W/active-nbd.raw" 2>/dev/null
+  kill $SP; wait $SP 2>/dev/null
+  cmp "$W/ck-qemu.raw" "$W/ck-nbd.raw"; hc checkpoint-nbd-equals-qemu-img-view $? "sha256 $(sha256sum < "$W/ck-nbd.raw" | cut -c1-16)"
+  cmp -s "$W/ck-nbd.raw" "$W/active-nbd.raw"; [ $? = 1 ]; hc checkpoint-differs-from-final-disk $?
+  e2fsck -fn "$W/ck-qemu.raw" > "$W/fsck-as-taken.txt" 2>&1; r=$?
+  echo "INFO e2fsck -fn on the checkpoint as taken (a crash-consistent image of a mounted ext4): rc=$r"; sed 's/^/  /' "$W/fsck-as-taken.txt" | head -20
+  dumpe2fs -h "$W/ck-qemu.raw" 2>/dev/null | grep -i 'features\|state' | sed 's/^/  /'
+  cp "$W/ck-qemu.raw" "$W/ck-replayed.raw"
+  e2fsck -E journal_only -y "$W/ck-replayed.raw" > "$W/replay.txt" 2>&1; r=$?
+  echo "INFO journal replay (e2fsck -E journal_only): rc=$r $(tr '\n' ' ' < "$W/replay.txt" | cut -c1-200)"
+  e2fsck -fn "$W/ck-replayed.raw" > "$W/fsck.txt" 2>&1; r=$?; sed 's/^/  /' "$W/fsck.txt"
+  hc checkpoint-fsck-clean-after-journal-replay $r
+  mount -o ro,loop "$W/ck-replayed.raw" "$W/mnt"; r=$?; hc checkpoint-mounts-read-only $r "$(grep " $W/mnt " /proc/mounts | cut -d' ' -f3,4)"
+  if [ $r = 0 ]; then
+    (cd "$W/mnt" && sha256sum -c SUMS 2>/dev/null | grep -c ': OK$') > "$W/n"; echo "INFO data set files present in the checkpoint and OK: $(cat "$W/n") (part deleted before fstrim)"
+    n=0 bad=0 maxi=0
+    for s in "$W/mnt"/w/s*; do
+      [ -e "$s" ] || continue; j=${s##*/s}; want=$(cat "$s")
+      [ ${#want} = 64 ] || { echo "  incomplete sum file s$j (${#want} chars): not yet durable, allowed"; continue; }
+      n=$((n+1)); [ "$j" -gt $maxi ] && maxi=$j
+      [ "$(sha256sum < "$W/mnt/w/f$j" | cut -d' ' -f1)" = "$want" ] || { bad=$((bad+1)); echo "  MISMATCH f$j"; }
+    done
+    read -r W0 W1 < "$OUT/checkpoint-writer-index.txt" 2>/dev/null || W0=? W1=?
+    [ $n -gt 0 ] && [ $bad = 0 ]; hc checkpoint-writer-files-match-their-sums $? "$n files with a complete sum, $bad bad, newest f$maxi; guest writer was at $W0..$W1 around the call"
+    umount "$W/mnt"
+  fi
+  cp "$W"/*.txt "$OUT/" 2>/dev/null
+else
+  hc fs-image-returned 1 "no $OUT/fs.qcow2"
+fi
+
+echo; echo "===== benchmark (same guest, xsbio O_DIRECT QD1, ${XSB_SECS:-10} s per test; TCG: only ratios mean anything) ====="
+if [ -s "$OUT/bench.txt" ]; then
+  awk '
+    { lab=$2; sub(/-r[0-9]+$/, "", lab); mode=$3; if (mode=="fill") next
+      for (i=4;i<=NF;i++){ split($i,kv,"="); v[kv[1]]=kv[2] }
+      k=lab SUBSEP mode; sumi[k]+=v["iops"]; summ[k]+=v["mibps"]; n[k]++
+      r[k]=r[k] sprintf(" %.0f", v["iops"]); labs[lab]=1 }
+    END {
+      split("randread randwrite seqread seqwrite", M, " ")
+      printf "%-10s %-5s %12s %12s %12s %11s %11s  %s\n", "test", "unit", "snap-qcow2", "qdisk-qcow2", "kernel-raw", "snap/qdisk", "snap/kernel", "per-round IOPS snap | qdisk | kernel"
+      for (m=1;m<=4;m++) { mo=M[m]; big=(mo ~ /^seq/)
+        s=n["snap",mo]? (big? summ["snap",mo]:sumi["snap",mo])/n["snap",mo] : 0
+        q=n["qdisk",mo]? (big? summ["qdisk",mo]:sumi["qdisk",mo])/n["qdisk",mo] : 0
+        kk=n["kernel",mo]? (big? summ["kernel",mo]:sumi["kernel",mo])/n["kernel",mo] : 0
+        printf "%-10s %-5s %12.1f %12.1f %12.1f %11s %11s  %s |%s |%s\n", mo (big?" 1M":" 4K"), (big?"MiB/s":"IOPS"), s, q, kk,
+          (q>0? sprintf("%.2fx", s/q) : "-"), (kk>0? sprintf("%.2fx", s/kk) : "-"), r["snap",mo], r["qdisk",mo], r["kernel",mo] }
+      print "goals: snap/qdisk >= 1.20x, snap/kernel >= 0.80x"
+    }' "$OUT/bench.txt" | tee "$OUT/bench-table.txt"
+else
+  echo "no benchmark results"
+fi
+echo "run dir: $RUN (exit $RC)"
+exit $RC
