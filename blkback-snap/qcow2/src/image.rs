@@ -93,6 +93,9 @@ pub struct Qcow2 {
     pub(crate) reftable: Vec<u64>,
     pub(crate) rb_cache: HashMap<u64, Vec<u8>>,
     pub(crate) rb_dirty: BTreeSet<u64>,
+    /// Refcount table indices whose (new) refblock is only in memory: the block is written
+    /// and flushed before the table entry, at the next write of dirty refblocks.
+    pub(crate) rt_new: BTreeSet<u64>,
     pub(crate) l2_cache: HashMap<u64, Vec<u64>>,
     pub(crate) l2_dirty: BTreeSet<u64>,
     /// Byte ranges whose clusters lose one reference once the pointer removal is durable.
@@ -101,6 +104,10 @@ pub struct Qcow2 {
     pub(crate) snapshot_table_bytes: u64,
     pub(crate) snap_l1: HashMap<u64, Vec<u64>>,
     pub(crate) free_cursor: u64,
+    /// Allocation search hint `(to, len)`: every free run of clusters starting in
+    /// `[free_cursor, to)` is shorter than `len` clusters, so a search for `len` or more
+    /// contiguous clusters starts at `to`. Reset whenever a refcount drops to 0.
+    pub(crate) run_skip: (u64, u64),
     pub(crate) end_hint: u64,
     pub(crate) cache_limit: usize,
     pub(crate) decomp: Option<(u64, Vec<u8>)>,
@@ -297,6 +304,7 @@ impl Qcow2 {
             reftable,
             rb_cache: HashMap::new(),
             rb_dirty: BTreeSet::new(),
+            rt_new: BTreeSet::new(),
             l2_cache: HashMap::new(),
             l2_dirty: BTreeSet::new(),
             pending_free: Vec::new(),
@@ -304,6 +312,7 @@ impl Qcow2 {
             snapshot_table_bytes: st_bytes,
             snap_l1: HashMap::new(),
             free_cursor: 1,
+            run_skip: (0, 0),
             end_hint: 0,
             cache_limit: ((256u64 << 20) / cs).max(64) as usize,
             decomp: None,

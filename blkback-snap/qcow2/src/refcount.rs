@@ -151,8 +151,11 @@ impl Qcow2 {
             rb_set(b, order, idx % e, v);
         }
         self.rb_dirty.insert(rb);
-        if v == 0 && idx < self.free_cursor {
-            self.free_cursor = idx;
+        if v == 0 {
+            if idx < self.free_cursor {
+                self.free_cursor = idx;
+            }
+            self.run_skip = (0, 0);
         }
         Ok(())
     }
@@ -211,6 +214,7 @@ impl Qcow2 {
                 }
                 self.rb_dirty.insert(rb);
                 if let Some(f) = freed {
+                    self.run_skip = (0, 0);
                     if f < self.free_cursor {
                         self.free_cursor = f;
                     }
@@ -281,6 +285,11 @@ impl Qcow2 {
         let e = self.rb_entries();
         'outer: loop {
             let mut idx = self.free_cursor.max(1);
+            // shorter holes below the hint were seen by an earlier search: skip them
+            let skipped = n >= self.run_skip.1 && self.run_skip.0 > idx;
+            if skipped {
+                idx = self.run_skip.0;
+            }
             let mut run_start = idx;
             let mut first_free: Option<u64> = None;
             loop {
@@ -315,18 +324,34 @@ impl Qcow2 {
             if !self.jobs.is_empty() {
                 self.fresh.extend(run_start..run_start + n);
             }
-            // everything before the first free cluster seen is in use
-            self.free_cursor = match first_free {
-                Some(f) if f < run_start => f,
-                _ => run_start + n,
-            };
+            // everything before the first free cluster seen is in use; the holes seen
+            // before the run are shorter than `n`
+            if skipped {
+                if run_start > self.run_skip.0 {
+                    self.run_skip = (run_start + n, n);
+                } else {
+                    self.run_skip.0 = run_start + n;
+                }
+            } else {
+                self.free_cursor = match first_free {
+                    Some(f) if f < run_start => f,
+                    _ => run_start + n,
+                };
+                if self.free_cursor < run_start {
+                    self.run_skip = (run_start + n, n);
+                }
+            }
             self.note_end(run_start + n);
             return Ok(run_start * self.cs);
         }
     }
 
     /// Create the refblock for reftable index `rt` at the first cluster of the range it
-    /// covers (so it describes itself); written and flushed before the reftable points at it.
+    /// covers (so it describes itself). It lives in memory (dirty) until the next write of
+    /// dirty refblocks, which writes it, flushes, then writes its reftable entry; the barrier
+    /// that follows every such write (before any pointer relies on a refcount) makes the
+    /// entry durable. So creating a refblock costs no flush of its own, and a crash before
+    /// that write-back only loses clusters no durable pointer reaches.
     pub(crate) fn create_refblock(&mut self, rt: u64) -> Result<u64> {
         if rt as usize >= self.reftable.len() {
             self.grow_reftable(rt + 1)?;
@@ -347,17 +372,12 @@ impl Qcow2 {
         let mut b = vec![0u8; self.cs as usize];
         rb_set(&mut b, self.h.refcount_order, 0, 1);
         debug!(rt, off, "creating refcount block");
-        self.io.write_at(&b, off).map_err(|er| Error::io(format!("writing new refblock at {off:#x}"), er))?;
-        self.io.flush().map_err(|er| Error::io("flushing new refblock", er))?;
-        let mut ent = [0u8; 8];
-        put_be64(&mut ent, 0, off);
-        let at = self.h.refcount_table_offset + rt * 8;
-        self.io.write_at(&ent, at).map_err(|er| Error::io(format!("writing reftable entry {rt} at {at:#x}"), er))?;
-        self.io.flush().map_err(|er| Error::io("flushing reftable entry", er))?;
         if let Some(slot) = self.reftable.get_mut(rt as usize) {
             *slot = off;
         }
         self.rb_cache.insert(off, b);
+        self.rb_dirty.insert(off);
+        self.rt_new.insert(rt);
         self.note_end(idx + 1);
         Ok(off)
     }
@@ -456,9 +476,11 @@ impl Qcow2 {
         Ok(())
     }
 
-    /// Write every dirty refblock (no flush).
+    /// Write every dirty refblock (no flush at the end). New refblocks (see
+    /// [`Qcow2::create_refblock`]) are flushed before their reftable entries are written;
+    /// the caller's barrier makes the entries durable with the refcounts.
     pub(crate) fn write_dirty_refblocks(&mut self) -> Result<bool> {
-        if self.rb_dirty.is_empty() {
+        if self.rb_dirty.is_empty() && self.rt_new.is_empty() {
             return Ok(false);
         }
         let dirty = std::mem::take(&mut self.rb_dirty);
@@ -467,6 +489,22 @@ impl Qcow2 {
                 if let Err(er) = self.io.write_at(b, *off) {
                     self.rb_dirty = dirty.clone();
                     return Err(Error::io(format!("writing refcount block at {off:#x}"), er));
+                }
+            }
+        }
+        if !self.rt_new.is_empty() {
+            if let Err(er) = self.io.flush() {
+                self.rb_dirty.extend(dirty.iter().copied());
+                return Err(Error::io("flushing new refcount blocks", er));
+            }
+            let new = std::mem::take(&mut self.rt_new);
+            for rt in &new {
+                let mut ent = [0u8; 8];
+                put_be64(&mut ent, 0, self.reftable.get(*rt as usize).copied().unwrap_or(0));
+                let at = self.h.refcount_table_offset + rt * 8;
+                if let Err(er) = self.io.write_at(&ent, at) {
+                    self.rt_new = new.clone();
+                    return Err(Error::io(format!("writing reftable entry {rt} at {at:#x}"), er));
                 }
             }
         }
