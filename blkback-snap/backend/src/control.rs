@@ -13,7 +13,7 @@
 //! <- {"error":"bad request: ..."}
 //! ```
 //! Ops: `status`, `stats`, `quiesce {timeout_ms?}`, `resume`, `flush`, and for qcow2 images
-//! `info`, `check {repair?}`, `checkpoint-create {name}`, `checkpoint-list`,
+//! `info`, `check {repair?}`, `checkpoint-create {name}`, `checkpoint-take {name}`, `checkpoint-list`,
 //! `checkpoint-delete {checkpoint}`, `checkpoint-revert {checkpoint}`, `map {checkpoint?}`.
 //!
 //! The socket is created mode 0600 in a 0700 directory: only root talks to it.
@@ -61,6 +61,12 @@ pub enum Request {
     /// Disk checkpoint of the live image: quiesce (unless already quiesced), flush, create,
     /// resume (unless the caller quiesced).
     CheckpointCreate {
+        name: String,
+    },
+    /// The critical-path half of a checkpoint: fix the point in time (O(L1), no disk I/O)
+    /// under the barrier (quiesce unless already quiesced); the daemon makes it durable in
+    /// the background (`checkpoint-list` shows `taken` → `durable`).
+    CheckpointTake {
         name: String,
     },
     CheckpointList,
@@ -283,6 +289,10 @@ mod tests {
             Request::Map { checkpoint: None }
         );
         assert!(p(r#"{"op":"checkpoint-create"}"#).is_err());
+        assert_eq!(
+            p(r#"{"op":"checkpoint-take","name":"t1"}"#).unwrap(),
+            Request::CheckpointTake { name: "t1".into() }
+        );
         assert!(p(r#"{"op":"quiesce","bogus":1}"#).is_err());
         assert!(p(r#"{"op":"rm -rf"}"#).is_err());
         assert!(p("not json").is_err());

@@ -281,6 +281,29 @@ impl Device {
     }
 }
 
+/// Make taken checkpoints durable in the background: one bounded step (about one L2 table)
+/// under the image lock, then about three times as long without it, so the guest's requests
+/// get the lock most of the time. The thread ends when nothing is pending.
+fn spawn_durability(q: Arc<Mutex<xensnap_qcow2::Qcow2>>) {
+    std::thread::spawn(move || loop {
+        let t0 = Instant::now();
+        let pause = {
+            let mut g = lock(&q);
+            if !g.durable_pending() {
+                return;
+            }
+            match g.durable_step(1) {
+                Ok(_) => (t0.elapsed() * 3).max(Duration::from_micros(50)),
+                Err(e) => {
+                    tracing::error!("background checkpoint work: {e}; retrying in 1 s");
+                    Duration::from_secs(1)
+                }
+            }
+        };
+        std::thread::sleep(pause);
+    });
+}
+
 fn qe(e: xensnap_qcow2::Error) -> String {
     e.to_string()
 }
@@ -325,6 +348,16 @@ impl Handler for Device {
                     self.with_quiesced(|| self.qcow2()?.checkpoint_create(name).map_err(qe))?;
                 let mut v = json!(info);
                 v["micros"] = json!(t0.elapsed().as_micros() as u64);
+                Ok(v)
+            }
+            Request::CheckpointTake { name } => {
+                let q = self.image.qcow2.clone().ok_or("not a qcow2 image (served raw)")?;
+                let t0 = Instant::now();
+                let info = self.with_quiesced(|| lock(&q).checkpoint_take(name).map_err(qe))?;
+                let micros = t0.elapsed().as_micros() as u64;
+                spawn_durability(q);
+                let mut v = json!(info);
+                v["micros"] = json!(micros);
                 Ok(v)
             }
             Request::CheckpointList => Ok(json!(self.qcow2()?.checkpoint_list())),
@@ -526,6 +559,12 @@ pub fn serve(
     };
     conn.disconnect();
     let _ = xb.unwatch();
+    // Checkpoints taken but not yet durable are finished before the process lets go.
+    if let Some(q) = &dev.image.qcow2 {
+        if let Err(e) = lock(q).wait_durable() {
+            tracing::error!("finishing background checkpoint work: {e}");
+        }
+    }
     if let Err(e) = dev.image.device.flush() {
         tracing::warn!("final flush: {e}");
     }

@@ -258,6 +258,16 @@ fn guest_io_through_the_daemon_lands_in_the_qcow2_image() {
         .map(|s| s["name"].as_str().unwrap().to_string())
         .collect();
     assert_eq!(names, ["c1", "c2"]);
+    // checkpoint-take: the point in time is fixed under the barrier in O(L1); the daemon
+    // makes it durable in the background while the guest keeps writing.
+    let t = ctl(&sock, json!({"op":"checkpoint-take","name":"t3"})).unwrap();
+    assert_eq!(t["name"], "t3");
+    let f = pattern(6, 4096);
+    write(&mut front, 8, &f, false);
+    assert_eq!(read(&mut front, 8, 4096), f);
+    wait_for("t3 durable", || {
+        ctl(&sock, json!({"op":"checkpoint-list"})).unwrap()[2]["state"] == "durable"
+    });
     // The xl-snap alias socket reaches the same device.
     let alias = control::image_socket_path(&img);
     assert!(ctl(&alias, json!({"op":"check"})).unwrap()["errors"]
@@ -286,7 +296,9 @@ fn guest_io_through_the_daemon_lands_in_the_qcow2_image() {
     assert!(q.check().unwrap().is_clean());
     let mut buf = vec![0; 4096];
     q.read(8 * 512, &mut buf).unwrap();
-    assert_eq!(buf, e);
+    assert_eq!(buf, f);
+    q.read_checkpoint("t3", 8 * 512, &mut buf).unwrap();
+    assert_eq!(buf, e, "t3 holds what was there when it was taken");
     q.read_checkpoint("c1", 8 * 512, &mut buf).unwrap();
     assert_eq!(buf, a);
     let mut big = vec![0; 65536];
@@ -313,7 +325,7 @@ fn guest_io_through_the_daemon_lands_in_the_qcow2_image() {
             .output()
             .unwrap();
         let s = String::from_utf8_lossy(&l.stdout);
-        assert!(s.contains("c1") && s.contains("c2"), "{s}");
+        assert!(s.contains("c1") && s.contains("c2") && s.contains("t3"), "{s}");
     }
 }
 
