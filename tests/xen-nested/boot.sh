@@ -18,8 +18,7 @@
 #   --netdev SPEC     a QEMU -netdev spec with id=n0 (e.g. dgram,...), attached as virtio-net
 #   --mac MAC         MAC address of that NIC (default 52:54:00:99:00:01)
 #   --mem MB          QEMU memory (default 3072)   --dom0-mem MB  (default 1024)
-#   --smp N           vCPUs (default 1, env XTB_SMP: with 2, dom0 processes (xl, bash)
-#                     segfaulted around xl restore in about half the runs under MTTCG)
+#   --smp N           vCPUs (default 1, env XTB_SMP)
 #   --xen-args "..."  extra Xen cmdline             --dom0-args "..." extra dom0 kernel cmdline
 #   --shell           interactive dom0 shell on the serial console instead of SCRIPT (debugging)
 # Inside dom0: the share is /xtb (XTB_DIR); the script is /xtb/test/main.sh, helpers in
@@ -31,7 +30,9 @@
 # infrastructure failure, see serial.log); 2 = usage/setup error.
 # Env: XTB_CACHE (image cache, see build.sh), XTB_QEMU (default qemu-system-x86_64),
 #      XTB_ACCEL=tcg|kvm (default tcg: KVM cannot run Xen on PVM hosts), XTB_TCG_THREAD=multi|single,
-#      XTB_CPU (TCG cpu model, default max,-smap), XTB_QEMU_EXTRA (more QEMU args)
+#      XTB_CPU (TCG cpu model, default max,-smap), XTB_QEMU_EXTRA (more QEMU args),
+#      XTB_EAGER_FPU=0 (drop the default Xen option spec-ctrl=eager-fpu; only for experiments:
+#      without it dom0 processes crash under TCG once a guest runs, see XEN_ARGS below)
 set -uo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 NAME="" RUN="" TMO=900 BINS="" IP="" NETDEV="" MAC=52:54:00:99:00:01 MEM=3072 DOM0_MEM=1024 SMP=${XTB_SMP:-1}
@@ -75,7 +76,14 @@ exec bash /xtb/test/main.sh
 EOF
 
 # ---- QEMU command line
-XEN_ARGS="console=com1 com1=115200 dom0_mem=${DOM0_MEM}M,max:${DOM0_MEM}M dom0_max_vcpus=$SMP loglvl=all guest_loglvl=all $XEN_EXTRA"
+# spec-ctrl=eager-fpu: Xen's default on this (AMD-looking) TCG CPU is LAZY FPU switching
+# (CR0.TS + #NM), and under QEMU TCG that corrupts dom0's vector registers as soon as a second
+# domain runs: a dom0 program holding fixed values in ymm0-15 saw them change in 343 of 46673
+# checks while a PV guest ran (0 with eager-fpu, 0 before the guest existed). glibc keeps
+# pointers in xmm registers (memcpy, malloc), which is where the "segfault at 10"/GP crashes of
+# processes around xl create/restore came from. XTB_EAGER_FPU=0 turns it off (for experiments).
+XEN_FPU=""; [ "${XTB_EAGER_FPU:-1}" = 0 ] || XEN_FPU="spec-ctrl=eager-fpu"
+XEN_ARGS="console=com1 com1=115200 dom0_mem=${DOM0_MEM}M,max:${DOM0_MEM}M dom0_max_vcpus=$SMP loglvl=all guest_loglvl=all $XEN_FPU $XEN_EXTRA"
 # (no commas in the dom0 line: QEMU's -initrd separates multiboot modules with ',')
 DOM0_ARGS="root=/dev/vda ro console=hvc0 earlyprintk=xen init=/usr/local/sbin/xtb-init xtb.hostname=$NAME xtb.timeout=$((TMO > 120 ? TMO - 60 : TMO * 2 / 3))"
 [ -n "$IP" ] && DOM0_ARGS="$DOM0_ARGS xtb.ip=$IP"
@@ -84,8 +92,7 @@ DOM0_ARGS="$DOM0_ARGS $DOM0_EXTRA"
 case ${XTB_ACCEL:-tcg} in
   kvm) ACCEL=(-accel kvm -cpu host,-arch-capabilities);;   # only with real nested VMX/SVM (untested)
   *)   # -smap: bookworm's QEMU 7.2 TCG mis-emulates SMAP for a PV dom0 (#PF at its first instruction).
-       # Known flake (README): dom0 processes forked while xl creates/restores a domain sometimes
-       # crash (segfault/GP in libc); seen with and without SVM, 1 or 2 vCPUs, single/multi TCG.
+       # (the dom0 crashes around xl create/restore were lazy FPU switching, see XEN_ARGS above)
        ACCEL=(-accel "tcg,thread=${XTB_TCG_THREAD:-multi},tb-size=512" -cpu "${XTB_CPU:-max,-smap}");;
 esac
 NET=(-nic none)
