@@ -829,13 +829,24 @@ impl Qcow2 {
         let new = self.alloc_clusters(k)?;
         let bytes = data.get(..(k * cs) as usize).ok_or_else(|| Error::invalid("short write run"))?;
         self.io.write_at(bytes, new).map_err(ioe(format!("writing data clusters at {new:#x}")))?;
-        for i in 0..k {
-            let (d, bm) = self.l2_get(l2, l2i + i)?;
-            let c = geom.classify(d, bm, &|| format!("L2 table at {l2:#x} entry {}", l2i + i))?;
+        // one L2 range update (the allocation may have evicted the table: reload it)
+        self.load_l2(l2)?;
+        let (a, b) = (l2i as usize, (l2i + k) as usize);
+        let t = self.l2_cache.get_mut(&l2).ok_or_else(|| Error::corrupt(format!("L2 table at {l2:#x} vanished from cache")))?;
+        let slots = t.get_mut(a..b).ok_or_else(|| Error::corrupt(format!("L2 table at {l2:#x} too short")))?;
+        let old: Vec<u64> = slots.to_vec();
+        for (i, slot) in slots.iter_mut().enumerate() {
+            *slot = (new + i as u64 * cs) | COPIED;
+        }
+        self.l2_dirty.insert(l2);
+        for (i, d) in old.into_iter().enumerate() {
+            if d == 0 {
+                continue; // unallocated: nothing to give back
+            }
+            let c = geom.classify(d, 0, &|| format!("L2 table at {l2:#x} entry {}", l2i + i as u64))?;
             if matches!(c, Cluster::Compressed { .. }) {
                 self.decomp = None;
             }
-            self.l2_set(l2, l2i + i, (new + i * cs) | COPIED)?;
             self.drop_ref(l1i, c);
         }
         Ok(k as usize)

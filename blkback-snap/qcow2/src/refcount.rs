@@ -292,16 +292,38 @@ impl Qcow2 {
             }
             let mut run_start = idx;
             let mut first_free: Option<u64> = None;
+            let order = self.h.refcount_order;
+            // scan one refblock at a time
             loop {
-                if self.refcount(idx)? != 0 {
-                    run_start = idx + 1;
-                } else {
+                let end = (idx / e + 1) * e;
+                let rb = self.refblock_offset(idx / e)?;
+                if rb == 0 {
+                    // no refblock: the whole range is free
                     first_free.get_or_insert(idx);
-                    if idx + 1 - run_start == n {
+                    if run_start + n <= end {
                         break;
                     }
+                    idx = end;
+                    continue;
                 }
-                idx += 1;
+                self.load_refblock(rb)?;
+                let blk = self.rb_cache.get(&rb).ok_or_else(|| Error::corrupt(format!("refcount block at {rb:#x} vanished from cache")))?;
+                let mut found = false;
+                while idx < end {
+                    if rb_get(blk, order, idx % e) != 0 {
+                        run_start = idx + 1;
+                    } else {
+                        first_free.get_or_insert(idx);
+                        if idx + 1 - run_start == n {
+                            found = true;
+                            break;
+                        }
+                    }
+                    idx += 1;
+                }
+                if found {
+                    break;
+                }
             }
             // make sure every refblock covering the run exists; creating one may take a
             // cluster inside the run, so search again afterwards
@@ -318,8 +340,18 @@ impl Qcow2 {
                     n * self.cs
                 )));
             }
-            for i in run_start..run_start + n {
-                self.set_refcount(i, 1)?;
+            // one range update per refblock (they all exist now)
+            let mut i = run_start;
+            while i < run_start + n {
+                let end = ((i / e + 1) * e).min(run_start + n);
+                let rb = self.refblock_offset(i / e)?;
+                self.load_refblock(rb)?;
+                let blk = self.rb_cache.get_mut(&rb).ok_or_else(|| Error::corrupt(format!("refcount block at {rb:#x} vanished from cache")))?;
+                for j in i..end {
+                    rb_set(blk, order, j % e, 1);
+                }
+                self.rb_dirty.insert(rb);
+                i = end;
             }
             if !self.jobs.is_empty() {
                 self.fresh.extend(run_start..run_start + n);
