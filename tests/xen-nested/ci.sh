@@ -13,6 +13,7 @@
 # Env: XENSNAP_TESTBED=required  a skip becomes a failure (exit 1)
 #      XENSNAP_TESTBED=skip      skip on purpose (reported as SKIPPED)
 #      XTB_ONLY=single|pair      run one part;  XTB_PAIR=0  leave the pair out
+#      XTB_BLKBACK=0             leave out the blkback-snap suite (blkback/run.sh)
 #      XTB_NO_RETRY=1            no automatic retry
 # Exit: 0 = passed or skipped; non-zero = a real failure.
 set -uo pipefail
@@ -128,6 +129,14 @@ if [ "${XTB_ONLY:-}" = pair ] || { [ -z "${XTB_ONLY:-}" ] && [ "${XTB_PAIR:-1}" 
   [ "${XTB_ONLY:-}" = pair ] && RAN="pair"
 elif [ -z "${XTB_ONLY:-}" ]; then
   banner "xen-nested: NOT RUN: pair (two dom0 hosts) - left out by XTB_PAIR=0"
+fi
+# The userspace backend on real Xen: a PV guest whose disk is a qcow2 image served by
+# blkback-snap (tests/xen-nested/blkback/). XTB_BLKBACK=0 leaves it out (reported as NOT RUN).
+if [ -z "${XTB_ONLY:-}" ] && [ "${XTB_BLKBACK:-1}" != 0 ]; then
+  XSB_RETRY=0 attempt blkback "$HERE/blkback/run.sh"
+  RAN="$RAN + blkback-snap"
+elif [ -z "${XTB_ONLY:-}" ]; then
+  banner "xen-nested: NOT RUN: blkback-snap suite - left out by XTB_BLKBACK=0"
 fi
 
 # keep the newest 30 run dirs
