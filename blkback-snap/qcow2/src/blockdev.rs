@@ -27,6 +27,18 @@ impl SharedImage {
     pub fn new(img: Qcow2) -> Self {
         SharedImage(Arc::new(Mutex::new(img)))
     }
+
+    /// [`Qcow2::durable_step`] for a driver thread, holding the lock as little as possible:
+    /// before a step that flushes, the image file is flushed once *without* the lock (see
+    /// [`Qcow2::durable_presync`]), then the step runs under the lock with its barriers
+    /// unchanged. Same result and semantics as `lock().durable_step(budget)`.
+    pub fn durable_step_concurrent(&self, budget: usize) -> crate::Result<bool> {
+        let h = lock(&self.0).durable_presync()?;
+        if let Some(h) = h {
+            h.sync().map_err(|e| crate::Error::io("flushing before a checkpoint commit", e))?;
+        }
+        lock(&self.0).durable_step(budget)
+    }
 }
 
 impl BlockDevice for SharedImage {

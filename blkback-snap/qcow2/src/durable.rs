@@ -318,6 +318,26 @@ impl Qcow2 {
         Ok(())
     }
 
+    /// Will the next [`Qcow2::durable_step`] flush (a commit, a table rewrite or the end of a
+    /// drop job)? Then a handle to flush the image file is returned: a server runs it
+    /// *outside* the image lock before that step ([`SharedImage::durable_step_concurrent`]),
+    /// so the bulk of the guest's dirty data is written back while guest I/O goes on, and
+    /// the step's own barriers (all still issued, in the same order) find little to write.
+    ///
+    /// [`SharedImage::durable_step_concurrent`]: crate::SharedImage::durable_step_concurrent
+    pub fn durable_presync(&mut self) -> Result<Option<crate::io::SyncHandle>> {
+        if self.read_only {
+            return Ok(None);
+        }
+        let syncs = match self.jobs.front().cloned() {
+            None => false,
+            Some(Job::Link { pred, cursor, .. }) => cursor >= self.l1_len(pred)? as u64,
+            Some(Job::Drop { tree: None, .. }) => true,
+            Some(Job::Drop { tree: Some(t), cursor, .. }) => cursor >= self.l1_len(t)? as u64,
+        };
+        Ok(if syncs { self.io.sync_handle() } else { None })
+    }
+
     /// Run all background work to completion.
     pub fn wait_durable(&mut self) -> Result<()> {
         while !self.durable_step(64)? {}

@@ -22,6 +22,12 @@ pub trait ImageIo: Send {
     fn len(&self) -> io::Result<u64>;
     /// Truncate or extend (with zeroes).
     fn set_len(&mut self, len: u64) -> io::Result<()>;
+    /// A handle that flushes the same file without access to this object (so a caller can
+    /// run a flush outside the lock that serialises the image), or `None` if there is none.
+    /// Such a flush is an extra barrier: it never replaces one the engine issues itself.
+    fn sync_handle(&self) -> Option<SyncHandle> {
+        None
+    }
     /// Whether the image is empty (length 0).
     fn is_empty(&self) -> io::Result<bool> {
         Ok(self.len()? == 0)
@@ -44,14 +50,27 @@ fn mem_range(off: u64, len: usize) -> io::Result<(usize, usize)> {
     Ok((start, end))
 }
 
+/// Flushes an image file independently of its [`ImageIo`] (see [`ImageIo::sync_handle`]).
+pub struct SyncHandle(File);
+
+impl SyncHandle {
+    /// `fdatasync` the image file.
+    pub fn sync(&self) -> io::Result<()> {
+        self.0.sync_data()
+    }
+}
+
 /// An image on a real file.
 pub struct FileIo {
     file: File,
+    /// Written (or resized) since the last successful `fdatasync` through this object: a
+    /// flush with nothing written since the previous one is skipped (it would be a no-op).
+    unsynced: bool,
 }
 
 impl FileIo {
     pub fn new(file: File) -> Self {
-        FileIo { file }
+        FileIo { file, unsynced: true }
     }
 }
 
@@ -60,16 +79,26 @@ impl ImageIo for FileIo {
         self.file.read_exact_at(buf, off)
     }
     fn write_at(&mut self, buf: &[u8], off: u64) -> io::Result<()> {
+        self.unsynced = true;
         self.file.write_all_at(buf, off)
     }
     fn flush(&mut self) -> io::Result<()> {
-        self.file.sync_data()
+        if !self.unsynced {
+            return Ok(());
+        }
+        self.file.sync_data()?;
+        self.unsynced = false;
+        Ok(())
     }
     fn len(&self) -> io::Result<u64> {
         Ok(self.file.metadata()?.len())
     }
     fn set_len(&mut self, len: u64) -> io::Result<()> {
+        self.unsynced = true;
         self.file.set_len(len)
+    }
+    fn sync_handle(&self) -> Option<SyncHandle> {
+        self.file.try_clone().ok().map(SyncHandle)
     }
 }
 

@@ -64,7 +64,7 @@ pub use check::CheckReport;
 pub use error::{Error, Result};
 pub use header::CompressionType;
 pub use image::{CreateOptions, ImageInfo, MapEntry, OpenOptions, Qcow2};
-pub use io::{FaultIo, FileIo, ImageIo, MemIo};
+pub use io::{FaultIo, FileIo, ImageIo, MemIo, SyncHandle};
 pub use snapshot::{CheckpointState, SnapshotInfo};
 
 /// Fuzzing entry point: open `data` read-only, check it, read every cluster of the active
