@@ -482,7 +482,7 @@ fn serve(a: ServeArgs) -> Result<(), CliError> {
     let _ = std::io::stdout().flush();
     std::thread::spawn(move || ctl.run());
 
-    // Run until SIGINT/SIGTERM, then flush and close the image cleanly.
+    // Run until SIGINT/SIGTERM, then finish background work and flush.
     let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])
         .map_err(|e| CliError::Other(format!("serve: signals: {e}")))?;
     let sig = signals.forever().next();
@@ -493,13 +493,9 @@ fn serve(a: ServeArgs) -> Result<(), CliError> {
     }
     let mut guard = img.lock().map_err(|_| CliError::Other("serve: image lock poisoned".into()))?;
     guard.wait_durable().map_err(image_err(&file))?;
+    // The NBD, control and durability threads still hold the image, so it is not closed;
+    // finishing the background work and flushing is what closing would do (the lazy dirty
+    // bit is cleared once nothing is pending), and the process exits with the lock held.
     guard.flush().map_err(image_err(&file))?;
-    drop(guard);
-    // Close cleanly when no client still holds the image.
-    if let Ok(m) = Arc::try_unwrap(img) {
-        if let Ok(i) = m.into_inner() {
-            i.close().map_err(image_err(&file))?;
-        }
-    }
     Ok(())
 }
