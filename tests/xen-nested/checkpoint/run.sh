@@ -12,7 +12,8 @@ qemu-img create -q -f qcow2 "$W/ck.qcow2" 1G || exit 2
 RUN=${XTB_RUNS:-/var/tmp/xensnap-testbed/runs}/ck-$(date +%Y%m%d-%H%M%S)-$$
 "$XN/boot.sh" --name ck --run-dir "$RUN" --timeout "${CK_TIMEOUT:-1500}" --bins "$W/bins" \
   --put "$ROOT/hooks/xensnap" --put "$HERE/guest-init.sh" --put "$W/checker" --put "$W/ck.qcow2" \
-  --env CK_ROUNDS="${CK_ROUNDS:-20}" --env CK_NEG="${CK_NEG:-3}" --env CK_BENCH="${CK_BENCH:-5}" "$@" "$HERE/main.sh"
+  --env CK_ROUNDS="${CK_ROUNDS:-20}" --env CK_NEG="${CK_NEG:-3}" --env CK_BENCH="${CK_BENCH:-5}" \
+  --env CK_NEG_BEFORE_MS="${CK_NEG_BEFORE_MS:-1500}" --env CK_REVERT_MIN_GAP_MS="${CK_REVERT_MIN_GAP_MS:-5000}" "$@" "$HERE/main.sh"
 RC=$?
 echo "run dir: $RUN (exit $RC)"
 exit $RC
