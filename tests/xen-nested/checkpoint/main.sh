@@ -148,6 +148,13 @@ for i in $(seq 1 "$NEG"); do
   # >= NEG_BEFORE_MS + the suspend), the checker wrote nothing between take and suspend and
   # the control cannot detect anything (runs ck-20261125-185641-5552 / -191347-5344).
   first_after "$from0" 5 500; echo "  neg-$i: counter before ~$c0; guest pause: ${LINE:-none}"
+  # diagnostic: the record area's mapping (guest 1 MiB+) in the checkpoint vs the active disk;
+  # the same host offsets would mean writes after the take went into the checkpoint's clusters
+  d=$(xl domid $G 2>/dev/null)
+  for m in "\"bad$i\"" null; do
+    "$BS" ctl "$d/51712" "{\"op\":\"map\",\"checkpoint\":$m}" > "$XTB_OUT/neg-$i-map-${m//\"/}.json" 2>&1
+    echo "  neg-$i map $m: $(tr -d ' \n' < "$XTB_OUT/neg-$i-map-${m//\"/}.json" | cut -c1-600)"
+  done
   rsleep 500 1000
   nlines; from=$NL
   retry1 /tmp/rv.out "$XS" revert $G "bad$i" || cat /tmp/rv.out
