@@ -614,15 +614,7 @@ impl Qcow2 {
         snap.l1_size = l1.len() as u32;
         let mut snaps = self.snapshots.clone();
         snaps.push(snap.clone());
-        let (t_off, t_len) = self.write_new_table(&snaps)?;
-        self.write_dirty_refblocks()?;
-        self.sync("checkpoint refcounts")?;
-        let (old_off, old_len) = (self.h.snapshots_offset, self.snapshot_table_bytes);
-        self.commit_table(snaps.len() as u32, t_off)?;
-        self.h.nb_snapshots = snaps.len() as u32;
-        self.h.snapshots_offset = t_off;
-        self.snapshot_table_bytes = t_len;
-        self.snapshots = snaps;
+        let (old_off, old_len) = self.publish_table(snaps, "checkpoint refcounts")?;
         self.snap_l1.insert(off, l1);
         // later jobs that name this tree by its memory id find it in the table now
         self.rename_tree(Tree::Mem(m), Tree::Snap(off));
@@ -688,15 +680,7 @@ impl Qcow2 {
         self.load_snap_l1(sn.l1_offset)?;
         let l1 = self.snap_l1.get(&sn.l1_offset).cloned().unwrap_or_default();
         let snaps: Vec<Snapshot> = self.snapshots.iter().filter(|s| s.id != id).cloned().collect();
-        let (t_off, t_len) = self.write_new_table(&snaps)?;
-        self.write_dirty_refblocks()?;
-        self.sync("delete: new snapshot table")?;
-        let (old_off, old_len) = (self.h.snapshots_offset, self.snapshot_table_bytes);
-        self.commit_table(snaps.len() as u32, t_off)?;
-        self.h.nb_snapshots = snaps.len() as u32;
-        self.h.snapshots_offset = t_off;
-        self.snapshot_table_bytes = t_len;
-        self.snapshots = snaps;
+        let (old_off, old_len) = self.publish_table(snaps, "delete: new snapshot table")?;
         self.snap_l1.remove(&sn.l1_offset);
         let m = self.new_mem(l1);
         self.rename_tree(Tree::Snap(sn.l1_offset), Tree::Mem(m));

@@ -216,6 +216,22 @@ impl Qcow2 {
         self.sync("snapshot table commit")
     }
 
+    /// Publish `snaps` as the snapshot table: write it out of place, make the refcounts it
+    /// relies on durable (`what` names that barrier), commit the 12-byte header switch and
+    /// adopt it in memory. Returns the old table's (offset, bytes) for the caller to free.
+    pub(crate) fn publish_table(&mut self, snaps: Vec<Snapshot>, what: &str) -> Result<(u64, u64)> {
+        let (t_off, t_len) = self.write_new_table(&snaps)?;
+        self.write_dirty_refblocks()?;
+        self.sync(what)?;
+        let old = (self.h.snapshots_offset, self.snapshot_table_bytes);
+        self.commit_table(snaps.len() as u32, t_off)?;
+        self.h.nb_snapshots = snaps.len() as u32;
+        self.h.snapshots_offset = t_off;
+        self.snapshot_table_bytes = t_len;
+        self.snapshots = snaps;
+        Ok(old)
+    }
+
     /// Set COPIED in the active L1 and its L2 tables exactly where the refcount is 1.
     pub(crate) fn rebuild_copied(&mut self) -> Result<()> {
         let cs = self.cs;
