@@ -610,38 +610,8 @@ impl Drop for SharedPages {
     }
 }
 
-macro_rules! delegate_shared_mem {
-    ($t:ty) => {
-        impl SharedMem for $t {
-            fn len(&self) -> usize {
-                self.region.len()
-            }
-            fn is_writable(&self) -> bool {
-                self.region.is_writable()
-            }
-            fn read_bytes(&self, offset: usize, dst: &mut [u8]) -> Result<()> {
-                self.region.read_bytes(offset, dst)
-            }
-            fn write_bytes(&self, offset: usize, src: &[u8]) -> Result<()> {
-                self.region.write_bytes(offset, src)
-            }
-            fn load_u32_acquire(&self, offset: usize) -> Result<u32> {
-                self.region.load_u32_acquire(offset)
-            }
-            fn load_u32_relaxed(&self, offset: usize) -> Result<u32> {
-                self.region.load_u32_relaxed(offset)
-            }
-            fn store_u32_release(&self, offset: usize, value: u32) -> Result<()> {
-                self.region.store_u32_release(offset, value)
-            }
-            fn store_u32_relaxed(&self, offset: usize, value: u32) -> Result<()> {
-                self.region.store_u32_relaxed(offset, value)
-            }
-        }
-    };
-}
-delegate_shared_mem!(GrantMapping);
-delegate_shared_mem!(SharedPages);
+crate::mem::delegate_shared_mem!(GrantMapping);
+crate::mem::delegate_shared_mem!(SharedPages);
 
 #[cfg(test)]
 mod tests {

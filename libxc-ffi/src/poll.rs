@@ -19,6 +19,36 @@ pub(crate) fn wait_readable(
             reason: format!("invalid fd {fd}"),
         });
     }
+    let mut p = [pollfd(fd)];
+    poll_until(&mut p, timeout, what, || format!("fd {fd}"))?;
+    Ok(p[0].revents != 0)
+}
+
+/// Waits until at least one of `fds` is readable (or has hung up / errored), for at most
+/// `timeout` (forever if `None`). Returns, per fd, whether it is ready; all `false` on
+/// timeout. Retries on EINTR.
+pub fn wait_any(fds: &[BorrowedFd<'_>], timeout: Option<Duration>) -> Result<Vec<bool>> {
+    let mut p: Vec<sys::PollFd> = fds.iter().map(|f| pollfd(f.as_raw_fd())).collect();
+    poll_until(&mut p, timeout, "poll", || format!("{} fds", fds.len()))?;
+    Ok(p.iter().map(|e| e.revents != 0).collect())
+}
+
+fn pollfd(fd: RawFd) -> sys::PollFd {
+    sys::PollFd {
+        fd,
+        events: sys::POLLIN,
+        revents: 0,
+    }
+}
+
+/// `poll(2)` on `p` until something is ready or `timeout` has passed (retrying on EINTR
+/// with the time left); the `revents` fields say what is ready (all 0 on timeout).
+fn poll_until(
+    p: &mut [sys::PollFd],
+    timeout: Option<Duration>,
+    what: &'static str,
+    describe: impl Fn() -> String,
+) -> Result<()> {
     let deadline = timeout.map(|t| Instant::now() + t);
     loop {
         let ms: i32 = match deadline {
@@ -29,59 +59,20 @@ pub(crate) fn wait_readable(
                 i32::try_from(left.as_micros().div_ceil(1000)).unwrap_or(i32::MAX)
             }
         };
-        let mut p = sys::PollFd {
-            fd,
-            events: sys::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd structure for the duration of the call.
-        let r = unsafe { sys::poll(&mut p, 1, ms) };
-        if r < 0 {
-            let e = Error::last_os(what, format!("fd {fd}"));
-            if e.errno() == Some(EINTR) {
-                continue;
-            }
-            return Err(e);
-        }
-        return Ok(r > 0);
-    }
-}
-
-/// Waits until at least one of `fds` is readable (or has hung up / errored), for at most
-/// `timeout` (forever if `None`). Returns, per fd, whether it is ready; all `false` on
-/// timeout. Retries on EINTR.
-pub fn wait_any(fds: &[BorrowedFd<'_>], timeout: Option<Duration>) -> Result<Vec<bool>> {
-    let deadline = timeout.map(|t| Instant::now() + t);
-    let mut p: Vec<sys::PollFd> = fds
-        .iter()
-        .map(|f| sys::PollFd {
-            fd: f.as_raw_fd(),
-            events: sys::POLLIN,
-            revents: 0,
-        })
-        .collect();
-    loop {
-        let ms: i32 = match deadline {
-            None => -1,
-            Some(d) => {
-                let left = d.saturating_duration_since(Instant::now());
-                i32::try_from(left.as_micros().div_ceil(1000)).unwrap_or(i32::MAX)
-            }
-        };
         for e in p.iter_mut() {
             e.revents = 0;
         }
-        // SAFETY: `p` holds `p.len()` pollfd structures, valid for the call; the fds are
-        // borrowed, hence open, for its duration.
+        // SAFETY: `p` holds `p.len()` pollfd structures, valid for the call; the callers'
+        // fds are open for its duration (checked non-negative or borrowed).
         let r = unsafe { sys::poll(p.as_mut_ptr(), p.len() as std::ffi::c_ulong, ms) };
         if r < 0 {
-            let e = Error::last_os("poll", format!("{} fds", p.len()));
+            let e = Error::last_os(what, describe());
             if e.errno() == Some(EINTR) {
                 continue;
             }
             return Err(e);
         }
-        return Ok(p.iter().map(|e| e.revents != 0).collect());
+        return Ok(());
     }
 }
 

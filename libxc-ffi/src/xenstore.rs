@@ -221,6 +221,65 @@ unsafe fn take_string_array(arr: *mut *mut c_char, num: usize) -> Vec<Vec<u8>> {
     out
 }
 
+/// The node operations, the same on the store (outside any transaction) and inside a
+/// [`Transaction`]: `$scope` names a method giving the store and the transaction id.
+macro_rules! node_ops {
+    ($scope:ident) => {
+        /// Reads a node's value.
+        pub fn read(&self, path: &str) -> Result<Vec<u8>> {
+            let (xs, t) = self.$scope();
+            xs.read_in(t, path)
+        }
+        /// Reads a node's value as UTF-8 (lossy).
+        pub fn read_string(&self, path: &str) -> Result<String> {
+            self.read(path)
+                .map(|v| String::from_utf8_lossy(&v).into_owned())
+        }
+        /// Reads a node, mapping "does not exist" (ENOENT) to `Ok(None)`.
+        pub fn read_opt(&self, path: &str) -> Result<Option<Vec<u8>>> {
+            match self.read(path) {
+                Ok(v) => Ok(Some(v)),
+                Err(e) if e.is_not_found() => Ok(None),
+                Err(e) => Err(e),
+            }
+        }
+        /// Writes a node (creating it and missing parents).
+        pub fn write(&self, path: &str, value: &[u8]) -> Result<()> {
+            let (xs, t) = self.$scope();
+            xs.write_in(t, path, value)
+        }
+        /// Writes a string value.
+        pub fn write_str(&self, path: &str, value: &str) -> Result<()> {
+            self.write(path, value.as_bytes())
+        }
+        /// Creates an empty node (and missing parents).
+        pub fn mkdir(&self, path: &str) -> Result<()> {
+            let (xs, t) = self.$scope();
+            xs.mkdir_in(t, path)
+        }
+        /// Removes a node and everything below it.
+        pub fn rm(&self, path: &str) -> Result<()> {
+            let (xs, t) = self.$scope();
+            xs.rm_in(t, path)
+        }
+        /// Lists the children of a node.
+        pub fn directory(&self, path: &str) -> Result<Vec<String>> {
+            let (xs, t) = self.$scope();
+            xs.directory_in(t, path)
+        }
+        /// The node's permissions (owner first).
+        pub fn get_permissions(&self, path: &str) -> Result<Vec<Permission>> {
+            let (xs, t) = self.$scope();
+            xs.get_permissions_in(t, path)
+        }
+        /// Sets the node's permissions; `perms[0]` is the owner and the default for others.
+        pub fn set_permissions(&self, path: &str, perms: &[Permission]) -> Result<()> {
+            let (xs, t) = self.$scope();
+            xs.set_permissions_in(t, path, perms)
+        }
+    };
+}
+
 impl XenStore {
     /// Opens XenStore (`xs_open(0)`): /dev/xen/xenbus, or the xenstored socket.
     pub fn open() -> Result<XenStore> {
@@ -390,51 +449,10 @@ impl XenStore {
         }
     }
 
-    /// Reads a node's value.
-    pub fn read(&self, path: &str) -> Result<Vec<u8>> {
-        self.read_in(XBT_NULL, path)
+    fn scope(&self) -> (&XenStore, xs_transaction_t) {
+        (self, XBT_NULL)
     }
-    /// Reads a node's value as UTF-8 (lossy).
-    pub fn read_string(&self, path: &str) -> Result<String> {
-        self.read(path)
-            .map(|v| String::from_utf8_lossy(&v).into_owned())
-    }
-    /// Reads a node, mapping "does not exist" (ENOENT) to `Ok(None)`.
-    pub fn read_opt(&self, path: &str) -> Result<Option<Vec<u8>>> {
-        match self.read(path) {
-            Ok(v) => Ok(Some(v)),
-            Err(e) if e.is_not_found() => Ok(None),
-            Err(e) => Err(e),
-        }
-    }
-    /// Writes a node (creating it and missing parents).
-    pub fn write(&self, path: &str, value: &[u8]) -> Result<()> {
-        self.write_in(XBT_NULL, path, value)
-    }
-    /// Writes a string value.
-    pub fn write_str(&self, path: &str, value: &str) -> Result<()> {
-        self.write(path, value.as_bytes())
-    }
-    /// Creates an empty node (and missing parents).
-    pub fn mkdir(&self, path: &str) -> Result<()> {
-        self.mkdir_in(XBT_NULL, path)
-    }
-    /// Removes a node and everything below it.
-    pub fn rm(&self, path: &str) -> Result<()> {
-        self.rm_in(XBT_NULL, path)
-    }
-    /// Lists the children of a node.
-    pub fn directory(&self, path: &str) -> Result<Vec<String>> {
-        self.directory_in(XBT_NULL, path)
-    }
-    /// The node's permissions (owner first).
-    pub fn get_permissions(&self, path: &str) -> Result<Vec<Permission>> {
-        self.get_permissions_in(XBT_NULL, path)
-    }
-    /// Sets the node's permissions; `perms[0]` is the owner and the default for others.
-    pub fn set_permissions(&self, path: &str, perms: &[Permission]) -> Result<()> {
-        self.set_permissions_in(XBT_NULL, path, perms)
-    }
+    node_ops!(scope);
 
     /// `xs_get_domain_path`: where a domain lives (normally `/local/domain/<domid>`).
     pub fn get_domain_path(&self, domid: u32) -> Result<String> {
@@ -610,51 +628,10 @@ pub struct Transaction<'a> {
 }
 
 impl Transaction<'_> {
-    /// Reads a node within the transaction.
-    pub fn read(&self, path: &str) -> Result<Vec<u8>> {
-        self.xs.read_in(self.id, path)
+    fn scope(&self) -> (&XenStore, xs_transaction_t) {
+        (self.xs, self.id)
     }
-    /// Reads a node as a string.
-    pub fn read_string(&self, path: &str) -> Result<String> {
-        self.read(path)
-            .map(|v| String::from_utf8_lossy(&v).into_owned())
-    }
-    /// Reads a node, `Ok(None)` if it does not exist.
-    pub fn read_opt(&self, path: &str) -> Result<Option<Vec<u8>>> {
-        match self.read(path) {
-            Ok(v) => Ok(Some(v)),
-            Err(e) if e.is_not_found() => Ok(None),
-            Err(e) => Err(e),
-        }
-    }
-    /// Writes a node within the transaction.
-    pub fn write(&self, path: &str, value: &[u8]) -> Result<()> {
-        self.xs.write_in(self.id, path, value)
-    }
-    /// Writes a string value.
-    pub fn write_str(&self, path: &str, value: &str) -> Result<()> {
-        self.write(path, value.as_bytes())
-    }
-    /// Creates a node within the transaction.
-    pub fn mkdir(&self, path: &str) -> Result<()> {
-        self.xs.mkdir_in(self.id, path)
-    }
-    /// Removes a node within the transaction.
-    pub fn rm(&self, path: &str) -> Result<()> {
-        self.xs.rm_in(self.id, path)
-    }
-    /// Lists children within the transaction.
-    pub fn directory(&self, path: &str) -> Result<Vec<String>> {
-        self.xs.directory_in(self.id, path)
-    }
-    /// Gets permissions within the transaction.
-    pub fn get_permissions(&self, path: &str) -> Result<Vec<Permission>> {
-        self.xs.get_permissions_in(self.id, path)
-    }
-    /// Sets permissions within the transaction.
-    pub fn set_permissions(&self, path: &str, perms: &[Permission]) -> Result<()> {
-        self.xs.set_permissions_in(self.id, path, perms)
-    }
+    node_ops!(scope);
 
     fn end(&mut self, abort: bool) -> Result<()> {
         self.done = true;
