@@ -3,7 +3,9 @@
 
 use crate::error::Error;
 use crate::image::Qcow2;
+use crate::durable::DurableStep;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 use xensnap_blockdev::{BlockDevice, BlockError, BlockResult};
 
 fn to_block(e: Error) -> BlockError {
@@ -28,17 +30,49 @@ impl SharedImage {
         SharedImage(Arc::new(Mutex::new(img)))
     }
 
-    /// [`Qcow2::durable_step`] for a driver thread, holding the lock as little as possible:
-    /// before a step that flushes, the image file is flushed once *without* the lock (see
-    /// [`Qcow2::durable_presync`]), then the step runs under the lock with its barriers
-    /// unchanged. Same result and semantics as `lock().durable_step(budget)`.
-    pub fn durable_step_concurrent(&self, budget: usize) -> crate::Result<bool> {
-        let h = lock(&self.0).durable_presync()?;
-        if let Some(h) = h {
-            h.sync().map_err(|e| crate::Error::io("flushing before a checkpoint commit", e))?;
+    /// One bounded piece of background work for a driver thread, holding the image lock
+    /// as little as possible: the work runs under the lock up to the next flush barrier a
+    /// commit needs ([`Qcow2::durable_step_staged`]); the barrier (an fdatasync) runs with
+    /// the lock released, and the lock is taken again briefly to record it. Guest requests
+    /// are served during the fdatasync. Returns whether everything is durable, and how long
+    /// the lock was held (for pacing).
+    pub fn durable_work(&self, budget: usize) -> crate::Result<DurableProgress> {
+        let mut g = lock(&self.0);
+        let t = Instant::now();
+        let r = g.durable_step_staged(budget);
+        let mut locked = t.elapsed();
+        drop(g);
+        match r? {
+            DurableStep::Done(done) => Ok(DurableProgress { done, locked, synced: Duration::ZERO }),
+            DurableStep::Barrier(b) => {
+                let t = Instant::now();
+                // on failure the barrier stays pending: the next call hands it out again
+                let s = b.sync()?;
+                let synced = t.elapsed();
+                let mut g = lock(&self.0);
+                let t = Instant::now();
+                g.durable_barrier_done(s);
+                locked += t.elapsed();
+                Ok(DurableProgress { done: false, locked, synced })
+            }
         }
-        lock(&self.0).durable_step(budget)
     }
+
+    /// [`SharedImage::durable_work`], returning only whether everything is durable.
+    pub fn durable_step_concurrent(&self, budget: usize) -> crate::Result<bool> {
+        Ok(self.durable_work(budget)?.done)
+    }
+}
+
+/// What one [`SharedImage::durable_work`] call did.
+#[derive(Debug, Clone, Copy)]
+pub struct DurableProgress {
+    /// All background work is durable.
+    pub done: bool,
+    /// Time the image lock was held.
+    pub locked: Duration,
+    /// Time spent in a flush barrier without the lock (zero if none).
+    pub synced: Duration,
 }
 
 impl BlockDevice for SharedImage {

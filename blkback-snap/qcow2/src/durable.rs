@@ -61,12 +61,77 @@ pub(crate) enum DropWhat {
     OldActive,
     /// A published checkpoint (by id): unpublished by a table rewrite first.
     Snapshot(String),
+    /// A taken checkpoint deleted before its commit began (by id): never published.
+    Abandoned(String),
+}
+
+/// Where a staged table switch (a checkpoint commit, or a deletion's table rewrite) is.
+/// Each step issues writes under the image lock; a step that must be durable before the
+/// next one's writes ends with a barrier (`wait`), which a driver may run *without* the
+/// image lock ([`Qcow2::durable_step_staged`]) or the engine runs itself
+/// ([`Qcow2::durable_step`]). Allocations are made once and remembered, so a step retried
+/// after an I/O error rewrites the same places.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Stage {
+    /// The next step to run (0: not begun).
+    pub(crate) step: u8,
+    /// The barrier (ticket) that must complete before `step` runs.
+    pub(crate) wait: Option<u64>,
+    /// The checkpoint's L1 copy: (offset, bytes); offset 0 while not allocated.
+    pub(crate) l1: (u64, u64),
+    /// The new snapshot table: (offset, bytes, entries); None while not written.
+    pub(crate) table: Option<(u64, u64, Vec<Snapshot>)>,
+}
+
+impl Stage {
+    pub(crate) fn begun(&self) -> bool {
+        self.step > 0 || self.wait.is_some()
+    }
 }
 
 #[derive(Debug, Clone)]
 pub(crate) enum Job {
-    Link { pred: Tree, succ: Tree, cursor: u64, then: Then },
-    Drop { what: DropWhat, tree: Option<Tree>, cursor: u64, free: Vec<(u64, u64)> },
+    Link { pred: Tree, succ: Tree, cursor: u64, then: Then, stage: Stage },
+    Drop { what: DropWhat, tree: Option<Tree>, cursor: u64, free: Vec<(u64, u64)>, stage: Stage },
+}
+
+/// How far a job got in one call.
+enum Run {
+    Finished,
+    /// Out of budget.
+    Paused,
+    /// Its writes need barrier `ticket` before it goes on.
+    Barrier(u64),
+}
+
+/// The result of [`Qcow2::durable_step_staged`].
+pub enum DurableStep {
+    /// Like [`Qcow2::durable_step`]'s result: whether all background work is durable.
+    Done(bool),
+    /// The work wrote what must be durable before its next write: run
+    /// [`DurableBarrier::sync`] (without the image lock), then hand the result to
+    /// [`Qcow2::durable_barrier_done`].
+    Barrier(DurableBarrier),
+}
+
+/// A flush barrier the background work waits for (see [`Qcow2::durable_step_staged`]).
+pub struct DurableBarrier {
+    ticket: u64,
+    handle: crate::io::SyncHandle,
+}
+
+/// A barrier that completed: every write issued before [`DurableBarrier::sync`] began is
+/// durable.
+pub struct SyncedBarrier {
+    ticket: u64,
+}
+
+impl DurableBarrier {
+    /// Flush the image file (fdatasync); needs no access to the image.
+    pub fn sync(self) -> Result<SyncedBarrier> {
+        self.handle.sync().map_err(|e| Error::io("flushing for a checkpoint commit (outside the image lock)", e))?;
+        Ok(SyncedBarrier { ticket: self.ticket })
+    }
 }
 
 /// Budget units: one L2 table walked, or one commit; this many empty L1 entries count as one.
@@ -232,6 +297,7 @@ impl Qcow2 {
             succ: Tree::Active,
             cursor: 0,
             then: Then::Commit { snap: sn, delete_requested: false },
+            stage: Stage::default(),
         });
         info!(id = %info.id, name, "checkpoint taken");
         Ok(info)
@@ -292,39 +358,55 @@ impl Qcow2 {
         self.l1_unpublished = true;
         self.h.size = size;
         self.decomp = None;
-        self.jobs.push_back(Job::Link { pred: tree, succ: Tree::Active, cursor: 0, then: Then::Switch });
-        self.jobs.push_back(Job::Drop { what: DropWhat::OldActive, tree: Some(Tree::Mem(d)), cursor: 0, free });
+        self.jobs.push_back(Job::Link { pred: tree, succ: Tree::Active, cursor: 0, then: Then::Switch, stage: Stage::default() });
+        self.jobs.push_back(Job::Drop {
+            what: DropWhat::OldActive,
+            tree: Some(Tree::Mem(d)),
+            cursor: 0,
+            free,
+            stage: Stage::default(),
+        });
         info!(id = %sn.id, name = %sn.name, "switched to checkpoint");
         Ok(())
     }
 
-    /// Delete a checkpoint: it disappears from the list at once; the table rewrite and the
-    /// freeing of what only it referenced are background work (a crash before the table
-    /// rewrite is durable keeps it). Deleting a taken checkpoint lets it become durable first.
+    /// Delete a checkpoint: it disappears from the list at once (no I/O); the rest is
+    /// background work. A durable checkpoint is removed from the table (a crash before that
+    /// rewrite is durable keeps it), then what only it referenced is freed. A *taken* one
+    /// whose commit has not begun (an abandoned checkpoint) is never published: its walk
+    /// ends in giving its references back, with no table write and no flush, and a crash at
+    /// any point loses it. One whose commit is under way becomes durable, then is deleted.
     pub fn checkpoint_delete_begin(&mut self, id_or_name: &str) -> Result<()> {
         self.check_writable()?;
         let (tree, sn, state) = self.find_checkpoint(id_or_name)?;
+        let mut committing = state == CheckpointState::Durable;
         if state == CheckpointState::Taken {
             for j in self.jobs.iter_mut() {
-                if let Job::Link { pred, then: Then::Commit { delete_requested, .. }, .. } = j {
+                if let Job::Link { pred, then: Then::Commit { delete_requested, .. }, stage, .. } = j {
                     if *pred == tree {
                         *delete_requested = true;
+                        committing = stage.begun();
                     }
                 }
             }
         }
-        self.jobs.push_back(Job::Drop { what: DropWhat::Snapshot(sn.id.clone()), tree: None, cursor: 0, free: vec![] });
-        info!(id = %sn.id, name = %sn.name, "checkpoint deletion queued");
+        if committing {
+            self.jobs.push_back(Job::Drop {
+                what: DropWhat::Snapshot(sn.id.clone()),
+                tree: None,
+                cursor: 0,
+                free: vec![],
+                stage: Stage::default(),
+            });
+        }
+        info!(id = %sn.id, name = %sn.name, abandoned = !committing, "checkpoint deletion queued");
         Ok(())
     }
 
-    /// Will the next [`Qcow2::durable_step`] flush (a commit, a table rewrite or the end of a
-    /// drop job)? Then a handle to flush the image file is returned: a server runs it
-    /// *outside* the image lock before that step ([`SharedImage::durable_step_concurrent`]),
-    /// so the bulk of the guest's dirty data is written back while guest I/O goes on, and
-    /// the step's own barriers (all still issued, in the same order) find little to write.
-    ///
-    /// [`SharedImage::durable_step_concurrent`]: crate::SharedImage::durable_step_concurrent
+    /// Will the next [`Qcow2::durable_step`] flush (a commit, a table rewrite)? Then a
+    /// handle to flush the image file is returned, which a caller may run without the image
+    /// lock first so that the step's own barriers find little to write. Superseded by
+    /// [`Qcow2::durable_step_staged`], which runs every barrier of a commit outside the lock.
     pub fn durable_presync(&mut self) -> Result<Option<crate::io::SyncHandle>> {
         if self.read_only {
             return Ok(None);
@@ -333,7 +415,7 @@ impl Qcow2 {
             None => false,
             Some(Job::Link { pred, cursor, .. }) => cursor >= self.l1_len(pred)? as u64,
             Some(Job::Drop { tree: None, .. }) => true,
-            Some(Job::Drop { tree: Some(t), cursor, .. }) => cursor >= self.l1_len(t)? as u64,
+            Some(Job::Drop { .. }) => false,
         };
         Ok(if syncs { self.io.sync_handle() } else { None })
     }
@@ -355,19 +437,60 @@ impl Qcow2 {
     }
 
     /// Do a bounded amount of background work: about `budget` L2 tables walked, or one
-    /// commit (a few writes and flushes). Returns whether everything is durable. On error
-    /// the job stays queued at the position it reached.
+    /// commit (a few writes and flushes, all issued here). Returns whether everything is
+    /// durable. On error the job stays queued at the position it reached.
     pub fn durable_step(&mut self, budget: usize) -> Result<bool> {
-        if self.read_only || self.jobs.is_empty() {
-            return Ok(self.jobs.is_empty());
+        match self.step_inner(budget, true)? {
+            DurableStep::Done(d) => Ok(d),
+            // unreachable with inline barriers; report "not done" rather than fail
+            DurableStep::Barrier(_) => Ok(false),
         }
+    }
+
+    /// [`Qcow2::durable_step`] for a driver that runs flush barriers *outside* the lock
+    /// serialising the image: the work stops where a commit (or a deletion's table
+    /// rewrite) needs its writes durable before the next ones, and returns that barrier.
+    /// The driver releases the lock, runs [`DurableBarrier::sync`], re-takes the lock and
+    /// passes the result to [`Qcow2::durable_barrier_done`]; the next call goes on. Guest
+    /// I/O (writes, flushes, takes, reverts, deletes) may run in between: a commit only
+    /// depends on what it wrote itself and on the frozen checkpoint tree, which guest
+    /// writes never change. A barrier that is never completed is run by the next
+    /// [`Qcow2::durable_step`] (and so by `flush` before a switch, `wait_durable`, `close`).
+    /// If the image I/O has no [`crate::SyncHandle`], barriers run inline.
+    pub fn durable_step_staged(&mut self, budget: usize) -> Result<DurableStep> {
+        self.step_inner(budget, false)
+    }
+
+    /// Record a barrier run outside the lock (see [`Qcow2::durable_step_staged`]). A stale
+    /// one (the work moved on meanwhile, e.g. a `wait_durable` ran it inline) is ignored.
+    pub fn durable_barrier_done(&mut self, b: SyncedBarrier) {
+        if let Some(Job::Link { stage, .. } | Job::Drop { stage, .. }) = self.jobs.front_mut() {
+            if stage.wait == Some(b.ticket) {
+                stage.wait = None;
+            }
+        }
+    }
+
+    fn step_inner(&mut self, budget: usize, inline: bool) -> Result<DurableStep> {
+        if self.read_only || self.jobs.is_empty() {
+            return Ok(DurableStep::Done(self.jobs.is_empty()));
+        }
+        let handle = if inline { None } else { self.io.sync_handle() };
+        let inline = handle.is_none();
         let mut left = budget.max(1) as u64 * EMPTY_PER_UNIT;
         while left > 0 {
             let Some(mut job) = self.jobs.pop_front() else { break };
-            match self.run_job(&mut job, &mut left) {
-                Ok(true) => {}
-                Ok(false) => {
+            match self.run_job(&mut job, &mut left, inline) {
+                Ok(Run::Finished) => {}
+                Ok(Run::Paused) => {
                     self.jobs.push_front(job);
+                    break;
+                }
+                Ok(Run::Barrier(ticket)) => {
+                    self.jobs.push_front(job);
+                    if let Some(handle) = handle {
+                        return Ok(DurableStep::Barrier(DurableBarrier { ticket, handle }));
+                    }
                     break;
                 }
                 Err(e) => {
@@ -380,7 +503,7 @@ impl Qcow2 {
         if self.jobs.is_empty() {
             self.all_durable()?;
         }
-        Ok(self.jobs.is_empty())
+        Ok(DurableStep::Done(self.jobs.is_empty()))
     }
 
     fn all_durable(&mut self) -> Result<()> {
@@ -388,71 +511,135 @@ impl Qcow2 {
         self.fresh = HashSet::new();
         self.leak_window = false;
         if self.dirty_set_by_us && self.h.incompatible & INCOMPAT_DIRTY != 0 {
-            self.writeback()?;
-            self.sync("all checkpoint work durable")?;
-            self.set_incompat(self.h.incompatible & !INCOMPAT_DIRTY)?;
+            // Every frozen tree whose counts could leak is published (its commit barrier
+            // is done) or durably unpublished: what a crash leaves now is ordinary (pending
+            // decreases). The clear needs no barrier: if it is lost, open just repairs.
+            self.write_incompat(self.h.incompatible & !INCOMPAT_DIRTY)?;
             self.dirty_set_by_us = false;
         }
         Ok(())
     }
 
-    /// Work on one job; Ok(true) when it is finished.
-    fn run_job(&mut self, job: &mut Job, left: &mut u64) -> Result<bool> {
+    /// Write the incompatible feature bits without a barrier.
+    fn write_incompat(&mut self, v: u64) -> Result<()> {
+        let mut b = [0u8; 8];
+        put_be64(&mut b, 0, v);
+        self.write_bytes(&b, header::OFF_INCOMPAT, "incompatible feature bits")?;
+        self.h.incompatible = v;
+        Ok(())
+    }
+
+    /// A step wants barrier `what` before going on: run it here (inline) or hand it out.
+    fn barrier(&mut self, stage: &mut Stage, inline: bool, what: &str) -> Result<Option<Run>> {
+        self.next_ticket += 1;
+        stage.wait = Some(self.next_ticket);
+        if inline {
+            self.sync(what)?;
+            stage.wait = None;
+            return Ok(None);
+        }
+        Ok(Some(Run::Barrier(self.next_ticket)))
+    }
+
+    /// Work on one job.
+    fn run_job(&mut self, job: &mut Job, left: &mut u64, inline: bool) -> Result<Run> {
+        // a barrier handed out earlier and not reported done: run it now
+        let (Job::Link { stage, .. } | Job::Drop { stage, .. }) = job;
+        if let Some(t) = stage.wait {
+            if !inline {
+                return Ok(Run::Barrier(t));
+            }
+            self.sync("checkpoint commit barrier")?;
+            stage.wait = None;
+        }
         match job {
-            Job::Link { pred, succ, cursor, then } => {
+            Job::Link { pred, succ, cursor, then, stage } => {
                 let n = self.l1_len(*pred)? as u64;
                 while *cursor < n {
                     if *left == 0 {
-                        return Ok(false);
+                        return Ok(Run::Paused);
                     }
                     let worked = self.link_index(*pred, *succ, *cursor)?;
                     *cursor += 1;
                     *left = left.saturating_sub(if worked { EMPTY_PER_UNIT } else { 1 });
                 }
-                if *left == 0 {
-                    return Ok(false);
+                if *left == 0 && !stage.begun() {
+                    return Ok(Run::Paused);
                 }
-                *left = left.saturating_sub(EMPTY_PER_UNIT);
                 match then {
-                    Then::Commit { snap, .. } => self.commit_snapshot(*pred, snap.clone())?,
-                    Then::Switch => self.commit_switch()?,
+                    Then::Commit { snap, delete_requested } => {
+                        if *delete_requested && !stage.begun() {
+                            // abandoned before its commit: never publish it, give its
+                            // references back after everything that still reads it
+                            let Tree::Mem(_) = *pred else {
+                                return Err(Error::corrupt("taken checkpoint without an in-memory L1"));
+                            };
+                            info!(id = %snap.id, name = %snap.name, "abandoned checkpoint: dropping it unpublished");
+                            self.jobs.push_back(Job::Drop {
+                                what: DropWhat::Abandoned(snap.id.clone()),
+                                tree: Some(*pred),
+                                cursor: 0,
+                                free: vec![],
+                                stage: Stage::default(),
+                            });
+                            return Ok(Run::Finished);
+                        }
+                        let snap = snap.clone();
+                        let r = self.commit_snapshot(*pred, snap, stage, inline)?;
+                        if matches!(r, Run::Finished) {
+                            *left = left.saturating_sub(EMPTY_PER_UNIT);
+                        }
+                        Ok(r)
+                    }
+                    Then::Switch => {
+                        *left = left.saturating_sub(EMPTY_PER_UNIT);
+                        self.commit_switch()?;
+                        Ok(Run::Finished)
+                    }
                 }
-                Ok(true)
             }
-            Job::Drop { what, tree, cursor, free } => {
+            Job::Drop { what, tree, cursor, free, stage } => {
                 if tree.is_none() {
                     let DropWhat::Snapshot(id) = what else {
                         return Err(Error::corrupt("drop job without a tree"));
                     };
-                    let (t, f) = self.unpublish_snapshot(id)?;
-                    *tree = Some(t);
-                    *free = f;
-                    *left = left.saturating_sub(EMPTY_PER_UNIT);
+                    let id = id.clone();
+                    match self.unpublish_snapshot(&id, stage, inline)? {
+                        Some((t, f)) => {
+                            *tree = Some(t);
+                            *free = f;
+                            *stage = Stage::default();
+                            *left = left.saturating_sub(EMPTY_PER_UNIT);
+                        }
+                        None => return Ok(Run::Barrier(stage.wait.unwrap_or(0))),
+                    }
                 }
                 let t = tree.ok_or_else(|| Error::corrupt("drop job without a tree"))?;
                 let n = self.l1_len(t)? as u64;
                 while *cursor < n {
                     if *left == 0 {
-                        return Ok(false);
+                        return Ok(Run::Paused);
                     }
                     let worked = self.drop_index(t, *cursor)?;
                     *cursor += 1;
                     *left = left.saturating_sub(if worked { EMPTY_PER_UNIT } else { 1 });
                 }
+                // The tree is durably unpublished (or never was): its decreases reach disk
+                // with the next write-back; nothing depends on them being durable.
                 for (off, len) in std::mem::take(free) {
                     self.free_bytes(off, len)?;
                 }
-                self.writeback()?;
-                self.sync("checkpoint references dropped")?;
                 if let Tree::Mem(m) = t {
                     self.mem_l1.remove(&m);
                 }
-                info!("checkpoint references dropped");
-                Ok(true)
+                match what {
+                    DropWhat::Abandoned(id) => info!(id = %id, "abandoned checkpoint dropped"),
+                    _ => info!("checkpoint references dropped"),
+                }
+                Ok(Run::Finished)
             }
         }
     }
-
     // ------------------------------------------------------------------ walks
 
     /// Cluster references of one L2 entry.
@@ -597,31 +784,132 @@ impl Qcow2 {
         Ok(())
     }
 
-    /// Publish a taken checkpoint: everything written back and flushed, then its L1 and the
-    /// new snapshot table, flushed, then the 12-byte header commit.
-    fn commit_snapshot(&mut self, pred: Tree, mut snap: Snapshot) -> Result<()> {
-        let cs = self.cs;
-        self.writeback()?;
-        self.sync("checkpoint tree")?;
-        let Tree::Mem(m) = pred else { return Err(Error::corrupt("taken checkpoint without an in-memory L1")) };
-        let l1 = self.mem_l1.get(&m).cloned().unwrap_or_default();
-        let bytes = Self::l1_bytes(&l1, true);
-        let off = if bytes.is_empty() { 0 } else { self.alloc_clusters((bytes.len() as u64).div_ceil(cs))? };
-        if off != 0 {
-            self.write_bytes(&bytes, off, "snapshot L1 table")?;
+    /// Dirty cached L2 tables of `tree` (offsets).
+    fn dirty_l2_of(&mut self, tree: Tree) -> Result<Vec<u64>> {
+        if self.l2_dirty.is_empty() {
+            return Ok(Vec::new());
         }
-        snap.l1_offset = off;
-        snap.l1_size = l1.len() as u32;
-        let mut snaps = self.snapshots.clone();
-        snaps.push(snap.clone());
-        let (old_off, old_len) = self.publish_table(snaps, "checkpoint refcounts")?;
-        self.snap_l1.insert(off, l1);
-        // later jobs that name this tree by its memory id find it in the table now
-        self.rename_tree(Tree::Mem(m), Tree::Snap(off));
-        self.mem_l1.remove(&m);
-        self.free_bytes(old_off, old_len)?;
-        info!(id = %snap.id, name = %snap.name, "checkpoint durable");
-        Ok(())
+        let cs = self.cs;
+        let mut out = Vec::new();
+        for i in 0..self.l1_len(tree)? as u64 {
+            let e = self.l1_entry(tree, i)?;
+            let t = l1_to_l2(e, cs, &|| format!("{tree:?} L1 entry {i}"))?;
+            if t != 0 && self.l2_dirty.contains(&t) {
+                out.push(t);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Write (or rewrite, on a retry) the new snapshot table of a staged switch.
+    fn stage_table(&mut self, stage: &mut Stage, snaps: Vec<Snapshot>) -> Result<()> {
+        match &stage.table {
+            Some((off, _, snaps)) if *off != 0 => {
+                let (off, tb) = (*off, crate::snapshot::build_table(snaps));
+                self.write_bytes(&tb, off, "snapshot table")
+            }
+            Some(_) => Ok(()),
+            None => {
+                let (off, len) = self.write_new_table(&snaps)?;
+                stage.table = Some((off, len, snaps));
+                Ok(())
+            }
+        }
+    }
+
+    /// Publish a taken checkpoint, staged (see [`Stage`]); the barriers sit between steps:
+    /// 0. if guest writes handed counts over to a pending checkpoint, the dirty bit
+    ///    (barrier), so a crash that leaks them is repaired on open;
+    /// 1. the refcounts (the walk's increases and everything allocated so far); a barrier
+    ///    only if the frozen tree has L2 tables not written back yet (their data and
+    ///    refcounts are durable before them);
+    /// 2. those L2 tables, the checkpoint's L1 copy, the new snapshot table and the
+    ///    refcounts of both (barrier);
+    /// 3. the 12-byte header commit (barrier): the checkpoint is durable;
+    /// 4. adopt the table in memory, free the old one.
+    ///
+    /// It never needs the active tree written back: a guest write that drops a pointer the
+    /// frozen tree shares gives the frozen tree its own count first ([`Qcow2::hand_over`]),
+    /// so a stale pointer on disk stays counted. Guest writes never change the frozen tree
+    /// (shared clusters are copied on write), and nothing else changes the snapshot table
+    /// while this job is at the front of the queue.
+    fn commit_snapshot(&mut self, pred: Tree, mut snap: Snapshot, st: &mut Stage, inline: bool) -> Result<Run> {
+        let cs = self.cs;
+        let Tree::Mem(m) = pred else { return Err(Error::corrupt("taken checkpoint without an in-memory L1")) };
+        loop {
+            match st.step {
+                0 => {
+                    if self.leak_window && self.h.incompatible & INCOMPAT_DIRTY == 0 {
+                        self.write_incompat(self.h.incompatible | INCOMPAT_DIRTY)?;
+                        self.dirty_set_by_us = true;
+                        st.step = 1;
+                        if let Some(r) = self.barrier(st, inline, "dirty bit before leaking refcounts")? {
+                            return Ok(r);
+                        }
+                    }
+                    st.step = 1;
+                }
+                1 => {
+                    self.write_dirty_refblocks()?;
+                    let dirty = !self.dirty_l2_of(pred)?.is_empty();
+                    st.step = 2;
+                    if dirty {
+                        if let Some(r) = self.barrier(st, inline, "checkpoint data and refcounts before its L2 tables")? {
+                            return Ok(r);
+                        }
+                    }
+                }
+                2 => {
+                    for off in self.dirty_l2_of(pred)? {
+                        let Some(t) = self.l2_cache.get(&off) else { continue };
+                        let mut b = vec![0u8; cs as usize];
+                        for (i, w) in t.iter().enumerate() {
+                            put_be64(&mut b, i * 8, *w);
+                        }
+                        self.write_bytes(&b, off, "checkpoint L2 table")?;
+                        self.l2_dirty.remove(&off);
+                    }
+                    let l1 = self.mem_l1.get(&m).cloned().unwrap_or_default();
+                    let bytes = Self::l1_bytes(&l1, true);
+                    if !bytes.is_empty() {
+                        if st.l1.0 == 0 {
+                            st.l1 = (self.alloc_clusters((bytes.len() as u64).div_ceil(cs))?, bytes.len() as u64);
+                        }
+                        self.write_bytes(&bytes, st.l1.0, "snapshot L1 table")?;
+                    }
+                    snap.l1_offset = st.l1.0;
+                    snap.l1_size = l1.len() as u32;
+                    let mut snaps = self.snapshots.clone();
+                    snaps.push(snap.clone());
+                    self.stage_table(st, snaps)?;
+                    self.write_dirty_refblocks()?;
+                    st.step = 3;
+                    if let Some(r) = self.barrier(st, inline, "checkpoint refcounts")? {
+                        return Ok(r);
+                    }
+                }
+                3 => {
+                    let (off, n) = st.table.as_ref().map(|t| (t.0, t.2.len() as u32)).unwrap_or((0, 0));
+                    self.write_table_commit(n, off)?;
+                    st.step = 4;
+                    if let Some(r) = self.barrier(st, inline, "snapshot table commit")? {
+                        return Ok(r);
+                    }
+                }
+                _ => {
+                    let (t_off, t_len, snaps) = st.table.take().unwrap_or_default();
+                    let old = self.adopt_table(snaps, t_off, t_len);
+                    let l1 = self.mem_l1.remove(&m).unwrap_or_default();
+                    let off = st.l1.0;
+                    self.snap_l1.insert(off, l1);
+                    // later jobs that name this tree by its memory id find it in the table now
+                    self.rename_tree(Tree::Mem(m), Tree::Snap(off));
+                    self.free_bytes(old.0, old.1)?;
+                    info!(id = %snap.id, name = %snap.name, "checkpoint durable");
+                    return Ok(Run::Finished);
+                }
+            }
+        }
     }
 
     fn rename_tree(&mut self, from: Tree, to: Tree) {
@@ -668,31 +956,56 @@ impl Qcow2 {
         Ok(())
     }
 
-    /// Remove a published checkpoint from the table (durably). Returns its tree (moved to
-    /// memory) and the ranges to free once its references are given back.
-    fn unpublish_snapshot(&mut self, id: &str) -> Result<(Tree, Vec<(u64, u64)>)> {
+    /// Remove a published checkpoint from the table, staged like a commit: the new table
+    /// and its refcounts (barrier), the 12-byte header commit (barrier), then adopt it.
+    /// Returns its tree (moved to memory) and the ranges to free once its references are
+    /// given back, or `None` while a barrier handed out is pending.
+    fn unpublish_snapshot(&mut self, id: &str, st: &mut Stage, inline: bool) -> Result<Option<(Tree, Vec<(u64, u64)>)>> {
         let sn = self
             .snapshots
             .iter()
             .find(|s| s.id == id)
             .cloned()
             .ok_or_else(|| Error::not_found(format!("checkpoint id {id} to delete")))?;
-        self.load_snap_l1(sn.l1_offset)?;
-        let l1 = self.snap_l1.get(&sn.l1_offset).cloned().unwrap_or_default();
-        let snaps: Vec<Snapshot> = self.snapshots.iter().filter(|s| s.id != id).cloned().collect();
-        let (old_off, old_len) = self.publish_table(snaps, "delete: new snapshot table")?;
-        self.snap_l1.remove(&sn.l1_offset);
-        let m = self.new_mem(l1);
-        self.rename_tree(Tree::Snap(sn.l1_offset), Tree::Mem(m));
-        info!(id = %sn.id, name = %sn.name, "checkpoint removed from the table");
-        Ok((Tree::Mem(m), vec![(sn.l1_offset, u64::from(sn.l1_size) * 8), (old_off, old_len)]))
+        loop {
+            match st.step {
+                0 => {
+                    self.load_snap_l1(sn.l1_offset)?;
+                    let snaps: Vec<Snapshot> = self.snapshots.iter().filter(|s| s.id != id).cloned().collect();
+                    self.stage_table(st, snaps)?;
+                    self.write_dirty_refblocks()?;
+                    st.step = 1;
+                    if self.barrier(st, inline, "delete: new snapshot table")?.is_some() {
+                        return Ok(None);
+                    }
+                }
+                1 => {
+                    let (off, n) = st.table.as_ref().map(|t| (t.0, t.2.len() as u32)).unwrap_or((0, 0));
+                    self.write_table_commit(n, off)?;
+                    st.step = 2;
+                    if self.barrier(st, inline, "delete: snapshot table commit")?.is_some() {
+                        return Ok(None);
+                    }
+                }
+                _ => {
+                    self.load_snap_l1(sn.l1_offset)?;
+                    let l1 = self.snap_l1.remove(&sn.l1_offset).unwrap_or_default();
+                    let (t_off, t_len, snaps) = st.table.take().unwrap_or_default();
+                    let (old_off, old_len) = self.adopt_table(snaps, t_off, t_len);
+                    let m = self.new_mem(l1);
+                    self.rename_tree(Tree::Snap(sn.l1_offset), Tree::Mem(m));
+                    info!(id = %sn.id, name = %sn.name, "checkpoint removed from the table");
+                    return Ok(Some((Tree::Mem(m), vec![(sn.l1_offset, u64::from(sn.l1_size) * 8), (old_off, old_len)])));
+                }
+            }
+        }
     }
 
     /// Undo a take whose walk failed (refcount overflow, corrupt table) before its commit,
     /// when nothing else happened since the take: the job must be the only one.
     pub(crate) fn abort_only_take(&mut self) -> Result<()> {
         let (pred, cursor) = match self.jobs.front() {
-            Some(Job::Link { pred, succ: Tree::Active, cursor, then: Then::Commit { .. } }) if self.jobs.len() == 1 => {
+            Some(Job::Link { pred, succ: Tree::Active, cursor, then: Then::Commit { .. }, .. }) if self.jobs.len() == 1 => {
                 (*pred, *cursor)
             }
             _ => return Err(Error::invalid("no single pending take to abort")),
@@ -761,7 +1074,11 @@ impl Qcow2 {
         let mut errs = Vec::new();
         for j in &jobs {
             match j {
-                Job::Link { pred, succ, cursor, then } => {
+                Job::Link { pred, succ, cursor, then, stage } => {
+                    if let Some((o, b, _)) = &stage.table {
+                        add(&mut exp, *o, *b, 1);
+                    }
+                    add(&mut exp, stage.l1.0, stage.l1.1, 1);
                     if let Then::Commit { .. } = then {
                         count_tree(self, &mut exp, *pred, 0, 1)?;
                     }
@@ -779,11 +1096,16 @@ impl Qcow2 {
                 }
                 Job::Drop { tree: Some(t), cursor, free, .. } => {
                     count_tree(self, &mut exp, *t, *cursor, 1)?;
+                    // (a drop with a tree has no staged table: it was adopted)
                     for (o, b) in free {
                         add(&mut exp, *o, *b, 1);
                     }
                 }
-                Job::Drop { .. } => {}
+                Job::Drop { stage, .. } => {
+                    if let Some((o, b, _)) = &stage.table {
+                        add(&mut exp, *o, *b, 1);
+                    }
+                }
             }
         }
         for (o, b) in self.pending_free.clone() {

@@ -131,6 +131,8 @@ pub struct Qcow2 {
     /// crash before that checkpoint is durable leaks clusters, so the dirty bit is set
     /// before the next write-back (and cleared when all work is durable).
     pub(crate) leak_window: bool,
+    /// Last barrier ticket handed out by a staged commit (see `durable.rs`).
+    pub(crate) next_ticket: u64,
 }
 
 fn ioe(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
@@ -324,6 +326,7 @@ impl Qcow2 {
             l1_unpublished: false,
             old_l1_dirty: None,
             leak_window: false,
+            next_ticket: 0,
             h,
         };
         if !img.read_only {
@@ -677,10 +680,9 @@ impl Qcow2 {
         if old != 0 {
             debug!(old, new, "COW of shared L2 table");
             if self.uncounted_share(l1i, old / self.cs) {
-                self.leak_window = true; // the count now belongs to the pending checkpoint
-            } else {
-                self.pending_free.push((old, self.cs));
+                self.hand_over(old / self.cs, 1)?;
             }
+            self.pending_free.push((old, self.cs));
         }
         Ok(new)
     }
@@ -693,19 +695,35 @@ impl Qcow2 {
     }
 
     /// The active tree at L1 index `l1i` stops pointing at `c`: give back its reference
-    /// once the pointer removal is durable, unless that reference was never counted (a
-    /// checkpoint taken but not yet durable shares it: the count is handed over to it).
-    fn drop_ref(&mut self, l1i: u64, c: Cluster) {
-        let first = match c {
-            Cluster::Normal { host, .. } => host / self.cs,
-            Cluster::Compressed { offset, .. } => offset / self.cs,
-            _ => return,
+    /// once the pointer removal is durable. If the reference was never counted apart from
+    /// the frozen tree's (a checkpoint taken but not yet durable shares it, see
+    /// [`Qcow2::hand_over`]), the frozen tree gets its own count first.
+    fn drop_ref(&mut self, l1i: u64, c: Cluster) -> Result<()> {
+        let (first, last) = match c {
+            Cluster::Normal { host, .. } => (host / self.cs, host / self.cs),
+            Cluster::Compressed { offset, len } => (offset / self.cs, (offset + len.max(1) - 1) / self.cs),
+            _ => return Ok(()),
         };
         if self.uncounted_share(l1i, first) {
-            self.leak_window = true;
-            return;
+            for idx in first..=last {
+                self.hand_over(idx, 1)?;
+            }
         }
         self.free_cluster_of(c);
+        Ok(())
+    }
+
+    /// The active tree stops pointing at a cluster whose count stands for both the active
+    /// tree and the frozen tree of a pending link (an uncounted share): the frozen tree gets
+    /// a reference of its own now (the link's walk will find the positions differ and add
+    /// nothing), and the active tree's reference is given back like any other, once its
+    /// removal is durable. So a commit never depends on the active tree's write-back: the
+    /// stale pointer on disk stays counted until the removal is on disk. A crash before the
+    /// checkpoint is durable leaks the frozen tree's count: the dirty bit is set lazily.
+    pub(crate) fn hand_over(&mut self, idx: u64, n: i64) -> Result<()> {
+        self.add_refcount(idx, n)?;
+        self.leak_window = true;
+        Ok(())
     }
 
     fn free_cluster_of(&mut self, c: Cluster) {
@@ -768,7 +786,7 @@ impl Qcow2 {
             self.decomp = None;
         }
         self.l2_set(l2, l2i, new | COPIED)?;
-        self.drop_ref(l1i, c);
+        self.drop_ref(l1i, c)?;
         Ok(())
     }
 
@@ -847,7 +865,7 @@ impl Qcow2 {
             if matches!(c, Cluster::Compressed { .. }) {
                 self.decomp = None;
             }
-            self.drop_ref(l1i, c);
+            self.drop_ref(l1i, c)?;
         }
         Ok(k as usize)
     }
@@ -892,7 +910,7 @@ impl Qcow2 {
         let l2 = self.l2_for_write(l1i)?;
         self.l2_set(l2, l2i, new_desc)?;
         if new_desc & OFFSET_MASK == 0 {
-            self.drop_ref(l1i, c);
+            self.drop_ref(l1i, c)?;
             if matches!(c, Cluster::Compressed { .. }) {
                 self.decomp = None;
             }

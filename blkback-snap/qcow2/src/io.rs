@@ -51,12 +51,21 @@ fn mem_range(off: u64, len: usize) -> io::Result<(usize, usize)> {
 }
 
 /// Flushes an image file independently of its [`ImageIo`] (see [`ImageIo::sync_handle`]).
-pub struct SyncHandle(File);
+pub struct SyncHandle(SyncTarget);
+
+enum SyncTarget {
+    File(File),
+    Fault(FaultIo),
+}
 
 impl SyncHandle {
-    /// `fdatasync` the image file.
+    /// `fdatasync` the image file (for a [`FaultIo`]: a flush of the shared state, counted
+    /// and failed like any other flush).
     pub fn sync(&self) -> io::Result<()> {
-        self.0.sync_data()
+        match &self.0 {
+            SyncTarget::File(f) => f.sync_data(),
+            SyncTarget::Fault(f) => f.clone().flush(),
+        }
     }
 }
 
@@ -98,7 +107,7 @@ impl ImageIo for FileIo {
         self.file.set_len(len)
     }
     fn sync_handle(&self) -> Option<SyncHandle> {
-        self.file.try_clone().ok().map(SyncHandle)
+        self.file.try_clone().ok().map(|f| SyncHandle(SyncTarget::File(f)))
     }
 }
 
@@ -341,6 +350,9 @@ impl ImageIo for FaultIo {
         vec_set_len(&mut st.current, len)?;
         st.pending.push(Pending::SetLen(len));
         Ok(())
+    }
+    fn sync_handle(&self) -> Option<SyncHandle> {
+        Some(SyncHandle(SyncTarget::Fault(self.clone())))
     }
 }
 

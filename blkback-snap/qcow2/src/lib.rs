@@ -26,6 +26,12 @@
 //!   durable; [`Qcow2::wait_durable`] loops it; [`Qcow2::durable_pending`] tells whether
 //!   work is queued. A server runs steps from a driver thread under the same lock as guest
 //!   I/O (`SharedImage`); guest writes stay correct in between.
+//! * A commit (and a deletion's table rewrite) is *staged*: [`Qcow2::durable_step_staged`]
+//!   stops at each flush barrier a commit needs and hands it out, so a driver runs the
+//!   fdatasyncs without the image lock ([`SharedImage::durable_work`]) and guest I/O goes
+//!   on meanwhile; the on-disk order is the same (refcounts and tables, barrier, header
+//!   commit, barrier). A commit only depends on the frozen tree and its own writes, never
+//!   on the active tree's write-back.
 //! * [`Qcow2::checkpoint_revert_switch`] switches the guest-visible disk in O(L1);
 //!   [`Qcow2::checkpoint_delete_begin`] hides a checkpoint at once. Their refcount work is
 //!   background work too. `flush` completes a pending switch first (writes after a switch
@@ -59,7 +65,8 @@ mod l2;
 mod refcount;
 mod snapshot;
 
-pub use blockdev::{CheckpointDevice, SharedImage};
+pub use blockdev::{CheckpointDevice, DurableProgress, SharedImage};
+pub use durable::{DurableBarrier, DurableStep, SyncedBarrier};
 pub use check::CheckReport;
 pub use error::{Error, Result};
 pub use header::CompressionType;

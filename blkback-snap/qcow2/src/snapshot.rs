@@ -207,29 +207,24 @@ impl Qcow2 {
         Ok((off, tb.len() as u64))
     }
 
-    /// The 12-byte header commit: nb_snapshots + snapshots_offset.
-    pub(crate) fn commit_table(&mut self, nb: u32, off: u64) -> Result<()> {
+    /// The 12-byte header commit: nb_snapshots + snapshots_offset (no barrier: the caller
+    /// runs one before relying on it).
+    pub(crate) fn write_table_commit(&mut self, nb: u32, off: u64) -> Result<()> {
         let mut hb = [0u8; 12];
         put_be32(&mut hb, 0, nb);
         put_be64(&mut hb, 4, off);
-        self.write_bytes(&hb, header::OFF_NB_SNAPSHOTS, "header snapshot fields")?;
-        self.sync("snapshot table commit")
+        self.write_bytes(&hb, header::OFF_NB_SNAPSHOTS, "header snapshot fields")
     }
 
-    /// Publish `snaps` as the snapshot table: write it out of place, make the refcounts it
-    /// relies on durable (`what` names that barrier), commit the 12-byte header switch and
-    /// adopt it in memory. Returns the old table's (offset, bytes) for the caller to free.
-    pub(crate) fn publish_table(&mut self, snaps: Vec<Snapshot>, what: &str) -> Result<(u64, u64)> {
-        let (t_off, t_len) = self.write_new_table(&snaps)?;
-        self.write_dirty_refblocks()?;
-        self.sync(what)?;
+    /// Adopt a committed snapshot table in memory. Returns the old table's (offset, bytes)
+    /// for the caller to free.
+    pub(crate) fn adopt_table(&mut self, snaps: Vec<Snapshot>, off: u64, len: u64) -> (u64, u64) {
         let old = (self.h.snapshots_offset, self.snapshot_table_bytes);
-        self.commit_table(snaps.len() as u32, t_off)?;
         self.h.nb_snapshots = snaps.len() as u32;
-        self.h.snapshots_offset = t_off;
-        self.snapshot_table_bytes = t_len;
+        self.h.snapshots_offset = off;
+        self.snapshot_table_bytes = len;
         self.snapshots = snaps;
-        Ok(old)
+        old
     }
 
     /// Set COPIED in the active L1 and its L2 tables exactly where the refcount is 1.
@@ -264,7 +259,7 @@ impl Qcow2 {
     }
 
     /// Create a checkpoint of the active disk and return when it is durable: the earlier
-    /// background work, [`Qcow2::checkpoint_take`], then [`Qcow2::wait_durable`]. If the
+    /// background work, [`Qcow2::checkpoint_take`], [`Qcow2::wait_durable`], then a flush. If the
     /// references cannot be added (refcount overflow, corrupt tree) nothing is kept.
     pub fn checkpoint_create(&mut self, name: &str) -> Result<SnapshotInfo> {
         self.check_writable()?;
@@ -292,6 +287,9 @@ impl Qcow2 {
             }
             return Err(e);
         }
+        // like `qemu-img snapshot -c`, a completed create leaves every earlier write durable
+        // (the commit itself only needs the frozen tree, not the active one)
+        self.flush()?;
         let (_, sn, _) = self.find_checkpoint(&info.id)?;
         Ok(sn.info(self.h.size, CheckpointState::Durable))
     }
