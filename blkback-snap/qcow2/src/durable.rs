@@ -81,11 +81,17 @@ pub(crate) struct Stage {
     pub(crate) l1: (u64, u64),
     /// The new snapshot table: (offset, bytes, entries); None while not written.
     pub(crate) table: Option<(u64, u64, Vec<Snapshot>)>,
+    /// A commit's preparation before its walk: 0 not begun, 1 and 2 barriers issued, 3
+    /// done.
+    pub(crate) early: u8,
+    /// New refblocks written before the pending barrier, whose reftable entries follow it.
+    pub(crate) rt: Vec<u64>,
 }
 
 impl Stage {
+    /// Has the commit (or table rewrite) itself begun?
     pub(crate) fn begun(&self) -> bool {
-        self.step > 0 || self.wait.is_some()
+        self.step > 0
     }
 }
 
@@ -554,6 +560,13 @@ impl Qcow2 {
         }
         match job {
             Job::Link { pred, succ, cursor, then, stage } => {
+                if let Then::Commit { delete_requested: false, .. } = then {
+                    if stage.early < 3 {
+                        if let Some(r) = self.commit_prepare(*pred, *succ, stage, inline)? {
+                            return Ok(r);
+                        }
+                    }
+                }
                 let n = self.l1_len(*pred)? as u64;
                 while *cursor < n {
                     if *left == 0 {
@@ -817,14 +830,64 @@ impl Qcow2 {
         }
     }
 
-    /// Publish a taken checkpoint, staged (see [`Stage`]); the barriers sit between steps:
-    /// 0. if guest writes handed counts over to a pending checkpoint, the dirty bit
-    ///    (barrier), so a crash that leaks them is repaired on open;
-    /// 1. the refcounts (the walk's increases and everything allocated so far); a barrier
-    ///    only if the frozen tree has L2 tables not written back yet (their data and
-    ///    refcounts are durable before them);
-    /// 2. those L2 tables, the checkpoint's L1 copy, the new snapshot table and the
-    ///    refcounts of both (barrier);
+    /// Before a commit's walk (right after the take, while little has been written since):
+    /// make the frozen tree's own state durable, so the commit itself depends on nothing
+    /// but its own writes. The refcounts (and, for a driver that runs barriers outside the
+    /// lock, i.e. a served image where guest writes will hand counts over, the dirty bit),
+    /// a barrier (which also covers the data written before the take), then the frozen
+    /// tree's L2 tables that were not written back yet. After this the frozen tables only
+    /// change by COPIED flags (the walk), which the active tree's own write-back carries:
+    /// no barrier before the commit depends on them.
+    fn commit_prepare(&mut self, pred: Tree, succ: Tree, st: &mut Stage, inline: bool) -> Result<Option<Run>> {
+        let cs = self.cs;
+        if st.early == 0 {
+            let mut need = !self.dirty_l2_of(pred)?.is_empty();
+            if !inline && succ == Tree::Active && self.h.incompatible & INCOMPAT_DIRTY == 0 {
+                self.write_incompat(self.h.incompatible | INCOMPAT_DIRTY)?;
+                self.dirty_set_by_us = true;
+                need = true;
+            }
+            st.rt = self.write_refblocks_only()?;
+            need |= !st.rt.is_empty();
+            st.early = 1;
+            if need {
+                if let Some(r) = self.barrier(st, inline, "checkpoint data and refcounts before its L2 tables")? {
+                    return Ok(Some(r));
+                }
+            }
+        }
+        if st.early == 1 {
+            st.early = 2;
+            if !st.rt.is_empty() {
+                let rt = std::mem::take(&mut st.rt);
+                self.write_reftable_entries(&rt)?;
+                if !self.dirty_l2_of(pred)?.is_empty() {
+                    if let Some(r) = self.barrier(st, inline, "new refcount blocks before checkpoint L2 tables")? {
+                        return Ok(Some(r));
+                    }
+                }
+            }
+        }
+        for off in self.dirty_l2_of(pred)? {
+            let Some(t) = self.l2_cache.get(&off) else { continue };
+            let mut b = vec![0u8; cs as usize];
+            for (i, w) in t.iter().enumerate() {
+                put_be64(&mut b, i * 8, *w);
+            }
+            self.write_bytes(&b, off, "checkpoint L2 table")?;
+            self.l2_dirty.remove(&off);
+        }
+        st.early = 3;
+        Ok(None)
+    }
+
+    /// Publish a taken checkpoint, staged (see [`Stage`]; [`Qcow2::commit_prepare`] ran
+    /// before the walk); the barriers sit between steps:
+    /// 0. if guest writes handed counts over and the dirty bit is not set yet, the dirty
+    ///    bit (barrier), so a crash that leaks them is repaired on open;
+    /// 1. the checkpoint's L1 copy, the new snapshot table and the refcounts (the walk's
+    ///    increases, the hand-overs, both allocations) (barrier);
+    /// 2. only if step 1 wrote new refcount blocks: their reftable entries (barrier);
     /// 3. the 12-byte header commit (barrier): the checkpoint is durable;
     /// 4. adopt the table in memory, free the old one.
     ///
@@ -850,25 +913,6 @@ impl Qcow2 {
                     st.step = 1;
                 }
                 1 => {
-                    self.write_dirty_refblocks()?;
-                    let dirty = !self.dirty_l2_of(pred)?.is_empty();
-                    st.step = 2;
-                    if dirty {
-                        if let Some(r) = self.barrier(st, inline, "checkpoint data and refcounts before its L2 tables")? {
-                            return Ok(r);
-                        }
-                    }
-                }
-                2 => {
-                    for off in self.dirty_l2_of(pred)? {
-                        let Some(t) = self.l2_cache.get(&off) else { continue };
-                        let mut b = vec![0u8; cs as usize];
-                        for (i, w) in t.iter().enumerate() {
-                            put_be64(&mut b, i * 8, *w);
-                        }
-                        self.write_bytes(&b, off, "checkpoint L2 table")?;
-                        self.l2_dirty.remove(&off);
-                    }
                     let l1 = self.mem_l1.get(&m).cloned().unwrap_or_default();
                     let bytes = Self::l1_bytes(&l1, true);
                     if !bytes.is_empty() {
@@ -882,9 +926,17 @@ impl Qcow2 {
                     let mut snaps = self.snapshots.clone();
                     snaps.push(snap.clone());
                     self.stage_table(st, snaps)?;
-                    self.write_dirty_refblocks()?;
-                    st.step = 3;
+                    st.rt = self.write_refblocks_only()?;
+                    st.step = if st.rt.is_empty() { 3 } else { 2 };
                     if let Some(r) = self.barrier(st, inline, "checkpoint refcounts")? {
+                        return Ok(r);
+                    }
+                }
+                2 => {
+                    let rt = std::mem::take(&mut st.rt);
+                    self.write_reftable_entries(&rt)?;
+                    st.step = 3;
+                    if let Some(r) = self.barrier(st, inline, "new refcount blocks")? {
                         return Ok(r);
                     }
                 }
@@ -957,7 +1009,8 @@ impl Qcow2 {
     }
 
     /// Remove a published checkpoint from the table, staged like a commit: the new table
-    /// and its refcounts (barrier), the 12-byte header commit (barrier), then adopt it.
+    /// and its refcounts (barrier), the reftable entries of new refcount blocks if any
+    /// (barrier), the 12-byte header commit (barrier), then adopt it.
     /// Returns its tree (moved to memory) and the ranges to free once its references are
     /// given back, or `None` while a barrier handed out is pending.
     fn unpublish_snapshot(&mut self, id: &str, st: &mut Stage, inline: bool) -> Result<Option<(Tree, Vec<(u64, u64)>)>> {
@@ -973,16 +1026,24 @@ impl Qcow2 {
                     self.load_snap_l1(sn.l1_offset)?;
                     let snaps: Vec<Snapshot> = self.snapshots.iter().filter(|s| s.id != id).cloned().collect();
                     self.stage_table(st, snaps)?;
-                    self.write_dirty_refblocks()?;
-                    st.step = 1;
+                    st.rt = self.write_refblocks_only()?;
+                    st.step = if st.rt.is_empty() { 2 } else { 1 };
                     if self.barrier(st, inline, "delete: new snapshot table")?.is_some() {
                         return Ok(None);
                     }
                 }
                 1 => {
+                    let rt = std::mem::take(&mut st.rt);
+                    self.write_reftable_entries(&rt)?;
+                    st.step = 2;
+                    if self.barrier(st, inline, "delete: new refcount blocks")?.is_some() {
+                        return Ok(None);
+                    }
+                }
+                2 => {
                     let (off, n) = st.table.as_ref().map(|t| (t.0, t.2.len() as u32)).unwrap_or((0, 0));
                     self.write_table_commit(n, off)?;
-                    st.step = 2;
+                    st.step = 3;
                     if self.barrier(st, inline, "delete: snapshot table commit")?.is_some() {
                         return Ok(None);
                     }

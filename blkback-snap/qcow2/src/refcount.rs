@@ -543,6 +543,39 @@ impl Qcow2 {
         Ok(true)
     }
 
+    /// Write the dirty refblocks, but not the reftable entries of new ones, which need
+    /// their blocks durable first: returns those reftable indices, for
+    /// [`Qcow2::write_reftable_entries`] after a barrier. (The staged form of
+    /// `write_dirty_refblocks`, whose barrier runs outside the image lock.)
+    pub(crate) fn write_refblocks_only(&mut self) -> Result<Vec<u64>> {
+        let dirty = std::mem::take(&mut self.rb_dirty);
+        for off in &dirty {
+            if let Some(b) = self.rb_cache.get(off) {
+                if let Err(er) = self.io.write_at(b, *off) {
+                    self.rb_dirty = dirty.clone();
+                    return Err(Error::io(format!("writing refcount block at {off:#x}"), er));
+                }
+            }
+        }
+        Ok(self.rt_new.iter().copied().collect())
+    }
+
+    /// Write the reftable entries of new refblocks that a barrier made durable (see
+    /// [`Qcow2::write_refblocks_only`]); entries written meanwhile are skipped.
+    pub(crate) fn write_reftable_entries(&mut self, rts: &[u64]) -> Result<()> {
+        for rt in rts {
+            if !self.rt_new.contains(rt) {
+                continue;
+            }
+            let mut ent = [0u8; 8];
+            put_be64(&mut ent, 0, self.reftable.get(*rt as usize).copied().unwrap_or(0));
+            let at = self.h.refcount_table_offset + rt * 8;
+            self.io.write_at(&ent, at).map_err(|er| Error::io(format!("writing reftable entry {rt} at {at:#x}"), er))?;
+            self.rt_new.remove(rt);
+        }
+        Ok(())
+    }
+
     /// Count clusters with a non-zero refcount.
     pub(crate) fn count_allocated(&self) -> Result<u64> {
         let mut n = 0;

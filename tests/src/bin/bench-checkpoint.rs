@@ -8,11 +8,16 @@
 //! - *revert switch*: `checkpoint_revert_switch` (guest-visible), and its durable time,
 //! - the blocking `checkpoint_create` for reference,
 //! - `qemu-img snapshot -c` / `-a` on the same image (process time, the anchor),
-//! - guest 4 KiB random writes into allocated data while a driver thread runs
-//!   `SharedImage::durable_step_concurrent(1)` (one `durable_step(1)` under the same lock,
-//!   preceded by an fdatasync outside the lock when the step commits; pacing: sleep 4× each
-//!   call's time), against the same writes right after a blocking checkpoint (both are
-//!   first-touch COW writes).
+//! - guest IOPS while a checkpoint becomes durable: a guest thread does 4 KiB random
+//!   writes into the allocated data through `SharedImage` (the `BlockDevice` a backend
+//!   serves), with no flushes, then again with a flush every `--flush-every` writes; a
+//!   durability thread paced like blkback-snap's and `xl-snap image serve`'s makes a taken
+//!   checkpoint durable with `SharedImage::durable_work(1)` (a bounded step under the image
+//!   lock, every commit barrier run without it), sleeping `--pace` times the time it held the
+//!   lock (at least 50 µs). Steady state: the same writes right after a blocking checkpoint
+//!   (both windows are first-touch copy-on-write writes, both start with nothing dirty).
+//!   Windows alternate (steady, durable, steady, ...) until each kind has run 600 ms and at
+//!   least 3 times; the ratio is total durable-window IOPS / total steady IOPS.
 //!
 //! Part 2, the cluster-size trade-off on 1 GiB of data (virtual 1 GiB): sequential 1 MiB
 //! writes into a fresh image, 4 KiB write/read IOPS, 4 KiB write IOPS right after a
@@ -21,6 +26,7 @@
 //! is a first touch), with `qemu-img bench` on 64 KiB clusters as the anchor.
 //!
 //! Usage: bench-checkpoint [--sizes 0,1,16,64] [--dir DIR] [--reps 5] [--clusters 4k,8k,16k,32k,64k]
+//!        [--pace 3] [--flush-every 256] [--locked-driver] [--no-table] [--part1-clusters 16k,64k]
 
 use clap::Parser;
 use rand::{Rng, SeedableRng};
@@ -29,6 +35,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use xensnap_tests::bench::{q, sh, median, ms, us, R};
+use xensnap_blockdev::BlockDevice;
 use xensnap_qcow2::{CreateOptions, OpenOptions, Qcow2, SharedImage};
 
 const GIB: u64 = 1 << 30;
@@ -51,10 +58,19 @@ struct Args {
     /// Skip part 2.
     #[arg(long)]
     no_table: bool,
+    /// Cluster sizes of part 1 (default: the engine's default and 64 KiB).
+    #[arg(long, value_delimiter = ',')]
+    part1_clusters: Vec<String>,
     /// Drive the background work with `lock().durable_step(1)` (every flush under the lock)
-    /// instead of `durable_step_concurrent(1)`, for comparison.
+    /// instead of `durable_work(1)`, for comparison.
     #[arg(long)]
     locked_driver: bool,
+    /// Pacing of the durability thread: sleep this many times the time it held the lock.
+    #[arg(long, default_value_t = 3)]
+    pace: u32,
+    /// The flushing guest's variant: a flush after every this many writes (0: no variant).
+    #[arg(long, default_value_t = 256)]
+    flush_every: u64,
 }
 
 fn parse_size(s: &str) -> R<u64> {
@@ -86,6 +102,9 @@ fn run(a: &Args) -> R<()> {
     if def != 64 << 10 {
         clusters.push(64 << 10);
     }
+    if !a.part1_clusters.is_empty() {
+        clusters = a.part1_clusters.iter().map(|c| parse_size(c)).collect::<R<Vec<u64>>>()?;
+    }
     for cs in clusters {
         part1(a, cs)?;
     }
@@ -112,10 +131,11 @@ fn open(path: &Path) -> R<Qcow2> {
 fn part1(a: &Args, cs: u64) -> R<()> {
     println!("\n## checkpoint critical path and durability, 64 GiB virtual, {} KiB clusters", cs >> 10);
     println!(
-        "{:>6} {:>10} {:>11} {:>10} {:>11} {:>10} {:>12} {:>12} {:>12} {:>13} {:>11} {:>12} {:>11}",
+        "{:>6} {:>10} {:>11} {:>10} {:>11} {:>10} {:>12} {:>12} {:>12} {:>13}",
         "alloc", "taken µs", "durable ms", "switch µs", "revert ms", "create ms", "qemu -c ms", "qemu -a ms", "qemu-c/taken",
-        "durable/qemu", "IOPS steady", "IOPS durab.", "during/std"
+        "durable/qemu"
     );
+    let mut iops_rows = Vec::new();
     for &gib in &a.sizes {
         let path = a.dir.join(format!("ckpt-{gib}g-{}k.qcow2", cs >> 10));
         make_image(&path, gib, cs)?;
@@ -152,11 +172,16 @@ fn part1(a: &Args, cs: u64) -> R<()> {
             qa.push(sh("qemu-img", &["snapshot", "-a", "q", &p])?.0);
             sh("qemu-img", &["snapshot", "-d", "q", &p])?;
         }
-        let (steady, during) = if gib > 0 { iops_during(&path, gib * GIB, a.locked_driver)? } else { (f64::NAN, f64::NAN) };
+        if gib > 0 {
+            let variants = if a.flush_every > 0 { vec![0, a.flush_every] } else { vec![0] };
+            for fe in variants {
+                iops_rows.push((gib, fe, iops_during(&path, gib * GIB, a, fe)?));
+            }
+        }
         sh("qemu-img", &["check", &p]).map_err(|e| format!("qemu-img check not clean: {e}"))?;
         let (take, dur, sw, rev, cre, qc, qa) = (median(take), median(dur), median(sw), median(rev), median(cre), median(qc), median(qa));
         println!(
-            "{:>4} G {:>10.1} {:>11.2} {:>10.1} {:>11.2} {:>10.2} {:>12.2} {:>12.2} {:>11.0}x {:>12.2}x {:>11} {:>12} {:>11}",
+            "{:>4} G {:>10.1} {:>11.2} {:>10.1} {:>11.2} {:>10.2} {:>12.2} {:>12.2} {:>11.0}x {:>12.2}x",
             gib,
             us(take),
             ms(dur),
@@ -167,86 +192,140 @@ fn part1(a: &Args, cs: u64) -> R<()> {
             ms(qa),
             qc.as_secs_f64() / take.as_secs_f64(),
             dur.as_secs_f64() / qc.as_secs_f64(),
-            num(steady, "{:.0}"),
-            num(during, "{:.0}"),
-            num(100.0 * during / steady, "{:.0}%"),
         );
         let _ = std::fs::remove_file(&path);
     }
     println!("(taken/switch: in-process critical path, no I/O; durable/revert: background work run to completion, unloaded;");
-    println!(" create: the blocking checkpoint_create; qemu: whole `qemu-img snapshot` process incl. ~6 ms start;");
-    println!(" IOPS: 4 KiB random writes into the allocated data, first-touch COW: after a durable checkpoint vs while");
-    println!(" a driver thread makes a taken one durable with durable_step_concurrent(1): durable_step(1) under the");
-    println!(" image lock, commits preceded by an fdatasync outside it; pacing 4x)");
+    println!(" create: the blocking checkpoint_create; qemu: whole `qemu-img snapshot` process incl. ~6 ms start)");
+    let driver = if a.locked_driver { "lock().durable_step(1), every barrier under the lock" } else { "SharedImage::durable_work(1), barriers outside the lock" };
+    println!("\n### guest 4 KiB random-write IOPS while a checkpoint becomes durable vs steady state ({} KiB clusters)", cs >> 10);
+    println!("(guest thread through SharedImage; durability thread: {driver}; pause {}x its lock time, >= 50 µs)", a.pace);
+    println!(
+        "{:>6} {:>12} {:>12} {:>12} {:>7} {:>8} {:>13} {:>14} {:>12} {:>12}",
+        "alloc", "guest flush", "IOPS steady", "IOPS durab.", "ratio", "windows", "durable win ms", "bg lock max ms", "bg lock %", "guest max ms"
+    );
+    for (gib, fe, r) in &iops_rows {
+        println!(
+            "{:>4} G {:>12} {:>12.0} {:>12.0} {:>7.2} {:>8} {:>14.1} {:>14.2} {:>11.1}% {:>12.2}",
+            gib,
+            if *fe == 0 { "none".to_string() } else { format!("every {fe}") },
+            r.steady,
+            r.during,
+            r.during / r.steady,
+            r.windows,
+            r.window_ms,
+            r.max_hold.as_secs_f64() * 1e3,
+            r.lock_share * 100.0,
+            r.guest_max.as_secs_f64() * 1e3,
+        );
+    }
+    println!("(ratio = IOPS during durable windows / steady IOPS, both totals over all windows; durable win = median");
+    println!(" time from take to durable under load; bg lock = the durability thread's lock hold per call (max) and");
+    println!(" its share of the durable windows; guest max = the slowest single guest request in durable windows)");
     Ok(())
 }
 
-/// 4 KiB random-write IOPS right after a blocking checkpoint, and while a taken checkpoint
-/// is made durable in the background.
 fn lock(i: &SharedImage) -> std::sync::MutexGuard<'_, Qcow2> {
     i.0.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// A number, or "-" where there was nothing to measure (no data allocated).
-fn num(x: f64, fmt: &str) -> String {
-    if x.is_finite() {
-        if fmt.ends_with('%') { format!("{x:.0}%") } else { format!("{x:.0}") }
-    } else {
-        "-".into()
-    }
+struct Iops {
+    steady: f64,
+    during: f64,
+    windows: usize,
+    window_ms: f64,
+    max_hold: Duration,
+    lock_share: f64,
+    guest_max: Duration,
 }
 
-fn iops_during(path: &Path, region: u64, locked_driver: bool) -> R<(f64, f64)> {
+/// Guest writes (a flush every `flush_every`, 0 = none) until `stop` says so; returns the
+/// number of writes and the slowest request.
+fn guest(img: &SharedImage, off: &mut impl FnMut() -> u64, buf: &[u8], flush_every: u64, stop: &dyn Fn() -> bool) -> R<(u64, Duration)> {
+    let mut n = 0u64;
+    let mut worst = Duration::ZERO;
+    while !stop() {
+        let t = Instant::now();
+        img.write_at(off(), buf).map_err(q("write"))?;
+        n += 1;
+        if flush_every > 0 && n % flush_every == 0 {
+            img.flush().map_err(q("flush"))?;
+        }
+        worst = worst.max(t.elapsed());
+    }
+    Ok((n, worst))
+}
+
+/// 4 KiB random-write IOPS right after a blocking checkpoint, and while a taken checkpoint
+/// is made durable in the background (see the module docs).
+fn iops_during(path: &Path, region: u64, a: &Args, flush_every: u64) -> R<Iops> {
     let img = SharedImage::new(open(path)?);
-    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(3 + flush_every);
     let buf = vec![0x5au8; IO];
     let mut off = move || rng.gen_range(0..region / IO as u64) * IO as u64;
-    lock(&img).checkpoint_create("steady").map_err(q("create"))?;
-    let t = Instant::now();
-    let mut n = 0u64;
-    while t.elapsed() < Duration::from_millis(400) {
-        lock(&img).write(off(), &buf).map_err(q("write"))?;
-        n += 1;
-    }
-    let steady = n as f64 / t.elapsed().as_secs_f64();
-    // the steady window started with nothing dirty (the blocking create flushed): so does
-    // the durable window (a guest flush before the take), or the commit's flushes would
-    // pay for the steady window's dirty data
-    lock(&img).flush().map_err(q("flush"))?;
-    lock(&img).checkpoint_take("during").map_err(q("take"))?;
-    let done = Arc::new(AtomicBool::new(false));
-    let (d2, i2) = (done.clone(), img.clone());
-    let driver = std::thread::spawn(move || -> R<()> {
-        loop {
-            let t = Instant::now();
-            let all = if locked_driver {
-                lock(&i2).durable_step(1)
-            } else {
-                i2.durable_step_concurrent(1)
+    let min = Duration::from_millis(600);
+    let (mut sn, mut st, mut dn, mut dt) = (0u64, Duration::ZERO, 0u64, Duration::ZERO);
+    let (mut wins, mut max_hold, mut held, mut guest_max) = (vec![], Duration::ZERO, Duration::ZERO, Duration::ZERO);
+    let mut k = 0;
+    while (st < min || dt < min || k < 3) && k < 40 {
+        // steady: right after a blocking checkpoint (which flushes)
+        lock(&img).checkpoint_create(&format!("s{k}")).map_err(q("create"))?;
+        let t = Instant::now();
+        let len = Duration::from_millis(150);
+        let (n, _) = guest(&img, &mut off, &buf, flush_every, &|| t.elapsed() >= len)?;
+        st += t.elapsed();
+        sn += n;
+        lock(&img).checkpoint_delete(&format!("s{k}")).map_err(q("delete"))?;
+        // durable: the guest flushes, the checkpoint is taken, a paced thread makes it durable
+        img.flush().map_err(q("flush"))?;
+        lock(&img).checkpoint_take(&format!("d{k}")).map_err(q("take"))?;
+        let t = Instant::now();
+        let done = Arc::new(AtomicBool::new(false));
+        let (d2, i2, locked, pace) = (done.clone(), img.clone(), a.locked_driver, a.pace);
+        let driver = std::thread::spawn(move || -> R<(Duration, Duration)> {
+            let (mut max, mut total) = (Duration::ZERO, Duration::ZERO);
+            loop {
+                let (all, hold) = if locked {
+                    let mut g = lock(&i2);
+                    let t = Instant::now();
+                    let all = g.durable_step(1).map_err(q("durable step"))?;
+                    (all, t.elapsed())
+                } else {
+                    let p = i2.durable_work(1).map_err(q("durable step"))?;
+                    (p.done, p.locked)
+                };
+                max = max.max(hold);
+                total += hold;
+                if all {
+                    d2.store(true, Ordering::SeqCst);
+                    return Ok((max, total));
+                }
+                std::thread::sleep((hold * pace).max(Duration::from_micros(50)));
             }
-            .map_err(q("durable step"))?;
-            let el = t.elapsed();
-            if all {
-                d2.store(true, Ordering::SeqCst);
-                return Ok(());
-            }
-            std::thread::sleep(el * 4);
-        }
-    });
-    let t = Instant::now();
-    let mut n = 0u64;
-    while !done.load(Ordering::SeqCst) {
-        lock(&img).write(off(), &buf).map_err(q("write"))?;
-        n += 1;
+        });
+        let (n, worst) = guest(&img, &mut off, &buf, flush_every, &|| done.load(Ordering::SeqCst))?;
+        let el = t.elapsed();
+        let (mh, th) = driver.join().map_err(|_| "driver panicked".to_string())??;
+        dt += el;
+        dn += n;
+        wins.push(el);
+        max_hold = max_hold.max(mh);
+        held += th;
+        guest_max = guest_max.max(worst);
+        lock(&img).checkpoint_delete(&format!("d{k}")).map_err(q("delete"))?;
+        k += 1;
     }
-    let el = t.elapsed();
-    driver.join().map_err(|_| "driver panicked".to_string())??;
-    let during = n as f64 / el.as_secs_f64();
     let mut g = lock(&img);
-    g.checkpoint_delete("during").map_err(q("delete"))?;
-    g.checkpoint_delete("steady").map_err(q("delete"))?;
     g.flush().map_err(q("flush"))?;
-    Ok((steady, during))
+    Ok(Iops {
+        steady: sn as f64 / st.as_secs_f64(),
+        during: dn as f64 / dt.as_secs_f64(),
+        windows: k,
+        window_ms: ms(median(wins)),
+        max_hold,
+        lock_share: held.as_secs_f64() / dt.as_secs_f64(),
+        guest_max,
+    })
 }
 
 // ---------------------------------------------------------------------------------- part 2
