@@ -1,6 +1,9 @@
 //! Crash torture: random workloads (writes, flushes, discards, checkpoint create / revert /
 //! delete, and the two-phase forms: take, revert switch and delete begin with background
-//! durability steps and waits interleaved with guest writes) on the fault-injecting image I/O. Each trial cuts the power at a random write or
+//! durability steps and waits interleaved with guest writes, and *staged* steps whose commit
+//! barriers are held, run through the I/O's sync handle and reported back later, with guest
+//! writes, flushes, takes, reverts and deletes in between) on the fault-injecting image I/O.
+//! Each trial cuts the power at a random write or
 //! flush (the I/O layer fails from there on, and the surviving bytes are what a power loss
 //! could leave: unsynced writes dropped, kept or torn at 512-byte granularity, in any order).
 //! After every crash it asserts the engine's guarantees:
@@ -23,7 +26,7 @@ use rand::{rngs::StdRng, Rng, SeedableRng};
 use std::collections::hash_map::DefaultHasher;
 use std::collections::HashSet;
 use std::hash::{Hash, Hasher};
-use xensnap_qcow2::{CheckpointState, CreateOptions, FaultIo, ImageIo, MemIo, OpenOptions, Qcow2};
+use xensnap_qcow2::{CheckpointState, CreateOptions, DurableBarrier, DurableStep, FaultIo, ImageIo, MemIo, OpenOptions, Qcow2, SyncedBarrier};
 
 const SECTOR: usize = 512;
 
@@ -40,6 +43,13 @@ enum Op {
     RevertSwitch(usize),
     DeleteBegin(usize),
     Wait,
+    /// `durable_step_staged`: a commit barrier handed out is kept (as a driver outside the
+    /// image lock would), so the ops that follow run between the commit's stages.
+    Staged(usize),
+    /// Run the kept barrier (outside the lock, through the I/O's sync handle).
+    BarrierSync,
+    /// Report the synced barrier back (under the lock).
+    BarrierDone,
 }
 
 fn h(data: &[u8]) -> u64 {
@@ -54,7 +64,7 @@ fn gen_ops(rng: &mut StdRng, sectors: usize, n: usize) -> Vec<Op> {
     for _ in 0..n {
         let s = rng.gen_range(0..sectors);
         let len = rng.gen_range(1..=(sectors - s).min(160));
-        ops.push(match rng.gen_range(0..30) {
+        ops.push(match rng.gen_range(0..38) {
             0..=8 | 26..=28 => Op::Write { sector: s, sectors: len, seed: rng.gen() },
             9 => Op::Discard { sector: s, sectors: len },
             10..=12 => Op::Flush,
@@ -71,7 +81,10 @@ fn gen_ops(rng: &mut StdRng, sectors: usize, n: usize) -> Vec<Op> {
             20..=22 => Op::Step(rng.gen_range(1..4)),
             23 => Op::RevertSwitch(rng.gen()),
             24 => Op::DeleteBegin(rng.gen()),
-            _ => Op::Wait,
+            25 | 29 => Op::Wait,
+            30..=33 => Op::Staged(rng.gen_range(1..4)),
+            34 | 35 => Op::BarrierSync,
+            _ => Op::BarrierDone,
         });
     }
     ops
@@ -139,6 +152,10 @@ struct Outcome {
     deleting: Vec<(String, Vec<u8>)>,
     /// A revert switch not known durable: the disk may still be as before it.
     alt: Option<Expect>,
+    /// A staged commit barrier was handed out and not yet reported back at the crash.
+    staged: bool,
+    /// Taken checkpoints deleted before their commit began.
+    abandoned: usize,
 }
 
 impl Outcome {
@@ -189,6 +206,11 @@ impl ImageIo for LyingIo {
 }
 
 fn run_until_failure(t: &Trial, io: &FaultIo, lying: bool) -> Outcome {
+    let mut held: Option<DurableBarrier> = None;
+    let mut synced: Option<SyncedBarrier> = None;
+    // a staged commit may be under way (a barrier was handed out since work last ran to a
+    // stop): a taken checkpoint deleted then may still become durable first
+    let mut staged_open = false;
     let opts = CreateOptions { size: t.size as u64, cluster_bits: t.cluster_bits, ..Default::default() };
     io.fail_after(None);
     let boxed: Box<dyn ImageIo> = if lying { Box::new(LyingIo(io.clone())) } else { Box::new(io.clone()) };
@@ -206,6 +228,8 @@ fn run_until_failure(t: &Trial, io: &FaultIo, lying: bool) -> Outcome {
         taken: vec![],
         deleting: vec![],
         alt: None,
+        staged: false,
+        abandoned: 0,
     };
     o.expect.settle();
     // The crash point is armed by the caller through `io` after creation.
@@ -276,8 +300,16 @@ fn run_until_failure(t: &Trial, io: &FaultIo, lying: bool) -> Outcome {
                 o.taken.push((name.clone(), content));
                 true
             }
-            Op::Step(n) => img.durable_step(*n).is_ok(),
-            Op::Wait => img.wait_durable().is_ok(),
+            Op::Step(n) => {
+                let r = img.durable_step(*n).is_ok();
+                staged_open &= !r;
+                r
+            }
+            Op::Wait => {
+                let r = img.wait_durable().is_ok();
+                staged_open &= !r;
+                r
+            }
             Op::RevertSwitch(i) => {
                 let vis = o.visible();
                 if vis.is_empty() {
@@ -293,15 +325,48 @@ fn run_until_failure(t: &Trial, io: &FaultIo, lying: bool) -> Outcome {
                     false
                 }
             }
+            Op::Staged(n) => match img.durable_step_staged(*n) {
+                Ok(DurableStep::Barrier(b)) => {
+                    held = Some(b);
+                    staged_open = true;
+                    true
+                }
+                Ok(DurableStep::Done(_)) => {
+                    staged_open = false;
+                    true
+                }
+                Err(_) => false,
+            },
+            Op::BarrierSync => match held.take().map(|b| b.sync()) {
+                Some(Ok(s)) => {
+                    synced = Some(s);
+                    true
+                }
+                Some(Err(_)) => false,
+                None => true,
+            },
+            Op::BarrierDone => {
+                if let Some(s) = synced.take() {
+                    img.durable_barrier_done(s);
+                }
+                true
+            }
             Op::DeleteBegin(i) => {
                 let vis = o.visible();
                 if vis.is_empty() {
                     continue;
                 }
                 let name = vis[i % vis.len()].0.clone();
+                let abandoned = !staged_open && o.taken.iter().any(|c| c.0 == name);
                 img.checkpoint_delete_begin(&name).expect("delete begin does no I/O");
                 let victim = o.remove_visible(&name).expect("visible");
-                o.deleting.push(victim);
+                if abandoned {
+                    // taken and deleted before its commit began: it is never published, so
+                    // no crash may bring it back (it is neither a must nor a maybe)
+                    o.abandoned += 1;
+                } else {
+                    o.deleting.push(victim);
+                }
                 true
             }
         };
@@ -313,6 +378,7 @@ fn run_until_failure(t: &Trial, io: &FaultIo, lying: bool) -> Outcome {
         }
         o.promote(&img);
     }
+    o.staged = held.is_some() || synced.is_some();
     std::mem::forget(img); // the "machine" dies: no destructor may write anything
     o
 }
@@ -392,7 +458,7 @@ fn crash_torture() {
     let points: usize = std::env::var("XENSNAP_CRASH_POINTS").ok().and_then(|s| s.parse().ok()).unwrap_or(1000);
     let base_seed: u64 = std::env::var("XENSNAP_CRASH_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x0c0ffee);
     let mut kinds = [0usize; 6];
-    let (mut pending_at_crash, mut switch_at_crash) = (0usize, 0usize);
+    let (mut pending_at_crash, mut switch_at_crash, mut staged_at_crash, mut abandoned) = (0usize, 0usize, 0usize, 0usize);
     for trial_no in 0..points {
         let seed = base_seed.wrapping_add(trial_no as u64);
         let mut rng = StdRng::seed_from_u64(seed);
@@ -415,17 +481,21 @@ fn crash_torture() {
         kinds[usize::from(o.maybe.is_some()) + 2 * usize::from(o.revert_to.is_some())] += 1;
         pending_at_crash += usize::from(!o.taken.is_empty() || !o.deleting.is_empty());
         switch_at_crash += usize::from(o.alt.is_some());
+        staged_at_crash += usize::from(o.staged);
+        abandoned += o.abandoned;
         let crashed = io.crash(seed);
         if let Err(e) = verify(trial_no, &t, &o, crashed, trial_no % 20 == 0) {
             panic!("{e}");
         }
     }
     eprintln!(
-        "crash torture: {points} crash points; caught mid-create/delete: {}, mid-revert: {}, with taken or deleting checkpoints not durable: {pending_at_crash}, with a revert switch not durable: {switch_at_crash}",
+        "crash torture: {points} crash points; caught mid-create/delete: {}, mid-revert: {}, with taken or deleting checkpoints not durable: {pending_at_crash}, with a revert switch not durable: {switch_at_crash}, between the stages of a staged commit: {staged_at_crash}; taken checkpoints abandoned (must never reappear): {abandoned}",
         kinds[1] + kinds[3],
         kinds[2] + kinds[3]
     );
     assert!(pending_at_crash > points / 20 && switch_at_crash > points / 100, "the two-phase states are not exercised");
+    assert!(staged_at_crash > points / 50, "crashes between the stages of a staged commit are not exercised");
+    assert!(abandoned > points / 50, "abandoned taken checkpoints are not exercised");
 }
 
 /// The same torture over an I/O layer that acknowledges flushes without making anything

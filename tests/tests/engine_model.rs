@@ -4,13 +4,14 @@
 //! one per checkpoint), with the engine's own consistency check after every step.
 //!
 //! Two-phase checkpoints are interleaved with all of it: take (no I/O), bounded background
-//! steps, revert switch and delete begin while earlier work is pending, and waits. After
+//! steps, revert switch and delete begin while earlier work is pending, and waits; staged
+//! steps keep a commit's barrier pending while any of the other ops run, then run it. After
 //! every step the engine's exact in-memory accounting is verified (refcount = references of
 //! every live tree − uncounted shares + deferred decreases), and the on-disk check must be
 //! clean whenever nothing is pending (and free of corruption always).
 
 use proptest::prelude::*;
-use xensnap_qcow2::{CheckpointState, CreateOptions, ImageIo, MemIo, OpenOptions, Qcow2};
+use xensnap_qcow2::{CheckpointState, CreateOptions, DurableBarrier, DurableStep, FaultIo, ImageIo, OpenOptions, Qcow2};
 
 const SECTOR: u64 = 512;
 
@@ -30,6 +31,11 @@ enum Op {
     RevertSwitch(usize),
     DeleteBegin(usize),
     Wait,
+    /// `durable_step_staged`: a commit barrier handed out is kept, so later ops run between
+    /// the commit's stages.
+    Staged(usize),
+    /// Run the kept barrier through the I/O's sync handle and report it back.
+    BarrierFinish,
 }
 
 fn op(total_sectors: u64) -> impl Strategy<Value = Op> {
@@ -49,6 +55,8 @@ fn op(total_sectors: u64) -> impl Strategy<Value = Op> {
         1 => any::<usize>().prop_map(Op::RevertSwitch),
         1 => any::<usize>().prop_map(Op::DeleteBegin),
         1 => Just(Op::Wait),
+        3 => (1usize..4).prop_map(Op::Staged),
+        2 => Just(Op::BarrierFinish),
     ]
 }
 
@@ -80,8 +88,10 @@ fn run(cluster_bits: u32, size: u64, ops: Vec<Op>) {
 }
 
 fn run_with(cluster_bits: u32, size: u64, ops: Vec<Op>, qemu: bool) {
-    let io = MemIo::new();
+    // a FaultIo (flushes are real, and it has a sync handle for staged barriers)
+    let io = FaultIo::new();
     let opts = CreateOptions { size, cluster_bits, ..Default::default() };
+    let mut held: Option<DurableBarrier> = None;
     let mut img = Qcow2::create(Box::new(io.clone()) as Box<dyn ImageIo>, &opts).expect("create");
     let mut m = Model { active: vec![0; size as usize], checkpoints: vec![], next_name: 0 };
     for (step, op) in ops.iter().enumerate() {
@@ -141,6 +151,7 @@ fn run_with(cluster_bits: u32, size: u64, ops: Vec<Op>, qemu: bool) {
                 assert!(buf == data[off as usize..off as usize + len], "step {step} {op:?}: checkpoint data differs");
             }
             Op::Reopen => {
+                held = None;
                 img.close().expect("close");
                 img = Qcow2::open(Box::new(io.clone()), &OpenOptions { read_only: false }).expect("reopen");
                 assert!(!img.durable_pending());
@@ -176,6 +187,16 @@ fn run_with(cluster_bits: u32, size: u64, ops: Vec<Op>, qemu: bool) {
                 img.wait_durable().expect("wait durable");
                 assert!(img.checkpoint_list().iter().all(|c| c.state == CheckpointState::Durable));
             }
+            Op::Staged(n) => match img.durable_step_staged(*n).expect("staged step") {
+                DurableStep::Barrier(b) => held = Some(b),
+                DurableStep::Done(done) => assert_eq!(done, !img.durable_pending()),
+            },
+            Op::BarrierFinish => {
+                if let Some(b) = held.take() {
+                    let s = b.sync().expect("barrier");
+                    img.durable_barrier_done(s);
+                }
+            }
         }
         assert_clean(&mut img, step, op);
         let names: Vec<String> = img.checkpoint_list().into_iter().map(|s| s.name).collect();
@@ -192,7 +213,7 @@ fn run_with(cluster_bits: u32, size: u64, ops: Vec<Op>, qemu: bool) {
     }
     img.close().expect("close");
     if qemu {
-        qemu_agrees(&io.bytes(), &m);
+        qemu_agrees(&io.current(), &m);
     }
 }
 
