@@ -270,3 +270,144 @@ fn be32(b: &[u8], o: usize) -> u32 {
 fn be64(b: &[u8], o: usize) -> u64 {
     u64::from_be_bytes(b[o..o + 8].try_into().unwrap())
 }
+
+/// One staged commit driven like a server does it (barriers through the I/O's sync handle),
+/// with guest I/O between every stage: copy-on-write writes before and after each barrier, a
+/// guest flush after some, and a second take in the middle. Returns the active disk the
+/// guest ends with.
+fn staged_commit_with_guest_io(img: &mut Qcow2, active: &mut Vec<u8>) -> xensnap_qcow2::Result<()> {
+    use xensnap_qcow2::DurableStep;
+    img.checkpoint_take("new")?;
+    let mut i = 0usize;
+    let mut write = |img: &mut Qcow2, active: &mut Vec<u8>, i: usize| -> xensnap_qcow2::Result<()> {
+        let off = (i * 77_777) % (SIZE - 5000);
+        let b = vec![0x30 + (i % 200) as u8; 5000];
+        img.write(off as u64, &b)?;
+        active[off..off + b.len()].copy_from_slice(&b);
+        Ok(())
+    };
+    loop {
+        match img.durable_step_staged(1)? {
+            DurableStep::Done(true) => break,
+            DurableStep::Done(false) => write(img, active, i)?,
+            DurableStep::Barrier(b) => {
+                write(img, active, i)?;
+                if i % 3 == 1 {
+                    img.flush()?;
+                }
+                if i == 4 {
+                    img.checkpoint_take("second")?;
+                }
+                let s = b.sync()?;
+                write(img, active, i + 1000)?;
+                img.durable_barrier_done(s);
+            }
+        }
+        i += 1;
+    }
+    img.flush()
+}
+
+#[test]
+fn crash_during_staged_commit_with_guest_io() {
+    let (base, snap, model) = base_image();
+    let mut final_active = model.clone();
+    let (f, mut img) = open_fault(&base);
+    let (w0, f0) = f.op_counts();
+    staged_commit_with_guest_io(&mut img, &mut final_active).unwrap();
+    let (w1, f1) = f.op_counts();
+    assert!(read_all(&mut img, None) == final_active);
+    assert!(read_all(&mut img, Some("new")) == model);
+    assert!(img.check().unwrap().is_clean());
+    drop(img);
+    let total = (w1 - w0) + (f1 - f0);
+    eprintln!("staged commit with guest I/O: {total} I/O ops swept");
+    for k in 1..=total + 1 {
+        let (f, mut img) = open_fault(&base);
+        f.fail_after(Some(k));
+        let mut active = model.clone();
+        let r = staged_commit_with_guest_io(&mut img, &mut active);
+        drop(img);
+        for seed in 0..4 {
+            let ctx = format!("staged commit: failing op {k}/{total}, seed {seed}");
+            let bytes = f.crash(seed * 7919 + k);
+            let mut im = Qcow2::open(Box::new(MemIo::from_bytes(bytes.clone())), &OpenOptions { read_only: true })
+                .unwrap_or_else(|e| panic!("{ctx}: open: {e}"));
+            let rep = im.check().unwrap();
+            assert_eq!(rep.corruptions, 0, "{ctx}: {rep:?}");
+            assert!(rep.errors.iter().all(|e| e.contains("OFLAG_COPIED")), "{ctx}: {rep:?}");
+            let names: Vec<String> = im.checkpoint_list().into_iter().map(|s| s.name).collect();
+            assert!(names.first().is_some_and(|n| n == "base"), "{ctx}: {names:?}");
+            assert!(read_all(&mut im, Some("base")) == snap, "{ctx}: base changed");
+            if names.iter().any(|n| n == "new") {
+                assert!(read_all(&mut im, Some("new")) == model, "{ctx}: checkpoint new differs");
+            }
+            if r.is_ok() {
+                assert!(names.iter().any(|n| n == "new"), "{ctx}: durable checkpoint lost");
+                assert!(read_all(&mut im, None) == final_active, "{ctx}: flushed data lost");
+            }
+            drop(im);
+            let mut im = Qcow2::open(Box::new(MemIo::from_bytes(bytes)), &OpenOptions::default()).unwrap();
+            im.repair().unwrap();
+            assert!(im.check().unwrap().is_clean(), "{ctx}: not clean after repair");
+        }
+    }
+}
+
+/// A taken checkpoint abandoned before it is durable (the memory save that went with it
+/// failed): deleting it does no I/O, its background removal writes no snapshot table and
+/// runs no flush, it never reaches the table, and a power loss at any point never brings it
+/// back.
+#[test]
+fn abandoned_taken_checkpoint_is_dropped_unpublished() {
+    let (base, snap, model) = base_image();
+    let op = |img: &mut Qcow2, f: &FaultIo| -> xensnap_qcow2::Result<(u64, u64)> {
+        img.checkpoint_take("doomed")?;
+        img.write(4096, &[0x77; 9000])?;
+        let before = f.op_counts();
+        img.checkpoint_delete_begin("doomed")?;
+        let begin = f.op_counts();
+        assert_eq!(before, begin, "delete begin of a taken checkpoint did I/O");
+        assert!(img.checkpoint_list().iter().all(|c| c.name != "doomed"));
+        img.write(200_000, &[0x78; 9000])?;
+        let begin = f.op_counts();
+        img.wait_durable()?;
+        let after = f.op_counts();
+        img.flush()?;
+        Ok((after.0 - begin.0, after.1 - begin.1))
+    };
+    let (f, mut img) = open_fault(&base);
+    let (w0, f0) = f.op_counts();
+    let (writes, flushes) = op(&mut img, &f).unwrap();
+    assert_eq!(flushes, 0, "abandoning a taken checkpoint flushed");
+    assert_eq!(writes, 0, "abandoning a taken checkpoint wrote to the image");
+    let mut active = model.clone();
+    active[4096..4096 + 9000].fill(0x77);
+    active[200_000..200_000 + 9000].fill(0x78);
+    assert!(read_all(&mut img, None) == active);
+    assert!(img.check().unwrap().is_clean());
+    let (w1, f1) = f.op_counts();
+    drop(img);
+    assert_eq!(Qcow2::open(Box::new(MemIo::from_bytes((*f.durable()).clone())), &OpenOptions { read_only: true }).unwrap().checkpoint_list().len(), 1);
+    let total = (w1 - w0) + (f1 - f0);
+    for k in 1..=total + 1 {
+        let (f, mut img) = open_fault(&base);
+        f.fail_after(Some(k));
+        let _ = op(&mut img, &f);
+        drop(img);
+        for seed in 0..4 {
+            let ex = Expect {
+                actives: vec![],
+                snaps: [("base".to_string(), snap.clone())].into_iter().collect(),
+                snap_sets: vec![vec!["base".into()]],
+            };
+            let bytes = f.crash(seed * 31 + k);
+            let mut im = Qcow2::open(Box::new(MemIo::from_bytes(bytes)), &OpenOptions { read_only: true }).unwrap();
+            let rep = im.check().unwrap();
+            assert_eq!(rep.corruptions, 0, "abandon k={k}: {rep:?}");
+            let names: Vec<String> = im.checkpoint_list().into_iter().map(|s| s.name).collect();
+            assert!(ex.snap_sets.contains(&names), "abandon k={k}: {names:?}");
+            assert!(read_all(&mut im, Some("base")) == ex.snaps["base"], "abandon k={k}: base changed");
+        }
+    }
+}
