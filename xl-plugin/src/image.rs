@@ -422,24 +422,30 @@ impl xensnap_nbd::ExportRegistry for ImageExports {
 }
 
 /// Make taken checkpoints (and switched reverts, begun deletes) durable in the background:
-/// one bounded step (about one L2 table) at a time under the image lock, then a pause of about
-/// three times the step's length, so guest requests get the lock for most of the time while
-/// the refcount walk runs (the pacing `scripts/bench-checkpoint.sh` measured).
+/// one bounded step (about one L2 table, or one stage of a commit) at a time under the image
+/// lock, with every flush barrier of a commit run *without* the lock
+/// ([`SharedImage::durable_work`]), then a pause of three times the time the lock was held,
+/// so guest requests get the lock for most of the time (the pacing
+/// `scripts/bench-checkpoint.sh` measures).
 fn spawn_durability(img: Arc<Mutex<Qcow2>>) {
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
+    let shared = SharedImage(img);
     std::thread::spawn(move || loop {
-        let started = Instant::now();
-        let pause = match img.lock() {
+        let pending = match shared.0.lock() {
             Err(_) => return,
-            Ok(mut g) if g.durable_pending() => match g.durable_step(1) {
-                Ok(_) => (started.elapsed() * 3).max(Duration::from_micros(50)),
+            Ok(g) => g.durable_pending(),
+        };
+        let pause = if !pending {
+            Duration::from_millis(5)
+        } else {
+            match shared.durable_work(1) {
+                Ok(p) => (p.locked * 3).max(Duration::from_micros(50)),
                 Err(e) => {
                     // The work stays queued where it stopped; retry later.
                     tracing::error!("background checkpoint work: {e}; retrying in 1 s");
                     Duration::from_secs(1)
                 }
-            },
-            Ok(_) => Duration::from_millis(5),
+            }
         };
         std::thread::sleep(pause);
     });
