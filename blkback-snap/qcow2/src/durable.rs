@@ -19,24 +19,36 @@
 //!   checkpoint `pred` and the new active tree (its copy) `succ`.
 //! * While the active tree is the `succ` of a link whose walk has not passed L1 index `i`,
 //!   every cluster at index `i` that was not allocated since the take/switch (`fresh`) is
-//!   shared with `pred`: a write takes the copy-on-write path, and the dropped pointer does
-//!   **not** give its reference back — the count is handed over to `pred` (the walk will
-//!   find the positions differ and add nothing). Behind the cursor, the walk has added the
-//!   reference, so the ordinary rules (COW iff refcount > 1, deferred decrease) apply.
+//!   shared with `pred`: a write takes the copy-on-write path, `pred` gets a reference of its
+//!   own at once (the walk will find the positions differ and add nothing), and the dropped
+//!   pointer gives its reference back like any other, once its removal is durable (a
+//!   *hand-over*). Behind the cursor, the walk has added the reference, so the ordinary
+//!   rules (COW iff refcount > 1, deferred decrease) apply.
 //! * A new take (or switch) while a link still has the active tree as `succ` re-points that
 //!   link at the frozen copy: it had the same content at that instant.
 //!
 //! Jobs run strictly in queue order, one at a time: a link walk, then its commit (append
 //! the snapshot table entry with a 12-byte header write, or publish the new active L1 with
 //! a 24-byte header write for a revert); drop jobs (the old active tree of a revert, a
-//! deleted checkpoint) give the references back after the tree is durably unpublished.
-//! Commits write back everything first, so every published reference is counted on disk.
+//! deleted checkpoint, a taken checkpoint abandoned before its commit) give the references
+//! back after the tree is durably unpublished (or was never published).
 //!
-//! A guest write that hands a count over leaves a cluster that only an unpublished
-//! checkpoint references: a crash leaks it. Before such a state can reach disk the dirty
-//! bit is set (lazily, at the next write-back), so our `open` and QEMU's open
-//! (`check -r all`) reclaim the leaks; it is cleared when the queue is empty again.
-//! `checkpoint_create` without interleaved guest writes never sets it.
+//! A checkpoint commit depends only on the frozen tree and on its own writes, never on the
+//! active tree's write-back: right after the take, the frozen tree's refcounts and its L2
+//! tables not yet written back are made durable (one barrier, when little has been written
+//! since the take); at the commit, the L1 copy, the new snapshot table and the refcounts
+//! (barrier), then the header (barrier). Thanks to the hand-over rule, a stale pointer of
+//! the active tree that is still on disk stays counted until its removal is durable. The
+//! commit is *staged* ([`Stage`]): a driver may run its barriers without the image lock
+//! ([`Qcow2::durable_step_staged`]) while guest requests go on; a deletion's table rewrite
+//! is staged the same way. (A revert's commit still writes back and flushes under the lock.)
+//!
+//! A hand-over gives a count to a tree that is not published yet: a crash leaks it. Before
+//! such a state can reach disk the dirty bit is set (before the commit's preparation when
+//! its barriers run outside the lock, i.e. on a served image; otherwise lazily at the next
+//! write-back), so our `open` and QEMU's open (`check -r all`) reclaim the leaks; it is
+//! cleared (without a barrier) when the queue is empty again. `checkpoint_create` without
+//! interleaved guest writes never sets it.
 
 use crate::error::{Error, Result};
 use crate::header::{self, put_be32, put_be64, INCOMPAT_DIRTY};

@@ -14,7 +14,8 @@
 //!   barrier, L1, barrier, then deferred refcount decreases), so it costs up to four
 //!   fdatasyncs when metadata changed and one otherwise.
 //! * `checkpoint_create`/`revert`/`delete` return only when durable (they are the two-phase
-//!   operations below run to completion, after any earlier background work).
+//!   operations below run to completion, after any earlier background work); a completed
+//!   `checkpoint_create` also leaves every earlier write durable, as `qemu-img snapshot -c`.
 //!
 //! Two-phase checkpoints (see `durable.rs` for the accounting model):
 //! * [`Qcow2::checkpoint_take`] fixes the point in time with O(L1) work in memory and no I/O:
@@ -33,8 +34,9 @@
 //!   commit, barrier). A commit only depends on the frozen tree and its own writes, never
 //!   on the active tree's write-back.
 //! * [`Qcow2::checkpoint_revert_switch`] switches the guest-visible disk in O(L1);
-//!   [`Qcow2::checkpoint_delete_begin`] hides a checkpoint at once. Their refcount work is
-//!   background work too. `flush` completes a pending switch first (writes after a switch
+//!   [`Qcow2::checkpoint_delete_begin`] hides a checkpoint at once (a taken one whose commit
+//!   has not begun is then never published: abandoning it costs no table write and no
+//!   flush). Their refcount work is background work too. `flush` completes a pending switch first (writes after a switch
 //!   are durable only with it), as does a second switch.
 //! * Several operations may be queued; they become durable in order. On disk a refcount is
 //!   never below its published references (a crash only leaks); a crash loses taken

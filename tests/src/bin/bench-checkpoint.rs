@@ -201,12 +201,12 @@ fn part1(a: &Args, cs: u64) -> R<()> {
     println!("\n### guest 4 KiB random-write IOPS while a checkpoint becomes durable vs steady state ({} KiB clusters)", cs >> 10);
     println!("(guest thread through SharedImage; durability thread: {driver}; pause {}x its lock time, >= 50 µs)", a.pace);
     println!(
-        "{:>6} {:>12} {:>12} {:>12} {:>7} {:>8} {:>13} {:>14} {:>12} {:>12}",
-        "alloc", "guest flush", "IOPS steady", "IOPS durab.", "ratio", "windows", "durable win ms", "bg lock max ms", "bg lock %", "guest max ms"
+        "{:>6} {:>12} {:>12} {:>12} {:>7} {:>8} {:>13} {:>14} {:>10} {:>10} {:>12}",
+        "alloc", "guest flush", "IOPS steady", "IOPS durab.", "ratio", "windows", "durable win ms", "bg lock max ms", "bg lock %", "bg sync %", "guest max ms"
     );
     for (gib, fe, r) in &iops_rows {
         println!(
-            "{:>4} G {:>12} {:>12.0} {:>12.0} {:>7.2} {:>8} {:>14.1} {:>14.2} {:>11.1}% {:>12.2}",
+            "{:>4} G {:>12} {:>12.0} {:>12.0} {:>7.2} {:>8} {:>14.1} {:>14.2} {:>9.1}% {:>9.1}% {:>12.2}",
             gib,
             if *fe == 0 { "none".to_string() } else { format!("every {fe}") },
             r.steady,
@@ -216,12 +216,14 @@ fn part1(a: &Args, cs: u64) -> R<()> {
             r.window_ms,
             r.max_hold.as_secs_f64() * 1e3,
             r.lock_share * 100.0,
+            r.sync_share * 100.0,
             r.guest_max.as_secs_f64() * 1e3,
         );
     }
     println!("(ratio = IOPS during durable windows / steady IOPS, both totals over all windows; durable win = median");
     println!(" time from take to durable under load; bg lock = the durability thread's lock hold per call (max) and");
-    println!(" its share of the durable windows; guest max = the slowest single guest request in durable windows)");
+    println!(" its share of the durable windows; bg sync = share of the windows spent in its fdatasyncs (no lock);");
+    println!(" guest max = the slowest single guest request in durable windows)");
     Ok(())
 }
 
@@ -236,6 +238,7 @@ struct Iops {
     window_ms: f64,
     max_hold: Duration,
     lock_share: f64,
+    sync_share: f64,
     guest_max: Duration,
 }
 
@@ -266,6 +269,7 @@ fn iops_during(path: &Path, region: u64, a: &Args, flush_every: u64) -> R<Iops> 
     let min = Duration::from_millis(600);
     let (mut sn, mut st, mut dn, mut dt) = (0u64, Duration::ZERO, 0u64, Duration::ZERO);
     let (mut wins, mut max_hold, mut held, mut guest_max) = (vec![], Duration::ZERO, Duration::ZERO, Duration::ZERO);
+    let mut synced = Duration::ZERO;
     let mut k = 0;
     while (st < min || dt < min || k < 3) && k < 40 {
         // steady: right after a blocking checkpoint (which flushes)
@@ -282,30 +286,32 @@ fn iops_during(path: &Path, region: u64, a: &Args, flush_every: u64) -> R<Iops> 
         let t = Instant::now();
         let done = Arc::new(AtomicBool::new(false));
         let (d2, i2, locked, pace) = (done.clone(), img.clone(), a.locked_driver, a.pace);
-        let driver = std::thread::spawn(move || -> R<(Duration, Duration)> {
-            let (mut max, mut total) = (Duration::ZERO, Duration::ZERO);
+        let driver = std::thread::spawn(move || -> R<(Duration, Duration, Duration)> {
+            let (mut max, mut total, mut synced) = (Duration::ZERO, Duration::ZERO, Duration::ZERO);
             loop {
-                let (all, hold) = if locked {
+                let (all, hold, sync) = if locked {
                     let mut g = lock(&i2);
                     let t = Instant::now();
                     let all = g.durable_step(1).map_err(q("durable step"))?;
-                    (all, t.elapsed())
+                    (all, t.elapsed(), Duration::ZERO)
                 } else {
                     let p = i2.durable_work(1).map_err(q("durable step"))?;
-                    (p.done, p.locked)
+                    (p.done, p.locked, p.synced)
                 };
                 max = max.max(hold);
                 total += hold;
+                synced += sync;
                 if all {
                     d2.store(true, Ordering::SeqCst);
-                    return Ok((max, total));
+                    return Ok((max, total, synced));
                 }
                 std::thread::sleep((hold * pace).max(Duration::from_micros(50)));
             }
         });
         let (n, worst) = guest(&img, &mut off, &buf, flush_every, &|| done.load(Ordering::SeqCst))?;
         let el = t.elapsed();
-        let (mh, th) = driver.join().map_err(|_| "driver panicked".to_string())??;
+        let (mh, th, sy) = driver.join().map_err(|_| "driver panicked".to_string())??;
+        synced += sy;
         dt += el;
         dn += n;
         wins.push(el);
@@ -324,6 +330,7 @@ fn iops_during(path: &Path, region: u64, a: &Args, flush_every: u64) -> R<Iops> 
         window_ms: ms(median(wins)),
         max_hold,
         lock_share: held.as_secs_f64() / dt.as_secs_f64(),
+        sync_share: synced.as_secs_f64() / dt.as_secs_f64(),
         guest_max,
     })
 }
