@@ -22,6 +22,8 @@
 //!
 //! `XENSNAP_CRASH_POINTS` sets the number of trials (default 1000; the long mode uses more).
 
+#[path = "../../blkback-snap/qcow2/tests/common/copied.rs"]
+mod copied;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use std::collections::hash_map::DefaultHasher;
 use std::collections::HashSet;
@@ -389,6 +391,9 @@ thread_local! {
 
 fn verify(trial_no: usize, t: &Trial, o: &Outcome, crashed: Vec<u8>, qemu_check: bool) -> Result<(), String> {
     let ctx = |what: &str| format!("trial {trial_no} (cluster_bits {}, ops {:?}): {what}", t.cluster_bits, t.ops);
+    // With the dirty bit clear, QEMU trusts COPIED flags: none may sit on a shared cluster.
+    let harmful = copied::harmful_copied_flags(&crashed);
+    ensure(harmful.is_empty(), || ctx(&format!("dirty bit clear with COPIED on shared clusters: {harmful:?}")))?;
     // The crashed bytes as they are: a crash only leaks (no refcount below its references).
     let mut raw = Qcow2::open(Box::new(MemIo::from_bytes(crashed.clone())), &OpenOptions { read_only: true })
         .map_err(|e| ctx(&format!("read-only open after crash failed: {e}")))?;

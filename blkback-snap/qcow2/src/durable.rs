@@ -43,12 +43,19 @@
 //! ([`Qcow2::durable_step_staged`]) while guest requests go on; a deletion's table rewrite
 //! is staged the same way. (A revert's commit still writes back and flushes under the lock.)
 //!
-//! A hand-over gives a count to a tree that is not published yet: a crash leaks it. Before
-//! such a state can reach disk the dirty bit is set (before the commit's preparation when
-//! its barriers run outside the lock, i.e. on a served image; otherwise lazily at the next
-//! write-back), so our `open` and QEMU's open (`check -r all`) reclaim the leaks; it is
-//! cleared (without a barrier) when the queue is empty again. `checkpoint_create` without
-//! interleaved guest writes never sets it.
+//! The dirty bit. A commit's walk raises the counts of the clusters the frozen tree shares
+//! with the active one and clears the active tree's COPIED flags on them, in memory only: the
+//! commit writes the checkpoint's L1 copy, the table and the refcounts, never the active
+//! L1/L2, so until the active tree is written back its on-disk COPIED flags claim clusters
+//! that a durable checkpoint now shares (QEMU writes in place where COPIED is set and the
+//! dirty bit is clear). A hand-over gives a count to a tree that is not published yet: a
+//! crash leaks it. So the commit's preparation sets the dirty bit, durably (barrier), before
+//! any raised count can reach disk, on every path (`checkpoint_create` too) whenever the
+//! frozen tree has an L2 table; a hand-over before that sets it at the next write-back. Our
+//! `open` and QEMU's open then rebuild refcounts and COPIED flags after a crash. It is
+//! cleared (without a barrier) only by a flush or `close` whose write-back and barrier found
+//! no queued work and left no dirty L1/L2 table or refcount block behind
+//! ([`Qcow2::clear_dirty_if_written_back`]): the first flush after the work is done.
 
 use crate::error::{Error, Result};
 use crate::header::{self, put_be32, put_be64, INCOMPAT_DIRTY};
@@ -528,10 +535,31 @@ impl Qcow2 {
         self.mem_l1.clear();
         self.fresh = HashSet::new();
         self.leak_window = false;
-        if self.dirty_set_by_us && self.h.incompatible & INCOMPAT_DIRTY != 0 {
-            // Every frozen tree whose counts could leak is published (its commit barrier
-            // is done) or durably unpublished: what a crash leaves now is ordinary (pending
-            // decreases). The clear needs no barrier: if it is lost, open just repairs.
+        // The dirty bit stays: the walks changed COPIED flags of the active tree in memory
+        // only, and the on-disk flags are stale until a write-back that starts now
+        // ([`Qcow2::clear_dirty_if_written_back`], at the next flush or close).
+        Ok(())
+    }
+
+    /// Clear the dirty bit we set, right after a write-back and barrier that found no
+    /// queued work: every frozen tree whose counts could leak is published or durably
+    /// unpublished, and the active tree's L1/L2 (with the COPIED flags the walks changed)
+    /// and the refcounts are on disk. The clear needs no barrier: if it is lost, open just
+    /// repairs. Until then a crash leaves the bit set, so neither our open nor QEMU's trusts
+    /// a stale COPIED flag on a cluster a checkpoint now shares.
+    pub(crate) fn clear_dirty_if_written_back(&mut self) -> Result<()> {
+        if !self.dirty_set_by_us || self.h.incompatible & INCOMPAT_DIRTY == 0 {
+            return Ok(());
+        }
+        let clean = self.jobs.is_empty()
+            && self.l1_dirty.is_empty()
+            && self.old_l1_dirty.is_none()
+            && !self.l1_unpublished
+            && self.l2_dirty.is_empty()
+            && self.rb_dirty.is_empty()
+            && self.rt_new.is_empty()
+            && self.pending_free.is_empty();
+        if clean {
             self.write_incompat(self.h.incompatible & !INCOMPAT_DIRTY)?;
             self.dirty_set_by_us = false;
         }
@@ -574,7 +602,7 @@ impl Qcow2 {
             Job::Link { pred, succ, cursor, then, stage } => {
                 if let Then::Commit { delete_requested: false, .. } = then {
                     if stage.early < 3 {
-                        if let Some(r) = self.commit_prepare(*pred, *succ, stage, inline)? {
+                        if let Some(r) = self.commit_prepare(*pred, stage, inline)? {
                             return Ok(r);
                         }
                     }
@@ -809,6 +837,18 @@ impl Qcow2 {
         Ok(())
     }
 
+    /// Does `tree` point at any L2 table?
+    fn has_l2(&mut self, tree: Tree) -> Result<bool> {
+        let cs = self.cs;
+        for i in 0..self.l1_len(tree)? as u64 {
+            let e = self.l1_entry(tree, i)?;
+            if l1_to_l2(e, cs, &|| format!("{tree:?} L1 entry {i}"))? != 0 {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
     /// Dirty cached L2 tables of `tree` (offsets).
     fn dirty_l2_of(&mut self, tree: Tree) -> Result<Vec<u64>> {
         if self.l2_dirty.is_empty() {
@@ -844,17 +884,24 @@ impl Qcow2 {
 
     /// Before a commit's walk (right after the take, while little has been written since):
     /// make the frozen tree's own state durable, so the commit itself depends on nothing
-    /// but its own writes. The refcounts (and, for a driver that runs barriers outside the
-    /// lock, i.e. a served image where guest writes will hand counts over, the dirty bit),
-    /// a barrier (which also covers the data written before the take), then the frozen
-    /// tree's L2 tables that were not written back yet. After this the frozen tables only
-    /// change by COPIED flags (the walk), which the active tree's own write-back carries:
-    /// no barrier before the commit depends on them.
-    fn commit_prepare(&mut self, pred: Tree, succ: Tree, st: &mut Stage, inline: bool) -> Result<Option<Run>> {
+    /// but its own writes. The refcounts and the dirty bit (the walk is about to make the
+    /// active tree's on-disk COPIED flags stale, see the module docs), a barrier (which also
+    /// covers the data written before the take), then the frozen tree's L2 tables that were
+    /// not written back yet. After this the frozen tables only change by COPIED flags (the
+    /// walk), which the active tree's own write-back carries: no barrier before the commit
+    /// depends on them; the dirty bit stays set until that write-back is durable.
+    fn commit_prepare(&mut self, pred: Tree, st: &mut Stage, inline: bool) -> Result<Option<Run>> {
         let cs = self.cs;
         if st.early == 0 {
             let mut need = !self.dirty_l2_of(pred)?.is_empty();
-            if !inline && succ == Tree::Active && self.h.incompatible & INCOMPAT_DIRTY == 0 {
+            // The walk will raise the counts of what the frozen tree shares and clear the
+            // active tree's COPIED flags on those clusters, in memory only: on disk the
+            // flags stay set until the active tree is written back, after the commit. The
+            // dirty bit is durable before any raised count can be (before the walk, on
+            // every path), so neither our open nor QEMU's trusts such a flag after a crash;
+            // it also covers the counts that guest writes hand over.
+            let walk_shares = self.has_l2(pred)?;
+            if walk_shares && self.h.incompatible & INCOMPAT_DIRTY == 0 {
                 self.write_incompat(self.h.incompatible | INCOMPAT_DIRTY)?;
                 self.dirty_set_by_us = true;
                 need = true;
@@ -1093,6 +1140,12 @@ impl Qcow2 {
         self.jobs.clear();
         self.mem_l1.clear();
         self.fresh = HashSet::new();
+        if self.dirty_set_by_us {
+            // the dirty bit set before the walk: clear it once the undone state is on disk
+            self.writeback()?;
+            self.sync("undone checkpoint")?;
+            self.clear_dirty_if_written_back()?;
+        }
         Ok(())
     }
 

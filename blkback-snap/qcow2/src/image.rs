@@ -129,7 +129,8 @@ pub struct Qcow2 {
     pub(crate) old_l1_dirty: Option<(u64, u64, BTreeSet<u64>)>,
     /// A write dropped a reference whose count was handed over to a pending checkpoint: a
     /// crash before that checkpoint is durable leaks clusters, so the dirty bit is set
-    /// before the next write-back (and cleared when all work is durable).
+    /// before the next write-back (and cleared by the first flush after all work is
+    /// durable).
     pub(crate) leak_window: bool,
     /// Last barrier ticket handed out by a staged commit (see `durable.rs`).
     pub(crate) next_ticket: u64,
@@ -1070,7 +1071,8 @@ impl Qcow2 {
             self.complete_switch()?;
         }
         self.writeback()?;
-        self.sync("flush")
+        self.sync("flush")?;
+        self.clear_dirty_if_written_back()
     }
 
     /// Flush and close; clears the dirty bit if we set it.

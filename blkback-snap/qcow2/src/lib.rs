@@ -40,10 +40,13 @@
 //!   are durable only with it), as does a second switch.
 //! * Several operations may be queued; they become durable in order. On disk a refcount is
 //!   never below its published references (a crash only leaks); a crash loses taken
-//!   checkpoints and switches/deletions not yet durable, never a durable checkpoint. When a
-//!   guest write hands a cluster over to a taken checkpoint (the leak a crash would leave),
-//!   the dirty bit is set before the next write-back and cleared once all work is durable,
-//!   so our open and QEMU's open rebuild the refcounts after a crash.
+//!   checkpoints and switches/deletions not yet durable, never a durable checkpoint. A
+//!   commit sets the dirty bit (durably) before its walk's raised refcounts can reach disk:
+//!   the walk clears the active tree's COPIED flags in memory only, and a guest write may
+//!   hand a cluster over to a taken checkpoint (the leak a crash would leave). The bit is
+//!   cleared by the first flush (or `close`) after all work is durable, once its write-back
+//!   has put the active L1/L2 on disk, so after a crash our open and QEMU's open rebuild the
+//!   refcounts and COPIED flags instead of trusting stale ones.
 //! * `close` finishes pending work; dropping the engine without `close` drops it (the image
 //!   stays consistent).
 //! * [`Qcow2`] is not internally synchronised: use one owner, or [`SharedImage`]

@@ -3,7 +3,10 @@
 //! that the image only ever leaks: no refcount corruption, data is the old or the new state.
 
 mod common;
+#[path = "common/copied.rs"]
+mod copied;
 use common::Rng;
+use copied::harmful_copied_flags;
 use std::collections::BTreeMap;
 use xensnap_qcow2::{CreateOptions, FaultIo, ImageIo, MemIo, OpenOptions, Qcow2};
 
@@ -31,6 +34,8 @@ struct Expect {
 }
 
 fn verify(bytes: Vec<u8>, ex: &Expect, ctx: &str) {
+    let harmful = harmful_copied_flags(&bytes);
+    assert!(harmful.is_empty(), "{ctx}: dirty bit clear with COPIED on shared clusters: {harmful:?}");
     let mut img = Qcow2::open(Box::new(MemIo::from_bytes(bytes.clone())), &OpenOptions { read_only: true })
         .unwrap_or_else(|e| panic!("{ctx}: open after crash failed: {e}"));
     let rep = img.check().unwrap();
@@ -172,6 +177,8 @@ fn crash_during_cow_writes() {
         drop(img);
         for seed in 0..6 {
             let bytes = f.crash(seed + 1000 * k);
+            let harmful = harmful_copied_flags(&bytes);
+            assert!(harmful.is_empty(), "cow k={k} seed={seed}: {harmful:?}");
             let mut im = Qcow2::open(Box::new(MemIo::from_bytes(bytes.clone())), &OpenOptions { read_only: true }).unwrap();
             let rep = im.check().unwrap();
             assert_eq!(rep.corruptions, 0, "cow k={k} seed={seed}: {rep:?}");
@@ -331,6 +338,8 @@ fn crash_during_staged_commit_with_guest_io() {
         for seed in 0..4 {
             let ctx = format!("staged commit: failing op {k}/{total}, seed {seed}");
             let bytes = f.crash(seed * 7919 + k);
+            let harmful = harmful_copied_flags(&bytes);
+            assert!(harmful.is_empty(), "{ctx}: dirty bit clear with COPIED on shared clusters: {harmful:?}");
             let mut im = Qcow2::open(Box::new(MemIo::from_bytes(bytes.clone())), &OpenOptions { read_only: true })
                 .unwrap_or_else(|e| panic!("{ctx}: open: {e}"));
             let rep = im.check().unwrap();
@@ -402,6 +411,8 @@ fn abandoned_taken_checkpoint_is_dropped_unpublished() {
                 snap_sets: vec![vec!["base".into()]],
             };
             let bytes = f.crash(seed * 31 + k);
+            let harmful = harmful_copied_flags(&bytes);
+            assert!(harmful.is_empty(), "abandon k={k} seed={seed}: {harmful:?}");
             let mut im = Qcow2::open(Box::new(MemIo::from_bytes(bytes)), &OpenOptions { read_only: true }).unwrap();
             let rep = im.check().unwrap();
             assert_eq!(rep.corruptions, 0, "abandon k={k}: {rep:?}");
@@ -409,5 +420,54 @@ fn abandoned_taken_checkpoint_is_dropped_unpublished() {
             assert!(ex.snap_sets.contains(&names), "abandon k={k}: {names:?}");
             assert!(read_all(&mut im, Some("base")) == ex.snaps["base"], "abandon k={k}: base changed");
         }
+    }
+}
+
+/// A checkpoint made durable with no guest flush after it (inline: take + wait_durable;
+/// staged: barriers through the sync handle): the walk cleared the active tree's COPIED
+/// flags of the clusters it now shares only in memory, so until they are written back the
+/// dirty bit must stay set on disk, or QEMU would write into the checkpoint's clusters. A
+/// power loss at any point after the commit must leave no COPIED flag on a shared cluster
+/// with the dirty bit clear; a later guest flush writes the flags back and clears the bit.
+#[test]
+fn durable_checkpoint_without_flush_keeps_copied_flags_safe() {
+    let (base, snap, model) = base_image();
+    for staged in [false, true] {
+        let (f, mut img) = open_fault(&base);
+        img.checkpoint_take("cp").unwrap();
+        if staged {
+            use xensnap_qcow2::DurableStep;
+            loop {
+                match img.durable_step_staged(1).unwrap() {
+                    DurableStep::Done(true) => break,
+                    DurableStep::Done(false) => {}
+                    DurableStep::Barrier(b) => {
+                        let s = b.sync().unwrap();
+                        img.durable_barrier_done(s);
+                    }
+                }
+            }
+        } else {
+            img.wait_durable().unwrap();
+        }
+        let ctx = if staged { "staged" } else { "inline" };
+        let mut images = vec![(*f.durable()).clone(), f.current()];
+        images.extend((0..16).map(|seed| f.crash(seed)));
+        for (n, bytes) in images.into_iter().enumerate() {
+            let harmful = harmful_copied_flags(&bytes);
+            assert!(harmful.is_empty(), "{ctx} image {n}: dirty bit clear with COPIED on shared clusters: {harmful:?}");
+            let mut im = Qcow2::open(Box::new(MemIo::from_bytes(bytes)), &OpenOptions { read_only: true }).unwrap();
+            assert_eq!(im.checkpoint_list().len(), 2, "{ctx} image {n}: durable checkpoint lost");
+            assert!(read_all(&mut im, Some("cp")) == model, "{ctx} image {n}: checkpoint cp differs");
+            assert!(read_all(&mut im, Some("base")) == snap, "{ctx} image {n}: checkpoint base differs");
+        }
+        // the next guest flush writes the flags back and clears the dirty bit
+        img.flush().unwrap();
+        assert!(harmful_copied_flags(&f.durable()).is_empty());
+        // (the clear itself needs no barrier)
+        let bytes = f.current();
+        assert_eq!(common::be64(&bytes, 72) & 1, 0, "{ctx}: dirty bit still set after a flush with no work queued");
+        let mut im = Qcow2::open(Box::new(MemIo::from_bytes(bytes)), &OpenOptions { read_only: true }).unwrap();
+        assert!(im.check().unwrap().is_clean(), "{ctx}: not clean after the flush");
     }
 }
