@@ -948,7 +948,8 @@ impl Qcow2 {
     ///    increases, the hand-overs, both allocations) (barrier);
     /// 2. only if step 1 wrote new refcount blocks: their reftable entries (barrier);
     /// 3. the 12-byte header commit (barrier): the checkpoint is durable;
-    /// 4. adopt the table in memory, free the old one.
+    /// 4. adopt the table in memory; the old one is freed with the next write-back (this
+    ///    step cannot fail, so it is never retried on a half-adopted state).
     ///
     /// It never needs the active tree written back: a guest write that drops a pointer the
     /// frozen tree shares gives the frozen tree its own count first ([`Qcow2::hand_over`]),
@@ -1008,14 +1009,20 @@ impl Qcow2 {
                     }
                 }
                 _ => {
+                    // Nothing here may fail: the header commit is durable, and a retry of
+                    // this step would find the staged table already taken. The old table's
+                    // clusters lose their reference at the next write-back (the header
+                    // that stopped pointing at them is durable already).
                     let (t_off, t_len, snaps) = st.table.take().unwrap_or_default();
-                    let old = self.adopt_table(snaps, t_off, t_len);
+                    let (old_off, old_len) = self.adopt_table(snaps, t_off, t_len);
                     let l1 = self.mem_l1.remove(&m).unwrap_or_default();
                     let off = st.l1.0;
                     self.snap_l1.insert(off, l1);
                     // later jobs that name this tree by its memory id find it in the table now
                     self.rename_tree(Tree::Mem(m), Tree::Snap(off));
-                    self.free_bytes(old.0, old.1)?;
+                    if old_off != 0 && old_len != 0 {
+                        self.pending_free.push((old_off, old_len));
+                    }
                     info!(id = %snap.id, name = %snap.name, "checkpoint durable");
                     return Ok(Run::Finished);
                 }

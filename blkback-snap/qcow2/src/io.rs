@@ -196,8 +196,11 @@ struct FaultState {
     pending: Vec<Pending>,
     /// Fail the n-th later write/flush (1 = the next one).
     fail_after: Option<u64>,
+    /// Fail the n-th later read (1 = the next one), once.
+    fail_read_after: Option<u64>,
     writes: u64,
     flushes: u64,
+    reads: u64,
 }
 
 /// An in-memory image with a volatile write cache, for crash tests.
@@ -264,6 +267,15 @@ impl FaultIo {
     pub fn fail_after(&self, n: Option<u64>) {
         self.lock().fail_after = n;
     }
+    /// Number of read calls so far.
+    pub fn read_count(&self) -> u64 {
+        self.lock().reads
+    }
+    /// Make the `n`-th later read (1 = the next one) fail with an I/O error, once (a
+    /// transient read error: later reads succeed). `None` disarms.
+    pub fn fail_read_after(&self, n: Option<u64>) {
+        self.lock().fail_read_after = n;
+    }
     fn check_fail(st: &mut FaultState) -> io::Result<()> {
         if let Some(n) = st.fail_after {
             if n <= 1 {
@@ -322,7 +334,15 @@ impl FaultIo {
 
 impl ImageIo for FaultIo {
     fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
-        vec_read(&self.lock().current, buf, off)
+        let mut st = self.lock();
+        st.reads += 1;
+        if let Some(n) = st.fail_read_after {
+            st.fail_read_after = if n <= 1 { None } else { Some(n - 1) };
+            if n <= 1 {
+                return Err(io::Error::other("injected read error"));
+            }
+        }
+        vec_read(&st.current, buf, off)
     }
     fn write_at(&mut self, buf: &[u8], off: u64) -> io::Result<()> {
         let mut st = self.lock();
