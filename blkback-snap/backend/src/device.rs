@@ -399,6 +399,7 @@ impl Connector for SlotConnector {
             order = p.ring_page_order,
             abi = ?p.abi,
             port = p.event_channel,
+            io_threads = ring.features().workers,
             "ring connected"
         );
         s.ring = Some(ring);
