@@ -483,12 +483,15 @@ impl BlkifRing {
                 let (id, op, status) = match self.admit(idx, &limits) {
                     Admitted::Rejected { id, op, status } => (id, op, status),
                     Admitted::Io(req) => match pool {
-                        Some(p) if !is_barrier(&req) => {
+                        // The last request visible on the ring runs in this thread (no hand-off:
+                        // at queue depth 1 the pool is never involved); earlier ones go to the
+                        // I/O threads and overlap with it.
+                        Some(p) if !is_barrier(&req) && c.req_cons != rp => {
                             p.submit(Job { req, sectors: limits.sectors });
                             continue;
                         }
                         _ => {
-                            if pool.is_some() {
+                            if pool.is_some() && is_barrier(&req) {
                                 self.wait_alone();
                             }
                             (req.id(), req.op(), self.execute(&mut c.scratch, &req, limits.sectors))
