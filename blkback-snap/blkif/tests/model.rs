@@ -146,7 +146,8 @@ proptest! {
 //
 // What the model accepts: blkif orders nothing between requests in flight except FLUSH_DISKCACHE
 // and WRITE_BARRIER (with or without data), which this backend runs after every earlier request
-// and before every later one. A batch is therefore a sequence of *epochs* separated by those
+// and before every later one (when it is valid: a rejected one is answered at once and orders
+// nothing). A batch is therefore a sequence of *epochs* separated by those
 // requests. Inside an epoch the writes and discards touching one sector may land in any order,
 // so per sector the model keeps the set of values the disk may hold: after an epoch with
 // writers to a sector, one of their values (whichever ran last); a read inside an epoch may
@@ -195,8 +196,10 @@ fn run_model_concurrent(
         let mut pend: Vec<Pending> = Vec::new();
         let mut epochs = vec![Epoch::new()];
         for op in batch {
+            // A rejected flush/barrier (here: data past the end of the disk) orders nothing.
             let barrier = matches!(op, Op::Flush { .. })
-                || matches!(op, Op::Write { op, .. } if op != BLKIF_OP_WRITE);
+                || matches!(op, Op::Write { op, sector, ref layout, .. }
+                    if op != BLKIF_OP_WRITE && sector + nsect(layout) <= SECTORS);
             if barrier {
                 epochs.push(Epoch::new());
             }
