@@ -153,6 +153,9 @@ fn add_stats(a: &StatsSnapshot, b: &StatsSnapshot) -> StatsSnapshot {
         notifications: a.notifications + b.notifications,
         bytes_read: a.bytes_read + b.bytes_read,
         bytes_written: a.bytes_written + b.bytes_written,
+        polls: a.polls + b.polls,
+        offloaded: a.offloaded + b.offloaded,
+        peak_in_flight: a.peak_in_flight.max(b.peak_in_flight),
     }
 }
 
@@ -160,6 +163,7 @@ fn stats_json(s: &StatsSnapshot) -> Value {
     json!({
         "requests": s.requests, "ok": s.ok, "errors": s.errors, "unsupported": s.unsupported,
         "notifications": s.notifications, "bytes_read": s.bytes_read, "bytes_written": s.bytes_written,
+        "polls": s.polls, "offloaded": s.offloaded, "peak_in_flight": s.peak_in_flight,
     })
 }
 

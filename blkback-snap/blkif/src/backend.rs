@@ -129,6 +129,12 @@ pub struct RingStats {
     pub notifications: AtomicU64,
     pub bytes_read: AtomicU64,
     pub bytes_written: AtomicU64,
+    /// Passes over the ring by the serving thread (wake-ups that found or did work).
+    pub polls: AtomicU64,
+    /// Requests handed to the I/O threads (the rest ran in the ring's own thread).
+    pub offloaded: AtomicU64,
+    /// Most requests in flight at once.
+    pub peak_in_flight: AtomicU64,
 }
 
 /// A copy of [`RingStats`].
@@ -141,6 +147,9 @@ pub struct StatsSnapshot {
     pub notifications: u64,
     pub bytes_read: u64,
     pub bytes_written: u64,
+    pub polls: u64,
+    pub offloaded: u64,
+    pub peak_in_flight: u64,
 }
 
 /// Scratch buffers of one executing thread.
@@ -326,6 +335,9 @@ impl BlkifRing {
             notifications: l(&s.notifications),
             bytes_read: l(&s.bytes_read),
             bytes_written: l(&s.bytes_written),
+            polls: l(&s.polls),
+            offloaded: l(&s.offloaded),
+            peak_in_flight: l(&s.peak_in_flight),
         }
     }
 
@@ -464,6 +476,7 @@ impl BlkifRing {
         if c.broken.is_some() {
             return Poll::Broken;
         }
+        self.stats.polls.fetch_add(1, Ordering::Relaxed);
         let limits = self.features.limits(&*self.device);
         let mut budget = self.budget;
         loop {
@@ -490,6 +503,7 @@ impl BlkifRing {
                         break;
                     }
                     g.in_flight += 1;
+                    self.stats.peak_in_flight.fetch_max(g.in_flight as u64, Ordering::Relaxed);
                 }
                 let idx = c.req_cons;
                 c.req_cons = idx.wrapping_add(1);
@@ -501,6 +515,7 @@ impl BlkifRing {
                         // at queue depth 1 the pool is never involved); earlier ones go to the
                         // I/O threads and overlap with it.
                         Some(p) if !is_barrier(&req) && c.req_cons != rp => {
+                            self.stats.offloaded.fetch_add(1, Ordering::Relaxed);
                             p.submit(Job { req, sectors: limits.sectors });
                             continue;
                         }

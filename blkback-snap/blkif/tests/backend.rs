@@ -400,6 +400,9 @@ fn quiesce_waits_for_in_flight_and_holds_new_requests() {
         assert!(!done.load(Ordering::SeqCst), "quiesce returned with a request in flight");
         gate.set_held(false);
         assert_eq!(q.join().unwrap(), admitted);
+        let st = h.ring.stats();
+        assert_eq!(st.peak_in_flight, admitted as u64);
+        assert_eq!(st.offloaded, admitted as u64 - 1, "all but the last visible request go to the pool");
         // Every admitted request's response is published before quiesce returned.
         let r = h.front.take_responses();
         assert_eq!(r.len(), admitted);
