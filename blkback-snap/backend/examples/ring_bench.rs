@@ -2,11 +2,13 @@
 //! flight against a `BlkifRing` serving a qcow2 image (and a raw file for comparison), with the
 //! requests executed inline (`--workers 0`, one at a time) or on a pool of I/O threads.
 //!
-//!     cargo run --release -p blkback-snap --example ring_bench -- [--secs 2] [--dir /var/tmp]
+//!     cargo run --release -p blkback-snap --example ring_bench -- [--secs 2] [--dir /var/tmp] [--workers 4] [--cold]
 //!
 //! Prints IOPS / MiB/s per workload, queue depth and worker count, and the pool/inline ratio.
 //! The image is filled first (every cluster allocated), page cache warm; the sim's grant copy
-//! is a memcpy, so this measures the backend's own overheads and overlap, not Xen's.
+//! is a memcpy, so this measures the backend's own overheads and overlap, not Xen's. The
+//! `--cold` adds rows that drop the page cache first (root only; machine-wide, so not while
+//! other benchmarks run), so reads wait for the disk.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -31,6 +33,14 @@ struct Load {
     bs: usize,
     random: bool,
     qd: usize,
+    /// Drop the page cache before the run (reads then wait for the disk).
+    cold: bool,
+}
+
+/// Write back and drop the page cache (root only); false if not possible.
+fn drop_caches() -> bool {
+    let _ = std::process::Command::new("sync").status();
+    std::fs::write("/proc/sys/vm/drop_caches", "3\n").is_ok()
 }
 
 struct Rng(u64);
@@ -44,6 +54,9 @@ impl Rng {
 }
 
 fn run_one(dev: &BlockDeviceArc, workers: u32, l: Load, secs: f64) -> f64 {
+    if l.cold && !drop_caches() {
+        return f64::NAN;
+    }
     let guest = TestGuest::new(DOMID);
     let (be, fe) = evtchn_pair();
     let mut front = TestFront::new(guest.clone(), Abi::X86_64, 0, fe);
@@ -108,6 +121,7 @@ fn main() {
     let secs: f64 = arg("--secs").and_then(|s| s.parse().ok()).unwrap_or(2.0);
     let dir = arg("--dir").unwrap_or_else(|| "/var/tmp".into());
     let pool: u32 = arg("--workers").and_then(|s| s.parse().ok()).unwrap_or(4);
+    let cold = args.iter().any(|a| a == "--cold");
     let tmp = tempfile::tempdir_in(&dir).expect("temp dir");
     let qpath = tmp.path().join("bench.qcow2");
     xensnap_qcow2::Qcow2::create_file(
@@ -120,19 +134,22 @@ fn main() {
     let rpath = tmp.path().join("bench.raw");
     std::fs::write(&rpath, vec![0u8; DISK as usize]).expect("raw file");
     let loads = [
-        Load { name: "randread 4K", op: BLKIF_OP_READ, bs: 4096, random: true, qd: 1 },
-        Load { name: "randread 4K", op: BLKIF_OP_READ, bs: 4096, random: true, qd: 8 },
-        Load { name: "randread 4K", op: BLKIF_OP_READ, bs: 4096, random: true, qd: 32 },
-        Load { name: "randwrite 4K", op: BLKIF_OP_WRITE, bs: 4096, random: true, qd: 1 },
-        Load { name: "randwrite 4K", op: BLKIF_OP_WRITE, bs: 4096, random: true, qd: 8 },
-        Load { name: "randwrite 4K", op: BLKIF_OP_WRITE, bs: 4096, random: true, qd: 32 },
-        Load { name: "seqread 1M", op: BLKIF_OP_READ, bs: 1 << 20, random: false, qd: 1 },
-        Load { name: "seqread 1M", op: BLKIF_OP_READ, bs: 1 << 20, random: false, qd: 8 },
-        Load { name: "seqwrite 1M", op: BLKIF_OP_WRITE, bs: 1 << 20, random: false, qd: 1 },
-        Load { name: "seqwrite 1M", op: BLKIF_OP_WRITE, bs: 1 << 20, random: false, qd: 8 },
+        Load { name: "randread 4K", op: BLKIF_OP_READ, bs: 4096, random: true, qd: 1, cold: false },
+        Load { name: "randread 4K", op: BLKIF_OP_READ, bs: 4096, random: true, qd: 8, cold: false },
+        Load { name: "randread 4K", op: BLKIF_OP_READ, bs: 4096, random: true, qd: 32, cold: false },
+        Load { name: "randwrite 4K", op: BLKIF_OP_WRITE, bs: 4096, random: true, qd: 1, cold: false },
+        Load { name: "randwrite 4K", op: BLKIF_OP_WRITE, bs: 4096, random: true, qd: 8, cold: false },
+        Load { name: "randwrite 4K", op: BLKIF_OP_WRITE, bs: 4096, random: true, qd: 32, cold: false },
+        Load { name: "seqread 1M", op: BLKIF_OP_READ, bs: 1 << 20, random: false, qd: 1, cold: false },
+        Load { name: "seqread 1M", op: BLKIF_OP_READ, bs: 1 << 20, random: false, qd: 8, cold: false },
+        Load { name: "seqwrite 1M", op: BLKIF_OP_WRITE, bs: 1 << 20, random: false, qd: 1, cold: false },
+        Load { name: "seqwrite 1M", op: BLKIF_OP_WRITE, bs: 1 << 20, random: false, qd: 8, cold: false },
+        Load { name: "randread 4K cold", op: BLKIF_OP_READ, bs: 4096, random: true, qd: 1, cold: true },
+        Load { name: "randread 4K cold", op: BLKIF_OP_READ, bs: 4096, random: true, qd: 8, cold: true },
+        Load { name: "randread 4K cold", op: BLKIF_OP_READ, bs: 4096, random: true, qd: 32, cold: true },
     ];
     println!("ring_bench: {secs} s per row, 256 MiB disk (filled), ring of 32 slots, pool = {pool} I/O threads, {} CPUs", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
-    println!("{:<6} {:<13} {:>3} {:>12} {:>12} {:>7}   {:>10} {:>10}", "image", "workload", "QD", "inline IOPS", "pool IOPS", "ratio", "inline MiB/s", "pool MiB/s");
+    println!("{:<6} {:<17} {:>3} {:>12} {:>12} {:>7}   {:>10} {:>10}", "image", "workload", "QD", "inline IOPS", "pool IOPS", "ratio", "inline MiB/s", "pool MiB/s");
     for (kind, path) in [("qcow2", &qpath), ("raw", &rpath)] {
         let img = Image::open(Path::new(path), None, false, Duration::from_secs(1)).expect("open image");
         let dev: BlockDeviceArc = img.device.clone();
@@ -141,12 +158,12 @@ fn main() {
         for off in (0..DISK).step_by(1 << 20) {
             dev.write_at(off, &chunk).expect("fill");
         }
-        for l in loads {
+        for l in loads.into_iter().filter(|l| cold || !l.cold) {
             let a = run_one(&dev, 0, l, secs);
             let b = run_one(&dev, pool, l, secs);
             let mib = |iops: f64| iops * l.bs as f64 / (1 << 20) as f64;
             println!(
-                "{:<6} {:<13} {:>3} {:>12.0} {:>12.0} {:>6.2}x   {:>10.1} {:>10.1}",
+                "{:<6} {:<17} {:>3} {:>12.0} {:>12.0} {:>6.2}x   {:>10.1} {:>10.1}",
                 kind, l.name, l.qd, a, b, b / a, mib(a), mib(b)
             );
         }
