@@ -50,7 +50,16 @@ pub struct Features {
     /// I/O threads per ring used by [`BlkifRing::run`] (0 = execute inline, one request at a
     /// time; capped at [`MAX_WORKERS`]). Not published to the frontend.
     pub workers: u32,
+    /// With a pool: hand a request to an I/O thread only while that is cheaper than running it
+    /// in the ring's thread, judged by moving averages of the execution time of requests run
+    /// in the ring's thread and of the hand-off latency (submit to start on an I/O thread);
+    /// one eligible request in [`OFFLOAD_PROBE`] is handed off anyway to keep the latter
+    /// measured. Off: every request but the last visible one is handed off.
+    pub adaptive_offload: bool,
 }
+
+/// See [`Features::adaptive_offload`].
+pub const OFFLOAD_PROBE: u64 = 16;
 
 /// Upper bound of [`Features::workers`].
 pub const MAX_WORKERS: u32 = 64;
@@ -66,6 +75,7 @@ impl Default for Features {
             max_indirect_segments: 256,
             max_ring_page_order: MAX_RING_PAGE_ORDER,
             workers: 4,
+            adaptive_offload: true,
         }
     }
 }
@@ -176,6 +186,8 @@ impl Scratch {
 /// The consumer side (the thread that reads requests off the ring).
 struct Consumer {
     req_cons: u32,
+    /// Requests that could have been handed off (for the adaptive probe).
+    eligible: u64,
     broken: Option<String>,
     scratch: Scratch,
 }
@@ -196,6 +208,7 @@ struct Gate {
 
 /// A checked request handed to the worker pool.
 struct Job {
+    queued: Instant,
     req: Checked,
     sectors: u64,
 }
@@ -252,7 +265,7 @@ pub struct BlkifRing {
     evtchn: Arc<dyn EventChannel>,
     device: Arc<dyn BlockDevice>,
     features: Features,
-    /// Responses written before a push (and a possible notification), inline mode.
+    /// Responses the ring's thread writes before a push (and a possible notification).
     batch: u32,
     /// Requests consumed per `poll` before it returns `Busy`.
     budget: u32,
@@ -261,6 +274,16 @@ pub struct BlkifRing {
     gate: Mutex<Gate>,
     gate_cv: Condvar,
     stats: RingStats,
+    /// Moving averages (ns): execution in the ring's thread; hand-off latency to the pool.
+    exec_ns: AtomicU64,
+    handoff_ns: AtomicU64,
+}
+
+/// `avg += (sample - avg) / 8`, racy by design (a lost update only delays the average).
+fn ewma(a: &AtomicU64, sample: Duration) {
+    let s = sample.as_nanos().min(u128::from(u64::MAX / 2)) as u64;
+    let old = a.load(Ordering::Relaxed);
+    a.store(old - old / 8 + s / 8, Ordering::Relaxed);
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -303,11 +326,13 @@ impl BlkifRing {
             features: p.features,
             batch: 16.min(geom.size),
             budget: 4 * geom.size,
-            cons: Mutex::new(Consumer { req_cons: start, broken: None, scratch: Scratch::default() }),
+            cons: Mutex::new(Consumer { req_cons: start, eligible: 0, broken: None, scratch: Scratch::default() }),
             prod: Mutex::new(Producer { rsp_prod_pvt: start, rsp_pushed: start }),
             gate: Mutex::new(Gate { quiesced: false, stopped: false, in_flight: 0 }),
             gate_cv: Condvar::new(),
             stats: RingStats::default(),
+            exec_ns: AtomicU64::new(0),
+            handoff_ns: AtomicU64::new(0),
         })
     }
 
@@ -459,6 +484,7 @@ impl BlkifRing {
     fn work(&self, pool: &Pool) {
         let mut scratch = Scratch::default();
         while let Some(job) = pool.next() {
+            ewma(&self.handoff_ns, job.queued.elapsed());
             let status = self.execute(&mut scratch, &job.req, job.sectors);
             self.complete(job.req.id(), job.req.op(), status);
         }
@@ -484,7 +510,8 @@ impl BlkifRing {
             if self.producer_overflow(&mut c, rp) {
                 return Poll::Broken;
             }
-            // Inline mode: responses written but not yet pushed.
+            // Responses this thread wrote but has not pushed yet (the I/O threads push their
+            // own at once; a push of either publishes everything written before it).
             let mut unpushed = 0u32;
             let mut stop: Option<Poll> = None;
             while c.req_cons != rp {
@@ -514,28 +541,33 @@ impl BlkifRing {
                         // The last request visible on the ring runs in this thread (no hand-off:
                         // at queue depth 1 the pool is never involved); earlier ones go to the
                         // I/O threads and overlap with it.
-                        Some(p) if !is_barrier(&req) && c.req_cons != rp => {
+                        Some(p) if !is_barrier(&req) && c.req_cons != rp && self.offload(&mut c) => {
                             self.stats.offloaded.fetch_add(1, Ordering::Relaxed);
-                            p.submit(Job { req, sectors: limits.sectors });
+                            p.submit(Job { queued: Instant::now(), req, sectors: limits.sectors });
                             continue;
                         }
                         _ => {
-                            if pool.is_some() && is_barrier(&req) {
+                            let barrier = is_barrier(&req);
+                            if pool.is_some() && barrier {
+                                // Our own unpublished responses count as in flight.
+                                self.push_and_release(unpushed);
+                                unpushed = 0;
                                 self.wait_alone();
                             }
-                            (req.id(), req.op(), self.execute(&mut c.scratch, &req, limits.sectors))
+                            let t0 = Instant::now();
+                            let st = self.execute(&mut c.scratch, &req, limits.sectors);
+                            if pool.is_some() && !barrier {
+                                ewma(&self.exec_ns, t0.elapsed());
+                            }
+                            (req.id(), req.op(), st)
                         }
                     },
                 };
-                if pool.is_some() {
-                    self.complete(id, op, status);
-                } else {
-                    self.write_response(&mut lock(&self.prod), id, op, status);
-                    unpushed += 1;
-                    if unpushed >= self.batch {
-                        self.push_and_release(unpushed);
-                        unpushed = 0;
-                    }
+                self.write_response(&mut lock(&self.prod), id, op, status);
+                unpushed += 1;
+                if unpushed >= self.batch {
+                    self.push_and_release(unpushed);
+                    unpushed = 0;
                 }
             }
             self.push_and_release(unpushed);
@@ -565,6 +597,16 @@ impl BlkifRing {
                 }
             }
         }
+    }
+
+    /// Whether to hand an eligible request to the pool (see [`Features::adaptive_offload`]).
+    fn offload(&self, c: &mut Consumer) -> bool {
+        if !self.features.adaptive_offload {
+            return true;
+        }
+        c.eligible = c.eligible.wrapping_add(1);
+        c.eligible % OFFLOAD_PROBE == 0
+            || self.exec_ns.load(Ordering::Relaxed) >= self.handoff_ns.load(Ordering::Relaxed)
     }
 
     /// Wait until the request being admitted is the only one in flight (every earlier one

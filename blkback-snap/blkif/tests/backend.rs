@@ -378,7 +378,7 @@ fn quiesce_waits_for_in_flight_and_holds_new_requests() {
     for workers in [0u32, 4] {
         let disk = Arc::new(MemDisk::new(DISK));
         let gate = Arc::new(GateDisk { inner: disk.clone(), state: Mutex::new((true, 0)), cv: Condvar::new() });
-        let f = Features { workers, ..Features::default() };
+        let f = Features { workers, adaptive_offload: false, ..Features::default() };
         let mut h = H::with_dyn(Abi::X86_64, 0, disk, gate.clone(), f);
         let worker = h.ring.spawn("blkif-test".into()).unwrap();
         let mut b1 = h.front.make_buf(&[(0, 7)], Some(&[1; 4096]), true);
@@ -519,9 +519,9 @@ fn fuzz_ring_smoke() {
 #[test]
 fn no_lost_wakeup_across_quiesce_resume() {
     const BOUND: Duration = Duration::from_secs(10);
-    for workers in [0u32, 4] {
+    for (workers, adaptive_offload) in [(0u32, false), (4, false), (4, true)] {
         for abi in Abi::ALL {
-            let f = Features { workers, ..Features::default() };
+            let f = Features { workers, adaptive_offload, ..Features::default() };
             let H { ring, mut front, disk, .. } = H::new(abi, 0, DISK, f);
             let worker = ring.spawn("blkif-wakeup".into()).unwrap();
             let stop = Arc::new(AtomicBool::new(false));

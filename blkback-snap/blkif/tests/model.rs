@@ -142,7 +142,8 @@ proptest! {
 // ---- many requests in flight --------------------------------------------------------------
 //
 // The same kind of random requests, but a whole batch (up to a full ring) is published at once
-// and served by `BlkifRing::run` with a pool of I/O threads, so requests complete out of order.
+// and served by `BlkifRing::run` with a pool of I/O threads, so requests complete out of order
+// (mostly with every eligible request handed off; sometimes with the adaptive policy).
 //
 // What the model accepts: blkif orders nothing between requests in flight except FLUSH_DISKCACHE
 // and WRITE_BARRIER (with or without data), which this backend runs after every earlier request
@@ -180,11 +181,12 @@ fn run_model_concurrent(
     abi: Abi,
     order: u32,
     workers: u32,
+    adaptive_offload: bool,
     batches: Vec<(Vec<Op>, bool)>,
 ) -> Result<(), TestCaseError> {
     use std::collections::HashMap;
     use std::time::Duration;
-    let f = Features { workers, ..Features::default() };
+    let f = Features { workers, adaptive_offload, ..Features::default() };
     let H { ring, mut front, disk, guest, .. } = H::new(abi, order, DISK, f);
     let worker = ring.spawn("blkif-model".into()).expect("spawn");
     let size = front.geom.size as usize;
@@ -316,8 +318,9 @@ proptest! {
         abi in prop_oneof![Just(Abi::X86_32), Just(Abi::X86_64)],
         order in 0u32..=1,
         workers in prop_oneof![Just(1u32), Just(2), Just(4), Just(8)],
+        adaptive in prop_oneof![3 => Just(false), 1 => Just(true)],
         batches in prop::collection::vec((prop::collection::vec(op(), 1..=40), any::<bool>()), 1..=10),
     ) {
-        run_model_concurrent(abi, order, workers, batches)?;
+        run_model_concurrent(abi, order, workers, adaptive, batches)?;
     }
 }
