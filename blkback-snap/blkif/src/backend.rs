@@ -204,6 +204,8 @@ struct Gate {
     stopped: bool,
     /// Requests consumed whose response is not yet published.
     in_flight: usize,
+    /// Threads waiting on `gate_cv` (quiesce, a flush/barrier waiting alone).
+    waiters: usize,
 }
 
 /// A checked request handed to the worker pool.
@@ -217,6 +219,8 @@ struct Job {
 struct JobQueue {
     q: VecDeque<Job>,
     closed: bool,
+    /// I/O threads waiting for a job (a notify costs a system call; only when one waits).
+    idle: usize,
 }
 
 /// The job queue of [`BlkifRing::run`]'s worker pool (lives on `run`'s stack).
@@ -228,8 +232,11 @@ struct Pool {
 
 impl Pool {
     fn submit(&self, job: Job) {
-        lock(&self.jobs).q.push_back(job);
-        self.cv.notify_one();
+        let mut g = lock(&self.jobs);
+        g.q.push_back(job);
+        if g.idle > 0 {
+            self.cv.notify_one();
+        }
     }
     /// Next job; `None` once the queue is closed and empty.
     fn next(&self) -> Option<Job> {
@@ -241,7 +248,9 @@ impl Pool {
             if g.closed {
                 return None;
             }
+            g.idle += 1;
             g = self.cv.wait(g).unwrap_or_else(|e| e.into_inner());
+            g.idle -= 1;
         }
     }
     fn close(&self) {
@@ -328,7 +337,7 @@ impl BlkifRing {
             budget: 4 * geom.size,
             cons: Mutex::new(Consumer { req_cons: start, eligible: 0, broken: None, scratch: Scratch::default() }),
             prod: Mutex::new(Producer { rsp_prod_pvt: start, rsp_pushed: start }),
-            gate: Mutex::new(Gate { quiesced: false, stopped: false, in_flight: 0 }),
+            gate: Mutex::new(Gate { quiesced: false, stopped: false, in_flight: 0, waiters: 0 }),
             gate_cv: Condvar::new(),
             stats: RingStats::default(),
             exec_ns: AtomicU64::new(0),
@@ -387,9 +396,11 @@ impl BlkifRing {
         let mut g = lock(&self.gate);
         g.quiesced = true;
         let drained = g.in_flight;
+        g.waiters += 1;
         while g.in_flight > 0 {
             g = self.gate_cv.wait(g).unwrap_or_else(|e| e.into_inner());
         }
+        g.waiters -= 1;
         drained
     }
 
@@ -400,13 +411,16 @@ impl BlkifRing {
         let mut g = lock(&self.gate);
         g.quiesced = true;
         let drained = g.in_flight;
+        g.waiters += 1;
         while g.in_flight > 0 {
             let now = Instant::now();
             if now >= deadline {
+                g.waiters -= 1;
                 return Err(g.in_flight);
             }
             g = self.gate_cv.wait_timeout(g, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
         }
+        g.waiters -= 1;
         Ok(drained)
     }
 
@@ -613,9 +627,11 @@ impl BlkifRing {
     /// completed and answered): the start of a flush or barrier.
     fn wait_alone(&self) {
         let mut g = lock(&self.gate);
+        g.waiters += 1;
         while g.in_flight > 1 {
             g = self.gate_cv.wait(g).unwrap_or_else(|e| e.into_inner());
         }
+        g.waiters -= 1;
     }
 
     /// `RING_HAS_UNCONSUMED_REQUESTS`; `None` if the producer index is bogus.
@@ -682,8 +698,9 @@ impl BlkifRing {
     fn release(&self, n: usize) {
         let mut g = lock(&self.gate);
         g.in_flight -= n;
-        // quiesce() waits for 0, a flush/barrier for 1 (itself).
-        if g.in_flight <= 1 {
+        // quiesce() waits for 0, a flush/barrier for 1 (itself). (A notify is a futex
+        // system call even with nobody waiting: only when someone does.)
+        if g.in_flight <= 1 && g.waiters > 0 {
             self.gate_cv.notify_all();
         }
     }
