@@ -2,7 +2,7 @@
 //! flight against a `BlkifRing` serving a qcow2 image (and a raw file for comparison), with the
 //! requests executed inline (`--workers 0`, one at a time) or on a pool of I/O threads.
 //!
-//!     cargo run --release -p blkback-snap --example ring_bench -- [--secs 2] [--dir /var/tmp] [--workers 4] [--cold]
+//!     cargo run --release -p blkback-snap --example ring_bench -- [--secs 2] [--reps 3] [--dir /var/tmp] [--workers 4] [--cold]
 //!
 //! Prints IOPS / MiB/s per workload, queue depth and worker count, and the pool/inline ratio.
 //! The image is filled first (every cluster allocated), page cache warm; the sim's grant copy
@@ -115,6 +115,16 @@ fn run_one(dev: &BlockDeviceArc, workers: u32, l: Load, secs: f64) -> f64 {
     done as f64 / el
 }
 
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let arg = |k: &str| args.iter().position(|a| a == k).and_then(|i| args.get(i + 1)).cloned();
@@ -122,6 +132,7 @@ fn main() {
     let dir = arg("--dir").unwrap_or_else(|| "/var/tmp".into());
     let pool: u32 = arg("--workers").and_then(|s| s.parse().ok()).unwrap_or(4);
     let cold = args.iter().any(|a| a == "--cold");
+    let reps: usize = arg("--reps").and_then(|s| s.parse().ok()).unwrap_or(3).max(1);
     let tmp = tempfile::tempdir_in(&dir).expect("temp dir");
     let qpath = tmp.path().join("bench.qcow2");
     xensnap_qcow2::Qcow2::create_file(
@@ -148,7 +159,7 @@ fn main() {
         Load { name: "randread 4K cold", op: BLKIF_OP_READ, bs: 4096, random: true, qd: 8, cold: true },
         Load { name: "randread 4K cold", op: BLKIF_OP_READ, bs: 4096, random: true, qd: 32, cold: true },
     ];
-    println!("ring_bench: {secs} s per row, 256 MiB disk (filled), ring of 32 slots, pool = {pool} I/O threads, {} CPUs", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    println!("ring_bench: {secs} s per run, median of {reps} alternating runs per mode, 256 MiB disk (filled), ring of 32 slots, pool = {pool} I/O threads, {} CPUs", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
     println!("{:<6} {:<17} {:>3} {:>12} {:>12} {:>7}   {:>10} {:>10}", "image", "workload", "QD", "inline IOPS", "pool IOPS", "ratio", "inline MiB/s", "pool MiB/s");
     for (kind, path) in [("qcow2", &qpath), ("raw", &rpath)] {
         let img = Image::open(Path::new(path), None, false, Duration::from_secs(1)).expect("open image");
@@ -159,8 +170,14 @@ fn main() {
             dev.write_at(off, &chunk).expect("fill");
         }
         for l in loads.into_iter().filter(|l| cold || !l.cold) {
-            let a = run_one(&dev, 0, l, secs);
-            let b = run_one(&dev, pool, l, secs);
+            // Inline and pool alternate `reps` times; the medians are compared (the machine
+            // is shared, so single runs drift).
+            let (mut av, mut bv) = (Vec::new(), Vec::new());
+            for _ in 0..reps {
+                av.push(run_one(&dev, 0, l, secs));
+                bv.push(run_one(&dev, pool, l, secs));
+            }
+            let (a, b) = (median(&mut av), median(&mut bv));
             let mib = |iops: f64| iops * l.bs as f64 / (1 << 20) as f64;
             println!(
                 "{:<6} {:<17} {:>3} {:>12.0} {:>12.0} {:>6.2}x   {:>10.1} {:>10.1}",
