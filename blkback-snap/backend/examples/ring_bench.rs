@@ -4,7 +4,8 @@
 //!
 //!     cargo run --release -p blkback-snap --example ring_bench -- [--secs 2] [--reps 3] [--dir /var/tmp] [--workers 4] [--cold]
 //!
-//! Prints IOPS / MiB/s per workload, queue depth and worker count, and the pool/inline ratio.
+//! Prints IOPS / MiB/s per workload and queue depth for inline execution, the pool with the
+//! default adaptive hand-off, and the pool handing off everything it can, and their ratios.
 //! The image is filled first (every cluster allocated), page cache warm; the sim's grant copy
 //! is a memcpy, so this measures the backend's own overheads and overlap, not Xen's. The
 //! `--cold` adds rows that drop the page cache first (root only; machine-wide, so not while
@@ -53,7 +54,7 @@ impl Rng {
     }
 }
 
-fn run_one(dev: &BlockDeviceArc, workers: u32, l: Load, secs: f64) -> f64 {
+fn run_one(dev: &BlockDeviceArc, workers: u32, adaptive: bool, l: Load, secs: f64) -> f64 {
     if l.cold && !drop_caches() {
         return f64::NAN;
     }
@@ -68,7 +69,12 @@ fn run_one(dev: &BlockDeviceArc, workers: u32, l: Load, secs: f64) -> f64 {
             grants: guest.clone(),
             evtchn: be,
             device: dev.clone(),
-            features: Features { workers, max_indirect_segments: 256, ..Features::default() },
+            features: Features {
+                workers,
+                adaptive_offload: adaptive,
+                max_indirect_segments: 256,
+                ..Features::default()
+            },
         })
         .expect("ring geometry"),
     );
@@ -160,7 +166,11 @@ fn main() {
         Load { name: "randread 4K cold", op: BLKIF_OP_READ, bs: 4096, random: true, qd: 32, cold: true },
     ];
     println!("ring_bench: {secs} s per run, median of {reps} alternating runs per mode, 256 MiB disk (filled), ring of 32 slots, pool = {pool} I/O threads, {} CPUs", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
-    println!("{:<6} {:<17} {:>3} {:>12} {:>12} {:>7}   {:>10} {:>10}", "image", "workload", "QD", "inline IOPS", "pool IOPS", "ratio", "inline MiB/s", "pool MiB/s");
+    println!(
+        "{:<6} {:<17} {:>3} {:>11} {:>11} {:>11} {:>9} {:>9}   {:>8} {:>8} {:>8}",
+        "image", "workload", "QD", "inline", "adaptive", "always", "adapt/in", "alws/in", "MiB/s in", "adapt", "always"
+    );
+    println!("(IOPS; adaptive = pool with the default adaptive hand-off, always = every request but the last visible one handed off)");
     for (kind, path) in [("qcow2", &qpath), ("raw", &rpath)] {
         let img = Image::open(Path::new(path), None, false, Duration::from_secs(1)).expect("open image");
         let dev: BlockDeviceArc = img.device.clone();
@@ -172,16 +182,17 @@ fn main() {
         for l in loads.into_iter().filter(|l| cold || !l.cold) {
             // Inline and pool alternate `reps` times; the medians are compared (the machine
             // is shared, so single runs drift).
-            let (mut av, mut bv) = (Vec::new(), Vec::new());
+            let (mut av, mut bv, mut cv) = (Vec::new(), Vec::new(), Vec::new());
             for _ in 0..reps {
-                av.push(run_one(&dev, 0, l, secs));
-                bv.push(run_one(&dev, pool, l, secs));
+                av.push(run_one(&dev, 0, false, l, secs));
+                bv.push(run_one(&dev, pool, true, l, secs));
+                cv.push(run_one(&dev, pool, false, l, secs));
             }
-            let (a, b) = (median(&mut av), median(&mut bv));
+            let (a, b, c) = (median(&mut av), median(&mut bv), median(&mut cv));
             let mib = |iops: f64| iops * l.bs as f64 / (1 << 20) as f64;
             println!(
-                "{:<6} {:<17} {:>3} {:>12.0} {:>12.0} {:>6.2}x   {:>10.1} {:>10.1}",
-                kind, l.name, l.qd, a, b, b / a, mib(a), mib(b)
+                "{:<6} {:<17} {:>3} {:>11.0} {:>11.0} {:>11.0} {:>8.2}x {:>8.2}x   {:>8.1} {:>8.1} {:>8.1}",
+                kind, l.name, l.qd, a, b, c, b / a, c / a, mib(a), mib(b), mib(c)
             );
         }
     }
