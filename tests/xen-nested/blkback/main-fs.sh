@@ -10,8 +10,12 @@
 #       BLKBACK_SNAP_IO_THREADS=$XSB_SNAP_THREADS, default 4) and xvdc = bench-q.qcow2 served by
 #       QEMU qdisk; the guest alternates every test between the two disks;
 #     - with XSB_SNAP0=1 also guest xsbz<r>: xvdb = bench-s.qcow2, blkback-snap with 0 I/O
-#       threads (one request at a time), label snap0;
-#     - guest xsbk<r>: xvdb = a raw file via loop, kernel xen-blkback (modprobe'd for it).
+#       threads (one request at a time), label snap0, and xvdc = bench-q.qcow2 on qdisk;
+#     - guest xsbk<r>: xvdb = a raw file via loop, kernel xen-blkback (modprobe'd for it), and
+#       xvdc = bench-q.qcow2 on qdisk.
+#     Every guest has the same two-disk set-up (a qdisk QEMU in dom0 costs the single vCPU
+#     something even while idle), so the guests compare with each other, and qdisk is
+#     measured in each of them.
 # Benchmark lines (XSB-BENCH) of all guests -> $XTB_OUT/bench.txt. Env: XSB_SECS (per test),
 # XSB_ROUNDS, XSB_PHASES (default "S B"), XSB_SNAP_THREADS, XSB_SNAP0.
 # /xtb/put: xensnap (hook), guest-fs.sh, xsbio (static), xsb-guest-overlay.tgz (e2fsprogs),
@@ -143,13 +147,15 @@ B)
     Z)
       xtb_section "bench round $r: blkback-snap (0 I/O threads, qcow2)"
       watcher_start 0
-      bench_guest xsbz$r "snap0:/dev/xvdb" $r "vdev=xvdb, access=rw, script=xensnap, target=$G/bench-s.qcow2"
+      bench_guest xsbz$r "snap0:/dev/xvdb,qdisk:/dev/xvdc" $r "vdev=xvdb, access=rw, script=xensnap, target=$G/bench-s.qcow2" \
+        "vdev=xvdc, access=rw, backendtype=qdisk, format=qcow2, target=$G/bench-q.qcow2"
       watcher_stop
       ;;
     K)
       xtb_section "bench round $r: kernel xen-blkback (raw file via loop)"
       modprobe xen-blkback; xtb_wait 10 test -e /sys/bus/xen-backend/drivers/vbd; xtb_check kernel-blkback-loaded $?
-      bench_guest xsbk$r "kernel:/dev/xvdb" $r "vdev=xvdb, access=rw, format=raw, target=$G/bench-k.raw"
+      bench_guest xsbk$r "kernel:/dev/xvdb,qdisk:/dev/xvdc" $r "vdev=xvdb, access=rw, format=raw, target=$G/bench-k.raw" \
+        "vdev=xvdc, access=rw, backendtype=qdisk, format=qcow2, target=$G/bench-q.qcow2"
       losetup -a | sed 's/^/  /'
       ;;
     esac; done
