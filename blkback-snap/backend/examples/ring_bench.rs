@@ -96,9 +96,13 @@ fn run_one(dev: &BlockDeviceArc, workers: u32, adaptive: bool, l: Load, secs: f6
         if stopping && inflight.is_empty() {
             break;
         }
-        while !stopping {
-            let Some(mut b) = free.pop() else { break };
-            let blk = if l.random { rng.next() % span } else { (seq % span, seq += 1).0 };
+        while let Some(mut b) = if stopping { None } else { free.pop() } {
+            let blk = if l.random {
+                rng.next() % span
+            } else {
+                seq += 1;
+                (seq - 1) % span
+            };
             let id = front.queue_io(l.op, blk * sectors, &mut b, false);
             inflight.insert(id, b);
         }

@@ -573,7 +573,7 @@ impl BlkifRing {
                             // Timed 1 in 8 (a clock read can be a system call, e.g. in a PV dom0
                             // without a stable TSC).
                             c.ran = c.ran.wrapping_add(1);
-                            let timed = pool.is_some() && !barrier && c.ran % 8 == 0;
+                            let timed = pool.is_some() && !barrier && c.ran.is_multiple_of(8);
                             let t0 = timed.then(Instant::now);
                             let st = self.execute(&mut c.scratch, &req, limits.sectors);
                             if let Some(t0) = t0 {
@@ -625,7 +625,7 @@ impl BlkifRing {
             return true;
         }
         c.eligible = c.eligible.wrapping_add(1);
-        c.eligible % OFFLOAD_PROBE == 0
+        c.eligible.is_multiple_of(OFFLOAD_PROBE)
             || self.exec_ns.load(Ordering::Relaxed) >= self.handoff_ns.load(Ordering::Relaxed)
     }
 
