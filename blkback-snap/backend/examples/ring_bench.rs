@@ -8,8 +8,8 @@
 //! default adaptive hand-off, and the pool handing off everything it can, and their ratios.
 //! The image is filled first (every cluster allocated), page cache warm; the sim's grant copy
 //! is a memcpy, so this measures the backend's own overheads and overlap, not Xen's. The
-//! `--cold` adds rows that drop the page cache first (root only; machine-wide, so not while
-//! other benchmarks run), so reads wait for the disk.
+//! `--cold` adds rows that first drop the image file's pages from the page cache (GNU dd
+//! `iflag=nocache`), so reads wait for the disk.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -34,14 +34,19 @@ struct Load {
     bs: usize,
     random: bool,
     qd: usize,
-    /// Drop the page cache before the run (reads then wait for the disk).
+    /// Drop the image's pages from the page cache before the run (reads wait for the disk).
     cold: bool,
 }
 
-/// Write back and drop the page cache (root only); false if not possible.
-fn drop_caches() -> bool {
-    let _ = std::process::Command::new("sync").status();
-    std::fs::write("/proc/sys/vm/drop_caches", "3\n").is_ok()
+/// Write back and drop the page cache of one file (GNU dd: `iflag=nocache count=0` drops the
+/// whole file's cached pages); false if that failed.
+fn drop_cache_of(path: &Path) -> bool {
+    let _ = std::process::Command::new("sync").arg(path).status();
+    std::process::Command::new("dd")
+        .arg(format!("if={}", path.display()))
+        .args(["iflag=nocache", "count=0", "status=none"])
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 struct Rng(u64);
@@ -54,8 +59,8 @@ impl Rng {
     }
 }
 
-fn run_one(dev: &BlockDeviceArc, workers: u32, adaptive: bool, l: Load, secs: f64) -> f64 {
-    if l.cold && !drop_caches() {
+fn run_one(dev: &BlockDeviceArc, path: &Path, workers: u32, adaptive: bool, l: Load, secs: f64) -> f64 {
+    if l.cold && !drop_cache_of(path) {
         return f64::NAN;
     }
     let guest = TestGuest::new(DOMID);
@@ -188,9 +193,9 @@ fn main() {
             // is shared, so single runs drift).
             let (mut av, mut bv, mut cv) = (Vec::new(), Vec::new(), Vec::new());
             for _ in 0..reps {
-                av.push(run_one(&dev, 0, false, l, secs));
-                bv.push(run_one(&dev, pool, true, l, secs));
-                cv.push(run_one(&dev, pool, false, l, secs));
+                av.push(run_one(&dev, path, 0, false, l, secs));
+                bv.push(run_one(&dev, path, pool, true, l, secs));
+                cv.push(run_one(&dev, path, pool, false, l, secs));
             }
             let (a, b, c) = (median(&mut av), median(&mut bv), median(&mut cv));
             let mib = |iops: f64| iops * l.bs as f64 / (1 << 20) as f64;
