@@ -60,6 +60,10 @@ enum Cmd {
         /// max-ring-page-order (0..=4).
         #[arg(long, default_value_t = 4)]
         max_ring_page_order: u32,
+        /// I/O threads per ring (0 = one request at a time in the ring's thread; at most 64).
+        /// Default: $BLKBACK_SNAP_IO_THREADS, else 4.
+        #[arg(long)]
+        io_threads: Option<u32>,
         #[arg(long)]
         allow_kernel_blkback: bool,
     },
@@ -142,9 +146,26 @@ fn run(cli: Cli) -> Result<(), String> {
             no_image_socket,
             max_indirect_segments,
             max_ring_page_order,
+            io_threads,
             allow_kernel_blkback,
         } => {
             kernel_check(allow_kernel_blkback)?;
+            let workers = match io_threads {
+                Some(n) => n,
+                None => match std::env::var("BLKBACK_SNAP_IO_THREADS") {
+                    Ok(v) => v
+                        .trim()
+                        .parse()
+                        .map_err(|_| format!("BLKBACK_SNAP_IO_THREADS={v:?} is not a number"))?,
+                    Err(_) => Features::default().workers,
+                },
+            };
+            if workers > xensnap_blkif::backend::MAX_WORKERS {
+                return Err(format!(
+                    "--io-threads {workers}: at most {}",
+                    xensnap_blkif::backend::MAX_WORKERS
+                ));
+            }
             let format = match format {
                 None => None,
                 Some(f) => {
@@ -158,6 +179,7 @@ fn run(cli: Cli) -> Result<(), String> {
                 features: Features {
                     max_indirect_segments,
                     max_ring_page_order,
+                    workers,
                     ..Features::default()
                 },
                 ..ServeOptions::default()

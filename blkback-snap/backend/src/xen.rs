@@ -287,8 +287,10 @@ impl EventChannel for XenEventChannel {
         };
         let mut fired = false;
         if ready.first().copied().unwrap_or(false) {
-            // Consume every pending port of this handle (only ours is bound) and unmask it.
-            while let Ok(Some(p)) = ev.pending() {
+            // Consume the pending port (only ours is bound to this handle, and it cannot be
+            // queued again before the unmask) and unmask it. If it fires again right after
+            // the unmask, the fd is readable and the next wait returns at once.
+            if let Ok(Some(p)) = ev.pending() {
                 fired = true;
                 if let Err(e) = ev.unmask(p) {
                     tracing::warn!("evtchn unmask {p}: {e}");

@@ -435,3 +435,86 @@ fn raw_images_are_served_and_refuse_checkpoints() {
     let disk = std::fs::read(&img).unwrap();
     assert_eq!(&disk[100 * 512..100 * 512 + 8192], &a[..]);
 }
+
+/// Live `checkpoint-take`s (quiesce, take, resume inside the daemon) while a blkfront-like
+/// frontend keeps 8 writes in flight and only notifies when `req_event` asks: every response
+/// arrives within a bounded wait (a lost wake-up after a resume would leave the frontend
+/// waiting forever); afterwards the image is clean, lists every take, and the active disk
+/// holds the newest write of every sector.
+#[test]
+fn live_checkpoint_takes_never_stall_guest_io() {
+    const BOUND: Duration = Duration::from_secs(10);
+    const TAKES: usize = 12;
+    let dir = tempfile::tempdir().unwrap();
+    let img = make_qcow2(dir.path(), 1 << 20);
+    let r = start(dir.path(), img.to_str().unwrap(), 1);
+    let xs = r.xs.clone();
+    wait_for("InitWait", || rd(&xs, "state").as_deref() == Some("2"));
+    let sock = PathBuf::from(rd(&xs, "xensnap-socket").unwrap());
+    let mut front = TestFront::new(r.guest.clone(), Abi::X86_64, 0, r.fe_evts[0].clone());
+    frontend_connects(&xs, &front);
+    wait_for("Connected", || rd(&xs, "state").as_deref() == Some("4"));
+    xs.write(&format!("{FE}/state"), "4").unwrap();
+
+    let taker_done = Arc::new(AtomicBool::new(false));
+    let (td, s2) = (taker_done.clone(), sock.clone());
+    let taker = std::thread::spawn(move || {
+        for i in 0..TAKES {
+            ctl(&s2, json!({"op":"checkpoint-take","name":format!("t{i}")})).unwrap();
+            std::thread::sleep(Duration::from_millis(3));
+        }
+        td.store(true, Ordering::SeqCst);
+    });
+    // Each write stamps its sequence number into sector seq % 64.
+    let mut inflight = std::collections::HashMap::new();
+    let (mut seq, mut answered_after_takes) = (0u64, 0u32);
+    while answered_after_takes < 100 {
+        while inflight.len() < 8 {
+            seq += 1;
+            let mut data = vec![0u8; 512];
+            data[..8].copy_from_slice(&seq.to_le_bytes());
+            let mut b = front.make_buf(&[(0, 0)], Some(&data), true);
+            let id = front.queue_io(BLKIF_OP_WRITE, seq % 64, &mut b, false);
+            inflight.insert(id, b);
+        }
+        front.push();
+        let mut got = front.take_responses();
+        while got.is_empty() {
+            assert!(
+                r.fe_evts[0].wait(Some(BOUND)),
+                "no response for {BOUND:?} with {} writes in flight (seq {seq})",
+                inflight.len()
+            );
+            got = front.take_responses();
+        }
+        for resp in got {
+            assert_eq!(resp.status, BLKIF_RSP_OKAY);
+            front.release(&inflight.remove(&resp.id).expect("known id"));
+            if taker_done.load(Ordering::SeqCst) {
+                answered_after_takes += 1;
+            }
+        }
+    }
+    taker.join().unwrap();
+    while !inflight.is_empty() {
+        let got = front.wait_responses(1, BOUND);
+        assert!(!got.is_empty(), "stalled while draining");
+        for resp in got {
+            front.release(&inflight.remove(&resp.id).expect("known id"));
+        }
+    }
+    let list = ctl(&sock, json!({"op":"checkpoint-list"})).unwrap();
+    assert_eq!(list.as_array().map(Vec::len), Some(TAKES), "{list}");
+    r.stop.store(true, Ordering::Relaxed);
+    assert_eq!(r.thread.join().unwrap().unwrap(), Outcome::Stopped);
+    let mut q = Qcow2::open_file(&img, &OpenOptions { read_only: true }).unwrap();
+    assert!(q.check().unwrap().is_clean());
+    // The active disk holds the newest stamp of every sector.
+    let mut disk = vec![0u8; 64 * 512];
+    q.read(0, &mut disk).unwrap();
+    for s in 0..64u64 {
+        let newest = (1..=seq).rev().find(|v| v % 64 == s).unwrap_or(0);
+        let got = u64::from_le_bytes(disk[s as usize * 512..][..8].try_into().unwrap());
+        assert_eq!(got, newest, "sector {s}");
+    }
+}

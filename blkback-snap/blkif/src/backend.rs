@@ -4,9 +4,21 @@
 //! thread ([`BlkifRing::run`] / [`BlkifRing::spawn`]) or by any poll loop that calls
 //! [`BlkifRing::poll`] whenever the event channel fires (and after `resume()`).
 //!
-//! Requests are processed synchronously, one at a time, in ring order: this trivially gives
-//! write-barrier semantics and makes "in flight" = "consumed but response not yet published".
+//! Two ways to execute requests:
+//! - **inline** ([`BlkifRing::poll`], and [`BlkifRing::run`] with `Features::workers == 0`):
+//!   one at a time in ring order, in the calling thread;
+//! - **worker pool** ([`BlkifRing::run`] / [`BlkifRing::spawn`] with `workers = N > 0`): the
+//!   thread in `run` consumes and checks requests and hands the valid ones to N I/O threads,
+//!   which do the grant copies and the disk I/O concurrently and publish each response as they
+//!   complete (out of order: responses carry the request's id). blkif orders nothing between
+//!   requests in flight, except FLUSH_DISKCACHE and WRITE_BARRIER: such a request is started
+//!   only after every request consumed before it has completed and been answered, and no
+//!   request after it is started until it completed. So a flush covers every write completed
+//!   before it, and a barrier is a full barrier, as blkif.h describes them.
+//!
+//! "In flight" = consumed, response not yet published; `quiesce()` waits until none is.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -22,8 +34,8 @@ use crate::request::*;
 pub struct Features {
     /// "feature-flush-cache".
     pub flush: bool,
-    /// "feature-barrier". Cheap for us: requests are executed in ring order, so a barrier is
-    /// flush + write + flush.
+    /// "feature-barrier". A barrier waits for every earlier request, then runs as
+    /// flush + write + flush before any later request starts.
     pub barrier: bool,
     /// "feature-discard".
     pub discard: bool,
@@ -35,7 +47,22 @@ pub struct Features {
     pub max_indirect_segments: u32,
     /// "max-ring-page-order" (0 = single-page rings only; capped at 4).
     pub max_ring_page_order: u32,
+    /// I/O threads per ring used by [`BlkifRing::run`] (0 = execute inline, one request at a
+    /// time; capped at [`MAX_WORKERS`]). Not published to the frontend.
+    pub workers: u32,
+    /// With a pool: hand a request to an I/O thread only while that is cheaper than running it
+    /// in the ring's thread, judged by moving averages of the execution time of requests run
+    /// in the ring's thread and of the hand-off latency (submit to start on an I/O thread);
+    /// one eligible request in [`OFFLOAD_PROBE`] is handed off anyway to keep the latter
+    /// measured. Off: every request but the last visible one is handed off.
+    pub adaptive_offload: bool,
 }
+
+/// See [`Features::adaptive_offload`].
+pub const OFFLOAD_PROBE: u64 = 16;
+
+/// Upper bound of [`Features::workers`].
+pub const MAX_WORKERS: u32 = 64;
 
 impl Default for Features {
     fn default() -> Self {
@@ -47,6 +74,8 @@ impl Default for Features {
             discard_granularity: PAGE_SIZE as u32,
             max_indirect_segments: 256,
             max_ring_page_order: MAX_RING_PAGE_ORDER,
+            workers: 4,
+            adaptive_offload: true,
         }
     }
 }
@@ -110,6 +139,12 @@ pub struct RingStats {
     pub notifications: AtomicU64,
     pub bytes_read: AtomicU64,
     pub bytes_written: AtomicU64,
+    /// Passes over the ring by the serving thread (wake-ups that found or did work).
+    pub polls: AtomicU64,
+    /// Requests handed to the I/O threads (the rest ran in the ring's own thread).
+    pub offloaded: AtomicU64,
+    /// Most requests in flight at once.
+    pub peak_in_flight: AtomicU64,
 }
 
 /// A copy of [`RingStats`].
@@ -122,16 +157,48 @@ pub struct StatsSnapshot {
     pub notifications: u64,
     pub bytes_read: u64,
     pub bytes_written: u64,
+    pub polls: u64,
+    pub offloaded: u64,
+    pub peak_in_flight: u64,
 }
 
+/// Scratch buffers of one executing thread.
+#[derive(Default)]
+struct Scratch {
+    buf: Vec<u8>,
+    seg_buf: Vec<u8>,
+}
+
+impl Scratch {
+    /// The data buffer for a request of `len` bytes. Not cleared: every byte of it is
+    /// overwritten by the disk read or the grant copy before it is used, and on a failure of
+    /// either it is not used at all. (Zeroing up to 16 MiB per request costs a full pass over
+    /// the memory.) Scratch buffers belong to one ring's threads, so even a device that broke
+    /// its `read_at` contract could only hand back bytes of the same frontend's requests.
+    fn buffer(&mut self, len: usize) -> &mut [u8] {
+        if self.buf.len() < len {
+            self.buf.resize(len, 0);
+        }
+        &mut self.buf[..len]
+    }
+}
+
+/// The consumer side (the thread that reads requests off the ring).
 struct Consumer {
     req_cons: u32,
+    /// Requests that could have been handed off (for the adaptive probe).
+    eligible: u64,
+    /// Requests executed in this thread (1 in 8 is timed for the adaptive policy).
+    ran: u64,
+    broken: Option<String>,
+    scratch: Scratch,
+}
+
+/// The producer side of responses (any thread that completes a request).
+struct Producer {
     rsp_prod_pvt: u32,
     /// `rsp_prod` as last published.
     rsp_pushed: u32,
-    broken: Option<String>,
-    buf: Vec<u8>,
-    seg_buf: Vec<u8>,
 }
 
 struct Gate {
@@ -139,6 +206,65 @@ struct Gate {
     stopped: bool,
     /// Requests consumed whose response is not yet published.
     in_flight: usize,
+    /// Threads waiting on `gate_cv` (quiesce, a flush/barrier waiting alone).
+    waiters: usize,
+}
+
+/// A checked request handed to the worker pool.
+struct Job {
+    queued: Instant,
+    req: Checked,
+    sectors: u64,
+}
+
+#[derive(Default)]
+struct JobQueue {
+    q: VecDeque<Job>,
+    closed: bool,
+    /// I/O threads waiting for a job (a notify costs a system call; only when one waits).
+    idle: usize,
+}
+
+/// The job queue of [`BlkifRing::run`]'s worker pool (lives on `run`'s stack).
+#[derive(Default)]
+struct Pool {
+    jobs: Mutex<JobQueue>,
+    cv: Condvar,
+}
+
+impl Pool {
+    fn submit(&self, job: Job) {
+        let mut g = lock(&self.jobs);
+        g.q.push_back(job);
+        if g.idle > 0 {
+            self.cv.notify_one();
+        }
+    }
+    /// Next job; `None` once the queue is closed and empty.
+    fn next(&self) -> Option<Job> {
+        let mut g = lock(&self.jobs);
+        loop {
+            if let Some(j) = g.q.pop_front() {
+                return Some(j);
+            }
+            if g.closed {
+                return None;
+            }
+            g.idle += 1;
+            g = self.cv.wait(g).unwrap_or_else(|e| e.into_inner());
+            g.idle -= 1;
+        }
+    }
+    fn close(&self) {
+        lock(&self.jobs).closed = true;
+        self.cv.notify_all();
+    }
+}
+
+/// A consumed request: checked and ready to execute, or already answered by its rejection.
+enum Admitted {
+    Io(Checked),
+    Rejected { id: u64, op: u8, status: i16 },
 }
 
 /// The backend of one blkif ring.
@@ -150,14 +276,25 @@ pub struct BlkifRing {
     evtchn: Arc<dyn EventChannel>,
     device: Arc<dyn BlockDevice>,
     features: Features,
-    /// Responses written before a push (and a possible notification).
+    /// Responses the ring's thread writes before a push (and a possible notification).
     batch: u32,
-    /// Requests handled per `poll` before it returns `Busy`.
+    /// Requests consumed per `poll` before it returns `Busy`.
     budget: u32,
     cons: Mutex<Consumer>,
+    prod: Mutex<Producer>,
     gate: Mutex<Gate>,
     gate_cv: Condvar,
     stats: RingStats,
+    /// Moving averages (ns): execution in the ring's thread; hand-off latency to the pool.
+    exec_ns: AtomicU64,
+    handoff_ns: AtomicU64,
+}
+
+/// `avg += (sample - avg) / 8`, racy by design (a lost update only delays the average).
+fn ewma(a: &AtomicU64, sample: Duration) {
+    let s = sample.as_nanos().min(u128::from(u64::MAX / 2)) as u64;
+    let old = a.load(Ordering::Relaxed);
+    a.store(old - old / 8 + s / 8, Ordering::Relaxed);
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -170,6 +307,15 @@ fn block_status(e: &BlockError) -> i16 {
     match e {
         BlockError::Unsupported(_) => BLKIF_RSP_EOPNOTSUPP,
         _ => BLKIF_RSP_ERROR,
+    }
+}
+
+/// Requests that order against everything else in flight (see the module docs).
+fn is_barrier(req: &Checked) -> bool {
+    match req {
+        Checked::Flush { .. } => true,
+        Checked::Write { flush_before, flush_after, .. } => *flush_before || *flush_after,
+        Checked::Read { .. } | Checked::Discard { .. } => false,
     }
 }
 
@@ -191,17 +337,13 @@ impl BlkifRing {
             features: p.features,
             batch: 16.min(geom.size),
             budget: 4 * geom.size,
-            cons: Mutex::new(Consumer {
-                req_cons: start,
-                rsp_prod_pvt: start,
-                rsp_pushed: start,
-                broken: None,
-                buf: Vec::new(),
-                seg_buf: Vec::new(),
-            }),
-            gate: Mutex::new(Gate { quiesced: false, stopped: false, in_flight: 0 }),
+            cons: Mutex::new(Consumer { req_cons: start, eligible: 0, ran: 0, broken: None, scratch: Scratch::default() }),
+            prod: Mutex::new(Producer { rsp_prod_pvt: start, rsp_pushed: start }),
+            gate: Mutex::new(Gate { quiesced: false, stopped: false, in_flight: 0, waiters: 0 }),
             gate_cv: Condvar::new(),
             stats: RingStats::default(),
+            exec_ns: AtomicU64::new(0),
+            handoff_ns: AtomicU64::new(0),
         })
     }
 
@@ -229,13 +371,22 @@ impl BlkifRing {
             notifications: l(&s.notifications),
             bytes_read: l(&s.bytes_read),
             bytes_written: l(&s.bytes_written),
+            polls: l(&s.polls),
+            offloaded: l(&s.offloaded),
+            peak_in_flight: l(&s.peak_in_flight),
         }
     }
 
     /// Private indices `(req_cons, rsp_prod_pvt)`.
     pub fn indices(&self) -> (u32, u32) {
         let c = lock(&self.cons);
-        (c.req_cons, c.rsp_prod_pvt)
+        let p = lock(&self.prod);
+        (c.req_cons, p.rsp_prod_pvt)
+    }
+
+    /// Requests consumed whose response is not yet published.
+    pub fn in_flight(&self) -> usize {
+        lock(&self.gate).in_flight
     }
 
     // ---- checkpoint barrier -------------------------------------------------------------
@@ -247,9 +398,11 @@ impl BlkifRing {
         let mut g = lock(&self.gate);
         g.quiesced = true;
         let drained = g.in_flight;
+        g.waiters += 1;
         while g.in_flight > 0 {
             g = self.gate_cv.wait(g).unwrap_or_else(|e| e.into_inner());
         }
+        g.waiters -= 1;
         drained
     }
 
@@ -260,13 +413,16 @@ impl BlkifRing {
         let mut g = lock(&self.gate);
         g.quiesced = true;
         let drained = g.in_flight;
+        g.waiters += 1;
         while g.in_flight > 0 {
             let now = Instant::now();
             if now >= deadline {
+                g.waiters -= 1;
                 return Err(g.in_flight);
             }
             g = self.gate_cv.wait_timeout(g, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
         }
+        g.waiters -= 1;
         Ok(drained)
     }
 
@@ -282,7 +438,7 @@ impl BlkifRing {
     }
 
     /// Make the worker ([`BlkifRing::run`]) return; `poll` returns `Stopped` from now on.
-    /// Requests in flight complete first (the worker only checks between requests).
+    /// Requests in flight complete first (`run` returns after its I/O threads finished).
     pub fn stop(&self) {
         lock(&self.gate).stopped = true;
         self.gate_cv.notify_all();
@@ -291,10 +447,46 @@ impl BlkifRing {
 
     // ---- driving -------------------------------------------------------------------------
 
-    /// Serve the ring until [`BlkifRing::stop`] or until the frontend breaks it.
+    /// Serve the ring until [`BlkifRing::stop`] or until the frontend breaks it. With
+    /// `Features::workers > 0` requests run on that many I/O threads (scoped to this call:
+    /// they finish every request already handed to them before `run` returns).
     pub fn run(&self) -> Poll {
+        let want = self.features.workers.min(MAX_WORKERS) as usize;
+        if want == 0 {
+            return self.drive(None);
+        }
+        let pool = Pool::default();
+        let base = std::thread::current().name().unwrap_or("blkif").to_string();
+        std::thread::scope(|s| {
+            let mut started = 0;
+            for i in 0..want {
+                let pool = &pool;
+                match std::thread::Builder::new()
+                    .name(format!("{base}-io{i}"))
+                    .spawn_scoped(s, move || self.work(pool))
+                {
+                    Ok(_) => started += 1,
+                    Err(e) => {
+                        tracing::warn!(domid = self.domid, "starting I/O thread {i}: {e}");
+                        break;
+                    }
+                }
+            }
+            let end = self.drive(if started > 0 { Some(&pool) } else { None });
+            pool.close();
+            end
+        })
+    }
+
+    /// [`BlkifRing::run`] on a new thread.
+    pub fn spawn(self: &Arc<Self>, name: String) -> std::io::Result<std::thread::JoinHandle<Poll>> {
+        let me = Arc::clone(self);
+        std::thread::Builder::new().name(name).spawn(move || me.run())
+    }
+
+    fn drive(&self, pool: Option<&Pool>) -> Poll {
         loop {
-            match self.poll() {
+            match self.poll_with(pool) {
                 Poll::Busy => continue,
                 Poll::Idle | Poll::Quiesced => {
                     self.evtchn.wait(None);
@@ -304,33 +496,41 @@ impl BlkifRing {
         }
     }
 
-    /// [`BlkifRing::run`] on a new thread.
-    pub fn spawn(self: &Arc<Self>, name: String) -> std::io::Result<std::thread::JoinHandle<Poll>> {
-        let me = Arc::clone(self);
-        std::thread::Builder::new().name(name).spawn(move || me.run())
+    /// One I/O thread of the pool.
+    fn work(&self, pool: &Pool) {
+        let mut scratch = Scratch::default();
+        while let Some(job) = pool.next() {
+            ewma(&self.handoff_ns, job.queued.elapsed());
+            let status = self.execute(&mut scratch, &job.req, job.sectors);
+            self.complete(job.req.id(), job.req.op(), status);
+        }
     }
 
-    /// Process what the frontend queued: consume, execute, respond, publish and notify
+    /// Process what the frontend queued, inline: consume, execute, respond, publish and notify
     /// as `RING_PUSH_RESPONSES_AND_CHECK_NOTIFY` says, then `RING_FINAL_CHECK_FOR_REQUESTS`.
+    /// Every request consumed by this call is answered when it returns.
     pub fn poll(&self) -> Poll {
+        self.poll_with(None)
+    }
+
+    fn poll_with(&self, pool: Option<&Pool>) -> Poll {
         let mut c = lock(&self.cons);
         if c.broken.is_some() {
             return Poll::Broken;
         }
+        self.stats.polls.fetch_add(1, Ordering::Relaxed);
+        let limits = self.features.limits(&*self.device);
         let mut budget = self.budget;
         loop {
             let rp = self.ring.load_u32_acquire(SRING_REQ_PROD);
             if self.producer_overflow(&mut c, rp) {
                 return Poll::Broken;
             }
+            // Responses this thread wrote but has not pushed yet (the I/O threads push their
+            // own at once; a push of either publishes everything written before it).
             let mut unpushed = 0u32;
             let mut stop: Option<Poll> = None;
             while c.req_cons != rp {
-                // RING_REQUEST_CONS_OVERFLOW: never more requests outstanding than slots for
-                // their responses (cannot trigger while we answer synchronously; kept as a guard).
-                if c.req_cons.wrapping_sub(c.rsp_prod_pvt) >= self.geom.size {
-                    break;
-                }
                 if budget == 0 {
                     stop = Some(Poll::Busy);
                     break;
@@ -346,18 +546,51 @@ impl BlkifRing {
                         break;
                     }
                     g.in_flight += 1;
+                    self.stats.peak_in_flight.fetch_max(g.in_flight as u64, Ordering::Relaxed);
                 }
                 let idx = c.req_cons;
                 c.req_cons = idx.wrapping_add(1);
-                self.process(&mut c, idx);
                 budget -= 1;
+                let (id, op, status) = match self.admit(idx, &limits) {
+                    Admitted::Rejected { id, op, status } => (id, op, status),
+                    Admitted::Io(req) => match pool {
+                        // The last request visible on the ring runs in this thread (no hand-off:
+                        // at queue depth 1 the pool is never involved); earlier ones go to the
+                        // I/O threads and overlap with it.
+                        Some(p) if !is_barrier(&req) && c.req_cons != rp && self.offload(&mut c) => {
+                            self.stats.offloaded.fetch_add(1, Ordering::Relaxed);
+                            p.submit(Job { queued: Instant::now(), req, sectors: limits.sectors });
+                            continue;
+                        }
+                        _ => {
+                            let barrier = is_barrier(&req);
+                            if pool.is_some() && barrier {
+                                // Our own unpublished responses count as in flight.
+                                self.push_and_release(unpushed);
+                                unpushed = 0;
+                                self.wait_alone();
+                            }
+                            // Timed 1 in 8 (a clock read can be a system call, e.g. in a PV dom0
+                            // without a stable TSC).
+                            c.ran = c.ran.wrapping_add(1);
+                            let timed = pool.is_some() && !barrier && c.ran.is_multiple_of(8);
+                            let t0 = timed.then(Instant::now);
+                            let st = self.execute(&mut c.scratch, &req, limits.sectors);
+                            if let Some(t0) = t0 {
+                                ewma(&self.exec_ns, t0.elapsed());
+                            }
+                            (req.id(), req.op(), st)
+                        }
+                    },
+                };
+                self.write_response(&mut lock(&self.prod), id, op, status);
                 unpushed += 1;
                 if unpushed >= self.batch {
-                    self.push_and_release(&mut c, unpushed);
+                    self.push_and_release(unpushed);
                     unpushed = 0;
                 }
             }
-            self.push_and_release(&mut c, unpushed);
+            self.push_and_release(unpushed);
             if let Some(s) = stop {
                 return s;
             }
@@ -386,24 +619,47 @@ impl BlkifRing {
         }
     }
 
+    /// Whether to hand an eligible request to the pool (see [`Features::adaptive_offload`]).
+    fn offload(&self, c: &mut Consumer) -> bool {
+        if !self.features.adaptive_offload {
+            return true;
+        }
+        c.eligible = c.eligible.wrapping_add(1);
+        c.eligible.is_multiple_of(OFFLOAD_PROBE)
+            || self.exec_ns.load(Ordering::Relaxed) >= self.handoff_ns.load(Ordering::Relaxed)
+    }
+
+    /// Wait until the request being admitted is the only one in flight (every earlier one
+    /// completed and answered): the start of a flush or barrier.
+    fn wait_alone(&self) {
+        let mut g = lock(&self.gate);
+        g.waiters += 1;
+        while g.in_flight > 1 {
+            g = self.gate_cv.wait(g).unwrap_or_else(|e| e.into_inner());
+        }
+        g.waiters -= 1;
+    }
+
     /// `RING_HAS_UNCONSUMED_REQUESTS`; `None` if the producer index is bogus.
     fn unconsumed(&self, c: &mut Consumer) -> Option<bool> {
         let rp = self.ring.load_u32_acquire(SRING_REQ_PROD);
         if self.producer_overflow(c, rp) {
             return None;
         }
-        let req = rp.wrapping_sub(c.req_cons);
-        let rsp = self.geom.size.wrapping_sub(c.req_cons.wrapping_sub(c.rsp_prod_pvt));
-        Some(req.min(rsp) > 0)
+        Some(rp != c.req_cons)
     }
 
     /// `RING_REQUEST_PROD_OVERFLOW`: a frontend that claims more requests than the ring holds
-    /// is hostile or corrupt; stop serving this ring.
+    /// is hostile or corrupt; stop serving this ring. `rp` must be read before this call: our
+    /// `rsp_prod_pvt` only grows, and a frontend's `req_prod` never passes what it saw of
+    /// `rsp_prod` by more than the ring size.
     fn producer_overflow(&self, c: &mut Consumer, rp: u32) -> bool {
-        if rp.wrapping_sub(c.rsp_prod_pvt) > self.geom.size {
+        let pvt = lock(&self.prod).rsp_prod_pvt;
+        // Requests published but not answered, and requests consumed: both at most a ring.
+        if rp.wrapping_sub(pvt) > self.geom.size || rp.wrapping_sub(c.req_cons) > self.geom.size {
             let msg = format!(
-                "frontend req_prod {rp} is more than {} ahead of rsp_prod {}",
-                self.geom.size, c.rsp_prod_pvt
+                "frontend req_prod {rp} is more than {} ahead of rsp_prod {pvt} (req_cons {})",
+                self.geom.size, c.req_cons
             );
             tracing::warn!(domid = self.domid, "blkif ring broken: {msg}");
             c.broken = Some(msg);
@@ -413,61 +669,100 @@ impl BlkifRing {
         }
     }
 
-    fn push_and_release(&self, c: &mut Consumer, n: u32) {
-        if n == 0 {
-            return;
-        }
-        // RING_PUSH_RESPONSES_AND_CHECK_NOTIFY.
-        let old = c.rsp_pushed;
-        let new = c.rsp_prod_pvt;
-        self.ring.store_u32_release(SRING_RSP_PROD, new);
-        self.ring.fence();
-        let ev = self.ring.load_u32_acquire(SRING_RSP_EVENT);
-        c.rsp_pushed = new;
-        {
-            let mut g = lock(&self.gate);
-            g.in_flight -= n as usize;
-            if g.in_flight == 0 {
-                self.gate_cv.notify_all();
-            }
-        }
-        if new.wrapping_sub(ev) < new.wrapping_sub(old) {
-            self.stats.notifications.fetch_add(1, Ordering::Relaxed);
-            self.evtchn.notify();
-        }
-    }
-
-    fn process(&self, c: &mut Consumer, idx: u32) {
-        let abi = self.geom.abi;
-        let mut entry = [0u8; 112];
-        let entry = &mut entry[..abi.entry_size()];
-        // One copy out of shared memory; everything below works on the private copy.
-        self.ring.read(self.geom.slot_offset(idx), entry);
-        let raw = parse_request(abi, entry).expect("entry has the ABI's size");
-        self.stats.requests.fetch_add(1, Ordering::Relaxed);
-        let limits = self.features.limits(&*self.device);
-        let (id, op, status) = match check_request(&raw, &limits) {
-            Err(rej) => {
-                tracing::debug!(domid = self.domid, id = rej.id, op = raw.operation(), "rejected: {}", rej.reason);
-                (rej.id, rej.operation, rej.status)
-            }
-            Ok(req) => (req.id(), req.op(), self.execute(c, &req, limits.sectors)),
-        };
+    /// Write one response into the next response slot (not yet published).
+    fn write_response(&self, p: &mut Producer, id: u64, op: u8, status: i16) {
         match status {
             BLKIF_RSP_OKAY => &self.stats.ok,
             BLKIF_RSP_EOPNOTSUPP => &self.stats.unsupported,
             _ => &self.stats.errors,
         }
         .fetch_add(1, Ordering::Relaxed);
+        let abi = self.geom.abi;
         let mut rsp = [0u8; 16];
         let rsp = &mut rsp[..abi.response_size()];
         encode_response(abi, id, op, status, rsp);
-        self.ring.write(self.geom.slot_offset(c.rsp_prod_pvt), rsp);
-        c.rsp_prod_pvt = c.rsp_prod_pvt.wrapping_add(1);
+        self.ring.write(self.geom.slot_offset(p.rsp_prod_pvt), rsp);
+        p.rsp_prod_pvt = p.rsp_prod_pvt.wrapping_add(1);
+    }
+
+    /// `RING_PUSH_RESPONSES_AND_CHECK_NOTIFY`: publish what was written; true if the frontend
+    /// asked to be notified.
+    fn push(&self, p: &mut Producer) -> bool {
+        let old = p.rsp_pushed;
+        let new = p.rsp_prod_pvt;
+        if old == new {
+            return false;
+        }
+        self.ring.store_u32_release(SRING_RSP_PROD, new);
+        self.ring.fence();
+        let ev = self.ring.load_u32_acquire(SRING_RSP_EVENT);
+        p.rsp_pushed = new;
+        new.wrapping_sub(ev) < new.wrapping_sub(old)
+    }
+
+    /// `n` responses are published: they are no longer in flight.
+    fn release(&self, n: usize) {
+        let mut g = lock(&self.gate);
+        g.in_flight -= n;
+        // quiesce() waits for 0, a flush/barrier for 1 (itself). (A notify is a futex
+        // system call even with nobody waiting: only when someone does.)
+        if g.in_flight <= 1 && g.waiters > 0 {
+            self.gate_cv.notify_all();
+        }
+    }
+
+    fn notify(&self) {
+        self.stats.notifications.fetch_add(1, Ordering::Relaxed);
+        self.evtchn.notify();
+    }
+
+    /// Publish the `n` responses written by the inline path.
+    fn push_and_release(&self, n: u32) {
+        if n == 0 {
+            return;
+        }
+        let notify = self.push(&mut lock(&self.prod));
+        self.release(n as usize);
+        if notify {
+            self.notify();
+        }
+    }
+
+    /// Answer one request from any thread: write, publish, release, notify.
+    fn complete(&self, id: u64, op: u8, status: i16) {
+        let notify = {
+            let mut p = lock(&self.prod);
+            self.write_response(&mut p, id, op, status);
+            self.push(&mut p)
+        };
+        self.release(1);
+        if notify {
+            self.notify();
+        }
+    }
+
+    /// Copy ring entry `idx` out of shared memory (once), decode and check it.
+    fn admit(&self, idx: u32, limits: &Limits) -> Admitted {
+        let abi = self.geom.abi;
+        let mut entry = [0u8; 112];
+        let entry = &mut entry[..abi.entry_size()];
+        self.ring.read(self.geom.slot_offset(idx), entry);
+        self.stats.requests.fetch_add(1, Ordering::Relaxed);
+        let Some(raw) = parse_request(abi, entry) else {
+            // Cannot happen (the entry has the ABI's size); answer rather than panic.
+            return Admitted::Rejected { id: 0, op: 0, status: BLKIF_RSP_ERROR };
+        };
+        match check_request(&raw, limits) {
+            Err(rej) => {
+                tracing::debug!(domid = self.domid, id = rej.id, op = raw.operation(), "rejected: {}", rej.reason);
+                Admitted::Rejected { id: rej.id, op: rej.operation, status: rej.status }
+            }
+            Ok(req) => Admitted::Io(req),
+        }
     }
 
     /// Fetch and check the segment list of a checked request.
-    fn resolve(&self, c: &mut Consumer, segs: &SegList, sector: u64, sectors: u64) -> Result<Vec<Segment>, i16> {
+    fn resolve(&self, s: &mut Scratch, segs: &SegList, sector: u64, sectors: u64) -> Result<Vec<Segment>, i16> {
         match segs {
             SegList::Direct(v) => Ok(v.clone()),
             SegList::Indirect { nr_segments, pages } => {
@@ -479,13 +774,13 @@ impl BlkifRing {
                     gs.push(GrantSeg { gref, offset: 0, len: len as u16 });
                     left -= len;
                 }
-                c.seg_buf.clear();
-                c.seg_buf.resize(n * SEGMENT_SIZE, 0);
-                if let Err(e) = self.grants.copy_from_guest(self.domid, &gs, &mut c.seg_buf) {
+                s.seg_buf.clear();
+                s.seg_buf.resize(n * SEGMENT_SIZE, 0);
+                if let Err(e) = self.grants.copy_from_guest(self.domid, &gs, &mut s.seg_buf) {
                     tracing::debug!(domid = self.domid, "indirect page: {e}");
                     return Err(BLKIF_RSP_ERROR);
                 }
-                let v = parse_segment_array(&c.seg_buf, n);
+                let v = parse_segment_array(&s.seg_buf, n);
                 if let Err(reason) = check_segments(&v, sector, sectors) {
                     tracing::debug!(domid = self.domid, "rejected indirect request: {reason}");
                     return Err(BLKIF_RSP_ERROR);
@@ -495,14 +790,14 @@ impl BlkifRing {
         }
     }
 
-    fn execute(&self, c: &mut Consumer, req: &Checked, sectors: u64) -> i16 {
-        match self.try_execute(c, req, sectors) {
+    fn execute(&self, s: &mut Scratch, req: &Checked, sectors: u64) -> i16 {
+        match self.try_execute(s, req, sectors) {
             Ok(()) => BLKIF_RSP_OKAY,
-            Err(s) => s,
+            Err(st) => st,
         }
     }
 
-    fn try_execute(&self, c: &mut Consumer, req: &Checked, sectors: u64) -> Result<(), i16> {
+    fn try_execute(&self, s: &mut Scratch, req: &Checked, sectors: u64) -> Result<(), i16> {
         let dev_err = |e: BlockError| {
             tracing::debug!(domid = self.domid, "device error: {e}");
             block_status(&e)
@@ -526,39 +821,31 @@ impl BlkifRing {
                 }
             }
             Checked::Read { sector, ref segs, .. } => {
-                let segs = self.resolve(c, segs, sector, sectors)?;
+                let segs = self.resolve(s, segs, sector, sectors)?;
                 let (gs, total) = grant_segs(&segs);
-                let mut buf = std::mem::take(&mut c.buf);
-                buf.clear();
-                buf.resize(total, 0);
+                let buf = s.buffer(total);
                 let r = self
                     .device
-                    .read_at(sector * SECTOR_SIZE, &mut buf)
+                    .read_at(sector * SECTOR_SIZE, buf)
                     .map_err(dev_err)
-                    .and_then(|()| self.grants.copy_to_guest(self.domid, &gs, &buf).map_err(grant_err));
-                c.buf = buf;
+                    .and_then(|()| self.grants.copy_to_guest(self.domid, &gs, buf).map_err(grant_err));
                 if r.is_ok() {
                     self.stats.bytes_read.fetch_add(total as u64, Ordering::Relaxed);
                 }
                 r
             }
             Checked::Write { sector, ref segs, flush_before, flush_after, .. } => {
-                let segs = self.resolve(c, segs, sector, sectors)?;
+                let segs = self.resolve(s, segs, sector, sectors)?;
                 let (gs, total) = grant_segs(&segs);
                 if flush_before {
                     self.device.flush().map_err(dev_err)?;
                 }
-                let mut buf = std::mem::take(&mut c.buf);
-                buf.clear();
-                buf.resize(total, 0);
+                let buf = s.buffer(total);
                 // Gather everything first: a bad grant fails the request before the disk is touched.
-                let r = self
-                    .grants
-                    .copy_from_guest(self.domid, &gs, &mut buf)
+                self.grants
+                    .copy_from_guest(self.domid, &gs, buf)
                     .map_err(grant_err)
-                    .and_then(|()| self.device.write_at(sector * SECTOR_SIZE, &buf).map_err(dev_err));
-                c.buf = buf;
-                r?;
+                    .and_then(|()| self.device.write_at(sector * SECTOR_SIZE, buf).map_err(dev_err))?;
                 self.stats.bytes_written.fetch_add(total as u64, Ordering::Relaxed);
                 if flush_after {
                     self.device.flush().map_err(dev_err)?;

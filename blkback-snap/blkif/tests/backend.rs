@@ -373,49 +373,59 @@ impl BlockDevice for GateDisk {
 
 #[test]
 fn quiesce_waits_for_in_flight_and_holds_new_requests() {
-    let disk = Arc::new(MemDisk::new(DISK));
-    let gate = Arc::new(GateDisk { inner: disk.clone(), state: Mutex::new((true, 0)), cv: Condvar::new() });
-    let mut h = H::with_dyn(Abi::X86_64, 0, disk, gate.clone(), Features::default());
-    let worker = h.ring.spawn("blkif-test".into()).unwrap();
-    let mut b1 = h.front.make_buf(&[(0, 7)], Some(&[1; 4096]), true);
-    let mut b2 = h.front.make_buf(&[(0, 7)], Some(&[2; 4096]), true);
-    h.front.queue_io(BLKIF_OP_WRITE, 0, &mut b1, false);
-    h.front.queue_io(BLKIF_OP_WRITE, 8, &mut b2, false);
-    h.front.push();
-    gate.wait_inside(1); // request 1 is in the device
-    let ring = h.ring.clone();
-    let done = Arc::new(AtomicBool::new(false));
-    let d2 = done.clone();
-    let q = std::thread::spawn(move || {
-        let n = ring.quiesce();
-        d2.store(true, Ordering::SeqCst);
-        n
-    });
-    std::thread::sleep(Duration::from_millis(100));
-    assert!(!done.load(Ordering::SeqCst), "quiesce returned with a request in flight");
-    gate.set_held(false);
-    assert_eq!(q.join().unwrap(), 1);
-    // Request 1's response is published before quiesce returned; request 2 waits on the ring.
-    let r = h.front.take_responses();
-    assert_eq!(r.len(), 1);
-    assert_eq!(h.ring.indices(), (1, 1));
-    // The frontend queues more while quiesced: nothing moves.
-    let mut b3 = h.front.make_buf(&[(0, 7)], Some(&[3; 4096]), true);
-    h.front.queue_io(BLKIF_OP_WRITE, 16, &mut b3, false);
-    h.front.push();
-    std::thread::sleep(Duration::from_millis(100));
-    assert_eq!(h.ring.indices(), (1, 1));
-    assert!(h.disk.snapshot()[8 * 512..24 * 512].iter().all(|&b| b == 0));
-    assert_eq!(h.ring.quiesce(), 0, "quiesce is idempotent");
-    h.ring.resume();
-    let r = h.front.wait_responses(2, SHORT);
-    assert_eq!(r.len(), 2);
-    assert!(r.iter().all(|r| r.status == 0));
-    let s = h.disk.snapshot();
-    assert!(s[..4096].iter().all(|&b| b == 1) && s[4096..8192].iter().all(|&b| b == 2));
-    assert!(s[8192..12288].iter().all(|&b| b == 3));
-    h.ring.stop();
-    assert_eq!(worker.join().unwrap(), Poll::Stopped);
+    // workers = 0: one request at a time (request 2 stays on the ring behind the blocked one);
+    // workers = 4: both writes are in the device at once and quiesce waits for both.
+    for workers in [0u32, 4] {
+        let disk = Arc::new(MemDisk::new(DISK));
+        let gate = Arc::new(GateDisk { inner: disk.clone(), state: Mutex::new((true, 0)), cv: Condvar::new() });
+        let f = Features { workers, adaptive_offload: false, ..Features::default() };
+        let mut h = H::with_dyn(Abi::X86_64, 0, disk, gate.clone(), f);
+        let worker = h.ring.spawn("blkif-test".into()).unwrap();
+        let mut b1 = h.front.make_buf(&[(0, 7)], Some(&[1; 4096]), true);
+        let mut b2 = h.front.make_buf(&[(0, 7)], Some(&[2; 4096]), true);
+        h.front.queue_io(BLKIF_OP_WRITE, 0, &mut b1, false);
+        h.front.queue_io(BLKIF_OP_WRITE, 8, &mut b2, false);
+        h.front.push();
+        let admitted = if workers == 0 { 1 } else { 2 };
+        gate.wait_inside(admitted); // the admitted requests are inside the device
+        let ring = h.ring.clone();
+        let done = Arc::new(AtomicBool::new(false));
+        let d2 = done.clone();
+        let q = std::thread::spawn(move || {
+            let n = ring.quiesce();
+            d2.store(true, Ordering::SeqCst);
+            n
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(!done.load(Ordering::SeqCst), "quiesce returned with a request in flight");
+        gate.set_held(false);
+        assert_eq!(q.join().unwrap(), admitted);
+        let st = h.ring.stats();
+        assert_eq!(st.peak_in_flight, admitted as u64);
+        assert_eq!(st.offloaded, admitted as u64 - 1, "all but the last visible request go to the pool");
+        // Every admitted request's response is published before quiesce returned.
+        let r = h.front.take_responses();
+        assert_eq!(r.len(), admitted);
+        let a = admitted as u32;
+        assert_eq!(h.ring.indices(), (a, a));
+        // The frontend queues more while quiesced: nothing moves.
+        let mut b3 = h.front.make_buf(&[(0, 7)], Some(&[3; 4096]), true);
+        h.front.queue_io(BLKIF_OP_WRITE, 16, &mut b3, false);
+        h.front.push();
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(h.ring.indices(), (a, a));
+        assert!(h.disk.snapshot()[(8 * admitted) * 512..24 * 512].iter().all(|&b| b == 0));
+        assert_eq!(h.ring.quiesce(), 0, "quiesce is idempotent");
+        h.ring.resume();
+        let r = h.front.wait_responses(3 - admitted, SHORT);
+        assert_eq!(r.len(), 3 - admitted);
+        assert!(r.iter().all(|r| r.status == 0));
+        let s = h.disk.snapshot();
+        assert!(s[..4096].iter().all(|&b| b == 1) && s[4096..8192].iter().all(|&b| b == 2));
+        assert!(s[8192..12288].iter().all(|&b| b == 3));
+        h.ring.stop();
+        assert_eq!(worker.join().unwrap(), Poll::Stopped);
+    }
 }
 
 #[test]
@@ -498,4 +508,84 @@ fn fuzz_ring_smoke() {
     }
     fuzz_ring(&[8, 1, 2, 3]);
     fuzz_ring(&[]);
+}
+
+/// A frontend that behaves like Linux blkfront: it notifies only when `req_event` asks for it
+/// and then sleeps on its event channel until the backend notifies a response. Meanwhile
+/// another thread quiesces and resumes the ring as fast as it can, so requests are queued on
+/// the ring (and in flight) at every kind of moment of a quiesce/resume. A backend that misses
+/// the wake-up of a resume (or loses a notification either way) leaves the frontend without a
+/// response: the bounded wait below fails the test instead of hanging.
+#[test]
+fn no_lost_wakeup_across_quiesce_resume() {
+    const BOUND: Duration = Duration::from_secs(10);
+    for (workers, adaptive_offload) in [(0u32, false), (4, false), (4, true)] {
+        for abi in Abi::ALL {
+            let f = Features { workers, adaptive_offload, ..Features::default() };
+            let H { ring, mut front, disk, .. } = H::new(abi, 0, DISK, f);
+            let worker = ring.spawn("blkif-wakeup".into()).unwrap();
+            let stop = Arc::new(AtomicBool::new(false));
+            let (s2, r2) = (stop.clone(), ring.clone());
+            let ctl = std::thread::spawn(move || {
+                let mut cycles = 0u64;
+                while !s2.load(Ordering::SeqCst) {
+                    r2.quiesce();
+                    let (c, p) = r2.indices();
+                    assert_eq!(c, p, "quiesce returned with an unanswered request");
+                    r2.resume();
+                    cycles += 1;
+                }
+                cycles
+            });
+            let mut inflight = std::collections::HashMap::new();
+            let mut answered = 0u64;
+            let mut seq = 0u64;
+            while answered < 2000 {
+                while inflight.len() < 8 {
+                    seq += 1;
+                    let mut data = vec![0u8; 512];
+                    data[..8].copy_from_slice(&seq.to_le_bytes());
+                    let mut b = front.make_buf(&[(0, 0)], Some(&data), true);
+                    let id = front.queue_io(BLKIF_OP_WRITE, seq % 64, &mut b, seq.is_multiple_of(5));
+                    inflight.insert(id, b);
+                }
+                front.push();
+                let mut got = front.take_responses();
+                while got.is_empty() {
+                    if !front.evtchn.wait(Some(BOUND)) {
+                        panic!(
+                            "{abi:?}, {workers} workers: no response for {BOUND:?} after {answered} \
+                             answers, {} in flight, ring indices {:?}, quiesced {}",
+                            inflight.len(),
+                            ring.indices(),
+                            ring.is_quiesced()
+                        );
+                    }
+                    got = front.take_responses();
+                }
+                for r in got {
+                    assert_eq!(r.status, 0);
+                    let b = inflight.remove(&r.id).expect("answer to a request in flight");
+                    front.release(&b);
+                    answered += 1;
+                }
+            }
+            stop.store(true, Ordering::SeqCst);
+            let cycles = ctl.join().unwrap();
+            assert!(cycles > 0);
+            // Drain what is still in flight, then check the last stamp of a few sectors.
+            while !inflight.is_empty() {
+                let got = front.wait_responses(1, BOUND);
+                assert!(!got.is_empty(), "stalled while draining");
+                for r in got {
+                    front.release(&inflight.remove(&r.id).expect("known id"));
+                }
+            }
+            let s = disk.snapshot();
+            let last = u64::from_le_bytes(s[(seq % 64) as usize * 512..][..8].try_into().unwrap());
+            assert_eq!(last, seq, "newest write of its sector");
+            ring.stop();
+            assert_eq!(worker.join().unwrap(), Poll::Stopped);
+        }
+    }
 }

@@ -1,27 +1,28 @@
 #!/bin/sh
 # PID 1 of the PV guest of the filesystem / checkpoint / benchmark test (main-fs.sh repacks the
 # test bed's guest initramfs with this as /init, plus e2fsprogs, ext4 modules and xsbio).
-# Kernel cmdline: xsb.phase=fs|bench  xsb.label=NAME  xsb.secs=N (per benchmark)  xsb.rounds=N
+# Kernel cmdline: xsb.phase=fs|bench  xsb.devs=LABEL:DEV,...  xsb.round=N  xsb.secs=N (per test)
 #  fs:    on /dev/xvda: mkfs.ext4, mount, a data set with sha256 sums, sync, umount, e2fsck -fn,
 #         drop caches, remount, verify; fstrim; then a writer (files + fsync'd sum files) for
-#         XSB_WRITER_SECS during which dom0 takes a checkpoint; umount, e2fsck -fn. Then the
-#         benchmark on /dev/xvdb (as bench).
-#  bench: the benchmark on /dev/xvdb only: fill the span once, then per round 4 KiB randread,
-#         4 KiB randwrite, 1 MiB seqread, 1 MiB seqwrite (xsbio, O_DIRECT, QD1).
+#         XSB_WRITER_SECS during which dom0 takes a checkpoint; umount, e2fsck -fn.
+#  bench: on every device of xsb.devs: fill the span once, then 4 KiB randread QD1 and QD8,
+#         4 KiB randwrite QD1 and QD8, 1 MiB seqread and seqwrite QD1 (xsbio, O_DIRECT), each
+#         test on every device in turn (the order alternates with the round), labelled
+#         LABEL-rN.
 # Lines for dom0: XSB-GUEST-CHECK <name> ok|bad ..., XSB-BENCH ..., XSB-W <i>, XSB-GUEST-DONE.
 PATH=/bin:/sbin:/usr/sbin:/usr/bin
 # busybox ash prefers its own applets (its mke2fs makes no ext4 journal): e2fsprogs by full path
 MKE2FS=/usr/sbin/mke2fs E2FSCK=/usr/sbin/e2fsck
 mount -t proc proc /proc; mount -t sysfs sysfs /sys; mount -t devtmpfs devtmpfs /dev 2>/dev/null
 for m in $(cat /modules.order); do insmod "/lib/modules/$m" 2>/dev/null; done
-PHASE=none LABEL=x SECS=10 ROUNDS=2 WSECS=25
+PHASE=none DEVS= ROUND=1 SECS=10 WSECS=25
 for w in $(cat /proc/cmdline); do case $w in
-  xsb.phase=*) PHASE=${w#*=};; xsb.label=*) LABEL=${w#*=};; xsb.secs=*) SECS=${w#*=};;
-  xsb.rounds=*) ROUNDS=${w#*=};; xsb.wsecs=*) WSECS=${w#*=};; esac; done
+  xsb.phase=*) PHASE=${w#*=};; xsb.devs=*) DEVS=${w#*=};; xsb.secs=*) SECS=${w#*=};;
+  xsb.round=*) ROUND=${w#*=};; xsb.wsecs=*) WSECS=${w#*=};; esac; done
 up() { cut -d' ' -f1 /proc/uptime; }
 upi() { cut -d. -f1 /proc/uptime; }
 ck() { if [ "$2" = 0 ]; then echo "XSB-GUEST-CHECK $1 ok${3:+ $3}"; else echo "XSB-GUEST-CHECK $1 bad (rc=$2)${3:+ $3}"; return 1; fi; }
-echo "XSB-GUEST-BOOTED phase=$PHASE label=$LABEL uptime=$(up) kernel=$(uname -r)"
+echo "XSB-GUEST-BOOTED phase=$PHASE devs=$DEVS round=$ROUND uptime=$(up) kernel=$(uname -r)"
 waitdev() { i=0; while [ ! -b "$1" ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done; [ -b "$1" ]; }
 drop() { sync; echo 3 > /proc/sys/vm/drop_caches; }
 M=/mnt; mkdir -p $M
@@ -84,23 +85,27 @@ fs_test() {
 }
 
 bench() {
-  D=/dev/xvdb
-  waitdev $D || { ck bench-disk 1 "$D missing"; return; }
-  echo "XSB-GUEST-DISK xvdb sectors=$(cat /sys/block/xvdb/size) max_sectors_kb=$(cat /sys/block/xvdb/queue/max_sectors_kb) max_segments=$(cat /sys/block/xvdb/queue/max_segments) write_cache=$(cat /sys/block/xvdb/queue/write_cache 2>/dev/null)"
-  SPAN=96
-  # fill the span once (allocates every cluster of a qcow2 / every block of a raw file)
-  xsbio $D fill 1048576 $SPAN 0 "$LABEL" || ck bench-fill 1
-  r=1; while [ $r -le $ROUNDS ]; do
-    for t in "randread 4096" "randwrite 4096" "seqread 1048576" "seqwrite 1048576"; do
-      set -- $t; xsbio $D $1 $2 $SPAN $SECS "$LABEL-r$r" || ck "bench-$1" 1
+  SPAN=64 list=$(echo "$DEVS" | tr ',' ' ')
+  for ld in $list; do
+    lab=${ld%%:*} D=${ld#*:}; b=${D##*/}
+    waitdev $D || { ck bench-disk-$lab 1 "$D missing"; return; }
+    echo "XSB-GUEST-DISK $lab $b sectors=$(cat /sys/block/$b/size) max_sectors_kb=$(cat /sys/block/$b/queue/max_sectors_kb) max_segments=$(cat /sys/block/$b/queue/max_segments) nr_requests=$(cat /sys/block/$b/queue/nr_requests) write_cache=$(cat /sys/block/$b/queue/write_cache 2>/dev/null)"
+    # fill the span once (allocates every cluster of a qcow2 / every block of a raw file)
+    xsbio $D fill 1048576 $SPAN 0 "$lab-r$ROUND" || ck bench-fill-$lab 1
+  done
+  # odd rounds in the order given, even rounds reversed (drift of the host load cancels out)
+  [ $((ROUND % 2)) = 0 ] && { r=; for ld in $list; do r="$ld $r"; done; list=$r; }
+  for t in "randread 4096 1" "randread 4096 8" "randwrite 4096 1" "randwrite 4096 8" "seqread 1048576 1" "seqwrite 1048576 1"; do
+    set -- $t
+    for ld in $list; do
+      xsbio ${ld#*:} $1 $2 $SPAN $SECS "${ld%%:*}-r$ROUND" $3 || ck "bench-$1-${ld%%:*}" 1
     done
-    r=$((r+1))
   done
   ck bench-ran 0
 }
 
 case $PHASE in
-  fs) fs_test; bench;;
+  fs) fs_test;;
   bench) bench;;
   *) echo "XSB-GUEST-CHECK phase bad: '$PHASE'";;
 esac

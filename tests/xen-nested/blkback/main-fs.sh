@@ -1,21 +1,31 @@
 #!/bin/bash
 # main-fs.sh - dom0 script of the filesystem / live-checkpoint / benchmark test (run via
-# run-fs-bench.sh). One boot, three phases, the same guest (guest-fs.sh) and workload:
+# run-fs-bench.sh). One boot of the test bed:
 #  S  (blkback-snap, qcow2): xen-blkback unloaded, `blkback-snap watch`; guest xsbfs with
-#     xvda = fs.qcow2 (mkfs.ext4, data set, umount/fsck/remount/verify, fstrim, file I/O, then a
-#     writer during which dom0 takes checkpoint "during-write" over the image socket alias) and
-#     xvdb = bench-s.qcow2 (benchmark). fs.qcow2 goes back to the host for the checkpoint checks.
-#  Q  (QEMU qdisk, qcow2): watcher stopped; guest xsbq, xvdb = bench-q.qcow2, backendtype=qdisk.
-#  K  (kernel xen-blkback, raw file via loop): modprobe xen-blkback; guest xsbk, xvdb = raw file.
+#     xvda = fs.qcow2: mkfs.ext4, data set, umount/fsck/remount/verify, fstrim, file I/O, then a
+#     writer during which dom0 takes checkpoint "during-write" over the image socket alias.
+#     fs.qcow2 goes back to the host for the checkpoint checks.
+#  B  benchmark, XSB_ROUNDS rounds; each round boots (order alternating with the round):
+#     - guest xsbs<r>: xvdb = bench-s.qcow2 served by blkback-snap (watcher started with
+#       BLKBACK_SNAP_IO_THREADS=$XSB_SNAP_THREADS, default 4) and xvdc = bench-q.qcow2 served by
+#       QEMU qdisk; the guest alternates every test between the two disks;
+#     - with XSB_SNAP0=1 also guest xsbz<r>: xvdb = bench-s.qcow2, blkback-snap with 0 I/O
+#       threads (one request at a time), label snap0, and xvdc = bench-q.qcow2 on qdisk;
+#     - guest xsbk<r>: xvdb = a raw file via loop, kernel xen-blkback (modprobe'd for it), and
+#       xvdc = bench-q.qcow2 on qdisk.
+#     Every guest has the same two-disk set-up (a qdisk QEMU in dom0 costs the single vCPU
+#     something even while idle), so the guests compare with each other, and qdisk is
+#     measured in each of them.
 # Benchmark lines (XSB-BENCH) of all guests -> $XTB_OUT/bench.txt. Env: XSB_SECS (per test),
-# XSB_ROUNDS, XSB_PHASES (default "S K Q": qdisk last, a dom0 freeze was once seen in it).
+# XSB_ROUNDS, XSB_PHASES (default "S B"), XSB_SNAP_THREADS, XSB_SNAP0.
 # /xtb/put: xensnap (hook), guest-fs.sh, xsbio (static), xsb-guest-overlay.tgz (e2fsprogs),
 # fs.qcow2, bench-s.qcow2, bench-q.qcow2 (made on the host by qemu-img, same options).
 . "$XTB_LIB/xtb.sh"
 P=/xtb/put G=$XTB_GUESTDIR
 INITRD=$G/xsbfs-initrd.gz
 BS=$(command -v blkback-snap)
-SECS=${XSB_SECS:-10} ROUNDS=${XSB_ROUNDS:-2} PHASES=${XSB_PHASES:-S K Q}
+SECS=${XSB_SECS:-10} ROUNDS=${XSB_ROUNDS:-2} PHASES=${XSB_PHASES:-S B}
+SNAPT=${XSB_SNAP_THREADS:-4}
 : > "$XTB_OUT/bench.txt"
 
 if command -v xen_probe >/dev/null; then
@@ -38,11 +48,11 @@ install -m 755 "$P/xensnap" /etc/xen/scripts/xensnap
 for f in fs.qcow2 bench-s.qcow2 bench-q.qcow2; do cp "$P/$f" "$G/$f"; done
 truncate -s 128M "$G/bench-k.raw"
 
-mkcfg() {  # NAME PHASE LABEL DISK...
-  local n=$1 ph=$2 lb=$3 d; shift 3
+mkcfg() {  # NAME PHASE DEVS ROUND DISK...
+  local n=$1 ph=$2 dv=$3 rd=$4 d; shift 4
   {
     echo "name = \"$n\""; echo 'type = "pv"'; echo 'kernel = "/opt/xtb/guest/vmlinuz"'; echo "ramdisk = \"$INITRD\""
-    echo "extra = \"console=hvc0 loglevel=4 xsb.phase=$ph xsb.label=$lb xsb.secs=$SECS xsb.rounds=$ROUNDS\""
+    echo "extra = \"console=hvc0 loglevel=4 xsb.phase=$ph xsb.devs=$dv xsb.round=$rd xsb.secs=$SECS\""
     echo 'memory = 256'; echo 'vcpus = 1'; echo 'on_crash = "destroy"'
     printf 'disk = [ '; for d in "$@"; do printf "'%s', " "$d"; done; echo ']'
   } > "$G/$n.cfg"; echo "$G/$n.cfg"
@@ -68,15 +78,34 @@ run_guest() {
 }
 lastw() { grep -ao 'XSB-W [0-9]*' "$(xtb_console "$1")" | tail -1 | awk '{print $2+0}'; }
 
+# watcher_start THREADS / watcher_stop: blkback-snap's dom0 service (xen-blkback must be out)
+WPID=
+watcher_start() {
+  rmmod xen-blkback 2>/dev/null; xtb_wait 20 eval '! test -e /sys/bus/xen-backend/drivers/vbd && ! grep -q "^xen_blkback " /proc/modules'
+  [ ! -e /sys/bus/xen-backend/drivers/vbd ]; xtb_check kernel-blkback-unloaded $?
+  mkdir -p /run/xensnap
+  BLKBACK_SNAP_IO_THREADS=$1 BLKBACK_SNAP_LOG=info "$BS" watch --log-dir /var/log/xen >> /var/log/xen/xensnap-watch.log 2>&1 & WPID=$!
+  sleep 1; kill -0 $WPID 2>/dev/null; xtb_check watcher-running $? "io threads $1"
+}
+watcher_stop() { [ -n "$WPID" ] && kill $WPID 2>/dev/null; WPID=; sleep 1; }
+# bench_guest NAME DEVS ROUND DISK...: boot a bench guest, wait, collect, destroy
+bench_guest() {
+  local n=$1 dv=$2 rd=$3 nd cfg pids; shift 3
+  nd=$(echo "$dv" | tr ',' '\n' | wc -l)
+  cfg=$(mkcfg $n bench "$dv" "$rd" "$@")
+  run_guest $n "$cfg" $(( 300 + 6 * SECS * nd * 3 ))
+  pids=$(for d in 51728 51744; do xenstore-read /local/domain/0/backend/vbd/$(xl domid $n 2>/dev/null)/$d/xensnap-pid 2>/dev/null; done)
+  for s in "$G/bench-s.qcow2.xensnap.sock"; do [ -S "$s" ] && echo "  stats $n snap disk: $("$BS" ctl "$s" stats 2>/dev/null | tr -d '\n ' | cut -c1-600)"; done
+  xtb_step $n-destroy 60 xl destroy $n
+  for p in $pids; do xtb_wait 60 eval "! kill -0 $p"; done
+}
+
 for PH in $PHASES; do case $PH in
 S)
-  xtb_section "phase S: blkback-snap (qcow2): filesystem, live checkpoint, benchmark"
-  rmmod xen-blkback 2>/dev/null; [ ! -e /sys/bus/xen-backend/drivers/vbd ]; xtb_check kernel-blkback-unloaded $?
-  mkdir -p /run/xensnap
-  BLKBACK_SNAP_LOG=info "$BS" watch --log-dir /var/log/xen > /var/log/xen/xensnap-watch.log 2>&1 & WPID=$!
-  sleep 1; kill -0 $WPID 2>/dev/null; xtb_check watcher-running $?
+  xtb_section "phase S: blkback-snap (qcow2): filesystem and live checkpoint"
+  watcher_start "$SNAPT"
   n=xsbfs; con=$(xtb_console $n); rm -f "$con"
-  cfg=$(mkcfg $n fs snap "vdev=xvda, access=rw, script=xensnap, target=$G/fs.qcow2" "vdev=xvdb, access=rw, script=xensnap, target=$G/bench-s.qcow2")
+  cfg=$(mkcfg $n fs - 0 "vdev=xvda, access=rw, script=xensnap, target=$G/fs.qcow2")
   t=$(xtb_now)
   if xtb_step $n-create 180 xl create "$cfg"; then
     BE=/local/domain/0/backend/vbd/$(xl domid $n)/51712; PIDA=$(xenstore-read $BE/xensnap-pid)
@@ -90,32 +119,48 @@ S)
     WF=$(grep -ao 'XSB-WRITER-DONE files=[0-9]*' "$con" | grep -o '[0-9]*$')
     [ -n "$WF" ] && [ "$WF" -gt "$W1" ]; xtb_check writer-continued-after-checkpoint $? "final file $WF > $W1"
     "$BS" ctl "$G/fs.qcow2.xensnap.sock" checkpoint-list | tr -d '\n ' | cut -c1-400; echo
-    xtb_wait $(( 200 + ROUNDS * 4 * SECS * 3 )) grep -aq XSB-GUEST-DONE "$con"; rc=$?
+    xtb_wait 300 grep -aq XSB-GUEST-DONE "$con"; rc=$?
     xtb_timing $n-create-to-done "$(xtb_since "$t")"; xtb_check $n-guest-done $rc || tail -40 "$con"
     guest_checks $n
     echo "  stats fs disk: $("$BS" ctl "$G/fs.qcow2.xensnap.sock" stats | tr -d '\n ' | cut -c1-600)"
-    echo "  stats bench disk: $("$BS" ctl "$G/bench-s.qcow2.xensnap.sock" stats | tr -d '\n ' | cut -c1-600)"
     xtb_step $n-destroy 60 xl destroy $n
     xtb_wait 60 eval "! kill -0 $PIDA"; xtb_check serving-process-exited $?
     out=$("$BS" check-image "$G/fs.qcow2" 2>&1); rc=$?; echo "  check-image: $(echo "$out" | tr -d '\n' | cut -c1-300)"
     xtb_check fs-image-check-clean $rc
     cp "$G/fs.qcow2" "$XTB_OUT/fs.qcow2"; xtb_check fs-image-copied-to-host $?
   fi
-  kill $WPID 2>/dev/null; sleep 1
+  watcher_stop
   ;;
-Q)
-  xtb_section "phase Q: QEMU qdisk (qcow2): benchmark"
-  n=xsbq; cfg=$(mkcfg $n bench qdisk "vdev=xvdb, access=rw, backendtype=qdisk, format=qcow2, target=$G/bench-q.qcow2")
-  run_guest $n "$cfg" $(( 200 + ROUNDS * 4 * SECS * 3 ))
-  xtb_step $n-destroy 60 xl destroy $n
-  ;;
-K)
-  xtb_section "phase K: kernel xen-blkback (raw file via loop): benchmark"
-  modprobe xen-blkback; xtb_wait 10 test -e /sys/bus/xen-backend/drivers/vbd; xtb_check kernel-blkback-loaded $?
-  n=xsbk; cfg=$(mkcfg $n bench kernel "vdev=xvdb, access=rw, format=raw, target=$G/bench-k.raw")
-  run_guest $n "$cfg" $(( 200 + ROUNDS * 4 * SECS * 3 ))
-  losetup -a | sed 's/^/  /'
-  xtb_step $n-destroy 60 xl destroy $n
+B)
+  r=1; while [ $r -le $ROUNDS ]; do
+    steps="S K"; [ "${XSB_SNAP0:-0}" = 1 ] && steps="S Z K"
+    [ $((r % 2)) = 0 ] && steps=$(echo $steps | tr ' ' '\n' | tac | tr '\n' ' ')
+    for st in $steps; do case $st in
+    S)
+      xtb_section "bench round $r: blkback-snap ($SNAPT I/O threads, qcow2) and QEMU qdisk (qcow2) in one guest"
+      watcher_start "$SNAPT"
+      bench_guest xsbs$r "snap:/dev/xvdb,qdisk:/dev/xvdc" $r \
+        "vdev=xvdb, access=rw, script=xensnap, target=$G/bench-s.qcow2" \
+        "vdev=xvdc, access=rw, backendtype=qdisk, format=qcow2, target=$G/bench-q.qcow2"
+      watcher_stop
+      ;;
+    Z)
+      xtb_section "bench round $r: blkback-snap (0 I/O threads, qcow2)"
+      watcher_start 0
+      bench_guest xsbz$r "snap0:/dev/xvdb,qdisk:/dev/xvdc" $r "vdev=xvdb, access=rw, script=xensnap, target=$G/bench-s.qcow2" \
+        "vdev=xvdc, access=rw, backendtype=qdisk, format=qcow2, target=$G/bench-q.qcow2"
+      watcher_stop
+      ;;
+    K)
+      xtb_section "bench round $r: kernel xen-blkback (raw file via loop)"
+      modprobe xen-blkback; xtb_wait 10 test -e /sys/bus/xen-backend/drivers/vbd; xtb_check kernel-blkback-loaded $?
+      bench_guest xsbk$r "kernel:/dev/xvdb,qdisk:/dev/xvdc" $r "vdev=xvdb, access=rw, format=raw, target=$G/bench-k.raw" \
+        "vdev=xvdc, access=rw, backendtype=qdisk, format=qcow2, target=$G/bench-q.qcow2"
+      losetup -a | sed 's/^/  /'
+      ;;
+    esac; done
+    r=$((r+1))
+  done
   ;;
 esac; done
 

@@ -11,10 +11,40 @@
 #     its journal is replayed on a copy (as a mount after a crash would), e2fsck -fn must be
 #     clean, it must mount read-only, and every writer file whose fsync'd sum file exists in the
 #     checkpoint must match its sum;
-#  4. prints the benchmark table (blkback-snap qcow2 vs qdisk qcow2 vs kernel blkback raw).
-# Exit = failed checks (dom0 + host); 124/125 as boot.sh. Env: XSB_SECS, XSB_ROUNDS, XSB_TIMEOUT.
+#  4. prints the benchmark table (blkback-snap qcow2 vs qdisk qcow2 vs kernel blkback raw): per
+#     test the median over the rounds of each backend, the ratios snap/qdisk and snap/kernel,
+#     and every round's value (see main-fs.sh for how the rounds alternate the backends).
+# Exit = failed checks (dom0 + host); 124/125 as boot.sh. Env: XSB_SECS, XSB_ROUNDS,
+# XSB_TIMEOUT, XSB_SNAP_THREADS (blkback-snap I/O threads, default 4), XSB_SNAP0=1 (also
+# measure blkback-snap with 0 I/O threads), XSB_PHASES.
 set -uo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd); ROOT=$(cd "$HERE/../../.." && pwd); XN=$(dirname "$HERE")
+# bench_table FILE: XSB-BENCH lines -> per test (mode, size, queue depth): median over rounds per
+# backend (IOPS for 4 KiB, MiB/s for 1 MiB), snap/qdisk and snap/kernel (and snap0/...) ratios
+bench_table() {
+  awk '
+    function med(s,   a, n, i, j, t) { n = split(s, a, " "); for (i = 2; i <= n; i++) { t = a[i] + 0; for (j = i - 1; j >= 1 && a[j] + 0 > t; j--) a[j+1] = a[j]; a[j+1] = t }
+      return n == 0 ? 0 : (n % 2 ? a[(n+1)/2] : (a[n/2] + a[n/2+1]) / 2) }
+    $1 == "XSB-BENCH" { lab = $2; sub(/-r[0-9]+$/, "", lab); mode = $3; if (mode == "fill") next
+      delete v; for (i = 4; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
+      if (v["qd"] == "") v["qd"] = 1
+      t = mode " " (v["bs"] >= 1048576 ? "1M" : v["bs"]/1024 "K") " QD" v["qd"]
+      if (!(t in seen)) { seen[t] = 1; order[++nt] = t; unit[t] = (v["bs"] >= 1048576 ? "MiB/s" : "IOPS") }
+      val = (v["bs"] >= 1048576 ? v["mibps"] : v["iops"]); vals[lab, t] = vals[lab, t] " " sprintf("%.1f", val); labs[lab] = 1 }
+    END {
+      z = ("snap0" in labs)
+      printf "%-20s %-5s %9s %9s %9s %s %10s %11s %s  %s\n", "test", "unit", "snap", "qdisk", "kernel", (z ? sprintf("%9s", "snap0") : ""), "snap/qdisk", "snap/kernel", (z ? "snap0/qdisk snap0/kernel" : ""), "rounds: snap | qdisk | kernel" (z ? " | snap0" : "")
+      for (i = 1; i <= nt; i++) { t = order[i]
+        s = med(vals["snap", t]); q = med(vals["qdisk", t]); k = med(vals["kernel", t]); s0 = med(vals["snap0", t])
+        printf "%-20s %-5s %9.1f %9.1f %9.1f %s %10s %11s %s  %s |%s |%s%s\n", t, unit[t], s, q, k, (z ? sprintf("%9.1f", s0) : ""),
+          (q > 0 ? sprintf("%.2fx", s/q) : "-"), (k > 0 ? sprintf("%.2fx", s/k) : "-"),
+          (z ? sprintf("%11s %12s", (q > 0 ? sprintf("%.2fx", s0/q) : "-"), (k > 0 ? sprintf("%.2fx", s0/k) : "-")) : ""),
+          vals["snap", t], vals["qdisk", t], vals["kernel", t], (z ? " |" vals["snap0", t] : "") }
+      print "goals: snap/qdisk >= 1.20x, snap/kernel >= 0.80x"
+    }' "$1"
+}
+# `run-fs-bench.sh --table bench.txt` prints the table of an earlier run's bench.txt.
+[ "${1:-}" = --table ] && { bench_table "$2"; exit 0; }
 BINS=${XSB_BINS:-}
 if [ -z "$BINS" ]; then
   (cd "$ROOT" && cargo build --release -q -p blkback-snap -p xl-plugin --bins && cargo build --release -q -p libxc-ffi --example xen_probe) || exit 2
@@ -24,7 +54,7 @@ W=$(mktemp -d /tmp/xsbfs-run.XXXX); trap 'umount "$W/mnt" 2>/dev/null; rm -rf "$
 mkdir -p "$W/bins" "$W/ov/usr/sbin" "$W/ov/etc" "$W/mnt"
 cp "$BINS/blkback-snap" "$W/bins/" || exit 2
 cp "$BINS/examples/xen_probe" "$W/bins/" 2>/dev/null || echo "INFO no xen_probe example in $BINS/examples"
-gcc -O2 -static -o "$W/xsbio" "$HERE/xsbio.c" || exit 2
+gcc -O2 -static -pthread -o "$W/xsbio" "$HERE/xsbio.c" || exit 2
 # e2fsprogs for the guest (the busybox guest has mke2fs without ext4 journal support and no e2fsck)
 for b in mke2fs e2fsck; do
   cp /usr/sbin/$b "$W/ov/usr/sbin/" || exit 2
@@ -35,10 +65,10 @@ tar czf "$W/xsb-guest-overlay.tgz" -C "$W/ov" . || exit 2
 qemu-img create -q -f qcow2 "$W/fs.qcow2" 256M || exit 2
 # the two benchmark images: same qemu-img options (default 64 KiB clusters) for both backends
 qemu-img create -q -f qcow2 "$W/bench-s.qcow2" 128M && qemu-img create -q -f qcow2 "$W/bench-q.qcow2" 128M || exit 2
-ENV=(); for v in XSB_SECS XSB_ROUNDS XSB_PHASES; do [ -n "${!v:-}" ] && ENV+=(--env "$v=${!v}"); done
+ENV=(); for v in XSB_SECS XSB_ROUNDS XSB_PHASES XSB_SNAP_THREADS XSB_SNAP0; do [ -n "${!v:-}" ] && ENV+=(--env "$v=${!v}"); done
 for attempt in 1 2; do
   RUN=${XTB_RUNS:-/var/tmp/xensnap-testbed/runs}/xsbfs-$(date +%Y%m%d-%H%M%S)-$$
-  "$XN/boot.sh" --name xsbfs --run-dir "$RUN" --timeout "${XSB_TIMEOUT:-1500}" --bins "$W/bins" "${ENV[@]}" \
+  "$XN/boot.sh" --name xsbfs --run-dir "$RUN" --timeout "${XSB_TIMEOUT:-2400}" --bins "$W/bins" "${ENV[@]}" \
     --put "$ROOT/hooks/xensnap" --put "$HERE/guest-fs.sh" --put "$W/xsbio" --put "$W/xsb-guest-overlay.tgz" \
     --put "$W/fs.qcow2" --put "$W/bench-s.qcow2" --put "$W/bench-q.qcow2" "$@" "$HERE/main-fs.sh"
   RC=$?
@@ -94,24 +124,9 @@ else
   hc fs-image-returned 1 "no $OUT/fs.qcow2"
 fi
 
-echo; echo "===== benchmark (same guest, xsbio O_DIRECT QD1, ${XSB_SECS:-10} s per test; TCG: only ratios mean anything) ====="
+echo; echo "===== benchmark (xsbio O_DIRECT in the same guest kernel, ${XSB_SECS:-10} s per test, median of ${XSB_ROUNDS:-2} rounds; TCG: only ratios mean anything) ====="
 if [ -s "$OUT/bench.txt" ]; then
-  awk '
-    { lab=$2; sub(/-r[0-9]+$/, "", lab); mode=$3; if (mode=="fill") next
-      for (i=4;i<=NF;i++){ split($i,kv,"="); v[kv[1]]=kv[2] }
-      k=lab SUBSEP mode; sumi[k]+=v["iops"]; summ[k]+=v["mibps"]; n[k]++
-      r[k]=r[k] sprintf(" %.0f", v["iops"]); labs[lab]=1 }
-    END {
-      split("randread randwrite seqread seqwrite", M, " ")
-      printf "%-10s %-5s %12s %12s %12s %11s %11s  %s\n", "test", "unit", "snap-qcow2", "qdisk-qcow2", "kernel-raw", "snap/qdisk", "snap/kernel", "per-round IOPS snap | qdisk | kernel"
-      for (m=1;m<=4;m++) { mo=M[m]; big=(mo ~ /^seq/)
-        s=n["snap",mo]? (big? summ["snap",mo]:sumi["snap",mo])/n["snap",mo] : 0
-        q=n["qdisk",mo]? (big? summ["qdisk",mo]:sumi["qdisk",mo])/n["qdisk",mo] : 0
-        kk=n["kernel",mo]? (big? summ["kernel",mo]:sumi["kernel",mo])/n["kernel",mo] : 0
-        printf "%-10s %-5s %12.1f %12.1f %12.1f %11s %11s  %s |%s |%s\n", mo (big?" 1M":" 4K"), (big?"MiB/s":"IOPS"), s, q, kk,
-          (q>0? sprintf("%.2fx", s/q) : "-"), (kk>0? sprintf("%.2fx", s/kk) : "-"), r["snap",mo], r["qdisk",mo], r["kernel",mo] }
-      print "goals: snap/qdisk >= 1.20x, snap/kernel >= 0.80x"
-    }' "$OUT/bench.txt" | tee "$OUT/bench-table.txt"
+  bench_table "$OUT/bench.txt" | tee "$OUT/bench-table.txt"
 else
   echo "no benchmark results"
 fi
