@@ -440,8 +440,16 @@ fn spawn_durability(img: Arc<Mutex<Qcow2>>) {
         } else {
             match shared.durable_work(1) {
                 Ok(p) => (p.locked * 3).max(Duration::from_micros(50)),
+                Err(e @ xensnap_qcow2::Error::Poisoned { .. }) => {
+                    // A flush failed (here or a guest's): what it should have made durable
+                    // may be lost even if a later flush succeeds. Retrying could only report
+                    // a checkpoint durable over lost writes; the engine refuses, so stop.
+                    tracing::error!("background checkpoint work stopped: {e}");
+                    return;
+                }
                 Err(e) => {
-                    // The work stays queued where it stopped; retry later.
+                    // The work stays queued where it stopped; retry later (a failed flush
+                    // poisons the image, so a retry never runs over a failed barrier).
                     tracing::error!("background checkpoint work: {e}; retrying in 1 s");
                     Duration::from_secs(1)
                 }

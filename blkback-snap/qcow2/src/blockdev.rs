@@ -46,7 +46,8 @@ impl SharedImage {
             DurableStep::Done(done) => Ok(DurableProgress { done, locked, synced: Duration::ZERO }),
             DurableStep::Barrier(b) => {
                 let t = Instant::now();
-                // on failure the barrier stays pending: the next call hands it out again
+                // a failure poisons the image (the kernel may have dropped the writes this
+                // barrier was for): every later step, flush and write is refused
                 let s = b.sync()?;
                 let synced = t.elapsed();
                 let mut g = lock(&self.0);

@@ -153,7 +153,12 @@ pub struct SyncedBarrier {
 
 impl DurableBarrier {
     /// Flush the image file (fdatasync); needs no access to the image.
+    /// Refused on a poisoned image; a failure poisons it (see [`crate::io::Poison`]), so the
+    /// barrier is never retried over writes the kernel may have dropped.
     pub fn sync(self) -> Result<SyncedBarrier> {
+        if let Some(first) = self.handle.poisoned() {
+            return Err(Error::Poisoned { first });
+        }
         self.handle.sync().map_err(|e| Error::io("flushing for a checkpoint commit (outside the image lock)", e))?;
         Ok(SyncedBarrier { ticket: self.ticket })
     }
@@ -489,6 +494,9 @@ impl Qcow2 {
     /// Record a barrier run outside the lock (see [`Qcow2::durable_step_staged`]). A stale
     /// one (the work moved on meanwhile, e.g. a `wait_durable` ran it inline) is ignored.
     pub fn durable_barrier_done(&mut self, b: SyncedBarrier) {
+        if self.poisoned().is_some() {
+            return; // (a barrier that "succeeded" after the image was poisoned proves nothing)
+        }
         if let Some(Job::Link { stage, .. } | Job::Drop { stage, .. }) = self.jobs.front_mut() {
             if stage.wait == Some(b.ticket) {
                 stage.wait = None;
@@ -500,6 +508,7 @@ impl Qcow2 {
         if self.read_only || self.jobs.is_empty() {
             return Ok(DurableStep::Done(self.jobs.is_empty()));
         }
+        self.check_poison()?;
         let handle = if inline { None } else { self.io.sync_handle() };
         let inline = handle.is_none();
         let mut left = budget.max(1) as u64 * EMPTY_PER_UNIT;

@@ -34,6 +34,12 @@ pub enum Error {
     /// A refcount would exceed the maximum of the image's refcount width.
     #[error("refcount overflow: {what}")]
     RefcountOverflow { what: String },
+    /// An earlier flush (or write) of the image file failed: what it should have made
+    /// durable may be lost even if a later flush succeeds, so every write, flush and
+    /// checkpoint step is refused until the image is reopened (which rebuilds what a crash
+    /// would). Names the first failure.
+    #[error("image poisoned by an earlier failure ({first}): reopen it; writes, flushes and checkpoints are refused")]
+    Poisoned { first: String },
 }
 
 impl Error {

@@ -134,6 +134,9 @@ pub struct Qcow2 {
     pub(crate) leak_window: bool,
     /// Last barrier ticket handed out by a staged commit (see `durable.rs`).
     pub(crate) next_ticket: u64,
+    /// The first failed flush or write of this engine (for an [`ImageIo`] that does not
+    /// track poisoning itself, see [`crate::io::Poison`]): everything is refused after it.
+    pub(crate) failed: Option<String>,
 }
 
 fn ioe(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
@@ -328,6 +331,7 @@ impl Qcow2 {
             old_l1_dirty: None,
             leak_window: false,
             next_ticket: 0,
+            failed: None,
             h,
         };
         if !img.read_only {
@@ -389,7 +393,20 @@ impl Qcow2 {
     pub(crate) fn geom(&self) -> L2Geom {
         L2Geom { cluster_bits: self.h.cluster_bits, extended: self.h.extended_l2() }
     }
+    /// The first failure that poisoned the image (a failed flush or write, here or through
+    /// a sync handle), if any.
+    pub(crate) fn poisoned(&self) -> Option<String> {
+        self.failed.clone().or_else(|| self.io.poisoned())
+    }
+    /// Refuse work on a poisoned image ([`Error::Poisoned`]).
+    pub(crate) fn check_poison(&self) -> Result<()> {
+        match self.poisoned() {
+            Some(first) => Err(Error::Poisoned { first }),
+            None => Ok(()),
+        }
+    }
     pub(crate) fn check_writable(&self) -> Result<()> {
+        self.check_poison()?;
         if self.read_only {
             if let Some(r) = &self.ro_reason {
                 debug!("write refused: read-only{r}");
@@ -957,7 +974,12 @@ impl Qcow2 {
     // ------------------------------------------------------------------ flush
 
     pub(crate) fn sync(&mut self, what: &str) -> Result<()> {
-        self.io.flush().map_err(ioe(format!("flushing ({what})")))
+        self.check_poison()?;
+        if let Err(e) = self.io.flush() {
+            self.failed.get_or_insert_with(|| format!("flushing ({what}): {e}"));
+            return Err(Error::io(format!("flushing ({what})"), e));
+        }
+        Ok(())
     }
 
     fn write_dirty_l2(&mut self) -> Result<()> {
@@ -1066,6 +1088,7 @@ impl Qcow2 {
         if self.read_only {
             return Ok(());
         }
+        self.check_poison()?;
         if self.l1_unpublished {
             // writes after a revert switch become durable with the switch itself
             self.complete_switch()?;

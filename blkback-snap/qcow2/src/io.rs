@@ -28,6 +28,11 @@ pub trait ImageIo: Send {
     fn sync_handle(&self) -> Option<SyncHandle> {
         None
     }
+    /// The first failure that poisoned this image file (see [`Poison`]), if any: every
+    /// later write and flush, through this object or its [`SyncHandle`]s, is refused.
+    fn poisoned(&self) -> Option<String> {
+        None
+    }
     /// Whether the image is empty (length 0).
     fn is_empty(&self) -> io::Result<bool> {
         Ok(self.len()? == 0)
@@ -50,8 +55,64 @@ fn mem_range(off: u64, len: usize) -> io::Result<(usize, usize)> {
     Ok((start, end))
 }
 
+/// The poisoned state of an image file, shared by its [`ImageIo`] and every [`SyncHandle`].
+///
+/// After a failed `fdatasync` the kernel may have dropped the dirty pages it could not
+/// write, and the next `fdatasync` returns success: a retried flush would then "complete"
+/// over writes that never reached the disk. The error is also reported once per open file
+/// description, so of a guest flush and a background barrier (a `try_clone` of the same
+/// description) only the first to sync sees it. So the first failed sync (or failed write)
+/// poisons the image: every later write and sync, through any handle, is refused naming that
+/// failure, until the image is reopened. Syncs run under the poison's lock, so a sync that
+/// fails poisons the image before any other sync can return success.
+#[derive(Clone, Default)]
+pub struct Poison(Arc<Mutex<Option<String>>>);
+
+impl Poison {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<String>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+    /// The first failure, if the image is poisoned.
+    pub fn get(&self) -> Option<String> {
+        self.lock().clone()
+    }
+    /// Poison the image (the first failure is kept).
+    pub fn set(&self, what: String) {
+        let mut g = self.lock();
+        if g.is_none() {
+            *g = Some(what);
+        }
+    }
+    /// Run a sync under the poison lock: refused if poisoned, poisons on failure.
+    fn sync_with(&self, what: &str, f: impl FnOnce() -> io::Result<()>) -> io::Result<()> {
+        let mut g = self.lock();
+        if let Some(first) = g.as_ref() {
+            return Err(poisoned_error(first));
+        }
+        f().inspect_err(|e| *g = Some(format!("{what} failed: {e}")))
+    }
+    fn check(&self) -> io::Result<()> {
+        match self.get() {
+            Some(first) => Err(poisoned_error(&first)),
+            None => Ok(()),
+        }
+    }
+}
+
+/// The error of an operation refused on a poisoned image.
+fn poisoned_error(first: &str) -> io::Error {
+    io::Error::other(format!("the image is poisoned by an earlier failure ({first}); reopen it"))
+}
+
+/// Does a failed write leave the file in an unknown state? Not for "no space" (nothing was
+/// written past what the error reports, and the engine keeps its metadata dirty for a later
+/// retry); any other write error poisons the image.
+fn write_poisons(e: &io::Error) -> bool {
+    !matches!(e.raw_os_error(), Some(28) | Some(122)) // ENOSPC, EDQUOT
+}
+
 /// Flushes an image file independently of its [`ImageIo`] (see [`ImageIo::sync_handle`]).
-pub struct SyncHandle(SyncTarget);
+pub struct SyncHandle(SyncTarget, Poison);
 
 enum SyncTarget {
     File(File),
@@ -60,11 +121,19 @@ enum SyncTarget {
 
 impl SyncHandle {
     /// `fdatasync` the image file (for a [`FaultIo`]: a flush of the shared state, counted
-    /// and failed like any other flush).
+    /// and failed like any other flush). Refused once the image is poisoned; a failure
+    /// poisons it (see [`Poison`]).
     pub fn sync(&self) -> io::Result<()> {
         match &self.0 {
-            SyncTarget::File(f) => f.sync_data(),
+            SyncTarget::File(f) => self.1.sync_with("fdatasync (sync handle)", || f.sync_data()),
             SyncTarget::Fault(f) => f.clone().flush(),
+        }
+    }
+    /// The first failure that poisoned the image, if any.
+    pub fn poisoned(&self) -> Option<String> {
+        match &self.0 {
+            SyncTarget::File(_) => self.1.get(),
+            SyncTarget::Fault(f) => f.poisoned(),
         }
     }
 }
@@ -75,11 +144,12 @@ pub struct FileIo {
     /// Written (or resized) since the last successful `fdatasync` through this object: a
     /// flush with nothing written since the previous one is skipped (it would be a no-op).
     unsynced: bool,
+    poison: Poison,
 }
 
 impl FileIo {
     pub fn new(file: File) -> Self {
-        FileIo { file, unsynced: true }
+        FileIo { file, unsynced: true, poison: Poison::default() }
     }
 }
 
@@ -88,14 +158,21 @@ impl ImageIo for FileIo {
         self.file.read_exact_at(buf, off)
     }
     fn write_at(&mut self, buf: &[u8], off: u64) -> io::Result<()> {
+        self.poison.check()?;
         self.unsynced = true;
-        self.file.write_all_at(buf, off)
+        self.file.write_all_at(buf, off).inspect_err(|e| {
+            if write_poisons(e) {
+                self.poison.set(format!("write of {} bytes at {off:#x} failed: {e}", buf.len()));
+            }
+        })
     }
     fn flush(&mut self) -> io::Result<()> {
+        self.poison.check()?;
         if !self.unsynced {
             return Ok(());
         }
-        self.file.sync_data()?;
+        let file = &self.file;
+        self.poison.sync_with("fdatasync", || file.sync_data())?;
         self.unsynced = false;
         Ok(())
     }
@@ -103,18 +180,28 @@ impl ImageIo for FileIo {
         Ok(self.file.metadata()?.len())
     }
     fn set_len(&mut self, len: u64) -> io::Result<()> {
+        self.poison.check()?;
         self.unsynced = true;
-        self.file.set_len(len)
+        self.file.set_len(len).inspect_err(|e| {
+            if write_poisons(e) {
+                self.poison.set(format!("resizing to {len} bytes failed: {e}"));
+            }
+        })
     }
     fn sync_handle(&self) -> Option<SyncHandle> {
-        self.file.try_clone().ok().map(|f| SyncHandle(SyncTarget::File(f)))
+        self.file.try_clone().ok().map(|f| SyncHandle(SyncTarget::File(f), self.poison.clone()))
+    }
+    fn poisoned(&self) -> Option<String> {
+        self.poison.get()
     }
 }
 
-/// A plain in-memory image (every write is immediately "durable").
+/// A plain in-memory image (every write is immediately "durable"; it never fails, so it is
+/// only poisoned on purpose, [`MemIo::poison`], to test the refusals).
 #[derive(Clone, Default)]
 pub struct MemIo {
     data: Arc<Mutex<Vec<u8>>>,
+    poison: Poison,
 }
 
 impl MemIo {
@@ -122,7 +209,11 @@ impl MemIo {
         Self::default()
     }
     pub fn from_bytes(data: Vec<u8>) -> Self {
-        MemIo { data: Arc::new(Mutex::new(data)) }
+        MemIo { data: Arc::new(Mutex::new(data)), poison: Poison::default() }
+    }
+    /// Poison the image as a failed sync would (see [`Poison`]).
+    pub fn poison(&self, what: &str) {
+        self.poison.set(what.to_string());
     }
     /// A copy of the current bytes. Clones of a `MemIo` share the same bytes.
     pub fn bytes(&self) -> Vec<u8> {
@@ -167,16 +258,21 @@ impl ImageIo for MemIo {
         vec_read(&self.lock(), buf, off)
     }
     fn write_at(&mut self, buf: &[u8], off: u64) -> io::Result<()> {
+        self.poison.check()?;
         vec_write(&mut self.lock(), buf, off)
     }
     fn flush(&mut self) -> io::Result<()> {
-        Ok(())
+        self.poison.check()
     }
     fn len(&self) -> io::Result<u64> {
         Ok(self.lock().len() as u64)
     }
     fn set_len(&mut self, len: u64) -> io::Result<()> {
+        self.poison.check()?;
         vec_set_len(&mut self.lock(), len)
+    }
+    fn poisoned(&self) -> Option<String> {
+        self.poison.get()
     }
 }
 
@@ -201,6 +297,12 @@ struct FaultState {
     writes: u64,
     flushes: u64,
     reads: u64,
+    /// Fail the n-th later flush (1 = the next one) once, dropping the unsynced writes
+    /// (they stay visible to reads but never become durable), as Linux may after an
+    /// `fdatasync` EIO: the flush after it succeeds.
+    lossy_sync_after: Option<u64>,
+    /// The first failure (see [`Poison`]): later writes and flushes are refused.
+    poisoned: Option<String>,
 }
 
 /// An in-memory image with a volatile write cache, for crash tests.
@@ -266,6 +368,21 @@ impl FaultIo {
     /// every one after it too (a dead disk). `None` disarms.
     pub fn fail_after(&self, n: Option<u64>) {
         self.lock().fail_after = n;
+    }
+    /// Make the `n`-th later flush (1 = the next one, through this object or a sync handle)
+    /// fail once with its unsynced writes dropped: they stay visible to reads but never
+    /// become durable, and the device's next flush would succeed (the kernel's behaviour
+    /// after an `fdatasync` EIO). `None` disarms.
+    pub fn lossy_sync_after(&self, n: Option<u64>) {
+        self.lock().lossy_sync_after = n;
+    }
+    /// The first failure that poisoned this image, if any (see [`Poison`]).
+    pub fn poisoned(&self) -> Option<String> {
+        self.lock().poisoned.clone()
+    }
+    /// Forget a poisoning (the image is "reopened" by a test that keeps this handle).
+    pub fn clear_poison(&self) {
+        self.lock().poisoned = None;
     }
     /// Number of read calls so far.
     pub fn read_count(&self) -> u64 {
@@ -346,18 +463,55 @@ impl ImageIo for FaultIo {
     }
     fn write_at(&mut self, buf: &[u8], off: u64) -> io::Result<()> {
         let mut st = self.lock();
+        if let Some(first) = &st.poisoned {
+            return Err(poisoned_error(first));
+        }
         st.writes += 1;
-        Self::check_fail(&mut st)?;
+        if let Err(e) = Self::check_fail(&mut st) {
+            st.poisoned = Some(format!("write at {off:#x} failed: {e}"));
+            return Err(e);
+        }
         vec_write(&mut st.current, buf, off)?;
         st.pending.push(Pending::Write { off, data: Arc::new(buf.to_vec()) });
         Ok(())
     }
     fn flush(&mut self) -> io::Result<()> {
         let mut st = self.lock();
+        if let Some(first) = &st.poisoned {
+            return Err(poisoned_error(first));
+        }
         st.flushes += 1;
-        Self::check_fail(&mut st)?;
-        st.durable = Arc::new(st.current.clone());
-        st.pending.clear();
+        if let Err(e) = Self::check_fail(&mut st) {
+            st.poisoned = Some(format!("flush failed: {e}"));
+            return Err(e);
+        }
+        if let Some(n) = st.lossy_sync_after {
+            st.lossy_sync_after = if n <= 1 { None } else { Some(n - 1) };
+            if n <= 1 {
+                // the kernel gives up on the dirty pages: never durable, and the next
+                // flush has nothing left to write
+                st.pending.clear();
+                let e = io::Error::other("injected fdatasync error (unsynced writes dropped)");
+                st.poisoned = Some(format!("flush failed: {e}"));
+                return Err(e);
+            }
+        }
+        // the unsynced writes become durable (not `current`: writes dropped by a failed
+        // sync stay visible to reads but never reach the disk)
+        let pending = std::mem::take(&mut st.pending);
+        let mut durable = std::mem::take(&mut st.durable);
+        let d = Arc::make_mut(&mut durable);
+        for op in pending {
+            match op {
+                Pending::Write { off, data } => {
+                    let _ = vec_write(d, &data, off);
+                }
+                Pending::SetLen(l) => {
+                    let _ = vec_set_len(d, l);
+                }
+            }
+        }
+        st.durable = durable;
         Ok(())
     }
     fn len(&self) -> io::Result<u64> {
@@ -365,14 +519,23 @@ impl ImageIo for FaultIo {
     }
     fn set_len(&mut self, len: u64) -> io::Result<()> {
         let mut st = self.lock();
+        if let Some(first) = &st.poisoned {
+            return Err(poisoned_error(first));
+        }
         st.writes += 1;
-        Self::check_fail(&mut st)?;
+        if let Err(e) = Self::check_fail(&mut st) {
+            st.poisoned = Some(format!("resize failed: {e}"));
+            return Err(e);
+        }
         vec_set_len(&mut st.current, len)?;
         st.pending.push(Pending::SetLen(len));
         Ok(())
     }
     fn sync_handle(&self) -> Option<SyncHandle> {
-        Some(SyncHandle(SyncTarget::Fault(self.clone())))
+        Some(SyncHandle(SyncTarget::Fault(self.clone()), Poison::default()))
+    }
+    fn poisoned(&self) -> Option<String> {
+        FaultIo::poisoned(self)
     }
 }
 
@@ -421,6 +584,38 @@ mod tests {
         assert!(f.flush().is_err());
         assert!(f.write_at(&[1], 0).is_err());
         f.fail_after(None);
+        // the failures poisoned it: refused until "reopened"
+        assert!(f.write_at(&[1], 0).is_err());
+        assert!(f.poisoned().is_some_and(|p| p.contains("flush failed")));
+        f.clear_poison();
         f.write_at(&[1], 0).unwrap();
+    }
+
+    #[test]
+    fn faultio_lossy_sync_drops_writes_and_poisons() {
+        let mut f = FaultIo::from_bytes(vec![0; 1024]);
+        f.write_at(&[7; 512], 0).unwrap();
+        f.lossy_sync_after(Some(1));
+        assert!(f.flush().is_err());
+        assert_eq!(f.durable()[0], 0, "a failed sync made the write durable");
+        assert_eq!(f.current()[0], 7, "the dropped write is still visible to reads");
+        let h = f.sync_handle().unwrap();
+        assert!(h.sync().is_err(), "the sync handle synced a poisoned image");
+        assert!(f.flush().is_err(), "a flush after a failed sync succeeded");
+        assert!(f.write_at(&[8; 512], 512).is_err());
+        // the device itself would now report success over the lost write
+        f.clear_poison();
+        f.flush().unwrap();
+        assert_eq!(f.durable()[0], 0);
+    }
+
+    #[test]
+    fn memio_poison_refuses_writes_and_flushes() {
+        let mut m = MemIo::new();
+        m.write_at(&[1], 0).unwrap();
+        m.poison("test");
+        assert!(m.write_at(&[1], 0).is_err());
+        assert!(m.flush().is_err());
+        assert_eq!(m.poisoned().as_deref(), Some("test"));
     }
 }

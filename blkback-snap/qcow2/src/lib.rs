@@ -47,6 +47,12 @@
 //!   cleared by the first flush (or `close`) after all work is durable, once its write-back
 //!   has put the active L1/L2 on disk, so after a crash our open and QEMU's open rebuild the
 //!   refcounts and COPIED flags instead of trusting stale ones.
+//! * A failed flush (or write) poisons the image (`io::Poison`, shared by the image I/O and
+//!   its sync handles): after an `fdatasync` error the kernel may drop the unwritten pages
+//!   and report success to the next one, and only the first of a guest flush and a
+//!   background barrier sees the error. Every later write, flush, checkpoint step and
+//!   barrier fails with [`Error::Poisoned`] naming the first failure, until the image is
+//!   reopened (reads still work). "No space" write errors do not poison.
 //! * `close` finishes pending work; dropping the engine without `close` drops it (the image
 //!   stays consistent).
 //! * [`Qcow2`] is not internally synchronised: use one owner, or [`SharedImage`]
@@ -76,7 +82,7 @@ pub use check::CheckReport;
 pub use error::{Error, Result};
 pub use header::CompressionType;
 pub use image::{CreateOptions, ImageInfo, MapEntry, OpenOptions, Qcow2};
-pub use io::{FaultIo, FileIo, ImageIo, MemIo, SyncHandle};
+pub use io::{FaultIo, FileIo, ImageIo, MemIo, Poison, SyncHandle};
 pub use snapshot::{CheckpointState, SnapshotInfo};
 
 /// Fuzzing entry point: open `data` read-only, check it, read every cluster of the active
