@@ -89,7 +89,8 @@ pub(crate) enum DropWhat {
 /// next one's writes ends with a barrier (`wait`), which a driver may run *without* the
 /// image lock ([`Qcow2::durable_step_staged`]) or the engine runs itself
 /// ([`Qcow2::durable_step`]). Allocations are made once and remembered, so a step retried
-/// after an I/O error rewrites the same places.
+/// after an error (a read error: a failed write or sync poisons the image instead) rewrites
+/// the same places.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Stage {
     /// The next step to run (0: not begun).
