@@ -298,6 +298,12 @@ fn spawn_durability(q: Arc<Mutex<xensnap_qcow2::Qcow2>>) {
         }
         let pause = match img.durable_work(1) {
             Ok(p) => (p.locked * 3).max(Duration::from_micros(50)),
+            Err(e @ xensnap_qcow2::Error::Poisoned { .. }) => {
+                // A flush failed (ours or the guest's): retrying could only report a
+                // checkpoint durable over lost writes, and the engine refuses; stop.
+                tracing::error!("background checkpoint work stopped: {e}");
+                return;
+            }
             Err(e) => {
                 tracing::error!("background checkpoint work: {e}; retrying in 1 s");
                 Duration::from_secs(1)
