@@ -8,7 +8,8 @@
  * the in-memory counter: a disk older than memory lacks record C, a newer one has C+1 (with a
  * nonce this memory never saw).
  * Output (hvc0): CK-START, CK-TICK every 2 s, CK-GAP when >500 ms passed between iterations
- * (a checkpoint/restore: gap_ms is the guest-visible pause), CK-MISMATCH (then it stops). */
+ * (a checkpoint/restore: gap_ms is the guest-visible pause; nonce= is record C's, so dom0 can
+ * look it up in an image with ckscan.c), CK-MISMATCH (then it stops). */
 #define _GNU_SOURCE
 #include <fcntl.h>
 #include <stdint.h>
@@ -68,8 +69,8 @@ int main(int argc, char **argv) {
         fflush(stdout); sleep(5);
       }
     }
-    if (gap > 500) { printf("CK-GAP counter=%llu gap_ms=%.1f disk_last=%llu next=empty check=ok\n",
-                            (unsigned long long)c, gap, (unsigned long long)c); fflush(stdout); }
+    if (gap > 500) { printf("CK-GAP counter=%llu gap_ms=%.1f disk_last=%llu next=empty check=ok nonce=%016llx\n",
+                            (unsigned long long)c, gap, (unsigned long long)c, (unsigned long long)nonce); fflush(stdout); }
     uint64_t n2 = rnd();
     struct rec r2 = { "XSCKREC1", c + 1, n2, fnv(c + 1, n2) };
     memset(w, 0, 512); memcpy(w, &r2, sizeof r2);
