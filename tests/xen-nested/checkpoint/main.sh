@@ -208,15 +208,19 @@ xtb_section "4. downtime: xl save -c (memory only) vs xl-snap checkpoint (memory
 # memory after the disk checkpoint was done (> 0: the barrier ran inside the memory copy).
 max_gap_since() { local L x g m=; mapfile -t -s "$1" L < "$CON"; for x in "${L[@]}"; do case $x in *CK-GAP*) g=${x#*gap_ms=}; g=${g%% *}; g=${g%%.*}; [ -z "$m" ] || [ "$g" -gt "$m" ] && m=$g;; esac; done; GAP=${m:-none}; }
 jnum() { local v=${2#*\"$1\":}; v=${v%%[,\}]*}; echo "$v"; }
+# Both arms write the memory image to dom0's tmpfs (/tmp) and start after a `sync`: the
+# previous arm's 96 MiB of dirty pages written back to dom0's (TCG-emulated) disk during the
+# next arm made whichever arm came second slower (run ck-20261125-201133-12539).
+BDIR=/tmp/ckbench; mkdir -p "$BDIR/state"
 arm() { # ARM PAIR
   local rc d t from
-  rsleep 500 1000
+  sync; rsleep 500 1000
   nlines; from=$NL; t=$(xtb_now)
   if [ "$1" = xl-save-c ]; then
-    xtb_limit 150 xl save -c $G /var/lib/xen/save/bench.xl > /tmp/b.out 2>&1; rc=$?
-    d=$(xtb_since "$t"); rm -f /var/lib/xen/save/bench.xl
+    xtb_limit 150 xl save -c $G "$BDIR/bench.xl" > /tmp/b.out 2>&1; rc=$?
+    d=$(xtb_since "$t"); rm -f "$BDIR/bench.xl"
   else
-    retry1 /tmp/b.out "$XS" checkpoint $G "b$2"; rc=$?
+    XENSNAP_STATE_DIR=$BDIR/state retry1 /tmp/b.out "$XS" checkpoint $G "b$2"; rc=$?
     d=$(xtb_since "$t")
   fi
   bsleep 2.5; max_gap_since "$from"
@@ -225,7 +229,7 @@ arm() { # ARM PAIR
   if [ -n "$j" ]; then
     local bar ss xs; bar=$(jnum barrier_us "$j"); ss=$(jnum suspend_seen_after_us "$j"); xs=$(jnum xl_save_us "$j")
     extra="barrier_us=$bar quiesce_us=$(jnum quiesce_us "$j") take_us=$(jnum take_us "$j") suspend_seen_us=$ss xl_save_us=$xs slack_us=$((xs - ss - bar)) inside=$(jnum inside_window "$j")"
-    "$XS" delete $G "b$2" >/dev/null 2>&1
+    XENSNAP_STATE_DIR=$BDIR/state "$XS" delete $G "b$2" >/dev/null 2>&1
   fi
   echo "BENCH pair=$2 arm=$1 rc=$rc cmd_s=$d guest_gap_ms=$GAP $extra" | tee -a "$XTB_OUT/bench.txt"
 }
