@@ -29,6 +29,8 @@ struct World {
     clock: Duration,
     writes_per_sleep: u64,
     written: u64,
+    // xl's tick at every wait_change (the driver's wait for the suspend)
+    waits: Vec<u32>,
 }
 
 #[derive(Clone)]
@@ -138,6 +140,11 @@ impl Env for Fake {
             w.written += w.writes_per_sleep;
         }
     }
+    fn wait_change(&self, max: Duration) {
+        let t = self.0.borrow().tick;
+        self.0.borrow_mut().waits.push(t);
+        self.sleep(max)
+    }
     fn now(&self) -> Instant {
         base() + self.0.borrow().clock
     }
@@ -190,6 +197,15 @@ fn checkpoint_orders_quiesce_take_resume_inside_the_suspended_window() {
     assert!(w.removed.is_empty() && !w.log.contains(&"unpause".to_string()));
     // nothing touches the backends before the guest stopped
     assert_eq!(l[0], "xl-save-start(Checkpoint)");
+}
+
+#[test]
+fn waits_on_domain_changes_only_until_the_suspend_is_seen() {
+    let f = world();
+    run(&f, Mode::Checkpoint).unwrap();
+    let w = f.0.borrow();
+    // ticks 1 and 2 are before the suspend (suspend_at = 3); after the barrier: plain sleeps
+    assert_eq!(w.waits, vec![1, 2], "{:?}", w.waits);
 }
 
 #[test]
