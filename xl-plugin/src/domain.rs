@@ -6,7 +6,8 @@
 //! # Mechanism (no libxenguest)
 //! Plain `xl save -c` (checkpoint) or `xl save -p` (save) does the suspend and the memory
 //! copy. The driver runs it as a child and watches the domain's state with
-//! `xc_domain_getinfo` (polled every 200 µs while the child runs). When Xen reports the
+//! `xc_domain_getinfo` (looked at on every @releaseDomain watch event and at least every
+//! 10 ms until the suspend is seen, then every 20 ms). When Xen reports the
 //! domain **shut down with reason `suspend`** (the guest's vCPUs have stopped for good, the
 //! guest ran its whole suspend path), the driver:
 //! 1. tells every backend of the domain to quiesce (drain admitted requests, admit no more);
@@ -94,10 +95,23 @@ pub enum DomainCmd {
 pub struct CheckpointArgs {
     dom: String,
     name: Option<String>,
-    /// TEST ONLY (negative control): take the disk checkpoint N ms *before* the memory
-    /// checkpoint, outside the suspended window. The result is inconsistent on purpose.
+    /// TEST ONLY (negative control): take the disk checkpoint at least N ms *before* the
+    /// memory checkpoint, outside the suspended window. The result is inconsistent on purpose:
+    /// the memory checkpoint is only started once the guest has provably written after the
+    /// disk checkpoint (see `--unsafe-min-written-sectors`).
     #[arg(long, hide = true)]
     unsafe_disk_before_ms: Option<u64>,
+    /// TEST ONLY: with `--unsafe-disk-before-ms`, wait until the backends report at least this
+    /// many sectors written by the guest after the disk checkpoint before starting the memory
+    /// checkpoint (the guest checker writes one sector per request, one request at a time, so
+    /// 2 or more prove that a completed write after the take is in memory).
+    #[arg(long, hide = true, default_value_t = 3)]
+    unsafe_min_written_sectors: u64,
+    /// TEST ONLY: how long to wait for those writes; if the guest writes less, the command
+    /// fails (and deletes the disk checkpoint) instead of producing a control that proves
+    /// nothing.
+    #[arg(long, hide = true, default_value_t = 10_000)]
+    unsafe_write_wait_ms: u64,
 }
 
 /// One virtual disk of a domain, served by blkback-snap.
@@ -143,6 +157,11 @@ pub trait Env {
     fn destroy(&self, domid: u32) -> Result<(), String>;
     fn remove_file(&self, p: &Path);
     fn sleep(&self, d: Duration);
+    /// Wait until a domain may have changed state (Xen's shutdown notification, which also
+    /// reports a suspend), at most `max`.
+    fn wait_change(&self, max: Duration) {
+        self.sleep(max)
+    }
     fn now(&self) -> Instant;
 }
 
@@ -187,7 +206,11 @@ pub struct Opts {
 
 impl Default for Opts {
     fn default() -> Self {
-        Opts { quiesce_timeout_ms: 2000, poll: Duration::from_micros(200) }
+        // Until the suspend is seen the driver sleeps on Xen's shutdown notification
+        // (@releaseDomain), looking at the domain at least every 10 ms. A timed poll (200 µs,
+        // then 1 ms) cost a hypercall and a wake-up each time, taken on a 1-vCPU dom0 from xl
+        // and the guest's own suspend path, which are part of the guest's downtime.
+        Opts { quiesce_timeout_ms: 2000, poll: Duration::from_millis(10) }
     }
 }
 
@@ -328,7 +351,11 @@ pub fn snapshot(
         // resumes the domain by itself; polling its exit every 200 µs would only steal CPU
         // from xl while it copies memory (on a 1-vCPU dom0 that lengthened the guest's
         // downtime ~2.5x under nested TCG Xen).
-        env.sleep(if outcome.is_some() { opts.poll.max(AFTER_BARRIER_POLL) } else { opts.poll });
+        if outcome.is_some() {
+            env.sleep(opts.poll.max(AFTER_BARRIER_POLL));
+        } else {
+            env.wait_change(opts.poll);
+        }
     };
     rep.xl_save_us = us(env.now() - t0);
     let after_xl = |cleanup: &mut Vec<String>| {
@@ -390,33 +417,129 @@ pub fn abort_save(env: &dyn Env, domid: u32, disks: &[Disk], mem: &Path, name: &
     StepError { step, msg, cleanup }
 }
 
-/// Negative control: disk checkpoint while the guest runs, `ms` before the memory one.
+/// What the negative control's driver saw (sectors written by the guest after its
+/// deliberately early disk checkpoint; times in µs from the take).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct UnsafeReport {
+    /// Sectors the backends had written when the disk checkpoint was taken (their counter).
+    pub sectors_at_take: u64,
+    /// Sectors written after the take when the memory checkpoint (`xl save -c`) started.
+    pub written_after_take_at_xl_start: u64,
+    /// Sectors written after the take when the domain was first seen suspended (None if
+    /// the suspend was not seen: xl was quicker than the poll).
+    pub written_after_take_at_suspend: Option<u64>,
+    /// Time from the take to the first of those writes being seen.
+    pub first_writes_seen_us: u64,
+    pub xl_started_us: u64,
+    pub suspend_seen_us: Option<u64>,
+    pub xl_save_us: u64,
+}
+
+/// Sum of `bytes_written` / 512 over the disks' backends (`stats`).
+fn sectors_written(env: &dyn Env, disks: &[Disk]) -> Result<u64, String> {
+    let mut n = 0;
+    for d in disks {
+        let v = env.backend(d, &json!({"op": "stats"}))?;
+        n += v
+            .get("bytes_written")
+            .and_then(Value::as_u64)
+            .ok_or_else(|| format!("{}: stats without bytes_written: {v}", d.vdev))?
+            / 512;
+    }
+    Ok(n)
+}
+
+/// Settings of the negative control.
+#[derive(Debug, Clone, Copy)]
+pub struct UnsafeOpts {
+    /// At least this long between the disk checkpoint and the start of `xl save -c`.
+    pub before: Duration,
+    /// Guest writes (sectors) after the take that must be seen before `xl save -c` starts.
+    pub min_written_sectors: u64,
+    /// Bound on waiting for them.
+    pub write_wait: Duration,
+    pub poll: Duration,
+}
+
+/// Negative control: disk checkpoint while the guest runs, then the memory checkpoint only
+/// once the backends have completed `min_written_sectors` guest writes after the take — so
+/// the memory image provably holds I/O that the disk checkpoint lacks, whatever the timing.
+/// A guest that does not write within `write_wait` fails the command (the disk checkpoint
+/// is deleted): a control that cannot detect anything must not pass silently.
 pub fn unsafe_disk_first(
     env: &dyn Env,
     domid: u32,
     disks: &[Disk],
     mem: &Path,
     name: &str,
-    ms: u64,
-) -> Result<(), StepError> {
-    let mut cleanup = Vec::new();
+    o: &UnsafeOpts,
+) -> Result<UnsafeReport, StepError> {
+    let mut rep = UnsafeReport::default();
+    let mut taken: Vec<Disk> = Vec::new();
+    let fail = |step, msg: String, taken: &[Disk]| {
+        let mut cleanup = Vec::new();
+        delete_on(env, taken, name, &mut cleanup);
+        StepError { step, msg, cleanup }
+    };
     for d in disks {
-        take_on(env, d, name).map_err(|e| StepError { step: "disk-checkpoint", msg: e, cleanup: vec![] })?;
+        if let Err(e) = take_on(env, d, name) {
+            return Err(fail("disk-checkpoint", format!("{}: {e}", d.vdev), &taken));
+        }
+        taken.push(d.clone());
     }
-    env.sleep(Duration::from_millis(ms));
-    let mut job = env.start_save(domid, mem, Mode::Checkpoint).map_err(|e| StepError {
-        step: "start-xl-save",
-        msg: e,
-        cleanup: vec![],
-    })?;
+    let t0 = env.now();
+    // Read after the take returned: every write counted later was admitted after the take
+    // (the take drained the ring first).
+    rep.sectors_at_take = sectors_written(env, disks).map_err(|e| fail("unsafe-stats", e, &taken))?;
+    let mut seen = false;
+    loop {
+        let n = sectors_written(env, disks)
+            .map_err(|e| fail("unsafe-stats", e, &taken))?
+            .saturating_sub(rep.sectors_at_take);
+        let el = env.now() - t0;
+        if n >= o.min_written_sectors && !seen {
+            seen = true;
+            rep.first_writes_seen_us = us(el);
+        }
+        if seen && el >= o.before {
+            rep.written_after_take_at_xl_start = n;
+            break;
+        }
+        if !seen && el >= o.write_wait {
+            return Err(fail(
+                "unsafe-guest-writes",
+                format!(
+                    "the guest wrote {n} sector(s) in the {} ms after the disk checkpoint \
+                     (needed {}): the backend or the guest stalled after a live take, and the \
+                     negative control would prove nothing",
+                    el.as_millis(),
+                    o.min_written_sectors
+                ),
+                &taken,
+            ));
+        }
+        env.sleep(o.poll);
+    }
+    rep.xl_started_us = us(env.now() - t0);
+    let mut job = env
+        .start_save(domid, mem, Mode::Checkpoint)
+        .map_err(|e| fail("start-xl-save", e, &taken))?;
     loop {
         if let Some(r) = job.poll() {
-            return r.map_err(|e| {
-                delete_on(env, disks, name, &mut cleanup);
-                StepError { step: "memory-save", msg: e, cleanup }
-            });
+            rep.xl_save_us = us(env.now() - t0).saturating_sub(rep.xl_started_us);
+            return match r {
+                Ok(()) => Ok(rep),
+                Err(e) => {
+                    env.remove_file(mem);
+                    Err(fail("memory-save", e, &taken))
+                }
+            };
         }
-        env.sleep(Duration::from_millis(5));
+        if rep.suspend_seen_us.is_none() && env.domain_state(domid) == DomState::Suspended {
+            rep.suspend_seen_us = Some(us(env.now() - t0));
+            rep.written_after_take_at_suspend = sectors_written(env, disks).ok().map(|n| n.saturating_sub(rep.sectors_at_take));
+        }
+        env.sleep(if rep.suspend_seen_us.is_some() { AFTER_BARRIER_POLL } else { o.poll });
     }
 }
 
@@ -512,6 +635,8 @@ mod real {
         pub xs: XenStore,
         pub xc: XenCtrl,
         pub xl: String,
+        /// The @releaseDomain watch: None = not tried yet, Some(false) = unavailable.
+        watching: std::cell::Cell<Option<bool>>,
     }
 
     fn e2s<E: std::fmt::Display>(e: E) -> String {
@@ -524,6 +649,7 @@ mod real {
                 xs: XenStore::open().map_err(|e| format!("xenstore: {e}"))?,
                 xc: XenCtrl::open().map_err(|e| format!("xenctrl: {e}"))?,
                 xl: std::env::var("XENSNAP_XL").unwrap_or_else(|_| "xl".into()),
+                watching: std::cell::Cell::new(None),
             })
         }
 
@@ -678,6 +804,28 @@ mod real {
         fn sleep(&self, d: Duration) {
             std::thread::sleep(d)
         }
+        fn wait_change(&self, max: Duration) {
+            if self.watching.get().is_none() {
+                let ok = self.xs.watch("@releaseDomain", "xl-snap-suspend").is_ok();
+                if !ok {
+                    tracing::warn!("no @releaseDomain watch; polling the domain every {max:?}");
+                }
+                self.watching.set(Some(ok));
+            }
+            if self.watching.get() != Some(true) {
+                return std::thread::sleep(max);
+            }
+            match self.xs.wait_watch(Some(max)) {
+                // drain what else is queued: the caller looks at the domain anyway
+                Ok(Some(_)) => while let Ok(Some(_)) = self.xs.check_watch() {},
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!("@releaseDomain watch failed ({e}); polling instead");
+                    self.watching.set(Some(false));
+                    std::thread::sleep(max)
+                }
+            }
+        }
         fn now(&self) -> Instant {
             Instant::now()
         }
@@ -805,7 +953,18 @@ pub fn run(cmd: DomainCmd) -> Result<(), CliError> {
             std::fs::create_dir_all(&dir).map_err(|e| other(format!("{}: {e}", dir.display())))?;
             let mem = dir.join("memory.xl");
             let r = match a.unsafe_disk_before_ms {
-                Some(ms) => unsafe_disk_first(&env, domid, &disks, &mem, &name, ms).map(|_| BarrierReport::default()),
+                Some(ms) => {
+                    let o = UnsafeOpts {
+                        before: Duration::from_millis(ms),
+                        min_written_sectors: a.unsafe_min_written_sectors,
+                        write_wait: Duration::from_millis(a.unsafe_write_wait_ms),
+                        poll: Duration::from_millis(5),
+                    };
+                    unsafe_disk_first(&env, domid, &disks, &mem, &name, &o).map(|u| {
+                        println!("XENSNAP-UNSAFE {}", serde_json::to_string(&u).unwrap_or_default());
+                        BarrierReport::default()
+                    })
+                }
                 None => snapshot(&env, domid, &disks, &mem, &name, Mode::Checkpoint, &opts),
             };
             let rep = match r {

@@ -24,6 +24,13 @@ struct World {
     checkpoints: Vec<(String, String)>, // (vdev, name)
     // what the disk saw relative to the guest: (vdev, taken while suspended?)
     taken_while: Vec<(String, DomState)>,
+    // virtual clock (advanced by sleep) and the guest's writes: sectors written on xvda per
+    // sleep while the guest runs
+    clock: Duration,
+    writes_per_sleep: u64,
+    written: u64,
+    // xl's tick at every wait_change (the driver's wait for the suspend)
+    waits: Vec<u32>,
 }
 
 #[derive(Clone)]
@@ -91,6 +98,10 @@ impl Env for Fake {
                 w.checkpoints.push((disk.vdev.clone(), n));
                 Ok(json!({}))
             }
+            "stats" => {
+                let b = if disk.vdev == "xvda" { w.written * 512 } else { 0 };
+                Ok(json!({"requests": 0, "bytes_written": b}))
+            }
             "checkpoint-delete" => {
                 let n = req["checkpoint"].as_str().unwrap().to_string();
                 let v = disk.vdev.clone();
@@ -122,10 +133,26 @@ impl Env for Fake {
         w.log.push("rm-memory".into());
         w.removed.push(p.to_path_buf());
     }
-    fn sleep(&self, _d: Duration) {}
-    fn now(&self) -> Instant {
-        Instant::now()
+    fn sleep(&self, d: Duration) {
+        let mut w = self.0.borrow_mut();
+        w.clock += d;
+        if w.state() == DomState::Running {
+            w.written += w.writes_per_sleep;
+        }
     }
+    fn wait_change(&self, max: Duration) {
+        let t = self.0.borrow().tick;
+        self.0.borrow_mut().waits.push(t);
+        self.sleep(max)
+    }
+    fn now(&self) -> Instant {
+        base() + self.0.borrow().clock
+    }
+}
+
+fn base() -> Instant {
+    static B: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    *B.get_or_init(Instant::now)
 }
 
 fn disks() -> Vec<Disk> {
@@ -170,6 +197,15 @@ fn checkpoint_orders_quiesce_take_resume_inside_the_suspended_window() {
     assert!(w.removed.is_empty() && !w.log.contains(&"unpause".to_string()));
     // nothing touches the backends before the guest stopped
     assert_eq!(l[0], "xl-save-start(Checkpoint)");
+}
+
+#[test]
+fn waits_on_domain_changes_only_until_the_suspend_is_seen() {
+    let f = world();
+    run(&f, Mode::Checkpoint).unwrap();
+    let w = f.0.borrow();
+    // ticks 1 and 2 are before the suspend (suspend_at = 3); after the barrier: plain sleeps
+    assert_eq!(w.waits, vec![1, 2], "{:?}", w.waits);
 }
 
 #[test]
@@ -273,13 +309,82 @@ fn save_mode_leaves_paused_on_success_and_unpauses_on_failure() {
     assert_eq!(w.state(), DomState::Running);
 }
 
+fn uopts(before_ms: u64) -> UnsafeOpts {
+    UnsafeOpts {
+        before: Duration::from_millis(before_ms),
+        min_written_sectors: 3,
+        write_wait: Duration::from_secs(10),
+        poll: Duration::from_millis(5),
+    }
+}
+
 #[test]
-fn negative_control_takes_disk_while_running() {
+fn negative_control_takes_disk_while_running_and_waits_for_guest_writes() {
     let f = world();
-    unsafe_disk_first(&f, 5, &disks(), Path::new("/s/mem"), "bad", 10).unwrap();
+    f.0.borrow_mut().writes_per_sleep = 1;
+    let r = unsafe_disk_first(&f, 5, &disks(), Path::new("/s/mem"), "bad", &uopts(0)).unwrap();
     let w = f.0.borrow();
     assert!(w.taken_while.iter().all(|(_, s)| *s == DomState::Running));
+    assert!(pos(&w.log, "checkpoint-take(xvdb)") < pos(&w.log, "stats(xvda)"), "{:?}", w.log);
     assert!(pos(&w.log, "checkpoint-take(xvda)") < pos(&w.log, "xl-save-start(Checkpoint)"));
+    // xl only started once 3 sectors were written after the take, at 1 per 5 ms poll
+    assert_eq!(r.written_after_take_at_xl_start, 3);
+    assert_eq!(r.first_writes_seen_us, 15_000);
+    assert_eq!(w.checkpoints.len(), 2);
+    // the guest kept writing until the suspend, which the driver saw
+    assert!(r.written_after_take_at_suspend.unwrap() >= 3, "{r:?}");
+    assert!(r.suspend_seen_us.is_some());
+}
+
+#[test]
+fn negative_control_keeps_the_minimum_delay() {
+    let f = world();
+    f.0.borrow_mut().writes_per_sleep = 10;
+    let r = unsafe_disk_first(&f, 5, &disks(), Path::new("/s/mem"), "bad", &uopts(300)).unwrap();
+    assert_eq!(r.first_writes_seen_us, 5_000);
+    assert!(r.xl_started_us >= 300_000, "{r:?}");
+    assert!(r.written_after_take_at_xl_start >= 600, "{r:?}");
+}
+
+#[test]
+fn negative_control_fails_loudly_when_the_guest_does_not_write() {
+    let f = world();
+    f.0.borrow_mut().writes_per_sleep = 0;
+    let e = unsafe_disk_first(&f, 5, &disks(), Path::new("/s/mem"), "bad", &uopts(0)).unwrap_err();
+    assert_eq!(e.step, "unsafe-guest-writes");
+    assert!(e.msg.contains("wrote 0 sector(s)"), "{e}");
+    let w = f.0.borrow();
+    assert!(w.checkpoints.is_empty(), "{:?}", w.checkpoints);
+    assert!(!w.log.iter().any(|l| l.starts_with("xl-save-start")), "{:?}", w.log);
+    // and the bound is honoured (10 s of virtual time, not forever)
+    assert!(w.clock >= Duration::from_secs(10) && w.clock < Duration::from_secs(11), "{:?}", w.clock);
+}
+
+#[test]
+fn negative_control_counts_only_writes_after_the_take() {
+    let f = world();
+    {
+        let mut w = f.0.borrow_mut();
+        w.written = 1_000_000;
+        w.writes_per_sleep = 1;
+    }
+    let r = unsafe_disk_first(&f, 5, &disks(), Path::new("/s/mem"), "bad", &uopts(0)).unwrap();
+    assert_eq!(r.sectors_at_take, 1_000_000);
+    assert_eq!(r.written_after_take_at_xl_start, 3);
+}
+
+#[test]
+fn negative_control_failed_xl_deletes_the_disk_checkpoint() {
+    let f = world();
+    {
+        let mut w = f.0.borrow_mut();
+        w.writes_per_sleep = 1;
+        w.xl_fails = true;
+    }
+    let e = unsafe_disk_first(&f, 5, &disks(), Path::new("/s/mem"), "bad", &uopts(0)).unwrap_err();
+    assert_eq!(e.step, "memory-save");
+    assert!(f.0.borrow().checkpoints.is_empty());
+    assert_eq!(f.0.borrow().removed.len(), 1);
 }
 
 fn fake_xl_file(config: &[u8], body: &[u8]) -> Vec<u8> {
