@@ -63,37 +63,36 @@ fn mem_range(off: u64, len: usize) -> io::Result<(usize, usize)> {
 /// description, so of a guest flush and a background barrier (a `try_clone` of the same
 /// description) only the first to sync sees it. So the first failed sync (or failed write)
 /// poisons the image: every later write and sync, through any handle, is refused naming that
-/// failure, until the image is reopened. Syncs run under the poison's lock, so a sync that
-/// fails poisons the image before any other sync can return success.
+/// failure, until the image is reopened. Syncs are serialised (a lock held across the
+/// `fdatasync`), so a sync that fails poisons the image before any other sync can return
+/// success; writes only read the flag and never wait for a sync.
 #[derive(Clone, Default)]
-pub struct Poison(Arc<Mutex<Option<String>>>);
+pub struct Poison(Arc<PoisonState>);
+
+#[derive(Default)]
+struct PoisonState {
+    first: std::sync::OnceLock<String>,
+    sync: Mutex<()>,
+}
 
 impl Poison {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Option<String>> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
-    }
     /// The first failure, if the image is poisoned.
     pub fn get(&self) -> Option<String> {
-        self.lock().clone()
+        self.0.first.get().cloned()
     }
     /// Poison the image (the first failure is kept).
     pub fn set(&self, what: String) {
-        let mut g = self.lock();
-        if g.is_none() {
-            *g = Some(what);
-        }
+        let _ = self.0.first.set(what);
     }
-    /// Run a sync under the poison lock: refused if poisoned, poisons on failure.
+    /// Run a sync, serialised with the other syncs: refused if poisoned, poisons on failure.
     fn sync_with(&self, what: &str, f: impl FnOnce() -> io::Result<()>) -> io::Result<()> {
-        let mut g = self.lock();
-        if let Some(first) = g.as_ref() {
-            return Err(poisoned_error(first));
-        }
-        f().inspect_err(|e| *g = Some(format!("{what} failed: {e}")))
+        let _g = self.0.sync.lock().unwrap_or_else(|e| e.into_inner());
+        self.check()?;
+        f().inspect_err(|e| self.set(format!("{what} failed: {e}")))
     }
     fn check(&self) -> io::Result<()> {
-        match self.get() {
-            Some(first) => Err(poisoned_error(&first)),
+        match self.0.first.get() {
+            Some(first) => Err(poisoned_error(first)),
             None => Ok(()),
         }
     }
