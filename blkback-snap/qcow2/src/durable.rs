@@ -106,6 +106,9 @@ pub(crate) struct Stage {
     pub(crate) early: u8,
     /// New refblocks written before the pending barrier, whose reftable entries follow it.
     pub(crate) rt: Vec<u64>,
+    /// A commit's preparation has dealt with the dirty bit (set it, with its own barrier
+    /// when refcounts raised by hand-overs were waiting to be written).
+    pub(crate) dirty_done: bool,
 }
 
 impl Stage {
@@ -902,20 +905,33 @@ impl Qcow2 {
     /// depends on them; the dirty bit stays set until that write-back is durable.
     fn commit_prepare(&mut self, pred: Tree, st: &mut Stage, inline: bool) -> Result<Option<Run>> {
         let cs = self.cs;
-        if st.early == 0 {
-            let mut need = !self.dirty_l2_of(pred)?.is_empty();
+        let mut dirty_unsynced = false;
+        if st.early == 0 && !st.dirty_done {
             // The walk will raise the counts of what the frozen tree shares and clear the
             // active tree's COPIED flags on those clusters, in memory only: on disk the
             // flags stay set until the active tree is written back, after the commit. The
             // dirty bit is durable before any raised count can be (before the walk, on
             // every path), so neither our open nor QEMU's trusts such a flag after a crash;
-            // it also covers the counts that guest writes hand over.
-            let walk_shares = self.has_l2(pred)?;
-            if walk_shares && self.h.incompatible & INCOMPAT_DIRTY == 0 {
+            // it also covers the counts that guest writes hand over. Counts already raised
+            // by hand-overs (refcount 2 on a cluster the on-disk active tree still marks
+            // COPIED) wait in the dirty refcount blocks written below: then the bit gets a
+            // barrier of its own first.
+            if self.has_l2(pred)? && self.h.incompatible & INCOMPAT_DIRTY == 0 {
                 self.write_incompat(self.h.incompatible | INCOMPAT_DIRTY)?;
                 self.dirty_set_by_us = true;
-                need = true;
+                st.dirty_done = true;
+                dirty_unsynced = true;
+                if self.leak_window {
+                    dirty_unsynced = false;
+                    if let Some(r) = self.barrier(st, inline, "dirty bit before the refcounts of a checkpoint")? {
+                        return Ok(Some(r));
+                    }
+                }
             }
+            st.dirty_done = true;
+        }
+        if st.early == 0 {
+            let mut need = dirty_unsynced || !self.dirty_l2_of(pred)?.is_empty();
             st.rt = self.write_refblocks_only()?;
             need |= !st.rt.is_empty();
             st.early = 1;
