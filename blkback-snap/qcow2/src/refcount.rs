@@ -4,6 +4,7 @@
 use crate::error::{Error, Result};
 use crate::header::{self, put_be64};
 use crate::image::Qcow2;
+use std::collections::BTreeSet;
 use crate::l2::REFT_RESERVED;
 use tracing::{debug, info};
 
@@ -515,30 +516,14 @@ impl Qcow2 {
         if self.rb_dirty.is_empty() && self.rt_new.is_empty() {
             return Ok(false);
         }
-        let dirty = std::mem::take(&mut self.rb_dirty);
-        for off in &dirty {
-            if let Some(b) = self.rb_cache.get(off) {
-                if let Err(er) = self.io.write_at(b, *off) {
-                    self.rb_dirty = dirty.clone();
-                    return Err(Error::io(format!("writing refcount block at {off:#x}"), er));
-                }
-            }
-        }
+        let dirty = self.write_rb_dirty()?;
         if !self.rt_new.is_empty() {
             if let Err(er) = self.io.flush() {
-                self.rb_dirty.extend(dirty.iter().copied());
+                self.rb_dirty.extend(dirty);
                 return Err(Error::io("flushing new refcount blocks", er));
             }
-            let new = std::mem::take(&mut self.rt_new);
-            for rt in &new {
-                let mut ent = [0u8; 8];
-                put_be64(&mut ent, 0, self.reftable.get(*rt as usize).copied().unwrap_or(0));
-                let at = self.h.refcount_table_offset + rt * 8;
-                if let Err(er) = self.io.write_at(&ent, at) {
-                    self.rt_new = new.clone();
-                    return Err(Error::io(format!("writing reftable entry {rt} at {at:#x}"), er));
-                }
-            }
+            let new: Vec<u64> = self.rt_new.iter().copied().collect();
+            self.write_reftable_entries(&new)?;
         }
         Ok(true)
     }
@@ -548,6 +533,13 @@ impl Qcow2 {
     /// [`Qcow2::write_reftable_entries`] after a barrier. (The staged form of
     /// `write_dirty_refblocks`, whose barrier runs outside the image lock.)
     pub(crate) fn write_refblocks_only(&mut self) -> Result<Vec<u64>> {
+        self.write_rb_dirty()?;
+        Ok(self.rt_new.iter().copied().collect())
+    }
+
+    /// Write the dirty refblocks from the cache; returns the set written (still dirty
+    /// again if a write fails).
+    fn write_rb_dirty(&mut self) -> Result<BTreeSet<u64>> {
         let dirty = std::mem::take(&mut self.rb_dirty);
         for off in &dirty {
             if let Some(b) = self.rb_cache.get(off) {
@@ -557,7 +549,7 @@ impl Qcow2 {
                 }
             }
         }
-        Ok(self.rt_new.iter().copied().collect())
+        Ok(dirty)
     }
 
     /// Write the reftable entries of new refblocks that a barrier made durable (see
