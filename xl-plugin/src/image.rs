@@ -421,42 +421,12 @@ impl xensnap_nbd::ExportRegistry for ImageExports {
     }
 }
 
-/// Make taken checkpoints (and switched reverts, begun deletes) durable in the background:
-/// one bounded step (about one L2 table, or one stage of a commit) at a time under the image
-/// lock, with every flush barrier of a commit run *without* the lock
-/// ([`SharedImage::durable_work`]), then a pause of three times the time the lock was held,
-/// so guest requests get the lock for most of the time (the pacing
-/// `scripts/bench-checkpoint.sh` measures).
+/// Make taken checkpoints (and switched reverts, begun deletes) durable in the background
+/// for as long as the image is served (`SharedImage::drive_durability`, looking for new
+/// work every 5 ms).
 fn spawn_durability(img: Arc<Mutex<Qcow2>>) {
-    use std::time::Duration;
     let shared = SharedImage(img);
-    std::thread::spawn(move || loop {
-        let pending = match shared.0.lock() {
-            Err(_) => return,
-            Ok(g) => g.durable_pending(),
-        };
-        let pause = if !pending {
-            Duration::from_millis(5)
-        } else {
-            match shared.durable_work(1) {
-                Ok(p) => (p.locked * 3).max(Duration::from_micros(50)),
-                Err(e @ xensnap_qcow2::Error::Poisoned { .. }) => {
-                    // A flush failed (here or a guest's): what it should have made durable
-                    // may be lost even if a later flush succeeds. Retrying could only report
-                    // a checkpoint durable over lost writes; the engine refuses, so stop.
-                    tracing::error!("background checkpoint work stopped: {e}");
-                    return;
-                }
-                Err(e) => {
-                    // The work stays queued where it stopped; retry later (a failed flush
-                    // poisons the image, so a retry never runs over a failed barrier).
-                    tracing::error!("background checkpoint work: {e}; retrying in 1 s");
-                    Duration::from_secs(1)
-                }
-            }
-        };
-        std::thread::sleep(pause);
-    });
+    std::thread::spawn(move || shared.drive_durability(Some(std::time::Duration::from_millis(5))));
 }
 
 fn serve(a: ServeArgs) -> Result<(), CliError> {

@@ -285,32 +285,11 @@ impl Device {
     }
 }
 
-/// Make taken checkpoints durable in the background: one bounded step (about one L2 table,
-/// or one stage of a commit) under the image lock, with every flush barrier of a commit run
-/// *without* the lock (`SharedImage::durable_work`), then a pause of three times the time the
-/// lock was held, so the guest's requests get the lock most of the time (the pacing
-/// `scripts/bench-checkpoint.sh` measures). The thread ends when nothing is pending.
+/// Make taken checkpoints durable in the background (`SharedImage::drive_durability`); the
+/// thread ends when nothing is pending.
 fn spawn_durability(q: Arc<Mutex<xensnap_qcow2::Qcow2>>) {
     let img = xensnap_qcow2::SharedImage(q);
-    std::thread::spawn(move || loop {
-        if !lock(&img.0).durable_pending() {
-            return;
-        }
-        let pause = match img.durable_work(1) {
-            Ok(p) => (p.locked * 3).max(Duration::from_micros(50)),
-            Err(e @ xensnap_qcow2::Error::Poisoned { .. }) => {
-                // A flush failed (ours or the guest's): retrying could only report a
-                // checkpoint durable over lost writes, and the engine refuses; stop.
-                tracing::error!("background checkpoint work stopped: {e}");
-                return;
-            }
-            Err(e) => {
-                tracing::error!("background checkpoint work: {e}; retrying in 1 s");
-                Duration::from_secs(1)
-            }
-        };
-        std::thread::sleep(pause);
-    });
+    std::thread::spawn(move || img.drive_durability(None));
 }
 
 fn qe(e: xensnap_qcow2::Error) -> String {

@@ -59,10 +59,57 @@ impl SharedImage {
         }
     }
 
+    /// The background durability driver of a served image (run it on its own thread):
+    /// [`SharedImage::durable_work`]`(1)` at a time, each followed by a pause of
+    /// [`DURABLE_PACE`] times the time it held the image lock (at least 50 µs, see
+    /// [`durable_pause`]), so the guest's requests get the lock most of the time (the pacing
+    /// `scripts/bench-checkpoint.sh` measures). When nothing is pending it returns, or with
+    /// `idle_poll = Some(d)` looks again every `d` (for a driver that outlives one
+    /// checkpoint). A failed step stays queued and is retried after 1 s; on a poisoned image
+    /// (a flush failed, ours or the guest's) it stops: retrying could only report a
+    /// checkpoint durable over lost writes, and the engine refuses. It also returns if the
+    /// image's mutex was poisoned by a panic.
+    pub fn drive_durability(&self, idle_poll: Option<Duration>) {
+        loop {
+            let pending = match self.0.lock() {
+                Err(_) => return,
+                Ok(g) => g.durable_pending(),
+            };
+            let pause = if !pending {
+                match idle_poll {
+                    None => return,
+                    Some(d) => d,
+                }
+            } else {
+                match self.durable_work(1) {
+                    Ok(p) => durable_pause(p.locked, DURABLE_PACE),
+                    Err(e @ Error::Poisoned { .. }) => {
+                        tracing::error!("background checkpoint work stopped: {e}");
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::error!("background checkpoint work: {e}; retrying in 1 s");
+                        Duration::from_secs(1)
+                    }
+                }
+            };
+            std::thread::sleep(pause);
+        }
+    }
+
     /// [`SharedImage::durable_work`], returning only whether everything is durable.
     pub fn durable_step_concurrent(&self, budget: usize) -> crate::Result<bool> {
         Ok(self.durable_work(budget)?.done)
     }
+}
+
+/// How many times the image lock's hold time a durability driver pauses after a step.
+pub const DURABLE_PACE: u32 = 3;
+
+/// The pause after a durability step that held the image lock for `locked`: `pace` times
+/// as long, at least 50 µs.
+pub fn durable_pause(locked: Duration, pace: u32) -> Duration {
+    (locked * pace).max(Duration::from_micros(50))
 }
 
 /// What one [`SharedImage::durable_work`] call did.

@@ -76,7 +76,7 @@ mod l2;
 mod refcount;
 mod snapshot;
 
-pub use blockdev::{CheckpointDevice, DurableProgress, SharedImage};
+pub use blockdev::{durable_pause, CheckpointDevice, DurableProgress, SharedImage, DURABLE_PACE};
 pub use durable::{DurableBarrier, DurableStep, SyncedBarrier};
 pub use check::CheckReport;
 pub use error::{Error, Result};

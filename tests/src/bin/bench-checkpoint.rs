@@ -66,7 +66,7 @@ struct Args {
     #[arg(long)]
     locked_driver: bool,
     /// Pacing of the durability thread: sleep this many times the time it held the lock.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = xensnap_qcow2::DURABLE_PACE)]
     pace: u32,
     /// The flushing guest's variant: a flush after every this many writes (0: no variant).
     #[arg(long, default_value_t = 256)]
@@ -305,7 +305,7 @@ fn iops_during(path: &Path, region: u64, a: &Args, flush_every: u64) -> R<Iops> 
                     d2.store(true, Ordering::SeqCst);
                     return Ok((max, total, synced));
                 }
-                std::thread::sleep((hold * pace).max(Duration::from_micros(50)));
+                std::thread::sleep(xensnap_qcow2::durable_pause(hold, pace));
             }
         });
         let (n, worst) = guest(&img, &mut off, &buf, flush_every, &|| done.load(Ordering::SeqCst))?;
