@@ -286,7 +286,7 @@ fn staged_commit_with_guest_io(img: &mut Qcow2, active: &mut Vec<u8>) -> xensnap
     use xensnap_qcow2::DurableStep;
     img.checkpoint_take("new")?;
     let mut i = 0usize;
-    let mut write = |img: &mut Qcow2, active: &mut Vec<u8>, i: usize| -> xensnap_qcow2::Result<()> {
+    let write = |img: &mut Qcow2, active: &mut Vec<u8>, i: usize| -> xensnap_qcow2::Result<()> {
         let off = (i * 77_777) % (SIZE - 5000);
         let b = vec![0x30 + (i % 200) as u8; 5000];
         img.write(off as u64, &b)?;
@@ -435,21 +435,7 @@ fn durable_checkpoint_without_flush_keeps_copied_flags_safe() {
     for staged in [false, true] {
         let (f, mut img) = open_fault(&base);
         img.checkpoint_take("cp").unwrap();
-        if staged {
-            use xensnap_qcow2::DurableStep;
-            loop {
-                match img.durable_step_staged(1).unwrap() {
-                    DurableStep::Done(true) => break,
-                    DurableStep::Done(false) => {}
-                    DurableStep::Barrier(b) => {
-                        let s = b.sync().unwrap();
-                        img.durable_barrier_done(s);
-                    }
-                }
-            }
-        } else {
-            img.wait_durable().unwrap();
-        }
+        common::make_durable(&mut img, staged);
         let ctx = if staged { "staged" } else { "inline" };
         let mut images = vec![(*f.durable()).clone(), f.current()];
         images.extend((0..16).map(|seed| f.crash(seed)));

@@ -139,7 +139,7 @@ fn qemu_write_after_crash_keeps_durable_checkpoint() {
         eprintln!("qemu-img not installed: skipped");
         return;
     }
-    use xensnap_qcow2::{DurableStep, FaultIo};
+    use xensnap_qcow2::FaultIo;
     let size = 1usize << 20;
     let f = FaultIo::new();
     let mut img = Qcow2::create(Box::new(f.clone()), &CreateOptions { size: size as u64, cluster_bits: 12, refcount_order: 4 }).unwrap();
@@ -150,20 +150,7 @@ fn qemu_write_after_crash_keeps_durable_checkpoint() {
         let f = FaultIo::from_bytes(base.clone());
         let mut img = Qcow2::open(Box::new(f.clone()), &OpenOptions::default()).unwrap();
         img.checkpoint_take("cp").unwrap();
-        if staged {
-            loop {
-                match img.durable_step_staged(1).unwrap() {
-                    DurableStep::Done(true) => break,
-                    DurableStep::Done(false) => {}
-                    DurableStep::Barrier(b) => {
-                        let s = b.sync().unwrap();
-                        img.durable_barrier_done(s);
-                    }
-                }
-            }
-        } else {
-            img.wait_durable().unwrap();
-        }
+        common::make_durable(&mut img, staged);
         let crashed = (*f.durable()).clone();
         drop(img);
         let dir = tempfile::tempdir().unwrap();

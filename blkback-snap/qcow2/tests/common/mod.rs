@@ -123,3 +123,23 @@ impl Raw {
         (be64(&self.b, self.l1_off()) & 0x00ff_ffff_ffff_fe00) as usize
     }
 }
+
+/// Make every taken checkpoint durable: inline (`wait_durable`), or staged, running each
+/// barrier handed out at once (`durable_step_staged` / `sync` / `durable_barrier_done`).
+pub fn make_durable(img: &mut xensnap_qcow2::Qcow2, staged: bool) {
+    use xensnap_qcow2::DurableStep;
+    if !staged {
+        img.wait_durable().unwrap();
+        return;
+    }
+    loop {
+        match img.durable_step_staged(1).unwrap() {
+            DurableStep::Done(true) => break,
+            DurableStep::Done(false) => {}
+            DurableStep::Barrier(b) => {
+                let s = b.sync().unwrap();
+                img.durable_barrier_done(s);
+            }
+        }
+    }
+}
