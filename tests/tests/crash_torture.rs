@@ -20,7 +20,9 @@
 //!   leaves the disk either as before the switch or as the checkpoint plus later writes;
 //! - the repaired image passes the real `qemu-img check` (every 20th trial) and keeps working.
 //!
-//! `XENSNAP_CRASH_POINTS` sets the number of trials (default 1000; the long mode uses more).
+//! `XENSNAP_CRASH_POINTS` sets the number of trials (default 1000; the long mode uses more),
+//! `XENSNAP_CRASH_SEED` the seed of the first (decimal; trial `i` uses seed + `i`), so a
+//! failing trial replays alone with its seed and `XENSNAP_CRASH_POINTS=1`.
 
 #[path = "../../blkback-snap/qcow2/tests/common/copied.rs"]
 mod copied;
@@ -498,9 +500,13 @@ fn crash_torture() {
         kinds[1] + kinds[3],
         kinds[2] + kinds[3]
     );
-    assert!(pending_at_crash > points / 20 && switch_at_crash > points / 100, "the two-phase states are not exercised");
-    assert!(staged_at_crash > points / 50, "crashes between the stages of a staged commit are not exercised");
-    assert!(abandoned > points / 50, "abandoned taken checkpoints are not exercised");
+    // (coverage of the states needs a sample: a short run replaying one seed checks only
+    // that its crash points verify)
+    if points >= 100 {
+        assert!(pending_at_crash > points / 20 && switch_at_crash > points / 100, "the two-phase states are not exercised");
+        assert!(staged_at_crash > points / 50, "crashes between the stages of a staged commit are not exercised");
+        assert!(abandoned > points / 50, "abandoned taken checkpoints are not exercised");
+    }
 }
 
 /// The same torture over an I/O layer that acknowledges flushes without making anything

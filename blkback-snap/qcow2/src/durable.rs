@@ -501,6 +501,10 @@ impl Qcow2 {
         if self.poisoned().is_some() {
             return; // (a barrier that "succeeded" after the image was poisoned proves nothing)
         }
+        // it began after it was handed out: it covers a dirty bit written before that
+        if self.dirty_unsynced.is_some_and(|t| b.ticket > t) {
+            self.dirty_unsynced = None;
+        }
         if let Some(Job::Link { stage, .. } | Job::Drop { stage, .. }) = self.jobs.front_mut() {
             if stage.wait == Some(b.ticket) {
                 stage.wait = None;
@@ -579,13 +583,55 @@ impl Qcow2 {
         Ok(())
     }
 
-    /// Write the incompatible feature bits without a barrier.
+    /// Write the incompatible feature bits without a barrier. Setting the dirty bit this way
+    /// leaves it unsynced until the next barrier handed out or flush completes
+    /// ([`Qcow2::dirty_durable`]).
     fn write_incompat(&mut self, v: u64) -> Result<()> {
         let mut b = [0u8; 8];
         put_be64(&mut b, 0, v);
         self.write_bytes(&b, header::OFF_INCOMPAT, "incompatible feature bits")?;
+        if v & INCOMPAT_DIRTY != 0 && self.h.incompatible & INCOMPAT_DIRTY == 0 {
+            self.dirty_unsynced = Some(self.next_ticket);
+        }
         self.h.incompatible = v;
         Ok(())
+    }
+
+    /// Is the dirty bit set on disk, durably?
+    pub(crate) fn dirty_durable(&self) -> bool {
+        self.h.incompatible & INCOMPAT_DIRTY != 0 && self.dirty_unsynced.is_none()
+    }
+
+    /// Before any refcount block is written while guest writes have handed counts over to a
+    /// tree that is not published (a crash would leak them): the dirty bit set and durable,
+    /// so that the leak, and the COPIED flags the on-disk active tree still carries on the
+    /// clusters concerned, are repaired on open. Costs one flush per leak window at most;
+    /// the staged paths make the bit durable with a barrier of their own first
+    /// ([`Qcow2::dirty_stage`]), so this finds nothing to do there.
+    pub(crate) fn dirty_before_leaks(&mut self) -> Result<()> {
+        if !self.leak_window || self.dirty_durable() || self.read_only {
+            return Ok(());
+        }
+        if self.h.incompatible & INCOMPAT_DIRTY == 0 {
+            self.write_incompat(self.h.incompatible | INCOMPAT_DIRTY)?;
+            self.dirty_set_by_us = true;
+        }
+        self.sync("dirty bit before handed-over refcounts")
+    }
+
+    /// A staged table switch (a commit, a deletion's table rewrite) about to write refcount
+    /// blocks: if guest writes handed counts over and the dirty bit is not durable yet,
+    /// set it and ask for a barrier. (Once the barrier is done the bit is durable, so a
+    /// step that runs this again goes straight on.)
+    fn dirty_stage(&mut self, st: &mut Stage, inline: bool, what: &str) -> Result<Option<Run>> {
+        if !self.leak_window || self.dirty_durable() {
+            return Ok(None);
+        }
+        if self.h.incompatible & INCOMPAT_DIRTY == 0 {
+            self.write_incompat(self.h.incompatible | INCOMPAT_DIRTY)?;
+            self.dirty_set_by_us = true;
+        }
+        self.barrier(st, inline, what)
     }
 
     /// A step wants barrier `what` before going on: run it here (inline) or hand it out.
@@ -988,15 +1034,10 @@ impl Qcow2 {
         loop {
             match st.step {
                 0 => {
-                    if self.leak_window && self.h.incompatible & INCOMPAT_DIRTY == 0 {
-                        self.write_incompat(self.h.incompatible | INCOMPAT_DIRTY)?;
-                        self.dirty_set_by_us = true;
-                        st.step = 1;
-                        if let Some(r) = self.barrier(st, inline, "dirty bit before leaking refcounts")? {
-                            return Ok(r);
-                        }
-                    }
                     st.step = 1;
+                    if let Some(r) = self.dirty_stage(st, inline, "dirty bit before leaking refcounts")? {
+                        return Ok(r);
+                    }
                 }
                 1 => {
                     let l1 = self.mem_l1.get(&m).cloned().unwrap_or_default();
@@ -1115,6 +1156,11 @@ impl Qcow2 {
         loop {
             match st.step {
                 0 => {
+                    // the refcount blocks written below carry whatever guest writes handed
+                    // over to a checkpoint queued after this deletion
+                    if self.dirty_stage(st, inline, "delete: dirty bit before leaking refcounts")?.is_some() {
+                        return Ok(None);
+                    }
                     self.load_snap_l1(sn.l1_offset)?;
                     let snaps: Vec<Snapshot> = self.snapshots.iter().filter(|s| s.id != id).cloned().collect();
                     self.stage_table(st, snaps)?;

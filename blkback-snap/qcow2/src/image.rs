@@ -132,6 +132,11 @@ pub struct Qcow2 {
     /// before the next write-back (and cleared by the first flush after all work is
     /// durable).
     pub(crate) leak_window: bool,
+    /// The dirty bit was written set (without a barrier) when barrier ticket `n` was the
+    /// last one handed out, and no flush is known to have completed since: a barrier with a
+    /// later ticket, or any flush of ours, makes it durable. Refcounts a crash would leak
+    /// (hand-overs) are never written before it is durable ([`Qcow2::dirty_before_leaks`]).
+    pub(crate) dirty_unsynced: Option<u64>,
     /// Last barrier ticket handed out by a staged commit (see `durable.rs`).
     pub(crate) next_ticket: u64,
     /// The first failed flush or write of this engine (for an [`ImageIo`] that does not
@@ -330,6 +335,7 @@ impl Qcow2 {
             l1_unpublished: false,
             old_l1_dirty: None,
             leak_window: false,
+            dirty_unsynced: None,
             next_ticket: 0,
             failed: None,
             h,
@@ -360,6 +366,7 @@ impl Qcow2 {
         self.io.write_at(&b, header::OFF_INCOMPAT).map_err(ioe("writing incompatible feature bits"))?;
         self.io.flush().map_err(ioe("flushing the header"))?;
         self.h.incompatible = v;
+        self.dirty_unsynced = None;
         Ok(())
     }
 
@@ -979,6 +986,7 @@ impl Qcow2 {
             self.failed.get_or_insert_with(|| format!("flushing ({what}): {e}"));
             return Err(Error::io(format!("flushing ({what})"), e));
         }
+        self.dirty_unsynced = None;
         Ok(())
     }
 
@@ -1042,12 +1050,9 @@ impl Qcow2 {
         if self.read_only {
             return Ok(());
         }
-        if self.leak_window && self.h.incompatible & INCOMPAT_DIRTY == 0 {
-            // refcounts on disk may soon exceed the references (handed-over counts of a
-            // checkpoint that is not durable yet): have a crash repaired on open
-            self.set_incompat(self.h.incompatible | INCOMPAT_DIRTY)?;
-            self.dirty_set_by_us = true;
-        }
+        // refcounts on disk may soon exceed the references (handed-over counts of a
+        // checkpoint that is not durable yet): have a crash repaired on open
+        self.dirty_before_leaks()?;
         let mut synced = false;
         if self.write_dirty_refblocks()? {
             self.sync("refcount blocks")?;

@@ -540,6 +540,10 @@ impl Qcow2 {
     /// Write the dirty refblocks from the cache; returns the set written (still dirty
     /// again if a write fails).
     fn write_rb_dirty(&mut self) -> Result<BTreeSet<u64>> {
+        // every refblock write, on every path (guest write-back, a commit, a deletion's
+        // table rewrite, a reftable growth): handed-over counts only reach disk behind a
+        // durable dirty bit
+        self.dirty_before_leaks()?;
         let dirty = std::mem::take(&mut self.rb_dirty);
         for off in &dirty {
             if let Some(b) = self.rb_cache.get(off) {

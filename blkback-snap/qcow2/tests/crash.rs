@@ -8,7 +8,7 @@ mod copied;
 use common::Rng;
 use copied::harmful_copied_flags;
 use std::collections::BTreeMap;
-use xensnap_qcow2::{CreateOptions, FaultIo, ImageIo, MemIo, OpenOptions, Qcow2};
+use xensnap_qcow2::{CreateOptions, DurableStep, FaultIo, ImageIo, MemIo, OpenOptions, Qcow2};
 
 const SIZE: usize = 1 << 20;
 
@@ -455,5 +455,97 @@ fn durable_checkpoint_without_flush_keeps_copied_flags_safe() {
         assert_eq!(common::be64(&bytes, 72) & 1, 0, "{ctx}: dirty bit still set after a flush with no work queued");
         let mut im = Qcow2::open(Box::new(MemIo::from_bytes(bytes)), &OpenOptions { read_only: true }).unwrap();
         assert!(im.check().unwrap().is_clean(), "{ctx}: not clean after the flush");
+    }
+}
+
+/// A durable checkpoint's deletion queued before a take, then guest writes that copy
+/// clusters the taken checkpoint shares (a *hand-over*: the checkpoint gets its own count at
+/// once, the active tree's is given back once its pointer removal is durable). The
+/// deletion's table rewrite runs first and writes every dirty refcount block, hand-over
+/// counts included: until the checkpoint is published those counts are leaks, and the active
+/// tree on disk still marks those clusters COPIED. So the dirty bit must be durable before
+/// that write, or a crash leaves refcount 2 under COPIED with the bit clear (QEMU writes in
+/// place there, `qemu-img check` reports OFLAG_COPIED errors). With the bit clear, a crash
+/// at any point must leave refcounts equal to the references (no leak at all) here: every
+/// leak of this sequence is one of the pending checkpoint work, covered by the bit.
+/// Inline (`wait_durable`), and staged with guest writes and flushes run while each
+/// barrier is handed out (so a hand-over lands between the dirty bit's write and its
+/// barrier).
+#[test]
+fn delete_before_take_with_hand_over_keeps_dirty_bit() {
+    let (base0, snap, _) = base_image();
+    // clusters of the active tree only (refcount 1, COPIED on disk), dirty bit clear
+    let (f, mut img) = open_fault(&base0);
+    img.write(300_000, &[0x55; 20_000]).unwrap();
+    img.flush().unwrap();
+    let taken = read_all(&mut img, None);
+    img.close().unwrap();
+    let base = (*f.durable()).clone();
+    assert_eq!(be64(&base, 72) & 1, 0);
+    for staged in [false, true] {
+        let op = |img: &mut Qcow2| -> xensnap_qcow2::Result<()> {
+            img.checkpoint_delete_begin("base")?;
+            img.checkpoint_take("cp")?;
+            // copy-on-write of clusters shared with the taken checkpoint: hand-overs
+            img.write(300_100, &[0x66; 5000])?;
+            let mut n = 0u64;
+            if staged {
+                loop {
+                    match img.durable_step_staged(1)? {
+                        DurableStep::Done(true) => break,
+                        DurableStep::Done(false) => {}
+                        DurableStep::Barrier(b) => {
+                            n += 1;
+                            img.write(306_000 + n * 4096, &[0x70 + n as u8; 3000])?;
+                            if n % 2 == 1 {
+                                img.flush()?;
+                            }
+                            let s = b.sync()?;
+                            img.durable_barrier_done(s);
+                        }
+                    }
+                }
+            } else {
+                img.wait_durable()?;
+            }
+            img.flush()
+        };
+        let ctx = if staged { "staged" } else { "inline" };
+        let (f, mut img) = open_fault(&base);
+        let (w0, f0) = f.op_counts();
+        op(&mut img).unwrap();
+        assert!(img.check().unwrap().is_clean(), "{ctx}: not clean at the end");
+        let names: Vec<String> = img.checkpoint_list().into_iter().map(|s| s.name).collect();
+        assert_eq!(names, vec!["cp".to_string()]);
+        let (w1, f1) = f.op_counts();
+        drop(img);
+        let total = (w1 - w0) + (f1 - f0);
+        for k in 1..=total + 1 {
+            let (f, mut img) = open_fault(&base);
+            f.fail_after(Some(k));
+            let _ = op(&mut img);
+            drop(img);
+            let mut images = vec![(*f.durable()).clone(), f.current()];
+            images.extend((0..24).map(|seed| f.crash(seed * 131 + k)));
+            for (n, bytes) in images.into_iter().enumerate() {
+                let c = format!("{ctx} k={k}/{total} image {n}");
+                let harmful = harmful_copied_flags(&bytes);
+                assert!(harmful.is_empty(), "{c}: dirty bit clear with COPIED on shared clusters: {harmful:?}");
+                let dirty = be64(&bytes, 72) & 1 != 0;
+                let mut im = Qcow2::open(Box::new(MemIo::from_bytes(bytes)), &OpenOptions { read_only: true }).unwrap();
+                let rep = im.check().unwrap();
+                assert_eq!(rep.corruptions, 0, "{c}: {rep:?}");
+                assert!(dirty || rep.is_clean(), "{c}: dirty bit clear, refcounts differ from references: {rep:?}");
+                let names: Vec<String> = im.checkpoint_list().into_iter().map(|s| s.name).collect();
+                for n in &names {
+                    let want = match n.as_str() {
+                        "base" => &snap,
+                        "cp" => &taken,
+                        other => panic!("{c}: unexpected checkpoint {other}"),
+                    };
+                    assert!(read_all(&mut im, Some(n)) == *want, "{c}: checkpoint {n} differs");
+                }
+            }
+        }
     }
 }
