@@ -738,8 +738,11 @@ impl Qcow2 {
                 }
                 // The tree is durably unpublished (or never was): its decreases reach disk
                 // with the next write-back; nothing depends on them being durable.
-                for (off, len) in std::mem::take(free) {
+                // one range at a time, each whole or not at all: a retry after a read
+                // error neither repeats nor skips a decrease
+                while let Some(&(off, len)) = free.first() {
                     self.free_bytes(off, len)?;
+                    free.remove(0);
                 }
                 if let Tree::Mem(m) = t {
                     self.mem_l1.remove(&m);
@@ -817,6 +820,7 @@ impl Qcow2 {
     fn link_index(&mut self, pred: Tree, succ: Tree, i: u64) -> Result<bool> {
         let Some((v, table_shared)) = self.shares_at(pred, succ, i)? else { return Ok(false) };
         let deltas = merge(v);
+        self.prefetch_step(&deltas, Some(i))?;
         self.check_deltas(&deltas, true)?;
         self.apply_deltas_unchecked(&deltas, true)?;
         self.fix_copied_index(i, table_shared && succ == Tree::Active)?;
@@ -833,10 +837,49 @@ impl Qcow2 {
     fn drop_index(&mut self, tree: Tree, i: u64) -> Result<bool> {
         let Some(v) = self.refs_at(tree, i)? else { return Ok(false) };
         let deltas = merge(v);
+        self.prefetch_step(&deltas, Some(i))?;
         self.check_deltas(&deltas, false)?;
         self.apply_deltas_unchecked(&deltas, false)?;
         self.fix_copied_index(i, false)?;
         Ok(true)
+    }
+
+    /// Load, with eviction held off, everything a walk step (or a freed range) reads once it
+    /// starts changing counts: the refcount blocks of `deltas` and, for L1 index `i`, what
+    /// [`Qcow2::fix_copied_index`] reads (the active L2 table there and the refcount blocks
+    /// of the clusters it points to). A read error therefore leaves the step undone, and
+    /// the step itself then runs on the cache only: it cannot fail half-applied, so a retry
+    /// never applies its counts twice.
+    fn prefetch_step(&mut self, deltas: &[(u64, u64)], i: Option<u64>) -> Result<()> {
+        self.hold_cache = true;
+        let r = self.prefetch_inner(deltas, i);
+        self.hold_cache = false;
+        r
+    }
+
+    fn prefetch_inner(&mut self, deltas: &[(u64, u64)], i: Option<u64>) -> Result<()> {
+        for &(idx, _) in deltas {
+            self.refcount(idx)?;
+        }
+        let cs = self.cs;
+        let geom = self.geom();
+        let Some(i) = i else { return Ok(()) };
+        if geom.extended || i as usize >= self.l1.len() {
+            return Ok(());
+        }
+        let e = self.l1_entry(Tree::Active, i)?;
+        let l2 = l1_to_l2(e, cs, &|| format!("active L1 entry {i}"))?;
+        if l2 == 0 {
+            return Ok(());
+        }
+        self.refcount(l2 / cs)?;
+        let t = self.l2_table(l2)?;
+        for (j, w) in t.iter().enumerate() {
+            if let Cluster::Normal { host, .. } = geom.classify(*w, 0, &|| format!("L2 table at {l2:#x} entry {j}"))? {
+                self.refcount(host / cs)?;
+            }
+        }
+        Ok(())
     }
 
     /// Set COPIED in the active L1 entry `i` and its L2 table exactly where the refcount is
@@ -886,10 +929,14 @@ impl Qcow2 {
 
     // ------------------------------------------------------------------ commits
 
+    /// Drop one reference of every cluster of a byte range, all or none (the refcount
+    /// blocks are loaded first: a read error changes nothing).
     fn free_bytes(&mut self, off: u64, bytes: u64) -> Result<()> {
         if bytes == 0 || off == 0 {
             return Ok(());
         }
+        let range: Vec<(u64, u64)> = (off / self.cs..=(off + bytes - 1) / self.cs).map(|c| (c, 1)).collect();
+        self.prefetch_step(&range, None)?;
         for c in off / self.cs..=(off + bytes - 1) / self.cs {
             self.add_refcount(c, -1)?;
         }

@@ -137,6 +137,9 @@ pub struct Qcow2 {
     /// later ticket, or any flush of ours, makes it durable. Refcounts a crash would leak
     /// (hand-overs) are never written before it is durable ([`Qcow2::dirty_before_leaks`]).
     pub(crate) dirty_unsynced: Option<u64>,
+    /// Eviction is held off while a background step loads what it will read (see
+    /// `Qcow2::prefetch_step`): the step then runs on cached tables only.
+    pub(crate) hold_cache: bool,
     /// Last barrier ticket handed out by a staged commit (see `durable.rs`).
     pub(crate) next_ticket: u64,
     /// The first failed flush or write of this engine (for an [`ImageIo`] that does not
@@ -336,6 +339,7 @@ impl Qcow2 {
             old_l1_dirty: None,
             leak_window: false,
             dirty_unsynced: None,
+            hold_cache: false,
             next_ticket: 0,
             failed: None,
             h,
@@ -430,7 +434,7 @@ impl Qcow2 {
     }
 
     pub(crate) fn evict_if_needed(&mut self) -> Result<()> {
-        if self.l2_cache.len() + self.rb_cache.len() < self.cache_limit {
+        if self.hold_cache || self.l2_cache.len() + self.rb_cache.len() < self.cache_limit {
             return Ok(());
         }
         if !self.l2_dirty.is_empty() || !self.rb_dirty.is_empty() {
