@@ -666,12 +666,16 @@ impl Qcow2 {
                         }
                     }
                 }
+                // a taken checkpoint abandoned before its commit's preparation: its walk
+                // raises counts (given back by the drop that follows) and clears the active
+                // tree's COPIED flags in memory with no dirty bit made durable for them
+                let unprepared = matches!(then, Then::Commit { delete_requested: true, .. }) && stage.early < 3;
                 let n = self.l1_len(*pred)? as u64;
                 while *cursor < n {
                     if *left == 0 {
                         return Ok(Run::Paused);
                     }
-                    let worked = self.link_index(*pred, *succ, *cursor)?;
+                    let worked = self.link_index(*pred, *succ, *cursor, unprepared)?;
                     *cursor += 1;
                     *left = left.saturating_sub(if worked { EMPTY_PER_UNIT } else { 1 });
                 }
@@ -816,12 +820,18 @@ impl Qcow2 {
         Ok(Some((v, false)))
     }
 
-    /// One link step: add the references `pred` and `succ` share at index `i`.
-    fn link_index(&mut self, pred: Tree, succ: Tree, i: u64) -> Result<bool> {
+    /// One link step: add the references `pred` and `succ` share at index `i`. `leaks`: no
+    /// commit preparation made the dirty bit durable for these counts (an abandoned
+    /// checkpoint's walk): they open a leak window like a hand-over, so the dirty bit is
+    /// durable before they reach disk ([`Qcow2::dirty_before_leaks`]).
+    fn link_index(&mut self, pred: Tree, succ: Tree, i: u64, leaks: bool) -> Result<bool> {
         let Some((v, table_shared)) = self.shares_at(pred, succ, i)? else { return Ok(false) };
         let deltas = merge(v);
         self.prefetch_step(&deltas, Some(i))?;
         self.check_deltas(&deltas, true)?;
+        if leaks && !deltas.is_empty() {
+            self.leak_window = true;
+        }
         self.apply_deltas_unchecked(&deltas, true)?;
         self.fix_copied_index(i, table_shared && succ == Tree::Active)?;
         Ok(true)

@@ -549,3 +549,53 @@ fn delete_before_take_with_hand_over_keeps_dirty_bit() {
         }
     }
 }
+
+/// A taken checkpoint abandoned before its commit's preparation: its walk still raises the
+/// counts of what it shares with the active tree and clears the active tree's COPIED flags
+/// in memory (the drop that follows gives them back). A guest flush between the walk and
+/// the drop writes those counts: the dirty bit must be durable first, or a crash between
+/// the refcount blocks and the L2 tables leaves refcount 2 under COPIED with the bit clear.
+/// Every crash point: no COPIED over refcount > 1 and no leak at all with the bit clear,
+/// the abandoned checkpoint never appears, base intact.
+#[test]
+fn abandoned_checkpoint_walk_flushed_before_its_drop_keeps_dirty_bit() {
+    let (base, snap, _) = base_image();
+    let op = |img: &mut Qcow2| -> xensnap_qcow2::Result<()> {
+        img.checkpoint_take("doomed")?;
+        img.checkpoint_delete_begin("doomed")?;
+        // one step: the walk, not yet the drop
+        let done = img.durable_step(1)?;
+        assert!(!done, "the walk and the drop ran in one step: the flush would find nothing");
+        img.flush()?;
+        img.wait_durable()?;
+        img.flush()
+    };
+    let (f, mut img) = open_fault(&base);
+    let (w0, f0) = f.op_counts();
+    op(&mut img).unwrap();
+    assert!(img.check().unwrap().is_clean());
+    let (w1, f1) = f.op_counts();
+    drop(img);
+    let total = (w1 - w0) + (f1 - f0);
+    for k in 1..=total + 1 {
+        let (f, mut img) = open_fault(&base);
+        f.fail_after(Some(k));
+        let _ = op(&mut img);
+        drop(img);
+        let mut images = vec![(*f.durable()).clone(), f.current()];
+        images.extend((0..12).map(|seed| f.crash(seed * 17 + k)));
+        for (n, bytes) in images.into_iter().enumerate() {
+            let c = format!("k={k}/{total} image {n}");
+            let harmful = harmful_copied_flags(&bytes);
+            assert!(harmful.is_empty(), "{c}: dirty bit clear with COPIED on shared clusters: {harmful:?}");
+            let dirty = be64(&bytes, 72) & 1 != 0;
+            let mut im = Qcow2::open(Box::new(MemIo::from_bytes(bytes)), &OpenOptions { read_only: true }).unwrap();
+            let rep = im.check().unwrap();
+            assert_eq!(rep.corruptions, 0, "{c}: {rep:?}");
+            assert!(dirty || rep.is_clean(), "{c}: dirty bit clear, refcounts differ from references: {rep:?}");
+            let names: Vec<String> = im.checkpoint_list().into_iter().map(|s| s.name).collect();
+            assert_eq!(names, vec!["base".to_string()], "{c}");
+            assert!(read_all(&mut im, Some("base")) == snap, "{c}: base changed");
+        }
+    }
+}
