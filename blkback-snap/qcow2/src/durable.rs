@@ -51,7 +51,11 @@
 //! dirty bit is clear). A hand-over gives a count to a tree that is not published yet: a
 //! crash leaks it. So the commit's preparation sets the dirty bit, durably (barrier), before
 //! any raised count can reach disk, on every path (`checkpoint_create` too) whenever the
-//! frozen tree has an L2 table; a hand-over before that sets it at the next write-back. Our
+//! frozen tree has an L2 table. A hand-over (or the walk of a checkpoint abandoned before
+//! that preparation) opens a *leak window*: every refcount block write, on whichever path
+//! (guest write-back, a commit, a deletion's table rewrite, a reftable growth), first makes
+//! the bit durable ([`Qcow2::dirty_before_leaks`]; the staged paths with a barrier of their
+//! own, [`Qcow2::dirty_stage`]). Our
 //! `open` and QEMU's open then rebuild refcounts and COPIED flags after a crash. It is
 //! cleared (without a barrier) only by a flush or `close` whose write-back and barrier found
 //! no queued work and left no dirty L1/L2 table or refcount block behind

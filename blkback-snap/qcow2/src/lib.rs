@@ -43,7 +43,8 @@
 //!   checkpoints and switches/deletions not yet durable, never a durable checkpoint. A
 //!   commit sets the dirty bit (durably) before its walk's raised refcounts can reach disk:
 //!   the walk clears the active tree's COPIED flags in memory only, and a guest write may
-//!   hand a cluster over to a taken checkpoint (the leak a crash would leave). The bit is
+//!   hand a cluster over to a taken checkpoint (the leak a crash would leave): such counts
+//!   reach disk only behind a durable dirty bit, whichever write carries them. The bit is
 //!   cleared by the first flush (or `close`) after all work is durable, once its write-back
 //!   has put the active L1/L2 on disk, so after a crash our open and QEMU's open rebuild the
 //!   refcounts and COPIED flags instead of trusting stale ones.
