@@ -77,6 +77,7 @@ guest_checks() {
 # run_guest NAME CFG LIMIT: create, wait for XSB-GUEST-DONE
 run_guest() {
   local n=$1 cfg=$2 lim=$3 con t; con=$(xtb_console "$n"); rm -f "$con"; t=$(xtb_now)
+  DOM0T=$(xl list 0 | awk 'NR==2{print $6}'); GT=$t
   xtb_step "$n-create" 180 xl create "$cfg" || { tail -30 /var/log/xen/xl-$n.log 2>/dev/null; return 1; }
   xtb_wait "$lim" grep -aq XSB-GUEST-DONE "$con"; local rc=$?
   xtb_timing "$n-create-to-done" "$(xtb_since "$t")"
@@ -107,7 +108,9 @@ bench_guest() {
   for s in "$G/bench-s.qcow2.xensnap.sock"; do [ -S "$s" ] && echo "  stats $n snap disk: $("$BS" ctl "$s" stats 2>/dev/null | tr -d '\n ' | cut -c1-1000)"; done
   # CPU time (clock ticks of 1/100 s) since start: blkback-snap's serving process, kernel blkback threads
   for p in $pids; do [ -r /proc/$p/stat ] && echo "  cpu $n blkback-snap pid $p: $(awk '{print "utime=" $14 " stime=" $15}' /proc/$p/stat) threads=$(ls /proc/$p/task | wc -l) ctxt=$(awk '/ctxt_switches/{printf "%s%s ", $1, $2}' /proc/$p/status)"; done
-  for t in /proc/[0-9]*; do c=$(cat $t/comm 2>/dev/null); case $c in blkback*) echo "  cpu $n kernel thread $c: $(awk '{print "utime=" $14 " stime=" $15}' $t/stat)";; esac; done
+  for t in /proc/[0-9]*; do c=$(cat $t/comm 2>/dev/null); case $c in blkback-snap) ;; *blk*|loop[0-9]*) echo "  cpu $n kernel thread $c: $(awk '{print "utime=" $14 " stime=" $15}' $t/stat)";; esac; done
+  # CPU seconds (xl list) of dom0 and of the guest since the guest was created
+  echo "  cpu $n domains: dom0 $(xl list 0 | awk -v a="$DOM0T" 'NR==2{printf "%.1f", $6 - a}') s, guest $(xl list $n | awk 'NR==2{print $6}') s, since create $(xtb_since "$GT") s"
   xtb_step $n-destroy 60 xl destroy $n
   for p in $pids; do xtb_wait 60 eval "! kill -0 $p"; done
 }
@@ -183,8 +186,8 @@ T)
     con=$(xtb_console $n); rm -f "$con"
     if xtb_step $n-create 180 xl create "$cfg"; then
       dom=$(xl domid $n); pid=$(xenstore-read /local/domain/0/backend/vbd/$dom/51728/xensnap-pid)
-      echo "  persistent grants $n xvdb: backend feature-persistent=$(xenstore-read /local/domain/0/backend/vbd/$dom/51728/feature-persistent 2>/dev/null) frontend feature-persistent=$(xenstore-read /local/domain/$dom/device/vbd/51728/feature-persistent 2>/dev/null)"
       xtb_wait 600 grep -aq XSB-FILLED "$con"
+      echo "  persistent grants $n xvdb: backend feature-persistent=$(xenstore-read /local/domain/0/backend/vbd/$dom/51728/feature-persistent 2>/dev/null) frontend feature-persistent=$(xenstore-read /local/domain/$dom/device/vbd/51728/feature-persistent 2>/dev/null)"
       req() { "$BS" ctl "$G/bench-s.qcow2.xensnap.sock" stats 2>/dev/null | tr -d '\n ' | grep -o '"requests":[0-9]*' | cut -d: -f2; }
       s0=$(req)
       LD_LIBRARY_PATH=$ST "$ST/strace" -c -f -o "$XTB_OUT/strace-c.txt" -p "$pid" & SPID=$!
