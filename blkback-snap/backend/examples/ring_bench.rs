@@ -2,14 +2,16 @@
 //! flight against a `BlkifRing` serving a qcow2 image (and a raw file for comparison), with the
 //! requests executed inline (`--workers 0`, one at a time) or on a pool of I/O threads.
 //!
-//!     cargo run --release -p blkback-snap --example ring_bench -- [--secs 2] [--reps 3] [--dir /var/tmp] [--workers 4] [--cold]
+//!     cargo run --release -p blkback-snap --example ring_bench -- [--secs 2] [--reps 3] [--dir /var/tmp] [--workers 4] [--cold] [--persistent]
 //!
 //! Prints IOPS / MiB/s per workload and queue depth for inline execution, the pool with the
 //! default adaptive hand-off, and the pool handing off everything it can, and their ratios.
 //! The image is filled first (every cluster allocated), page cache warm; the sim's grant copy
 //! is a memcpy, so this measures the backend's own overheads and overlap, not Xen's. The
 //! `--cold` adds rows that first drop the image file's pages from the page cache (GNU dd
-//! `iflag=nocache`), so reads wait for the disk.
+//! `iflag=nocache`), so reads wait for the disk. `--persistent` negotiates persistent grants
+//! (the frontend reuses its buffers, granted writable as Linux blkfront does): data then moves
+//! by memcpy through the mapped pages instead of the sim's grant copy.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -59,7 +61,7 @@ impl Rng {
     }
 }
 
-fn run_one(dev: &BlockDeviceArc, path: &Path, workers: u32, adaptive: bool, l: Load, secs: f64) -> f64 {
+fn run_one(dev: &BlockDeviceArc, path: &Path, workers: u32, adaptive: bool, persistent: bool, l: Load, secs: f64) -> f64 {
     if l.cold && !drop_cache_of(path) {
         return f64::NAN;
     }
@@ -80,6 +82,7 @@ fn run_one(dev: &BlockDeviceArc, path: &Path, workers: u32, adaptive: bool, l: L
                 max_indirect_segments: 256,
                 ..Features::default()
             },
+            persistent,
         })
         .expect("ring geometry"),
     );
@@ -87,7 +90,7 @@ fn run_one(dev: &BlockDeviceArc, path: &Path, workers: u32, adaptive: bool, l: L
     let sectors = (l.bs / 512) as u64;
     let layout = simple_layout(sectors, 0);
     let mut free: Vec<IoBuf> = (0..l.qd)
-        .map(|_| front.make_buf(&layout, Some(&vec![0x5a; l.bs]), l.op == BLKIF_OP_WRITE))
+        .map(|_| front.make_buf(&layout, Some(&vec![0x5a; l.bs]), l.op == BLKIF_OP_WRITE && !persistent))
         .collect();
     let mut inflight: HashMap<u64, IoBuf> = HashMap::new();
     let mut rng = Rng(0x1234_5678_9abc_def1);
@@ -147,6 +150,7 @@ fn main() {
     let dir = arg("--dir").unwrap_or_else(|| "/var/tmp".into());
     let pool: u32 = arg("--workers").and_then(|s| s.parse().ok()).unwrap_or(4);
     let cold = args.iter().any(|a| a == "--cold");
+    let persistent = args.iter().any(|a| a == "--persistent");
     let reps: usize = arg("--reps").and_then(|s| s.parse().ok()).unwrap_or(3).max(1);
     let tmp = tempfile::tempdir_in(&dir).expect("temp dir");
     let qpath = tmp.path().join("bench.qcow2");
@@ -174,7 +178,7 @@ fn main() {
         Load { name: "randread 4K cold", op: BLKIF_OP_READ, bs: 4096, random: true, qd: 8, cold: true },
         Load { name: "randread 4K cold", op: BLKIF_OP_READ, bs: 4096, random: true, qd: 32, cold: true },
     ];
-    println!("ring_bench: {secs} s per run, median of {reps} alternating runs per mode, 256 MiB disk (filled), ring of 32 slots, pool = {pool} I/O threads, {} CPUs", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    println!("ring_bench: {secs} s per run, median of {reps} alternating runs per mode, 256 MiB disk (filled), ring of 32 slots, pool = {pool} I/O threads, persistent grants {}, {} CPUs", if persistent { "on" } else { "off" }, std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
     println!(
         "{:<6} {:<17} {:>3} {:>11} {:>11} {:>11} {:>9} {:>9}   {:>8} {:>8} {:>8}",
         "image", "workload", "QD", "inline", "adaptive", "always", "adapt/in", "alws/in", "MiB/s in", "adapt", "always"
@@ -193,9 +197,9 @@ fn main() {
             // is shared, so single runs drift).
             let (mut av, mut bv, mut cv) = (Vec::new(), Vec::new(), Vec::new());
             for _ in 0..reps {
-                av.push(run_one(&dev, path, 0, false, l, secs));
-                bv.push(run_one(&dev, path, pool, true, l, secs));
-                cv.push(run_one(&dev, path, pool, false, l, secs));
+                av.push(run_one(&dev, path, 0, false, persistent, l, secs));
+                bv.push(run_one(&dev, path, pool, true, persistent, l, secs));
+                cv.push(run_one(&dev, path, pool, false, persistent, l, secs));
             }
             let (a, b, c) = (median(&mut av), median(&mut bv), median(&mut cv));
             let mib = |iops: f64| iops * l.bs as f64 / (1 << 20) as f64;

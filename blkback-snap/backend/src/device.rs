@@ -156,6 +156,12 @@ fn add_stats(a: &StatsSnapshot, b: &StatsSnapshot) -> StatsSnapshot {
         polls: a.polls + b.polls,
         offloaded: a.offloaded + b.offloaded,
         peak_in_flight: a.peak_in_flight.max(b.peak_in_flight),
+        persistent_rings: a.persistent_rings + b.persistent_rings,
+        // A gauge: what the newer ring holds mapped (an old ring unmapped everything).
+        persistent_grants: b.persistent_grants,
+        persistent_hits: a.persistent_hits + b.persistent_hits,
+        persistent_misses: a.persistent_misses + b.persistent_misses,
+        persistent_fallbacks: a.persistent_fallbacks + b.persistent_fallbacks,
     }
 }
 
@@ -164,6 +170,9 @@ fn stats_json(s: &StatsSnapshot) -> Value {
         "requests": s.requests, "ok": s.ok, "errors": s.errors, "unsupported": s.unsupported,
         "notifications": s.notifications, "bytes_read": s.bytes_read, "bytes_written": s.bytes_written,
         "polls": s.polls, "offloaded": s.offloaded, "peak_in_flight": s.peak_in_flight,
+        "persistent_rings": s.persistent_rings, "persistent_grants": s.persistent_grants,
+        "persistent_hits": s.persistent_hits, "persistent_misses": s.persistent_misses,
+        "persistent_fallbacks": s.persistent_fallbacks,
     })
 }
 
@@ -388,6 +397,7 @@ impl Connector for SlotConnector {
             abi = ?p.abi,
             port = p.event_channel,
             io_threads = ring.features().workers,
+            persistent_grants = ring.persistent(),
             "ring connected"
         );
         s.ring = Some(ring);
@@ -396,14 +406,15 @@ impl Connector for SlotConnector {
     }
 
     fn disconnect(&mut self) {
-        {
-            let mut s = lock(&self.dev.slot);
-            if let Some(r) = s.ring.take() {
-                s.past = add_stats(&s.past, &r.stats());
-                tracing::info!("ring disconnected");
-            }
-        }
+        let old = lock(&self.dev.slot).ring.take();
+        // Stops the ring's threads and unmaps its persistent grants.
         self.inner.disconnect();
+        if let Some(r) = old {
+            let st = r.stats();
+            tracing::info!(stats = ?st, "ring disconnected");
+            let mut s = lock(&self.dev.slot);
+            s.past = add_stats(&s.past, &st);
+        }
     }
 
     fn disk_info(&self) -> DiskInfo {

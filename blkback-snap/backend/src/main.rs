@@ -190,7 +190,7 @@ fn run(cli: Cli) -> Result<(), String> {
             let out = device::serve(
                 store,
                 grants,
-                Arc::new(XenBinder),
+                Arc::new(XenBinder::for_backend_path(&backend)),
                 &backend,
                 &opts,
                 &stop,

@@ -2,9 +2,10 @@
 //!
 //! | blkif trait | here | libxc-ffi underneath |
 //! |---|---|---|
-//! | [`GrantMemory`] | [`XenGrants`] | `Gnttab::copy_from_guest` / `copy_to_guest` (one grant-copy ioctl per call), `Gnttab::map_grant_refs` for the ring |
+//! | [`GrantMemory`] | [`XenGrants`] | `Gnttab::copy_from_guest` / `copy_to_guest` (one grant-copy ioctl per call), `Gnttab::map_grant_refs` for the ring and for persistent grants |
+//! | [`GrantPage`] | [`XenPage`] | one page of a shared `GrantMapping` (unmapped when its last page is dropped) |
 //! | [`SharedRing`] | [`XenRing`] | a `GrantMapping`, accessed only through `SharedMem` |
-//! | [`EventChannel`] | [`XenEventChannel`] | one `Evtchn` handle per ring + a `UnixStream` pair for `interrupt()`, waited on with `poll::wait_any` |
+//! | [`EventChannel`] | [`XenEventChannel`] | one `Evtchn` handle per ring; waits are a blocking read of it, `interrupt()` notifies a loopback event channel on the same handle (fallback: a `UnixStream` pair, waited on with `poll::wait_any`) |
 //! | [`EvtchnBinder`] | [`XenBinder`] | `Evtchn::open` + `bind_interdomain` |
 //! | [`XenStore`](xenbus::XenStore) | [`XsStore`] | `libxc_ffi::XenStore` |
 //!
@@ -19,7 +20,7 @@ use std::time::Duration;
 use libxc_ffi::gnttab::SgSeg;
 use libxc_ffi::{BoundPort, Evtchn, Gnttab, GrantMapping, GrantStatus, Prot, SharedMem};
 use xensnap_blkif::xenbus::{self, EvtchnBinder, WatchEvent, XsError};
-use xensnap_blkif::{EventChannel, GrantError, GrantMemory, GrantSeg, SharedRing};
+use xensnap_blkif::{EventChannel, GrantError, GrantMemory, GrantPage, GrantSeg, SharedRing};
 
 // ---- grant status mapping (pure; unit-tested) ---------------------------------------------
 
@@ -156,6 +157,67 @@ impl GrantMemory for XenGrants {
             .map_err(|e| GrantError::Failed(e.to_string()))?;
         Ok(Arc::new(XenRing::new(m)))
     }
+
+    fn map_pages(&self, domid: u16, grefs: &[u32]) -> Result<Vec<Arc<dyn GrantPage>>, GrantError> {
+        // One gntdev mapping (one ioctl + one mmap) for the batch, read-write: a persistent
+        // grant serves reads and writes alike. All or nothing; blkif retries refs singly.
+        let m = self
+            .gt
+            .map_grant_refs(u32::from(domid), grefs, Prot::ReadWrite)
+            .map_err(|e| GrantError::Failed(e.to_string()))?;
+        Ok(pages_of(Arc::new(m), grefs))
+    }
+}
+
+/// One [`XenPage`] per page of a mapping of `grefs` (in order).
+pub fn pages_of<M: SharedMem + Send + Sync + 'static>(m: Arc<M>, grefs: &[u32]) -> Vec<Arc<dyn GrantPage>> {
+    grefs
+        .iter()
+        .enumerate()
+        .map(|(index, &gref)| {
+            Arc::new(XenPage {
+                map: Arc::clone(&m),
+                index,
+                gref,
+            }) as Arc<dyn GrantPage>
+        })
+        .collect()
+}
+
+/// Page `index` of a (possibly multi-page) grant mapping; the mapping is unmapped when the
+/// last of its pages is dropped. Accesses are bounds-checked copies through [`SharedMem`].
+pub struct XenPage<M: SharedMem + Send + Sync> {
+    map: Arc<M>,
+    index: usize,
+    gref: u32,
+}
+
+impl<M: SharedMem + Send + Sync> XenPage<M> {
+    fn at(&self, off: usize, len: usize) -> Result<usize, GrantError> {
+        let page = libxc_ffi::PAGE_SIZE;
+        match off.checked_add(len) {
+            Some(end) if end <= page => Ok(self.index * page + off),
+            _ => Err(GrantError::BadRange { offset: off, len }),
+        }
+    }
+}
+
+impl<M: SharedMem + Send + Sync> GrantPage for XenPage<M> {
+    fn gref(&self) -> u32 {
+        self.gref
+    }
+    fn read(&self, off: usize, buf: &mut [u8]) -> Result<(), GrantError> {
+        let at = self.at(off, buf.len())?;
+        self.map
+            .read_bytes(at, buf)
+            .map_err(|e| GrantError::Failed(e.to_string()))
+    }
+    fn write(&self, off: usize, buf: &[u8]) -> Result<(), GrantError> {
+        let at = self.at(off, buf.len())?;
+        self.map
+            .write_bytes(at, buf)
+            .map_err(|e| GrantError::Failed(e.to_string()))
+    }
 }
 
 // ---- SharedRing ---------------------------------------------------------------------------
@@ -240,23 +302,53 @@ impl Interrupter {
 }
 
 /// An interdomain event channel to one frontend, on its own `Evtchn` handle (so its fd only
-/// reports this port).
+/// reports this port, and the loopback pair below).
+///
+/// Waiting costs two system calls per wake-up: a blocking `read` of the evtchn device and the
+/// unmask `write`. `interrupt()` wakes that read by notifying a loopback event channel of our
+/// own domain bound on the same handle (local port `wake_rx` fires when `wake_tx` is
+/// notified). If the loopback cannot be set up (or with `BLKBACK_SNAP_EVTCHN_POLL=1`), it
+/// falls back to `poll` on the evtchn fd plus a socket pair written by `interrupt()`.
 pub struct XenEventChannel {
     port: BoundPort,
+    wake: Option<Loopback>,
     intr: Interrupter,
     /// Serialises waiters (`xenevtchn_pending` must not race with itself).
     wait_lock: Mutex<()>,
 }
 
+/// Two ends of an event channel of our own domain, on the ring's handle.
+struct Loopback {
+    /// Fires when `tx` is notified (what `wait` reads).
+    rx: BoundPort,
+    tx: BoundPort,
+}
+
 impl XenEventChannel {
-    pub fn bind(domid: u16, remote_port: u32) -> Result<XenEventChannel, String> {
+    /// Bind to `remote_port` of `domid`; `own_domid` (the backend's domain) enables the
+    /// loopback wake-up.
+    pub fn bind(domid: u16, remote_port: u32, own_domid: Option<u16>) -> Result<XenEventChannel, String> {
         let ev = Evtchn::open().map_err(|e| e.to_string())?;
         let port = ev
             .bind_interdomain(u32::from(domid), remote_port)
             .map_err(|e| e.to_string())?;
         let intr = Interrupter::new().map_err(|e| format!("socketpair: {e}"))?;
+        let wake = own_domid.and_then(|me| {
+            let me = u32::from(me);
+            let r = ev
+                .bind_unbound_port(me)
+                .and_then(|rx| ev.bind_interdomain(me, rx.local_port()).map(|tx| Loopback { rx, tx }));
+            match r {
+                Ok(l) => Some(l),
+                Err(e) => {
+                    tracing::warn!("loopback event channel for wake-ups: {e}; waiting with poll instead");
+                    None
+                }
+            }
+        });
         Ok(XenEventChannel {
             port,
+            wake,
             intr,
             wait_lock: Mutex::new(()),
         })
@@ -264,17 +356,37 @@ impl XenEventChannel {
     pub fn local_port(&self) -> u32 {
         self.port.local_port()
     }
-}
+    /// Whether waits are a blocking read (loopback wake-up) rather than poll.
+    pub fn blocking_read(&self) -> bool {
+        self.wake.is_some()
+    }
 
-impl EventChannel for XenEventChannel {
-    fn notify(&self) {
-        if let Err(e) = self.port.notify() {
-            tracing::warn!("evtchn notify (local port {}): {e}", self.port.local_port());
+    /// Unmask `p` after its event was read (the evtchn driver masks a port when it fires).
+    fn unmask(&self, p: u32) {
+        if let Err(e) = self.port.evtchn().unmask(p) {
+            tracing::warn!("evtchn unmask {p}: {e}");
         }
     }
 
-    fn wait(&self, timeout: Option<Duration>) -> bool {
-        let _g = self.wait_lock.lock().unwrap_or_else(|e| e.into_inner());
+    fn wait_read(&self, w: &Loopback) -> bool {
+        match self.port.evtchn().read_pending() {
+            Ok(p) => {
+                self.unmask(p);
+                if p != self.port.local_port() && p != w.rx.local_port() {
+                    tracing::warn!("evtchn: unexpected port {p}");
+                }
+                true
+            }
+            Err(e) => {
+                tracing::warn!("evtchn read: {e}");
+                // Do not spin.
+                std::thread::sleep(Duration::from_millis(10));
+                false
+            }
+        }
+    }
+
+    fn wait_poll(&self, timeout: Option<Duration>) -> bool {
         let ev = self.port.evtchn();
         let ready = match libxc_ffi::poll::wait_any(&[ev.as_fd(), self.intr.fd()], timeout) {
             Ok(r) => r,
@@ -287,14 +399,15 @@ impl EventChannel for XenEventChannel {
         };
         let mut fired = false;
         if ready.first().copied().unwrap_or(false) {
-            // Consume the pending port (only ours is bound to this handle, and it cannot be
-            // queued again before the unmask) and unmask it. If it fires again right after
-            // the unmask, the fd is readable and the next wait returns at once.
-            if let Ok(Some(p)) = ev.pending() {
-                fired = true;
-                if let Err(e) = ev.unmask(p) {
-                    tracing::warn!("evtchn unmask {p}: {e}");
+            // The fd is readable: the read does not block. Only our ports are bound to this
+            // handle; a port cannot be queued again before its unmask, and if it fires right
+            // after, the fd is readable and the next wait returns at once.
+            match ev.read_pending() {
+                Ok(p) => {
+                    fired = true;
+                    self.unmask(p);
                 }
+                Err(e) => tracing::warn!("evtchn read: {e}"),
             }
         }
         if ready.get(1).copied().unwrap_or(false) && self.intr.drain() {
@@ -302,22 +415,69 @@ impl EventChannel for XenEventChannel {
         }
         fired
     }
+}
+
+impl EventChannel for XenEventChannel {
+    fn notify(&self) {
+        if let Err(e) = self.port.notify() {
+            tracing::warn!("evtchn notify (local port {}): {e}", self.port.local_port());
+        }
+    }
+
+    fn wait(&self, timeout: Option<Duration>) -> bool {
+        let _g = self.wait_lock.lock().unwrap_or_else(|e| e.into_inner());
+        match (&self.wake, timeout) {
+            (Some(w), None) => self.wait_read(w),
+            _ => self.wait_poll(timeout),
+        }
+    }
 
     fn interrupt(&self) {
-        self.intr.raise();
+        match &self.wake {
+            Some(w) => {
+                if let Err(e) = w.tx.notify() {
+                    tracing::warn!("evtchn loopback notify: {e}");
+                }
+            }
+            None => self.intr.raise(),
+        }
     }
 }
 
 /// Binds event channels with [`XenEventChannel::bind`].
-pub struct XenBinder;
+pub struct XenBinder {
+    own_domid: Option<u16>,
+}
+
+impl XenBinder {
+    /// For a backend at `/local/domain/<own domid>/backend/...`: waits use the loopback
+    /// wake-up (unless `BLKBACK_SNAP_EVTCHN_POLL=1`).
+    pub fn for_backend_path(path: &str) -> XenBinder {
+        let poll = std::env::var("BLKBACK_SNAP_EVTCHN_POLL").is_ok_and(|v| v.trim() == "1");
+        XenBinder {
+            own_domid: if poll { None } else { own_domid(path) },
+        }
+    }
+}
+
+/// The backend's domain id from its xenstore path (`/local/domain/<id>/backend/...`).
+pub fn own_domid(backend_path: &str) -> Option<u16> {
+    backend_path
+        .strip_prefix("/local/domain/")?
+        .split('/')
+        .next()?
+        .parse()
+        .ok()
+}
 
 impl EvtchnBinder for XenBinder {
     fn bind(&self, domid: u16, port: u32) -> Result<Arc<dyn EventChannel>, String> {
-        let e = XenEventChannel::bind(domid, port)?;
+        let e = XenEventChannel::bind(domid, port, self.own_domid)?;
         tracing::info!(
             domid,
             remote_port = port,
             local_port = e.local_port(),
+            blocking_read = e.blocking_read(),
             "event channel bound"
         );
         Ok(Arc::new(e))
@@ -490,10 +650,42 @@ mod tests {
     }
 
     #[test]
+    fn pages_of_a_mapping_stay_inside_their_page() {
+        let m = Arc::new(LocalPages::new(3));
+        let pages = pages_of(Arc::clone(&m), &[10, 11, 12]);
+        assert_eq!(pages.iter().map(|p| p.gref()).collect::<Vec<_>>(), [10, 11, 12]);
+        pages[1].write(4096 - 512, &[7u8; 512]).unwrap();
+        let mut b = [0u8; 4];
+        m.read_bytes(2 * 4096 - 4, &mut b).unwrap();
+        assert_eq!(b, [7; 4]);
+        let mut back = [0u8; 512];
+        pages[1].read(3584, &mut back).unwrap();
+        assert_eq!(back, [7u8; 512]);
+        // Never into the neighbour page, never past the mapping.
+        assert!(matches!(pages[1].write(4095, &[1, 2]), Err(GrantError::BadRange { .. })));
+        assert!(matches!(pages[2].read(1, &mut [0u8; 4096]), Err(GrantError::BadRange { .. })));
+        assert!(matches!(pages[0].read(usize::MAX, &mut [0u8; 1]), Err(GrantError::BadRange { .. })));
+        let mut z = [0u8; 1];
+        m.read_bytes(3 * 4096 - 1, &mut z).unwrap();
+        assert_eq!(z, [0]);
+        // The mapping lives while any page does.
+        drop(pages);
+        assert_eq!(Arc::strong_count(&m), 1);
+    }
+
+    #[test]
     #[should_panic(expected = "in bounds")]
     fn ring_out_of_bounds_is_a_bug() {
         let ring = MemShared::new(LocalPages::new(1));
         ring.load_u32_acquire(4096);
+    }
+
+    #[test]
+    fn own_domid_from_backend_path() {
+        assert_eq!(own_domid("/local/domain/0/backend/vbd/7/51712"), Some(0));
+        assert_eq!(own_domid("/local/domain/12/backend/vbd/7/51712"), Some(12));
+        assert_eq!(own_domid("/local/domain/x/backend"), None);
+        assert_eq!(own_domid("backend/vbd/7/51712"), None);
     }
 
     #[test]
@@ -518,6 +710,6 @@ mod tests {
             return;
         }
         assert!(XenGrants::open().is_err());
-        assert!(XenEventChannel::bind(1, 1).is_err());
+        assert!(XenEventChannel::bind(1, 1, Some(0)).is_err());
     }
 }

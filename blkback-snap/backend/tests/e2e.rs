@@ -175,7 +175,7 @@ fn guest_io_through_the_daemon_lands_in_the_qcow2_image() {
     assert_eq!(rd(&xs, "xensnap-status").as_deref(), Some("ready"));
     assert_eq!(rd(&xs, "xensnap-format").as_deref(), Some("qcow2"));
     assert_eq!(rd(&xs, "sectors").as_deref(), Some("16384"));
-    assert_eq!(rd(&xs, "feature-persistent").as_deref(), Some("0"));
+    assert_eq!(rd(&xs, "feature-persistent").as_deref(), Some("1"));
     let sock = PathBuf::from(rd(&xs, "xensnap-socket").unwrap());
     assert_eq!(sock, dir.path().join("run/blkback-7-51712.sock"));
     // The image is locked while served: a second backend of the same image is refused.

@@ -18,7 +18,7 @@
 //!
 //! "In flight" = consumed, response not yet published; `quiesce()` waits until none is.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use xensnap_blockdev::{BlockDevice, BlockError};
 
 use crate::abi::*;
-use crate::mem::{EventChannel, GrantMemory, GrantSeg, SharedRing};
+use crate::mem::{EventChannel, GrantError, GrantMemory, GrantPage, GrantSeg, SharedRing};
 use crate::request::*;
 
 /// What this backend offers to frontends (published in xenstore by [`crate::xenbus`]).
@@ -56,7 +56,17 @@ pub struct Features {
     /// one eligible request in [`OFFLOAD_PROBE`] is handed off anyway to keep the latter
     /// measured. Off: every request but the last visible one is handed off.
     pub adaptive_offload: bool,
+    /// "feature-persistent": offer persistent grants. Used on a ring only when the frontend
+    /// also sets "feature-persistent" ([`RingParams::persistent`]).
+    pub persistent: bool,
+    /// Most grants kept mapped per ring when persistent grants are in use (Linux blkback's
+    /// `max_persistent_grants`, 1056 = 32 requests x (32 segments + 1 indirect page)).
+    /// Segments beyond go by grant copy.
+    pub max_persistent_grants: u32,
 }
+
+/// Default of [`Features::max_persistent_grants`].
+pub const MAX_PERSISTENT_GRANTS: u32 = 1056;
 
 /// See [`Features::adaptive_offload`].
 pub const OFFLOAD_PROBE: u64 = 16;
@@ -76,6 +86,8 @@ impl Default for Features {
             max_ring_page_order: MAX_RING_PAGE_ORDER,
             workers: 4,
             adaptive_offload: true,
+            persistent: true,
+            max_persistent_grants: MAX_PERSISTENT_GRANTS,
         }
     }
 }
@@ -106,6 +118,10 @@ pub struct RingParams {
     pub evtchn: Arc<dyn EventChannel>,
     pub device: Arc<dyn BlockDevice>,
     pub features: Features,
+    /// Persistent grants negotiated: we offered them (`features.persistent`) and the frontend
+    /// wrote "feature-persistent" = 1. Data and indirect pages are then mapped once and kept
+    /// (up to `features.max_persistent_grants`) until the ring is stopped.
+    pub persistent: bool,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -145,6 +161,13 @@ pub struct RingStats {
     pub offloaded: AtomicU64,
     /// Most requests in flight at once.
     pub peak_in_flight: AtomicU64,
+    /// Persistent grants: segment (or indirect page) found mapped in the cache.
+    pub persistent_hits: AtomicU64,
+    /// Persistent grants: grant newly mapped into the cache.
+    pub persistent_misses: AtomicU64,
+    /// Persistent grants negotiated, but the segment went by grant copy (cache full, or the
+    /// grant could not be mapped read-write).
+    pub persistent_fallbacks: AtomicU64,
 }
 
 /// A copy of [`RingStats`].
@@ -160,6 +183,13 @@ pub struct StatsSnapshot {
     pub polls: u64,
     pub offloaded: u64,
     pub peak_in_flight: u64,
+    /// Whether the ring uses persistent grants (1) or not (0); summed over rings by callers.
+    pub persistent_rings: u64,
+    /// Grants mapped in the persistent cache now.
+    pub persistent_grants: u64,
+    pub persistent_hits: u64,
+    pub persistent_misses: u64,
+    pub persistent_fallbacks: u64,
 }
 
 /// Scratch buffers of one executing thread.
@@ -167,6 +197,8 @@ pub struct StatsSnapshot {
 struct Scratch {
     buf: Vec<u8>,
     seg_buf: Vec<u8>,
+    /// Bytes of the segments that go by grant copy when others are mapped persistently.
+    copy_buf: Vec<u8>,
 }
 
 impl Scratch {
@@ -288,7 +320,14 @@ pub struct BlkifRing {
     /// Moving averages (ns): execution in the ring's thread; hand-off latency to the pool.
     exec_ns: AtomicU64,
     handoff_ns: AtomicU64,
+    /// Persistent grants (if negotiated): gref -> page mapped read-write, at most
+    /// `features.max_persistent_grants` entries; emptied (unmapped) when `run` returns and by
+    /// [`BlkifRing::unmap_persistent`].
+    pcache: Option<Mutex<HashMap<u32, Arc<dyn GrantPage>>>>,
 }
+
+/// Guest pages of a request's segments: the mapped page of each, or `None` (grant copy).
+type Pages = Vec<Option<Arc<dyn GrantPage>>>;
 
 /// `avg += (sample - avg) / 8`, racy by design (a lost update only delays the average).
 fn ewma(a: &AtomicU64, sample: Duration) {
@@ -327,6 +366,7 @@ impl BlkifRing {
         let nr_pages = p.ring.len() / PAGE_SIZE;
         let geom = RingGeometry::new(p.abi, nr_pages).ok_or(RingError::TooSmall(p.ring.len()))?;
         let start = p.ring.load_u32_acquire(SRING_RSP_PROD);
+        let persistent = p.persistent && p.features.persistent && p.features.max_persistent_grants > 0;
         Ok(BlkifRing {
             domid: p.domid,
             geom,
@@ -344,6 +384,7 @@ impl BlkifRing {
             stats: RingStats::default(),
             exec_ns: AtomicU64::new(0),
             handoff_ns: AtomicU64::new(0),
+            pcache: persistent.then(|| Mutex::new(HashMap::new())),
         })
     }
 
@@ -374,6 +415,34 @@ impl BlkifRing {
             polls: l(&s.polls),
             offloaded: l(&s.offloaded),
             peak_in_flight: l(&s.peak_in_flight),
+            persistent_rings: u64::from(self.pcache.is_some()),
+            persistent_grants: self.pcache.as_ref().map_or(0, |c| lock(c).len() as u64),
+            persistent_hits: l(&s.persistent_hits),
+            persistent_misses: l(&s.persistent_misses),
+            persistent_fallbacks: l(&s.persistent_fallbacks),
+        }
+    }
+
+    /// Whether this ring uses persistent grants.
+    pub fn persistent(&self) -> bool {
+        self.pcache.is_some()
+    }
+
+    /// Unmap every persistent grant (the ring is going away; [`BlkifRing::run`] does this when
+    /// it returns). Pages still used by a request in progress are unmapped when it finishes.
+    /// Returns how many were in the cache.
+    pub fn unmap_persistent(&self) -> usize {
+        match &self.pcache {
+            None => 0,
+            Some(c) => {
+                let old = std::mem::take(&mut *lock(c));
+                let n = old.len();
+                drop(old);
+                if n > 0 {
+                    tracing::debug!(domid = self.domid, grants = n, "persistent grants unmapped");
+                }
+                n
+            }
         }
     }
 
@@ -451,6 +520,13 @@ impl BlkifRing {
     /// `Features::workers > 0` requests run on that many I/O threads (scoped to this call:
     /// they finish every request already handed to them before `run` returns).
     pub fn run(&self) -> Poll {
+        let end = self.run_inner();
+        // Every request consumed has completed: nothing uses the mappings any more.
+        self.unmap_persistent();
+        end
+    }
+
+    fn run_inner(&self) -> Poll {
         let want = self.features.workers.min(MAX_WORKERS) as usize;
         if want == 0 {
             return self.drive(None);
@@ -776,7 +852,9 @@ impl BlkifRing {
                 }
                 s.seg_buf.clear();
                 s.seg_buf.resize(n * SEGMENT_SIZE, 0);
-                if let Err(e) = self.grants.copy_from_guest(self.domid, &gs, &mut s.seg_buf) {
+                // Linux blkfront grants indirect pages like data pages: persistent too.
+                let mapped = self.persistent_pages(&gs);
+                if let Err(e) = self.gather(&gs, &mapped, &mut s.seg_buf, &mut s.copy_buf) {
                     tracing::debug!(domid = self.domid, "indirect page: {e}");
                     return Err(BLKIF_RSP_ERROR);
                 }
@@ -823,12 +901,15 @@ impl BlkifRing {
             Checked::Read { sector, ref segs, .. } => {
                 let segs = self.resolve(s, segs, sector, sectors)?;
                 let (gs, total) = grant_segs(&segs);
-                let buf = s.buffer(total);
+                let mapped = self.persistent_pages(&gs);
+                s.buffer(total);
+                let Scratch { buf, copy_buf, .. } = s;
+                let buf = &mut buf[..total];
                 let r = self
                     .device
                     .read_at(sector * SECTOR_SIZE, buf)
                     .map_err(dev_err)
-                    .and_then(|()| self.grants.copy_to_guest(self.domid, &gs, buf).map_err(grant_err));
+                    .and_then(|()| self.scatter(&gs, &mapped, buf, copy_buf).map_err(grant_err));
                 if r.is_ok() {
                     self.stats.bytes_read.fetch_add(total as u64, Ordering::Relaxed);
                 }
@@ -840,10 +921,12 @@ impl BlkifRing {
                 if flush_before {
                     self.device.flush().map_err(dev_err)?;
                 }
-                let buf = s.buffer(total);
+                let mapped = self.persistent_pages(&gs);
+                s.buffer(total);
+                let Scratch { buf, copy_buf, .. } = s;
+                let buf = &mut buf[..total];
                 // Gather everything first: a bad grant fails the request before the disk is touched.
-                self.grants
-                    .copy_from_guest(self.domid, &gs, buf)
+                self.gather(&gs, &mapped, buf, copy_buf)
                     .map_err(grant_err)
                     .and_then(|()| self.device.write_at(sector * SECTOR_SIZE, buf).map_err(dev_err))?;
                 self.stats.bytes_written.fetch_add(total as u64, Ordering::Relaxed);
@@ -854,6 +937,166 @@ impl BlkifRing {
             }
         }
     }
+}
+
+impl BlkifRing {
+    // ---- persistent grants ------------------------------------------------------------------
+
+    /// The persistently mapped page for each of `segs` (`None`: grant copy). Grants not yet in
+    /// the cache are mapped (read-write, one batched call) while the cache has room; the rest,
+    /// and grants that cannot be mapped read-write, go by grant copy.
+    fn persistent_pages(&self, segs: &[GrantSeg]) -> Pages {
+        let Some(cache) = &self.pcache else {
+            return vec![None; segs.len()];
+        };
+        let max = self.features.max_persistent_grants as usize;
+        let mut out: Pages = Vec::with_capacity(segs.len());
+        let mut want: Vec<u32> = Vec::new();
+        {
+            let c = lock(cache);
+            for sg in segs {
+                let page = c.get(&sg.gref).cloned();
+                if page.is_none() && !want.contains(&sg.gref) {
+                    want.push(sg.gref);
+                }
+                out.push(page);
+            }
+            want.truncate(max.saturating_sub(c.len()));
+        }
+        let hits = out.iter().filter(|p| p.is_some()).count() as u64;
+        self.stats.persistent_hits.fetch_add(hits, Ordering::Relaxed);
+        if !want.is_empty() {
+            // Mapped outside the lock (a system call); another thread may map the same grant
+            // meanwhile: the first insert wins, the other mapping is dropped (unmapped).
+            let mapped = self.map_grants(&want);
+            let mut c = lock(cache);
+            let mut added = 0u64;
+            for page in mapped {
+                let g = page.gref();
+                if c.len() < max && !c.contains_key(&g) {
+                    c.insert(g, page);
+                    added += 1;
+                }
+            }
+            for (sg, slot) in segs.iter().zip(out.iter_mut()) {
+                if slot.is_none() {
+                    *slot = c.get(&sg.gref).cloned();
+                }
+            }
+            self.stats.persistent_misses.fetch_add(added, Ordering::Relaxed);
+        }
+        let fallbacks = out.iter().filter(|p| p.is_none()).count() as u64;
+        if fallbacks > 0 {
+            self.stats.persistent_fallbacks.fetch_add(fallbacks, Ordering::Relaxed);
+        }
+        out
+    }
+
+    /// Map `grefs` read-write: one batch, or (when the batch fails, e.g. one bad or read-only
+    /// grant) one at a time, leaving out those that fail.
+    fn map_grants(&self, grefs: &[u32]) -> Vec<Arc<dyn GrantPage>> {
+        match self.grants.map_pages(self.domid, grefs) {
+            Ok(v) if v.len() == grefs.len() && v.iter().zip(grefs).all(|(p, &g)| p.gref() == g) => return v,
+            Ok(v) => {
+                tracing::warn!(domid = self.domid, "map_pages returned {} pages for {} refs", v.len(), grefs.len());
+                return Vec::new();
+            }
+            Err(e) if grefs.len() == 1 => {
+                tracing::debug!(domid = self.domid, gref = grefs[0], "persistent map: {e}");
+                return Vec::new();
+            }
+            Err(e) => tracing::debug!(domid = self.domid, n = grefs.len(), "persistent map of a batch: {e}"),
+        }
+        grefs
+            .iter()
+            .filter_map(|&g| match self.grants.map_pages(self.domid, &[g]) {
+                Ok(mut v) if v.len() == 1 && v[0].gref() == g => v.pop(),
+                Ok(_) => None,
+                Err(e) => {
+                    tracing::debug!(domid = self.domid, gref = g, "persistent map: {e}");
+                    None
+                }
+            })
+            .collect()
+    }
+
+    /// Gather guest memory into `buf` (segments in order): mapped pages by memcpy, the others
+    /// with one grant copy (through `copy_buf` if only some of them go that way).
+    fn gather(&self, segs: &[GrantSeg], mapped: &[Option<Arc<dyn GrantPage>>], buf: &mut [u8], copy_buf: &mut Vec<u8>) -> Result<(), GrantError> {
+        if mapped.iter().all(Option::is_none) {
+            return self.grants.copy_from_guest(self.domid, segs, buf);
+        }
+        check_total(segs, buf.len())?;
+        let mut copied: Vec<GrantSeg> = Vec::new();
+        let mut pos = 0;
+        for (sg, page) in segs.iter().zip(mapped) {
+            let n = usize::from(sg.len);
+            match page {
+                Some(p) => p.read(usize::from(sg.offset), &mut buf[pos..pos + n])?,
+                None => copied.push(*sg),
+            }
+            pos += n;
+        }
+        if copied.is_empty() {
+            return Ok(());
+        }
+        let len = copied.iter().map(|g| usize::from(g.len)).sum();
+        copy_buf.clear();
+        copy_buf.resize(len, 0);
+        self.grants.copy_from_guest(self.domid, &copied, copy_buf)?;
+        let (mut pos, mut from) = (0, 0);
+        for (sg, page) in segs.iter().zip(mapped) {
+            let n = usize::from(sg.len);
+            if page.is_none() {
+                buf[pos..pos + n].copy_from_slice(&copy_buf[from..from + n]);
+                from += n;
+            }
+            pos += n;
+        }
+        Ok(())
+    }
+
+    /// Scatter `buf` into guest memory (segments in order): mapped pages by memcpy, the others
+    /// with one grant copy.
+    fn scatter(&self, segs: &[GrantSeg], mapped: &[Option<Arc<dyn GrantPage>>], buf: &[u8], copy_buf: &mut Vec<u8>) -> Result<(), GrantError> {
+        if mapped.iter().all(Option::is_none) {
+            return self.grants.copy_to_guest(self.domid, segs, buf);
+        }
+        check_total(segs, buf.len())?;
+        let mut copied: Vec<GrantSeg> = Vec::new();
+        copy_buf.clear();
+        let mut pos = 0;
+        for (sg, page) in segs.iter().zip(mapped) {
+            let n = usize::from(sg.len);
+            match page {
+                Some(p) => p.write(usize::from(sg.offset), &buf[pos..pos + n])?,
+                None => {
+                    copied.push(*sg);
+                    copy_buf.extend_from_slice(&buf[pos..pos + n]);
+                }
+            }
+            pos += n;
+        }
+        if copied.is_empty() {
+            return Ok(());
+        }
+        self.grants.copy_to_guest(self.domid, &copied, copy_buf)
+    }
+}
+
+/// The segments cover exactly `len` bytes and each lies inside one page.
+fn check_total(segs: &[GrantSeg], len: usize) -> Result<(), GrantError> {
+    let mut total = 0usize;
+    for sg in segs {
+        if usize::from(sg.offset) + usize::from(sg.len) > PAGE_SIZE {
+            return Err(GrantError::BadRange { offset: sg.offset.into(), len: sg.len.into() });
+        }
+        total += usize::from(sg.len);
+    }
+    if total != len {
+        return Err(GrantError::BadRange { offset: 0, len });
+    }
+    Ok(())
 }
 
 fn grant_segs(segs: &[Segment]) -> (Vec<GrantSeg>, usize) {

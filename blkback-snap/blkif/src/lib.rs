@@ -23,6 +23,6 @@ pub mod xenbus;
 
 pub use abi::Abi;
 pub use backend::{BlkifRing, Features, Poll, RingError, RingParams, StatsSnapshot};
-pub use mem::{EventChannel, GrantError, GrantMemory, GrantSeg, SharedRing};
+pub use mem::{EventChannel, GrantError, GrantMemory, GrantPage, GrantSeg, SharedRing};
 pub use sim::fuzz_ring;
 pub use request::{check_request, fuzz_parse, parse_request, Checked, Limits, RawRequest, Rejection, Segment};

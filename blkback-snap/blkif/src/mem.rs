@@ -45,6 +45,27 @@ pub trait GrantMemory: Send + Sync {
     fn copy_to_guest(&self, domid: u16, segs: &[GrantSeg], buf: &[u8]) -> Result<(), GrantError>;
     /// Map the ring pages `grefs` (in order, read-write) as one contiguous shared ring.
     fn map_ring(&self, domid: u16, grefs: &[u32]) -> Result<Arc<dyn SharedRing>, GrantError>;
+    /// Map the data pages `grefs` read-write for as long as the returned handles live
+    /// (persistent grants, "feature-persistent"): one batched mapping if possible. On success
+    /// the result has one page per ref, in order. A single bad ref may fail the whole call
+    /// (gntdev maps a batch all or nothing); callers then retry refs one at a time.
+    /// The default says mapping is not supported: the backend then uses grant copy only.
+    fn map_pages(&self, domid: u16, grefs: &[u32]) -> Result<Vec<Arc<dyn GrantPage>>, GrantError> {
+        let _ = (domid, grefs);
+        Err(GrantError::Failed("persistent mapping not supported".into()))
+    }
+}
+
+/// One guest page mapped read-write by [`GrantMemory::map_pages`]; unmapped when the last
+/// handle is dropped. The guest changes it concurrently, so access is by copies only.
+/// `off + buf.len()` beyond [`crate::abi::PAGE_SIZE`] fails with [`GrantError::BadRange`].
+pub trait GrantPage: Send + Sync {
+    /// The grant reference this page was mapped from.
+    fn gref(&self) -> u32;
+    /// Copy bytes out of the page.
+    fn read(&self, off: usize, buf: &mut [u8]) -> Result<(), GrantError>;
+    /// Copy bytes into the page.
+    fn write(&self, off: usize, buf: &[u8]) -> Result<(), GrantError>;
 }
 
 /// The shared ring: `len()` bytes of memory the guest writes concurrently.

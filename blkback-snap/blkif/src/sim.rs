@@ -11,7 +11,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::abi::*;
-use crate::mem::{EventChannel, GrantError, GrantMemory, GrantSeg, SharedRing};
+use crate::mem::{EventChannel, GrantError, GrantMemory, GrantPage, GrantSeg, SharedRing};
 use crate::request::*;
 
 /// One 4 KiB guest page.
@@ -134,12 +134,59 @@ pub struct TestGuest {
     domid: u16,
     table: Mutex<(u32, HashMap<u32, GrantEntry>)>,
     copies: AtomicU64,
+    /// `map_pages` calls, and data pages mapped by the backend now (shared with each
+    /// [`SimMapping`], which decrements on drop).
+    maps: AtomicU64,
+    mapped: Arc<AtomicU64>,
+    /// Whether `map_pages` works (a guest/host without persistent mapping support: false).
+    mappable: std::sync::atomic::AtomicBool,
+}
+
+/// A data page the backend mapped with [`GrantMemory::map_pages`]: the guest's own page
+/// (shared memory, as a real mapping is), counted as mapped until dropped.
+pub struct SimMapping {
+    gref: u32,
+    page: Arc<Page>,
+    live: Arc<AtomicU64>,
+}
+
+impl GrantPage for SimMapping {
+    fn gref(&self) -> u32 {
+        self.gref
+    }
+    fn read(&self, off: usize, buf: &mut [u8]) -> Result<(), GrantError> {
+        if off.checked_add(buf.len()).is_none_or(|e| e > PAGE_SIZE) {
+            return Err(GrantError::BadRange { offset: off, len: buf.len() });
+        }
+        self.page.read(off, buf);
+        Ok(())
+    }
+    fn write(&self, off: usize, buf: &[u8]) -> Result<(), GrantError> {
+        if off.checked_add(buf.len()).is_none_or(|e| e > PAGE_SIZE) {
+            return Err(GrantError::BadRange { offset: off, len: buf.len() });
+        }
+        self.page.write(off, buf);
+        Ok(())
+    }
+}
+
+impl Drop for SimMapping {
+    fn drop(&mut self) {
+        self.live.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl TestGuest {
     pub fn new(domid: u16) -> Arc<TestGuest> {
         // Refs 0..8 are reserved in Xen; start after them.
-        Arc::new(TestGuest { domid, table: Mutex::new((8, HashMap::new())), copies: AtomicU64::new(0) })
+        Arc::new(TestGuest {
+            domid,
+            table: Mutex::new((8, HashMap::new())),
+            copies: AtomicU64::new(0),
+            maps: AtomicU64::new(0),
+            mapped: Arc::new(AtomicU64::new(0)),
+            mappable: std::sync::atomic::AtomicBool::new(true),
+        })
     }
 
     pub fn domid(&self) -> u16 {
@@ -167,6 +214,21 @@ impl TestGuest {
     /// Number of grant-copy calls made by the backend.
     pub fn copy_calls(&self) -> u64 {
         self.copies.load(Ordering::Relaxed)
+    }
+
+    /// Number of `map_pages` calls made by the backend.
+    pub fn map_calls(&self) -> u64 {
+        self.maps.load(Ordering::Relaxed)
+    }
+
+    /// Data pages the backend holds mapped now.
+    pub fn live_mappings(&self) -> u64 {
+        self.mapped.load(Ordering::Relaxed)
+    }
+
+    /// Make `map_pages` fail (as on a host whose gntdev cannot map), or work again.
+    pub fn set_mappable(&self, ok: bool) {
+        self.mappable.store(ok, Ordering::Relaxed);
     }
 
     fn lookup(&self, domid: u16, segs: &[GrantSeg], buf_len: usize, write: bool) -> Result<Vec<Arc<Page>>, GrantError> {
@@ -233,6 +295,36 @@ impl GrantMemory for TestGuest {
             })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Arc::new(MemRing::new(pages)))
+    }
+
+    fn map_pages(&self, domid: u16, grefs: &[u32]) -> Result<Vec<Arc<dyn GrantPage>>, GrantError> {
+        self.maps.fetch_add(1, Ordering::Relaxed);
+        if domid != self.domid {
+            return Err(GrantError::Failed(format!("no domain {domid}")));
+        }
+        if !self.mappable.load(Ordering::Relaxed) {
+            return Err(GrantError::Failed("mapping disabled".into()));
+        }
+        if grefs.is_empty() {
+            return Err(GrantError::Failed("no grant references".into()));
+        }
+        // All or nothing, like one gntdev mapping of several refs; always read-write.
+        let t = self.table.lock().unwrap();
+        let pages = grefs
+            .iter()
+            .map(|&gref| match t.1.get(&gref) {
+                None => Err(GrantError::InvalidRef { domid, gref }),
+                Some(e) if e.readonly => Err(GrantError::ReadOnly { domid, gref }),
+                Some(e) => Ok((gref, Arc::clone(&e.page))),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(pages
+            .into_iter()
+            .map(|(gref, page)| {
+                self.mapped.fetch_add(1, Ordering::Relaxed);
+                Arc::new(SimMapping { gref, page, live: Arc::clone(&self.mapped) }) as Arc<dyn GrantPage>
+            })
+            .collect())
     }
 }
 
@@ -348,6 +440,9 @@ pub struct TestFront {
     pub ring: MemRing,
     pub ring_refs: Vec<u32>,
     pub evtchn: Arc<LocalEvtchn>,
+    /// Grant indirect descriptor pages writable (what Linux blkfront does when persistent
+    /// grants are negotiated: they are persistent grants like data pages). Default read-only.
+    pub writable_indirect: bool,
     req_prod_pvt: u32,
     rsp_cons: u32,
     next_id: u64,
@@ -365,7 +460,7 @@ impl TestFront {
         ring.store_u32_release(SRING_REQ_EVENT, 1);
         ring.store_u32_release(SRING_RSP_EVENT, 1);
         let geom = RingGeometry::new(abi, n).expect("ring fits");
-        TestFront { guest, abi, geom, ring, ring_refs, evtchn, req_prod_pvt: 0, rsp_cons: 0, next_id: 1 }
+        TestFront { guest, abi, geom, ring, ring_refs, evtchn, writable_indirect: false, req_prod_pvt: 0, rsp_cons: 0, next_id: 1 }
     }
 
     /// Start a fresh id (ids are echoed; tests match responses by id).
@@ -489,7 +584,7 @@ impl TestFront {
             for (i, chunk) in bytes.chunks(PAGE_SIZE).enumerate().take(MAX_INDIRECT_PAGES_PER_REQUEST) {
                 let p = Page::new();
                 p.write(0, chunk);
-                grefs[i] = self.guest.grant(&p, true);
+                grefs[i] = self.guest.grant(&p, !self.writable_indirect);
                 buf.indirect.push(grefs[i]);
             }
             self.put(&RawRequest::Indirect {
@@ -578,7 +673,8 @@ pub fn fuzz_ring(data: &[u8]) {
         grants: guest.clone(),
         evtchn: be,
         device: Arc::new(MemDisk::new(64 << 10)),
-        features: Features { discard_secure: ctl & 4 != 0, ..Features::default() },
+        features: Features { discard_secure: ctl & 4 != 0, max_persistent_grants: 3, ..Features::default() },
+        persistent: ctl & 16 != 0,
     })
     .expect("geometry");
     let entries: Vec<&[u8]> = rest.chunks(abi.entry_size()).take(front.geom.size as usize).collect();
@@ -592,6 +688,8 @@ pub fn fuzz_ring(data: &[u8]) {
     }
     while ring.poll() == crate::backend::Poll::Busy {}
     let rsps = front.take_responses();
+    ring.unmap_persistent();
+    assert_eq!(guest.live_mappings(), 0, "persistent grants left mapped");
     // A guest may name its own ring page as a data buffer; then the frontend's view of the
     // ring is legitimately garbage (the backend must merely survive it).
     let names_ring = front.ring_refs.iter().any(|r| data.windows(4).any(|w| w == r.to_le_bytes()));

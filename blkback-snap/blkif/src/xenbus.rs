@@ -13,9 +13,10 @@
 //! Published by [`XenbusBackend::start`] (choices documented on [`Features`]):
 //! feature-flush-cache, feature-barrier, feature-discard (+ discard-granularity,
 //! discard-alignment = 0, discard-secure), feature-max-indirect-segments (if > 0),
-//! max-ring-page-order (if > 0), feature-persistent = 0 (we use grant copy, never keep grants
-//! mapped: nothing to leak across a checkpoint/restore, no per-grant bookkeeping for the
-//! frontend), sector-size = 512, physical-sector-size = 512, sectors, info. Multi-queue is not
+//! max-ring-page-order (if > 0), feature-persistent (= `Features::persistent`, 1 by default:
+//! when the frontend sets it too, the ring keeps the frontend's data and indirect pages mapped
+//! up to `Features::max_persistent_grants` and unmaps them when it disconnects; otherwise
+//! grant copy), sector-size = 512, physical-sector-size = 512, sectors, info. Multi-queue is not
 //! offered ("multi-queue-max-queues" absent); a frontend asking for more than one queue is
 //! refused.
 
@@ -187,7 +188,7 @@ pub struct ConnectParams {
     pub ring_refs: Vec<u32>,
     pub event_channel: u32,
     pub abi: Abi,
-    /// The frontend's "feature-persistent" (informational: we do not offer it).
+    /// The frontend's "feature-persistent" (persistent grants are used if we offer them too).
     pub frontend_persistent: bool,
 }
 
@@ -324,7 +325,7 @@ impl XenbusBackend {
         if f.max_ring_page_order > 0 {
             self.w("max-ring-page-order", f.max_ring_page_order)?;
         }
-        self.w("feature-persistent", 0)?;
+        self.w("feature-persistent", b(f.persistent))?;
         self.publish_disk(disk)?;
         self.store.remove(&format!("{}/error", self.be))?;
         self.set_state(XenbusState::InitWait)?;
@@ -514,9 +515,11 @@ impl Connector for RingConnector {
                 evtchn,
                 device: Arc::clone(&self.device),
                 features: self.features.clone(),
+                persistent: p.frontend_persistent && self.features.persistent,
             })
             .map_err(|e| e.to_string())?,
         );
+        tracing::info!(domid = p.frontend_domid, persistent = r.persistent(), "ring connected");
         let h = r.spawn(format!("blkif-d{}", p.frontend_domid)).map_err(|e| e.to_string())?;
         self.current = Some((r, h));
         Ok(())
@@ -526,6 +529,9 @@ impl Connector for RingConnector {
         if let Some((r, h)) = self.current.take() {
             r.stop();
             let _ = h.join();
+            // `run` unmapped the persistent grants when it returned; make sure even if it
+            // panicked (the frontend may end its grants once we are Closed).
+            r.unmap_persistent();
         }
     }
 

@@ -77,7 +77,7 @@ fn handshake_io_close_and_reconnect() {
     assert_eq!(be("discard-granularity").as_deref(), Some("4096"));
     assert_eq!(be("feature-max-indirect-segments").as_deref(), Some("256"));
     assert_eq!(be("max-ring-page-order").as_deref(), Some("4"));
-    assert_eq!(be("feature-persistent").as_deref(), Some("0"));
+    assert_eq!(be("feature-persistent").as_deref(), Some("1"));
     assert_eq!(be("sector-size").as_deref(), Some("512"));
     assert_eq!(be("sectors").as_deref(), Some("2048"));
     assert_eq!(be("info").as_deref(), Some("0"));
@@ -202,4 +202,55 @@ fn read_only_disk_info() {
     // Missing frontend path is a backend error.
     let xs2 = MemXenStore::new();
     assert!(XenbusBackend::new(xs2, BE, Features::default()).is_err());
+}
+
+#[test]
+fn persistent_grants_negotiated_and_unmapped_on_close() {
+    let mut w = world();
+    w.xb.start(&w.conn.disk_info()).unwrap();
+    assert_eq!(drain(&mut w), XenbusState::InitWait);
+    assert_eq!(rd(&w.xs, &format!("{BE}/feature-persistent")).as_deref(), Some("1"));
+    let mut front = TestFront::new(w.guest.clone(), Abi::X86_64, 0, w.fe_evt.clone());
+    w.xs.write(&format!("{FE}/ring-ref"), &front.ring_refs[0].to_string()).unwrap();
+    w.xs.write(&format!("{FE}/event-channel"), &PORT.to_string()).unwrap();
+    w.xs.write(&format!("{FE}/feature-persistent"), "1").unwrap();
+    w.xs.write(&format!("{FE}/state"), "3").unwrap();
+    assert_eq!(drain(&mut w), XenbusState::Connected);
+    let ring = w.conn.ring().unwrap();
+    assert!(ring.persistent());
+    // A writable buffer used twice: mapped once, then hit.
+    let mut b = front.make_buf(&[(0, 7)], Some(&[0x5au8; 4096]), false);
+    for _ in 0..2 {
+        let id = front.queue_io(BLKIF_OP_WRITE, 0, &mut b, false);
+        front.push();
+        let r = front.wait_responses(1, Duration::from_secs(5));
+        assert_eq!((r[0].id, r[0].status), (id, 0));
+    }
+    assert_eq!(&w.disk.snapshot()[..4096], &[0x5au8; 4096][..]);
+    let s = ring.stats();
+    assert_eq!((s.persistent_misses, s.persistent_hits, s.persistent_grants), (1, 1, 1), "{s:?}");
+    assert_eq!(w.guest.live_mappings(), 1);
+    // Close: unmapped before we report Closed (the frontend then ends its grants).
+    w.xs.write(&format!("{FE}/state"), "5").unwrap();
+    assert_eq!(drain(&mut w), XenbusState::Closing);
+    w.xs.write(&format!("{FE}/state"), "6").unwrap();
+    assert_eq!(drain(&mut w), XenbusState::Closed);
+    assert_eq!(w.guest.live_mappings(), 0);
+
+    // A frontend without feature-persistent: grant copy only, nothing mapped.
+    let mut w = world();
+    w.xb.start(&w.conn.disk_info()).unwrap();
+    drain(&mut w);
+    let mut front = TestFront::new(w.guest.clone(), Abi::X86_64, 0, w.fe_evt.clone());
+    w.xs.write(&format!("{FE}/ring-ref"), &front.ring_refs[0].to_string()).unwrap();
+    w.xs.write(&format!("{FE}/event-channel"), &PORT.to_string()).unwrap();
+    w.xs.write(&format!("{FE}/state"), "3").unwrap();
+    assert_eq!(drain(&mut w), XenbusState::Connected);
+    assert!(!w.conn.ring().unwrap().persistent());
+    let mut b = front.make_buf(&[(0, 7)], None, false);
+    let id = front.queue_io(BLKIF_OP_READ, 0, &mut b, false);
+    front.push();
+    let r = front.wait_responses(1, Duration::from_secs(5));
+    assert_eq!((r[0].id, r[0].status), (id, 0));
+    assert_eq!(w.guest.live_mappings(), 0);
 }

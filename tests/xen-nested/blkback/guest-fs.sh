@@ -2,13 +2,14 @@
 # PID 1 of the PV guest of the filesystem / checkpoint / benchmark test (main-fs.sh repacks the
 # test bed's guest initramfs with this as /init, plus e2fsprogs, ext4 modules and xsbio).
 # Kernel cmdline: xsb.phase=fs|bench  xsb.devs=LABEL:DEV,...  xsb.round=N  xsb.secs=N (per test)
+#   xsb.tests=MODE:BS:QD,... (bench: only these tests; default the six below)
 #  fs:    on /dev/xvda: mkfs.ext4, mount, a data set with sha256 sums, sync, umount, e2fsck -fn,
 #         drop caches, remount, verify; fstrim; then a writer (files + fsync'd sum files) for
 #         XSB_WRITER_SECS during which dom0 takes a checkpoint; umount, e2fsck -fn.
 #  bench: on every device of xsb.devs: fill the span once, then 4 KiB randread QD1 and QD8,
 #         4 KiB randwrite QD1 and QD8, 1 MiB seqread and seqwrite QD1 (xsbio, O_DIRECT), each
 #         test on every device in turn (the order alternates with the round), labelled
-#         LABEL-rN.
+#         LABEL-rN. XSB-FILLED is printed when the fill is done.
 # Lines for dom0: XSB-GUEST-CHECK <name> ok|bad ..., XSB-BENCH ..., XSB-W <i>, XSB-GUEST-DONE.
 PATH=/bin:/sbin:/usr/sbin:/usr/bin
 # busybox ash prefers its own applets (its mke2fs makes no ext4 journal): e2fsprogs by full path
@@ -16,9 +17,10 @@ MKE2FS=/usr/sbin/mke2fs E2FSCK=/usr/sbin/e2fsck
 mount -t proc proc /proc; mount -t sysfs sysfs /sys; mount -t devtmpfs devtmpfs /dev 2>/dev/null
 for m in $(cat /modules.order); do insmod "/lib/modules/$m" 2>/dev/null; done
 PHASE=none DEVS= ROUND=1 SECS=10 WSECS=25
+TESTS="randread:4096:1 randread:4096:8 randwrite:4096:1 randwrite:4096:8 seqread:1048576:1 seqwrite:1048576:1"
 for w in $(cat /proc/cmdline); do case $w in
   xsb.phase=*) PHASE=${w#*=};; xsb.devs=*) DEVS=${w#*=};; xsb.secs=*) SECS=${w#*=};;
-  xsb.round=*) ROUND=${w#*=};; xsb.wsecs=*) WSECS=${w#*=};; esac; done
+  xsb.round=*) ROUND=${w#*=};; xsb.wsecs=*) WSECS=${w#*=};; xsb.tests=*) TESTS=$(echo "${w#*=}" | tr ',' ' ');; esac; done
 up() { cut -d' ' -f1 /proc/uptime; }
 upi() { cut -d. -f1 /proc/uptime; }
 ck() { if [ "$2" = 0 ]; then echo "XSB-GUEST-CHECK $1 ok${3:+ $3}"; else echo "XSB-GUEST-CHECK $1 bad (rc=$2)${3:+ $3}"; return 1; fi; }
@@ -93,10 +95,11 @@ bench() {
     # fill the span once (allocates every cluster of a qcow2 / every block of a raw file)
     xsbio $D fill 1048576 $SPAN 0 "$lab-r$ROUND" || ck bench-fill-$lab 1
   done
+  echo "XSB-FILLED uptime=$(up)"
   # odd rounds in the order given, even rounds reversed (drift of the host load cancels out)
   [ $((ROUND % 2)) = 0 ] && { r=; for ld in $list; do r="$ld $r"; done; list=$r; }
-  for t in "randread 4096 1" "randread 4096 8" "randwrite 4096 1" "randwrite 4096 8" "seqread 1048576 1" "seqwrite 1048576 1"; do
-    set -- $t
+  for t in $TESTS; do
+    set -- $(echo "$t" | tr ':' ' ')
     for ld in $list; do
       xsbio ${ld#*:} $1 $2 $SPAN $SECS "${ld%%:*}-r$ROUND" $3 || ck "bench-$1-${ld%%:*}" 1
     done

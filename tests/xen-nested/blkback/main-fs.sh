@@ -16,15 +16,22 @@
 #     Every guest has the same two-disk set-up (a qdisk QEMU in dom0 costs the single vCPU
 #     something even while idle), so the guests compare with each other, and qdisk is
 #     measured in each of them.
+#  T  (if the host put an strace kit): guest xsbt, xvdb = bench-s.qcow2 on blkback-snap with 0
+#     I/O threads, only 4 KiB randread QD1; `strace -c -f` on the serving process from the end
+#     of the fill to the end of the test: system calls per request (slows it: not a benchmark).
+# After every bench guest: the persistent-grant negotiation of xvdb (backend and frontend
+# feature-persistent), blkback-snap's stats and CPU time, and the kernel blkback threads'
+# CPU time.
 # Benchmark lines (XSB-BENCH) of all guests -> $XTB_OUT/bench.txt. Env: XSB_SECS (per test),
-# XSB_ROUNDS, XSB_PHASES (default "S B"), XSB_SNAP_THREADS, XSB_SNAP0.
+# XSB_ROUNDS, XSB_PHASES (default "S B T"), XSB_SNAP_THREADS, XSB_SNAP0.
 # /xtb/put: xensnap (hook), guest-fs.sh, xsbio (static), xsb-guest-overlay.tgz (e2fsprogs),
 # fs.qcow2, bench-s.qcow2, bench-q.qcow2 (made on the host by qemu-img, same options).
 . "$XTB_LIB/xtb.sh"
 P=/xtb/put G=$XTB_GUESTDIR
 INITRD=$G/xsbfs-initrd.gz
 BS=$(command -v blkback-snap)
-SECS=${XSB_SECS:-10} ROUNDS=${XSB_ROUNDS:-2} PHASES=${XSB_PHASES:-S B}
+SECS=${XSB_SECS:-10} ROUNDS=${XSB_ROUNDS:-2} PHASES=${XSB_PHASES:-S B T}
+XARGS=
 SNAPT=${XSB_SNAP_THREADS:-4}
 : > "$XTB_OUT/bench.txt"
 
@@ -52,7 +59,7 @@ mkcfg() {  # NAME PHASE DEVS ROUND DISK...
   local n=$1 ph=$2 dv=$3 rd=$4 d; shift 4
   {
     echo "name = \"$n\""; echo 'type = "pv"'; echo 'kernel = "/opt/xtb/guest/vmlinuz"'; echo "ramdisk = \"$INITRD\""
-    echo "extra = \"console=hvc0 loglevel=4 xsb.phase=$ph xsb.devs=$dv xsb.round=$rd xsb.secs=$SECS\""
+    echo "extra = \"console=hvc0 loglevel=4 xsb.phase=$ph xsb.devs=$dv xsb.round=$rd xsb.secs=$SECS${XARGS:+ $XARGS}\""
     echo 'memory = 256'; echo 'vcpus = 1'; echo 'on_crash = "destroy"'
     printf 'disk = [ '; for d in "$@"; do printf "'%s', " "$d"; done; echo ']'
   } > "$G/$n.cfg"; echo "$G/$n.cfg"
@@ -70,6 +77,7 @@ guest_checks() {
 # run_guest NAME CFG LIMIT: create, wait for XSB-GUEST-DONE
 run_guest() {
   local n=$1 cfg=$2 lim=$3 con t; con=$(xtb_console "$n"); rm -f "$con"; t=$(xtb_now)
+  DOM0T=$(xl list 0 | awk 'NR==2{print $6}'); GT=$t
   xtb_step "$n-create" 180 xl create "$cfg" || { tail -30 /var/log/xen/xl-$n.log 2>/dev/null; return 1; }
   xtb_wait "$lim" grep -aq XSB-GUEST-DONE "$con"; local rc=$?
   xtb_timing "$n-create-to-done" "$(xtb_since "$t")"
@@ -94,8 +102,15 @@ bench_guest() {
   nd=$(echo "$dv" | tr ',' '\n' | wc -l)
   cfg=$(mkcfg $n bench "$dv" "$rd" "$@")
   run_guest $n "$cfg" $(( 300 + 6 * SECS * nd * 3 ))
-  pids=$(for d in 51728 51744; do xenstore-read /local/domain/0/backend/vbd/$(xl domid $n 2>/dev/null)/$d/xensnap-pid 2>/dev/null; done)
-  for s in "$G/bench-s.qcow2.xensnap.sock"; do [ -S "$s" ] && echo "  stats $n snap disk: $("$BS" ctl "$s" stats 2>/dev/null | tr -d '\n ' | cut -c1-600)"; done
+  dom=$(xl domid $n 2>/dev/null)
+  pids=$(for d in 51728 51744; do xenstore-read /local/domain/0/backend/vbd/$dom/$d/xensnap-pid 2>/dev/null; done)
+  echo "  persistent grants $n xvdb: backend feature-persistent=$(xenstore-read /local/domain/0/backend/vbd/$dom/51728/feature-persistent 2>/dev/null) frontend feature-persistent=$(xenstore-read /local/domain/$dom/device/vbd/51728/feature-persistent 2>/dev/null)"
+  for s in "$G/bench-s.qcow2.xensnap.sock"; do [ -S "$s" ] && echo "  stats $n snap disk: $("$BS" ctl "$s" stats 2>/dev/null | tr -d '\n ' | cut -c1-1000)"; done
+  # CPU time (clock ticks of 1/100 s) since start: blkback-snap's serving process, kernel blkback threads
+  for p in $pids; do [ -r /proc/$p/stat ] && echo "  cpu $n blkback-snap pid $p: $(awk '{print "utime=" $14 " stime=" $15}' /proc/$p/stat) threads=$(ls /proc/$p/task | wc -l) ctxt=$(awk '/ctxt_switches/{printf "%s%s ", $1, $2}' /proc/$p/status)"; done
+  for t in /proc/[0-9]*; do c=$(cat $t/comm 2>/dev/null); case $c in blkback-snap) ;; *blk*|loop[0-9]*) echo "  cpu $n kernel thread $c: $(awk '{print "utime=" $14 " stime=" $15}' $t/stat)";; esac; done
+  # CPU seconds (xl list) of dom0 and of the guest since the guest was created
+  echo "  cpu $n domains: dom0 $(xl list 0 | awk -v a="$DOM0T" 'NR==2{printf "%.1f", $6 - a}') s, guest $(xl list $n | awk 'NR==2{print $6}') s, since create $(xtb_since "$GT") s"
   xtb_step $n-destroy 60 xl destroy $n
   for p in $pids; do xtb_wait 60 eval "! kill -0 $p"; done
 }
@@ -161,6 +176,35 @@ B)
     esac; done
     r=$((r+1))
   done
+  ;;
+T)
+  ST=$P/strace-kit
+  if [ -x "$ST/strace" ]; then
+    xtb_section "trace: system calls of blkback-snap (0 I/O threads) per 4 KiB randread QD1 request (strace -c -f; slowed, not a benchmark)"
+    rmmod xen-blkback 2>/dev/null; watcher_start 0
+    n=xsbt; XARGS="xsb.tests=randread:4096:1"; cfg=$(mkcfg $n bench "trace:/dev/xvdb" 1 "vdev=xvdb, access=rw, script=xensnap, target=$G/bench-s.qcow2"); XARGS=
+    con=$(xtb_console $n); rm -f "$con"
+    if xtb_step $n-create 180 xl create "$cfg"; then
+      dom=$(xl domid $n); pid=$(xenstore-read /local/domain/0/backend/vbd/$dom/51728/xensnap-pid)
+      xtb_wait 600 grep -aq XSB-FILLED "$con"
+      echo "  persistent grants $n xvdb: backend feature-persistent=$(xenstore-read /local/domain/0/backend/vbd/$dom/51728/feature-persistent 2>/dev/null) frontend feature-persistent=$(xenstore-read /local/domain/$dom/device/vbd/51728/feature-persistent 2>/dev/null)"
+      req() { "$BS" ctl "$G/bench-s.qcow2.xensnap.sock" stats 2>/dev/null | tr -d '\n ' | grep -o '"requests":[0-9]*' | cut -d: -f2; }
+      s0=$(req)
+      LD_LIBRARY_PATH=$ST "$ST/strace" -c -f -o "$XTB_OUT/strace-c.txt" -p "$pid" & SPID=$!
+      xtb_wait $(( 300 + 10 * SECS )) grep -aq XSB-GUEST-DONE "$con"; rc=$?
+      kill -INT $SPID 2>/dev/null; wait $SPID; s1=$(req)
+      xtb_check trace-guest-done $rc
+      echo "  requests while traced: $(( ${s1:-0} - ${s0:-0} )) (stats requests $s0 -> $s1)"
+      grep -a 'XSB-BENCH' "$con" | tr -d '\r' | sed 's/^/  guest (traced): /'
+      echo "  stats: $("$BS" ctl "$G/bench-s.qcow2.xensnap.sock" stats 2>/dev/null | tr -d '\n ' | cut -c1-1000)"
+      sed 's/^/  /' "$XTB_OUT/strace-c.txt"
+      xtb_step $n-destroy 60 xl destroy $n
+      xtb_wait 60 eval "! kill -0 $pid"
+    fi
+    watcher_stop
+  else
+    xtb_info "no strace kit in /xtb/put: phase T skipped"
+  fi
   ;;
 esac; done
 

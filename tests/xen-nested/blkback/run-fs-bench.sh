@@ -62,6 +62,13 @@ for b in mke2fs e2fsck; do
 done
 cp /etc/mke2fs.conf "$W/ov/etc/"; ln -sf mke2fs "$W/ov/usr/sbin/mkfs.ext4"
 tar czf "$W/xsb-guest-overlay.tgz" -C "$W/ov" . || exit 2
+# strace and its libraries for dom0 (phase T of main-fs.sh), if this host has it
+PUTS=()
+if command -v strace > /dev/null; then
+  mkdir -p "$W/strace-kit" && cp "$(command -v strace)" "$W/strace-kit/" &&
+    for l in $(ldd "$(command -v strace)" | grep -o '/[^ ]*' | grep -v 'ld-linux\|/libc\.so'); do cp -L "$l" "$W/strace-kit/"; done &&
+    PUTS+=(--put "$W/strace-kit")
+fi
 qemu-img create -q -f qcow2 "$W/fs.qcow2" 256M || exit 2
 # the two benchmark images: same qemu-img options (default 64 KiB clusters) for both backends
 qemu-img create -q -f qcow2 "$W/bench-s.qcow2" 128M && qemu-img create -q -f qcow2 "$W/bench-q.qcow2" 128M || exit 2
@@ -70,7 +77,7 @@ for attempt in 1 2; do
   RUN=${XTB_RUNS:-/var/tmp/xensnap-testbed/runs}/xsbfs-$(date +%Y%m%d-%H%M%S)-$$
   "$XN/boot.sh" --name xsbfs --run-dir "$RUN" --timeout "${XSB_TIMEOUT:-2400}" --bins "$W/bins" "${ENV[@]}" \
     --put "$ROOT/hooks/xensnap" --put "$HERE/guest-fs.sh" --put "$W/xsbio" --put "$W/xsb-guest-overlay.tgz" \
-    --put "$W/fs.qcow2" --put "$W/bench-s.qcow2" --put "$W/bench-q.qcow2" "$@" "$HERE/main-fs.sh"
+    --put "$W/fs.qcow2" --put "$W/bench-s.qcow2" --put "$W/bench-q.qcow2" "${PUTS[@]}" "$@" "$HERE/main-fs.sh"
   RC=$?
   [ $RC = 0 ] && break
   if [ $attempt = 1 ] && [ "${XSB_RETRY:-1}" = 1 ] && { grep -aq 'segfault at' "$RUN/serial.log" || [ $RC = 124 ]; }; then

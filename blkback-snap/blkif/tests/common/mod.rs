@@ -30,9 +30,20 @@ impl H {
 
     /// `served` is what the ring serves (may wrap `disk`); `disk` is what tests inspect.
     pub fn with_dyn(abi: Abi, order: u32, disk: Arc<MemDisk>, served: Arc<dyn BlockDevice>, features: Features) -> H {
+        Self::build(abi, order, disk, served, features, false)
+    }
+
+    /// Like [`H::new`] with persistent grants negotiated (`features.persistent` must be set).
+    pub fn persistent(abi: Abi, order: u32, disk_bytes: usize, features: Features) -> H {
+        let disk = Arc::new(MemDisk::new(disk_bytes));
+        Self::build(abi, order, disk.clone(), disk, features, true)
+    }
+
+    fn build(abi: Abi, order: u32, disk: Arc<MemDisk>, served: Arc<dyn BlockDevice>, features: Features, persistent: bool) -> H {
         let guest = TestGuest::new(DOMID);
         let (be_evt, fe_evt) = evtchn_pair();
-        let front = TestFront::new(guest.clone(), abi, order, fe_evt);
+        let mut front = TestFront::new(guest.clone(), abi, order, fe_evt);
+        front.writable_indirect = persistent;
         let ring_mem = guest.map_ring(DOMID, &front.ring_refs).unwrap();
         let ring = Arc::new(
             BlkifRing::new(RingParams {
@@ -43,6 +54,7 @@ impl H {
                 evtchn: be_evt.clone(),
                 device: served,
                 features,
+                persistent,
             })
             .unwrap(),
         );
