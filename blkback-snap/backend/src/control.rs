@@ -154,32 +154,32 @@ impl ControlServer {
         }
         let l = UnixListener::bind(path)?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-        l.set_nonblocking(true)?;
         let stop = Arc::new(AtomicBool::new(false));
         let st = Arc::clone(&stop);
+        // A blocking accept: the thread sleeps until a client connects (no periodic wake-up,
+        // which on a one-vCPU dom0 steals time from everything else). Drop wakes it with a
+        // connection of its own after raising `stop`.
         let thread = std::thread::Builder::new()
             .name("control".into())
-            .spawn(move || {
-                while !st.load(Ordering::Relaxed) {
-                    match l.accept() {
-                        Ok((s, _)) => {
-                            let h = Arc::clone(&h);
-                            let _ = s.set_nonblocking(false);
-                            let _ = std::thread::Builder::new()
-                                .name("control-conn".into())
-                                .spawn(move || {
-                                    if let Err(e) = serve_connection(&*h, s) {
-                                        tracing::debug!("control connection: {e}");
-                                    }
-                                });
-                        }
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                            std::thread::sleep(Duration::from_millis(50));
-                        }
-                        Err(e) => {
-                            tracing::warn!("control accept: {e}");
-                            std::thread::sleep(Duration::from_millis(200));
-                        }
+            .spawn(move || loop {
+                let r = l.accept();
+                if st.load(Ordering::Acquire) {
+                    break;
+                }
+                match r {
+                    Ok((s, _)) => {
+                        let h = Arc::clone(&h);
+                        let _ = std::thread::Builder::new()
+                            .name("control-conn".into())
+                            .spawn(move || {
+                                if let Err(e) = serve_connection(&*h, s) {
+                                    tracing::debug!("control connection: {e}");
+                                }
+                            });
+                    }
+                    Err(e) => {
+                        tracing::warn!("control accept: {e}");
+                        std::thread::sleep(Duration::from_millis(200));
                     }
                 }
             })?;
@@ -197,9 +197,13 @@ impl ControlServer {
 
 impl Drop for ControlServer {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+        self.stop.store(true, Ordering::Release);
         if let Some(t) = self.thread.take() {
-            let _ = t.join();
+            // Wake the blocked accept. If nobody can connect (the socket file was removed
+            // behind our back), leave the thread parked in accept rather than hang here.
+            if UnixStream::connect(&self.path).is_ok() {
+                let _ = t.join();
+            }
         }
         let _ = std::fs::remove_file(&self.path);
     }
