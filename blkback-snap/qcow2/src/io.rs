@@ -861,6 +861,60 @@ mod tests {
     }
 
     #[test]
+    fn fileio_ranged_sync_keeps_the_bytes_and_records_only_while_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("img");
+        let mut f = FileIo::new(File::options().read(true).write(true).create(true).truncate(true).open(&path).unwrap());
+        f.write_at(&[1; 4096], 0).unwrap(); // not recorded
+        f.record_writes(true);
+        f.write_at(&[2; 100], 8192).unwrap();
+        f.write_at(&[3; 100], 8292).unwrap();
+        f.write_at(&[4; 10], 20_000).unwrap();
+        f.record_writes(false);
+        f.write_at(&[5; 10], 30_000).unwrap(); // not recorded
+        let w = f.take_written().unwrap();
+        assert_eq!(w, vec![(8192, 200), (20_000, 10)]);
+        let h = f.sync_handle().unwrap();
+        h.sync_ranges(&w).unwrap();
+        let mut b = vec![0u8; 30_010];
+        f.read_at(&mut b, 0).unwrap();
+        assert!(b[..4096].iter().all(|x| *x == 1));
+        assert!(b[8192..8292].iter().all(|x| *x == 2) && b[8292..8392].iter().all(|x| *x == 3));
+        assert!(b[20_000..20_010].iter().all(|x| *x == 4) && b[30_000..].iter().all(|x| *x == 5));
+        // a range past the end (the file shrank): the whole file is synced instead
+        f.set_len(10_000).unwrap();
+        h.sync_ranges(&[(20_000, 10)]).unwrap();
+        assert_eq!(f.len().unwrap(), 10_000);
+        assert!(f.take_written().unwrap().is_empty());
+    }
+
+    #[test]
+    fn merge_ranges_and_overlaps() {
+        assert_eq!(merge_ranges(vec![(10, 5), (0, 10), (30, 0), (40, 2), (41, 5)]), vec![(0, 15), (40, 6)]);
+        let r = merge_ranges(vec![(100, 10), (200, 10)]);
+        assert!(overlaps(&r, 105, 1) && overlaps(&r, 90, 20) && overlaps(&r, 0, u64::MAX));
+        assert!(!overlaps(&r, 110, 90) && !overlaps(&r, 0, 100) && !overlaps(&r, 210, 5));
+    }
+
+    #[test]
+    fn faultio_ranged_flush_makes_only_the_ranges_durable() {
+        let mut f = FaultIo::from_bytes(vec![0; 4096]);
+        f.write_at(&[7; 1024], 0).unwrap();
+        f.write_at(&[8; 1024], 2048).unwrap();
+        f.flush_ranges(&[(512, 1024)]).unwrap();
+        let d = f.durable();
+        assert!(d[..512].iter().all(|x| *x == 0), "bytes outside the range became durable");
+        assert!(d[512..1024].iter().all(|x| *x == 7) && d[1024..1536].iter().all(|x| *x == 0));
+        assert!(d[2048..3072].iter().all(|x| *x == 0));
+        // what is left pending: the parts outside the range
+        for seed in 0..32 {
+            let img = f.crash(seed);
+            assert!(img[512..1024].iter().all(|x| *x == 7), "a crash undid a ranged flush");
+        }
+        assert_eq!(f.range_flush_count(), 1);
+    }
+
+    #[test]
     fn memio_poison_refuses_writes_and_flushes() {
         let mut m = MemIo::new();
         m.write_at(&[1], 0).unwrap();
