@@ -113,6 +113,12 @@ pub(crate) struct Stage {
     /// A commit's preparation has dealt with the dirty bit (set it, with its own barrier
     /// when refcounts raised by hand-overs were waiting to be written).
     pub(crate) dirty_done: bool,
+    /// A whole-file barrier of this job completed: the data written before the take (the
+    /// checkpoint's data clusters) is durable. Later barriers only need the job's own
+    /// writes durable, so a driver syncs just their ranges ([`DurableBarrier::sync`]).
+    pub(crate) data_synced: bool,
+    /// The ranges the pending barrier must make durable (`None`: the whole file).
+    pub(crate) wait_ranges: Option<Vec<(u64, u64)>>,
 }
 
 impl Stage {
@@ -151,6 +157,9 @@ pub enum DurableStep {
 pub struct DurableBarrier {
     ticket: u64,
     handle: crate::io::SyncHandle,
+    /// `None`: fdatasync the whole file; `Some`: only these ranges (the job's own writes
+    /// since its previous barrier, once the checkpoint's data is durable).
+    ranges: Option<Vec<(u64, u64)>>,
 }
 
 /// A barrier that completed: every write issued before [`DurableBarrier::sync`] began is
@@ -167,8 +176,17 @@ impl DurableBarrier {
         if let Some(first) = self.handle.poisoned() {
             return Err(Error::Poisoned { first });
         }
-        self.handle.sync().map_err(|e| Error::io("flushing for a checkpoint commit (outside the image lock)", e))?;
+        match &self.ranges {
+            None => self.handle.sync(),
+            Some(r) => self.handle.sync_ranges(r),
+        }
+        .map_err(|e| Error::io("flushing for a checkpoint commit (outside the image lock)", e))?;
         Ok(SyncedBarrier { ticket: self.ticket })
+    }
+    /// Whether this barrier syncs only the ranges the background work wrote (not the
+    /// whole file).
+    pub fn is_ranged(&self) -> bool {
+        self.ranges.is_some()
     }
 }
 
@@ -512,6 +530,9 @@ impl Qcow2 {
         if let Some(Job::Link { stage, .. } | Job::Drop { stage, .. }) = self.jobs.front_mut() {
             if stage.wait == Some(b.ticket) {
                 stage.wait = None;
+                if stage.wait_ranges.take().is_none() {
+                    stage.data_synced = true;
+                }
             }
         }
     }
@@ -523,6 +544,14 @@ impl Qcow2 {
         self.check_poison()?;
         let handle = if inline { None } else { self.io.sync_handle() };
         let inline = handle.is_none();
+        // record what the work writes, for a barrier that syncs only that
+        self.io.record_writes(!inline);
+        let r = self.step_jobs(budget, inline, handle);
+        self.io.record_writes(false);
+        r
+    }
+
+    fn step_jobs(&mut self, budget: usize, inline: bool, handle: Option<crate::io::SyncHandle>) -> Result<DurableStep> {
         let mut left = budget.max(1) as u64 * EMPTY_PER_UNIT;
         while left > 0 {
             let Some(mut job) = self.jobs.pop_front() else { break };
@@ -533,9 +562,12 @@ impl Qcow2 {
                     break;
                 }
                 Ok(Run::Barrier(ticket)) => {
+                    let ranges = match &job {
+                        Job::Link { stage, .. } | Job::Drop { stage, .. } => stage.wait_ranges.clone(),
+                    };
                     self.jobs.push_front(job);
                     if let Some(handle) = handle {
-                        return Ok(DurableStep::Barrier(DurableBarrier { ticket, handle }));
+                        return Ok(DurableStep::Barrier(DurableBarrier { ticket, handle, ranges }));
                     }
                     break;
                 }
@@ -645,8 +677,22 @@ impl Qcow2 {
         if inline {
             self.sync(what)?;
             stage.wait = None;
+            stage.data_synced = true;
             return Ok(None);
         }
+        // The first barrier of a job syncs the whole file: it makes the data written before
+        // the take durable (the checkpoint's data clusters). After it the job's barriers
+        // only order its own writes (recorded since the last barrier): the guest's data
+        // written meanwhile is not the checkpoint's and waits for the guest's own flush.
+        let written = self.io.take_written();
+        stage.wait_ranges = match written {
+            Some(w) if stage.data_synced => {
+                let mut all = stage.wait_ranges.take().unwrap_or_default();
+                all.extend(w);
+                Some(crate::io::merge_ranges(all))
+            }
+            _ => None,
+        };
         Ok(Some(Run::Barrier(self.next_ticket)))
     }
 
@@ -660,6 +706,8 @@ impl Qcow2 {
             }
             self.sync("checkpoint commit barrier")?;
             stage.wait = None;
+            stage.wait_ranges = None;
+            stage.data_synced = true;
         }
         match job {
             Job::Link { pred, succ, cursor, then, stage } => {

@@ -1,6 +1,7 @@
 //! Positioned I/O on the image file: the [`ImageIo`] seam and its implementations.
 //!
-//! * [`FileIo`]: a real file (pread/pwrite, `flush` = `fdatasync`).
+//! * [`FileIo`]: a real file (pread/pwrite, `flush` = `fdatasync`; a [`SyncHandle`] can also
+//!   make only some byte ranges durable, [`SyncHandle::sync_ranges`]).
 //! * [`MemIo`]: a plain in-memory image.
 //! * [`FaultIo`]: an in-memory image that models a volatile write cache, so tests can
 //!   simulate a power loss at any point ([`FaultIo::crash`]) and inject I/O errors.
@@ -31,6 +32,16 @@ pub trait ImageIo: Send {
     /// The first failure that poisoned this image file (see [`Poison`]), if any: every
     /// later write and flush, through this object or its [`SyncHandle`]s, is refused.
     fn poisoned(&self) -> Option<String> {
+        None
+    }
+    /// Start (`true`) or stop recording the byte ranges written through this object, for a
+    /// later [`SyncHandle::sync_ranges`] that makes only them durable. What was recorded
+    /// stays until [`ImageIo::take_written`] or a successful [`ImageIo::flush`].
+    fn record_writes(&mut self, _on: bool) {}
+    /// The ranges (offset, length) recorded since the last call, sorted and merged, or
+    /// `None` if this object cannot record (then only a whole-file flush is a barrier). A
+    /// successful [`ImageIo::flush`] forgets what was recorded: it is durable.
+    fn take_written(&mut self) -> Option<Vec<(u64, u64)>> {
         None
     }
     /// Whether the image is empty (length 0).
@@ -113,8 +124,121 @@ fn write_poisons(e: &io::Error) -> bool {
 /// Flushes an image file independently of its [`ImageIo`] (see [`ImageIo::sync_handle`]).
 pub struct SyncHandle(SyncTarget, Poison);
 
+/// Sort and merge byte ranges (offset, length): overlapping or adjacent ones become one.
+pub(crate) fn merge_ranges(mut v: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    v.retain(|r| r.1 > 0);
+    v.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(v.len());
+    for (off, len) in v {
+        let end = off.saturating_add(len);
+        match out.last_mut() {
+            Some((lo, ll)) if *lo + *ll >= off => *ll = (*ll).max(end - *lo),
+            _ => out.push((off, len)),
+        }
+    }
+    out
+}
+
+fn overlaps(sorted: &[(u64, u64)], off: u64, len: u64) -> bool {
+    let end = off.saturating_add(len);
+    // the first range that ends after `off`
+    let i = sorted.partition_point(|(o, l)| o + l <= off);
+    sorted.get(i).is_some_and(|(o, _)| *o < end)
+}
+
+/// Keeps a ranged sync from rewriting stale bytes over a concurrent write.
+///
+/// [`SyncHandle::sync_ranges`] makes a range durable by reading its current bytes and
+/// writing them back with `RWF_DSYNC` (the only ranged data sync std and rustix offer
+/// without `unsafe`). A write of the same bytes between that read and that write would be
+/// undone, so while a ranged sync runs, a write overlapping its ranges waits for it, and the
+/// sync waits for the overlapping writes already under way. Writes elsewhere (the guest's
+/// data) never wait.
+#[derive(Default)]
+struct RangeGuard {
+    st: Mutex<GuardState>,
+    cv: std::sync::Condvar,
+}
+
+#[derive(Default)]
+struct GuardState {
+    /// Ranges of the ranged sync under way (sorted, merged).
+    syncing: Vec<(u64, u64)>,
+    /// Writes under way (offset, length).
+    writing: Vec<(u64, u64)>,
+}
+
+impl RangeGuard {
+    fn lock(&self) -> std::sync::MutexGuard<'_, GuardState> {
+        self.st.lock().unwrap_or_else(|e| e.into_inner())
+    }
+    fn write<T>(&self, off: u64, len: u64, f: impl FnOnce() -> T) -> T {
+        {
+            let mut g = self.lock();
+            while overlaps(&g.syncing, off, len) {
+                g = self.cv.wait(g).unwrap_or_else(|e| e.into_inner());
+            }
+            g.writing.push((off, len));
+        }
+        let r = f();
+        let mut g = self.lock();
+        if let Some(i) = g.writing.iter().position(|w| *w == (off, len)) {
+            g.writing.swap_remove(i);
+        }
+        drop(g);
+        self.cv.notify_all();
+        r
+    }
+    fn sync<T>(&self, ranges: &[(u64, u64)], f: impl FnOnce() -> T) -> T {
+        {
+            let mut g = self.lock();
+            // one ranged sync at a time (syncs are serialised by the poison lock anyway)
+            while !g.syncing.is_empty() {
+                g = self.cv.wait(g).unwrap_or_else(|e| e.into_inner());
+            }
+            g.syncing = ranges.to_vec();
+            while g.writing.iter().any(|(o, l)| overlaps(ranges, *o, *l)) {
+                g = self.cv.wait(g).unwrap_or_else(|e| e.into_inner());
+            }
+        }
+        let r = f();
+        self.lock().syncing.clear();
+        self.cv.notify_all();
+        r
+    }
+}
+
+/// Make `ranges` (sorted, merged) of `file` durable: each one's current bytes written back
+/// with `RWF_DSYNC` (the write, and the file metadata needed to read it, are durable when it
+/// returns: the file system's journal commit and the disk cache flush are part of it). The
+/// rest of the file (the guest's unflushed data) is not written. `Ok(false)` if a range is
+/// no longer in the file (it was shrunk): the caller syncs the whole file instead.
+fn dsync_ranges(file: &File, ranges: &[(u64, u64)]) -> io::Result<bool> {
+    let mut buf = Vec::new();
+    for &(off, len) in ranges {
+        let n = usize::try_from(len).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "range too large"))?;
+        buf.resize(n, 0);
+        match file.read_exact_at(&mut buf, off) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(false),
+            Err(e) => return Err(e),
+        }
+        let mut done = 0usize;
+        while done < n {
+            let rest = buf.get(done..).unwrap_or(&[]);
+            let w = rustix::io::pwritev2(file, &[io::IoSlice::new(rest)], off + done as u64, rustix::io::ReadWriteFlags::DSYNC)
+                .map_err(io::Error::from)?;
+            if w == 0 {
+                return Err(io::Error::new(io::ErrorKind::WriteZero, "RWF_DSYNC write wrote nothing"));
+            }
+            done += w;
+        }
+    }
+    Ok(true)
+}
+
 enum SyncTarget {
-    File(File),
+    File(File, Arc<RangeGuard>),
     Fault(FaultIo),
 }
 
@@ -124,14 +248,34 @@ impl SyncHandle {
     /// poisons it (see [`Poison`]).
     pub fn sync(&self) -> io::Result<()> {
         match &self.0 {
-            SyncTarget::File(f) => self.1.sync_with("fdatasync (sync handle)", || f.sync_data()),
+            SyncTarget::File(f, _) => self.1.sync_with("fdatasync (sync handle)", || f.sync_data()),
             SyncTarget::Fault(f) => f.clone().flush(),
+        }
+    }
+    /// Make only `ranges` (offset, length) of the image file durable, not the rest of what
+    /// was written (the guest's data since its last flush): a barrier for writes whose
+    /// ranges the caller recorded ([`ImageIo::record_writes`]). On a real file each range's
+    /// current bytes are written back with `RWF_DSYNC` (see [`RangeGuard`]); if a range is
+    /// past the end of the file, the whole file is synced instead. Serialised with the
+    /// other syncs, refused once the image is poisoned, and a failure poisons it, like
+    /// [`SyncHandle::sync`]. (For a [`FaultIo`]: [`FaultIo::flush_ranges`].)
+    pub fn sync_ranges(&self, ranges: &[(u64, u64)]) -> io::Result<()> {
+        let ranges = merge_ranges(ranges.to_vec());
+        match &self.0 {
+            SyncTarget::File(f, guard) => self.1.sync_with("ranged sync (RWF_DSYNC)", || {
+                if guard.sync(&ranges, || dsync_ranges(f, &ranges))? {
+                    Ok(())
+                } else {
+                    f.sync_data()
+                }
+            }),
+            SyncTarget::Fault(f) => f.flush_ranges(&ranges),
         }
     }
     /// The first failure that poisoned the image, if any.
     pub fn poisoned(&self) -> Option<String> {
         match &self.0 {
-            SyncTarget::File(_) => self.1.get(),
+            SyncTarget::File(..) => self.1.get(),
             SyncTarget::Fault(f) => f.poisoned(),
         }
     }
@@ -144,11 +288,22 @@ pub struct FileIo {
     /// flush with nothing written since the previous one is skipped (it would be a no-op).
     unsynced: bool,
     poison: Poison,
+    /// Ranges written while recording (see [`ImageIo::record_writes`]).
+    written: Vec<(u64, u64)>,
+    recording: bool,
+    guard: Arc<RangeGuard>,
 }
 
 impl FileIo {
     pub fn new(file: File) -> Self {
-        FileIo { file, unsynced: true, poison: Poison::default() }
+        FileIo {
+            file,
+            unsynced: true,
+            poison: Poison::default(),
+            written: Vec::new(),
+            recording: false,
+            guard: Arc::default(),
+        }
     }
 }
 
@@ -159,7 +314,11 @@ impl ImageIo for FileIo {
     fn write_at(&mut self, buf: &[u8], off: u64) -> io::Result<()> {
         self.poison.check()?;
         self.unsynced = true;
-        self.file.write_all_at(buf, off).inspect_err(|e| {
+        if self.recording {
+            self.written.push((off, buf.len() as u64));
+        }
+        let file = &self.file;
+        self.guard.write(off, buf.len() as u64, || file.write_all_at(buf, off)).inspect_err(|e| {
             if write_poisons(e) {
                 self.poison.set(format!("write of {} bytes at {off:#x} failed: {e}", buf.len()));
             }
@@ -173,7 +332,14 @@ impl ImageIo for FileIo {
         let file = &self.file;
         self.poison.sync_with("fdatasync", || file.sync_data())?;
         self.unsynced = false;
+        self.written.clear();
         Ok(())
+    }
+    fn record_writes(&mut self, on: bool) {
+        self.recording = on;
+    }
+    fn take_written(&mut self) -> Option<Vec<(u64, u64)>> {
+        Some(merge_ranges(std::mem::take(&mut self.written)))
     }
     fn len(&self) -> io::Result<u64> {
         Ok(self.file.metadata()?.len())
@@ -181,14 +347,16 @@ impl ImageIo for FileIo {
     fn set_len(&mut self, len: u64) -> io::Result<()> {
         self.poison.check()?;
         self.unsynced = true;
-        self.file.set_len(len).inspect_err(|e| {
+        // (a shrink must not run between a ranged sync's read and its write-back)
+        let file = &self.file;
+        self.guard.write(len, u64::MAX - len, || file.set_len(len)).inspect_err(|e| {
             if write_poisons(e) {
                 self.poison.set(format!("resizing to {len} bytes failed: {e}"));
             }
         })
     }
     fn sync_handle(&self) -> Option<SyncHandle> {
-        self.file.try_clone().ok().map(|f| SyncHandle(SyncTarget::File(f), self.poison.clone()))
+        self.file.try_clone().ok().map(|f| SyncHandle(SyncTarget::File(f, self.guard.clone()), self.poison.clone()))
     }
     fn poisoned(&self) -> Option<String> {
         self.poison.get()
@@ -302,6 +470,11 @@ struct FaultState {
     lossy_sync_after: Option<u64>,
     /// The first failure (see [`Poison`]): later writes and flushes are refused.
     poisoned: Option<String>,
+    /// Ranges written while recording (see [`ImageIo::record_writes`]).
+    written: Vec<(u64, u64)>,
+    recording: bool,
+    /// Ranged syncs so far ([`FaultIo::flush_ranges`]).
+    range_flushes: u64,
 }
 
 /// An in-memory image with a volatile write cache, for crash tests.
@@ -382,6 +555,75 @@ impl FaultIo {
     /// Forget a poisoning (the image is "reopened" by a test that keeps this handle).
     pub fn clear_poison(&self) {
         self.lock().poisoned = None;
+    }
+    /// Number of ranged syncs ([`FaultIo::flush_ranges`], through a sync handle) so far.
+    pub fn range_flush_count(&self) -> u64 {
+        self.lock().range_flushes
+    }
+    /// A ranged sync ([`SyncHandle::sync_ranges`]): the current bytes of `ranges` become
+    /// durable, and nothing else: every other unsynced write stays unsynced (a crash may
+    /// still drop or tear it), and the parts of unsynced writes inside the ranges are gone
+    /// from the pending list (their bytes, or newer ones, are durable). Counted and failed
+    /// like a flush (a failure, or a lossy sync, poisons the image).
+    pub fn flush_ranges(&self, ranges: &[(u64, u64)]) -> io::Result<()> {
+        let ranges = merge_ranges(ranges.to_vec());
+        let mut st = self.lock();
+        if let Some(first) = &st.poisoned {
+            return Err(poisoned_error(first));
+        }
+        st.flushes += 1;
+        st.range_flushes += 1;
+        if let Err(e) = Self::check_fail(&mut st) {
+            st.poisoned = Some(format!("ranged flush failed: {e}"));
+            return Err(e);
+        }
+        if let Some(n) = st.lossy_sync_after {
+            st.lossy_sync_after = if n <= 1 { None } else { Some(n - 1) };
+            if n <= 1 {
+                st.pending.clear();
+                let e = io::Error::other("injected ranged sync error (unsynced writes dropped)");
+                st.poisoned = Some(format!("ranged flush failed: {e}"));
+                return Err(e);
+            }
+        }
+        let mut durable = std::mem::take(&mut st.durable);
+        let d = Arc::make_mut(&mut durable);
+        for &(off, len) in &ranges {
+            let (s, e) = mem_range(off, len as usize)?;
+            let end = e.min(st.current.len());
+            if let Some(src) = st.current.get(s..end) {
+                let _ = vec_write(d, src, off);
+            }
+        }
+        st.durable = durable;
+        // what is left pending: the parts of each write outside the ranges
+        let pending = std::mem::take(&mut st.pending);
+        for op in pending {
+            match op {
+                Pending::Write { off, data } => {
+                    let end = off + data.len() as u64;
+                    let mut pos = off;
+                    for &(ro, rl) in &ranges {
+                        let re = ro + rl;
+                        if re <= pos || ro >= end {
+                            continue;
+                        }
+                        if ro > pos {
+                            let piece = data.get((pos - off) as usize..(ro - off) as usize).unwrap_or(&[]);
+                            st.pending.push(Pending::Write { off: pos, data: Arc::new(piece.to_vec()) });
+                        }
+                        pos = pos.max(re.min(end));
+                    }
+                    if pos < end {
+                        let piece = data.get((pos - off) as usize..).unwrap_or(&[]);
+                        let data = if pos == off { data.clone() } else { Arc::new(piece.to_vec()) };
+                        st.pending.push(Pending::Write { off: pos, data });
+                    }
+                }
+                other => st.pending.push(other),
+            }
+        }
+        Ok(())
     }
     /// Number of read calls so far.
     pub fn read_count(&self) -> u64 {
@@ -472,6 +714,9 @@ impl ImageIo for FaultIo {
         }
         vec_write(&mut st.current, buf, off)?;
         st.pending.push(Pending::Write { off, data: Arc::new(buf.to_vec()) });
+        if st.recording {
+            st.written.push((off, buf.len() as u64));
+        }
         Ok(())
     }
     fn flush(&mut self) -> io::Result<()> {
@@ -511,7 +756,14 @@ impl ImageIo for FaultIo {
             }
         }
         st.durable = durable;
+        st.written.clear();
         Ok(())
+    }
+    fn record_writes(&mut self, on: bool) {
+        self.lock().recording = on;
+    }
+    fn take_written(&mut self) -> Option<Vec<(u64, u64)>> {
+        Some(merge_ranges(std::mem::take(&mut self.lock().written)))
     }
     fn len(&self) -> io::Result<u64> {
         Ok(self.lock().current.len() as u64)
@@ -606,6 +858,60 @@ mod tests {
         f.clear_poison();
         f.flush().unwrap();
         assert_eq!(f.durable()[0], 0);
+    }
+
+    #[test]
+    fn fileio_ranged_sync_keeps_the_bytes_and_records_only_while_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("img");
+        let mut f = FileIo::new(File::options().read(true).write(true).create(true).truncate(true).open(&path).unwrap());
+        f.write_at(&[1; 4096], 0).unwrap(); // not recorded
+        f.record_writes(true);
+        f.write_at(&[2; 100], 8192).unwrap();
+        f.write_at(&[3; 100], 8292).unwrap();
+        f.write_at(&[4; 10], 20_000).unwrap();
+        f.record_writes(false);
+        f.write_at(&[5; 10], 30_000).unwrap(); // not recorded
+        let w = f.take_written().unwrap();
+        assert_eq!(w, vec![(8192, 200), (20_000, 10)]);
+        let h = f.sync_handle().unwrap();
+        h.sync_ranges(&w).unwrap();
+        let mut b = vec![0u8; 30_010];
+        f.read_at(&mut b, 0).unwrap();
+        assert!(b[..4096].iter().all(|x| *x == 1));
+        assert!(b[8192..8292].iter().all(|x| *x == 2) && b[8292..8392].iter().all(|x| *x == 3));
+        assert!(b[20_000..20_010].iter().all(|x| *x == 4) && b[30_000..].iter().all(|x| *x == 5));
+        // a range past the end (the file shrank): the whole file is synced instead
+        f.set_len(10_000).unwrap();
+        h.sync_ranges(&[(20_000, 10)]).unwrap();
+        assert_eq!(f.len().unwrap(), 10_000);
+        assert!(f.take_written().unwrap().is_empty());
+    }
+
+    #[test]
+    fn merge_ranges_and_overlaps() {
+        assert_eq!(merge_ranges(vec![(10, 5), (0, 10), (30, 0), (40, 2), (41, 5)]), vec![(0, 15), (40, 6)]);
+        let r = merge_ranges(vec![(100, 10), (200, 10)]);
+        assert!(overlaps(&r, 105, 1) && overlaps(&r, 90, 20) && overlaps(&r, 0, u64::MAX));
+        assert!(!overlaps(&r, 110, 90) && !overlaps(&r, 0, 100) && !overlaps(&r, 210, 5));
+    }
+
+    #[test]
+    fn faultio_ranged_flush_makes_only_the_ranges_durable() {
+        let mut f = FaultIo::from_bytes(vec![0; 4096]);
+        f.write_at(&[7; 1024], 0).unwrap();
+        f.write_at(&[8; 1024], 2048).unwrap();
+        f.flush_ranges(&[(512, 1024)]).unwrap();
+        let d = f.durable();
+        assert!(d[..512].iter().all(|x| *x == 0), "bytes outside the range became durable");
+        assert!(d[512..1024].iter().all(|x| *x == 7) && d[1024..1536].iter().all(|x| *x == 0));
+        assert!(d[2048..3072].iter().all(|x| *x == 0));
+        // what is left pending: the parts outside the range
+        for seed in 0..32 {
+            let img = f.crash(seed);
+            assert!(img[512..1024].iter().all(|x| *x == 7), "a crash undid a ranged flush");
+        }
+        assert_eq!(f.range_flush_count(), 1);
     }
 
     #[test]
