@@ -69,6 +69,10 @@ use crate::snapshot::{CheckpointState, Snapshot, SnapshotInfo};
 use std::collections::{HashMap, HashSet};
 use tracing::{info, warn};
 
+/// A checkpoint taken out of the snapshot table: its tree (moved to memory) and the cluster
+/// ranges to free once its references are given back.
+type Unpublished = (Tree, Vec<(u64, u64)>);
+
 /// What a link job does once its walk is complete.
 #[derive(Debug, Clone)]
 pub(crate) enum Then {
@@ -1255,7 +1259,7 @@ impl Qcow2 {
     /// (barrier), the 12-byte header commit (barrier), then adopt it.
     /// Returns its tree (moved to memory) and the ranges to free once its references are
     /// given back, or `None` while a barrier handed out is pending.
-    fn unpublish_snapshot(&mut self, id: &str, st: &mut Stage, inline: bool) -> Result<Option<(Tree, Vec<(u64, u64)>)>> {
+    fn unpublish_snapshot(&mut self, id: &str, st: &mut Stage, inline: bool) -> Result<Option<Unpublished>> {
         let sn = self
             .snapshots
             .iter()

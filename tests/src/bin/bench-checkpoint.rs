@@ -251,7 +251,7 @@ fn guest(img: &SharedImage, off: &mut impl FnMut() -> u64, buf: &[u8], flush_eve
         let t = Instant::now();
         img.write_at(off(), buf).map_err(q("write"))?;
         n += 1;
-        if flush_every > 0 && n % flush_every == 0 {
+        if flush_every > 0 && n.is_multiple_of(flush_every) {
             img.flush().map_err(q("flush"))?;
         }
         worst = worst.max(t.elapsed());
