@@ -255,6 +255,21 @@ impl TestGuest {
     }
 }
 
+impl TestGuest {
+    /// The pages behind `grefs`, all or nothing, each granted writable to `domid`'s backend.
+    fn writable_pages(&self, domid: u16, grefs: &[u32]) -> Result<Vec<(u32, Arc<Page>)>, GrantError> {
+        let t = self.table.lock().unwrap();
+        grefs
+            .iter()
+            .map(|&gref| match t.1.get(&gref) {
+                None => Err(GrantError::InvalidRef { domid, gref }),
+                Some(e) if e.readonly => Err(GrantError::ReadOnly { domid, gref }),
+                Some(e) => Ok((gref, Arc::clone(&e.page))),
+            })
+            .collect()
+    }
+}
+
 impl GrantMemory for TestGuest {
     fn copy_from_guest(&self, domid: u16, segs: &[GrantSeg], buf: &mut [u8]) -> Result<(), GrantError> {
         self.copies.fetch_add(1, Ordering::Relaxed);
@@ -285,16 +300,8 @@ impl GrantMemory for TestGuest {
         if domid != self.domid {
             return Err(GrantError::Failed(format!("no domain {domid}")));
         }
-        let t = self.table.lock().unwrap();
-        let pages = grefs
-            .iter()
-            .map(|&gref| match t.1.get(&gref) {
-                None => Err(GrantError::InvalidRef { domid, gref }),
-                Some(e) if e.readonly => Err(GrantError::ReadOnly { domid, gref }),
-                Some(e) => Ok(Arc::clone(&e.page)),
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(Arc::new(MemRing::new(pages)))
+        let pages = self.writable_pages(domid, grefs)?;
+        Ok(Arc::new(MemRing::new(pages.into_iter().map(|(_, p)| p).collect())))
     }
 
     fn map_pages(&self, domid: u16, grefs: &[u32]) -> Result<Vec<Arc<dyn GrantPage>>, GrantError> {
@@ -309,15 +316,7 @@ impl GrantMemory for TestGuest {
             return Err(GrantError::Failed("no grant references".into()));
         }
         // All or nothing, like one gntdev mapping of several refs; always read-write.
-        let t = self.table.lock().unwrap();
-        let pages = grefs
-            .iter()
-            .map(|&gref| match t.1.get(&gref) {
-                None => Err(GrantError::InvalidRef { domid, gref }),
-                Some(e) if e.readonly => Err(GrantError::ReadOnly { domid, gref }),
-                Some(e) => Ok((gref, Arc::clone(&e.page))),
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let pages = self.writable_pages(domid, grefs)?;
         Ok(pages
             .into_iter()
             .map(|(gref, page)| {

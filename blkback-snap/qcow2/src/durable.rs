@@ -923,6 +923,17 @@ impl Qcow2 {
         r
     }
 
+    /// The active L1 entry `i` and the L2 table it points to, or `None` when there is none
+    /// to look at (extended L2 entries, an index past the L1 table, an unallocated entry).
+    fn active_l2_of(&mut self, i: u64) -> Result<Option<(u64, u64)>> {
+        if self.geom().extended || i as usize >= self.l1.len() {
+            return Ok(None);
+        }
+        let e = self.l1_entry(Tree::Active, i)?;
+        let l2 = l1_to_l2(e, self.cs, &|| format!("active L1 entry {i}"))?;
+        Ok((l2 != 0).then_some((e, l2)))
+    }
+
     fn prefetch_inner(&mut self, deltas: &[(u64, u64)], i: Option<u64>) -> Result<()> {
         for &(idx, _) in deltas {
             self.refcount(idx)?;
@@ -930,14 +941,7 @@ impl Qcow2 {
         let cs = self.cs;
         let geom = self.geom();
         let Some(i) = i else { return Ok(()) };
-        if geom.extended || i as usize >= self.l1.len() {
-            return Ok(());
-        }
-        let e = self.l1_entry(Tree::Active, i)?;
-        let l2 = l1_to_l2(e, cs, &|| format!("active L1 entry {i}"))?;
-        if l2 == 0 {
-            return Ok(());
-        }
+        let Some((_, l2)) = self.active_l2_of(i)? else { return Ok(()) };
         self.refcount(l2 / cs)?;
         let t = self.l2_table(l2)?;
         for (j, w) in t.iter().enumerate() {
@@ -953,14 +957,7 @@ impl Qcow2 {
     pub(crate) fn fix_copied_index(&mut self, i: u64, all_shared: bool) -> Result<()> {
         let cs = self.cs;
         let geom = self.geom();
-        if geom.extended || i as usize >= self.l1.len() {
-            return Ok(());
-        }
-        let e = self.l1_entry(Tree::Active, i)?;
-        let l2 = l1_to_l2(e, cs, &|| format!("active L1 entry {i}"))?;
-        if l2 == 0 {
-            return Ok(());
-        }
+        let Some((e, l2)) = self.active_l2_of(i)? else { return Ok(()) };
         let want = if self.refcount(l2 / cs)? == 1 { l2 | COPIED } else { l2 };
         if want != e {
             self.set_l1(i, want);
