@@ -511,42 +511,21 @@ fn delete_before_take_with_hand_over_keeps_dirty_bit() {
             img.flush()
         };
         let ctx = if staged { "staged" } else { "inline" };
-        let (f, mut img) = open_fault(&base);
-        let (w0, f0) = f.op_counts();
-        op(&mut img).unwrap();
-        assert!(img.check().unwrap().is_clean(), "{ctx}: not clean at the end");
-        let names: Vec<String> = img.checkpoint_list().into_iter().map(|s| s.name).collect();
-        assert_eq!(names, vec!["cp".to_string()]);
-        let (w1, f1) = f.op_counts();
-        drop(img);
-        let total = (w1 - w0) + (f1 - f0);
-        for k in 1..=total + 1 {
-            let (f, mut img) = open_fault(&base);
-            f.fail_after(Some(k));
-            let _ = op(&mut img);
-            drop(img);
-            let mut images = vec![(*f.durable()).clone(), f.current()];
-            images.extend((0..24).map(|seed| f.crash(seed * 131 + k)));
-            for (n, bytes) in images.into_iter().enumerate() {
-                let c = format!("{ctx} k={k}/{total} image {n}");
-                let harmful = harmful_copied_flags(&bytes);
-                assert!(harmful.is_empty(), "{c}: dirty bit clear with COPIED on shared clusters: {harmful:?}");
-                let dirty = be64(&bytes, 72) & 1 != 0;
-                let mut im = Qcow2::open(Box::new(MemIo::from_bytes(bytes)), &OpenOptions { read_only: true }).unwrap();
-                let rep = im.check().unwrap();
-                assert_eq!(rep.corruptions, 0, "{c}: {rep:?}");
-                assert!(dirty || rep.is_clean(), "{c}: dirty bit clear, refcounts differ from references: {rep:?}");
-                let names: Vec<String> = im.checkpoint_list().into_iter().map(|s| s.name).collect();
-                for n in &names {
-                    let want = match n.as_str() {
-                        "base" => &snap,
-                        "cp" => &taken,
-                        other => panic!("{c}: unexpected checkpoint {other}"),
-                    };
-                    assert!(read_all(&mut im, Some(n)) == *want, "{c}: checkpoint {n} differs");
-                }
+        let first = |img: &mut Qcow2| {
+            let names: Vec<String> = img.checkpoint_list().into_iter().map(|s| s.name).collect();
+            assert_eq!(names, vec!["cp".to_string()]);
+        };
+        sweep_no_leak_with_bit_clear(ctx, &base, 24, 131, op, first, |c, im| {
+            let names: Vec<String> = im.checkpoint_list().into_iter().map(|s| s.name).collect();
+            for n in &names {
+                let want = match n.as_str() {
+                    "base" => &snap,
+                    "cp" => &taken,
+                    other => panic!("{c}: unexpected checkpoint {other}"),
+                };
+                assert!(read_all(im, Some(n)) == *want, "{c}: checkpoint {n} differs");
             }
-        }
+        });
     }
 }
 
@@ -570,22 +549,44 @@ fn abandoned_checkpoint_walk_flushed_before_its_drop_keeps_dirty_bit() {
         img.wait_durable()?;
         img.flush()
     };
-    let (f, mut img) = open_fault(&base);
+    sweep_no_leak_with_bit_clear("abandoned walk", &base, 12, 17, op, |_| {}, |c, im| {
+        let names: Vec<String> = im.checkpoint_list().into_iter().map(|s| s.name).collect();
+        assert_eq!(names, vec!["base".to_string()], "{c}");
+        assert!(read_all(im, Some("base")) == snap, "{c}: base changed");
+    });
+}
+
+/// Run `op` once on `base` (it must succeed and leave a clean image; `first` looks at it),
+/// then once failing at each of its writes and flushes. Each time the durable image, the
+/// current one and `crashes` power-loss images must hold no COPIED flag on a shared cluster,
+/// no corruption, and, with the dirty bit clear, refcounts equal to references (no leak at
+/// all); `also` then checks what the test is about on the image opened read-only.
+fn sweep_no_leak_with_bit_clear(
+    ctx: &str,
+    base: &[u8],
+    crashes: u64,
+    seed_mul: u64,
+    op: impl Fn(&mut Qcow2) -> xensnap_qcow2::Result<()>,
+    first: impl FnOnce(&mut Qcow2),
+    mut also: impl FnMut(&str, &mut Qcow2),
+) {
+    let (f, mut img) = open_fault(base);
     let (w0, f0) = f.op_counts();
     op(&mut img).unwrap();
-    assert!(img.check().unwrap().is_clean());
+    assert!(img.check().unwrap().is_clean(), "{ctx}: not clean at the end");
+    first(&mut img);
     let (w1, f1) = f.op_counts();
     drop(img);
     let total = (w1 - w0) + (f1 - f0);
     for k in 1..=total + 1 {
-        let (f, mut img) = open_fault(&base);
+        let (f, mut img) = open_fault(base);
         f.fail_after(Some(k));
         let _ = op(&mut img);
         drop(img);
         let mut images = vec![(*f.durable()).clone(), f.current()];
-        images.extend((0..12).map(|seed| f.crash(seed * 17 + k)));
+        images.extend((0..crashes).map(|seed| f.crash(seed * seed_mul + k)));
         for (n, bytes) in images.into_iter().enumerate() {
-            let c = format!("k={k}/{total} image {n}");
+            let c = format!("{ctx} k={k}/{total} image {n}");
             let harmful = harmful_copied_flags(&bytes);
             assert!(harmful.is_empty(), "{c}: dirty bit clear with COPIED on shared clusters: {harmful:?}");
             let dirty = be64(&bytes, 72) & 1 != 0;
@@ -593,9 +594,7 @@ fn abandoned_checkpoint_walk_flushed_before_its_drop_keeps_dirty_bit() {
             let rep = im.check().unwrap();
             assert_eq!(rep.corruptions, 0, "{c}: {rep:?}");
             assert!(dirty || rep.is_clean(), "{c}: dirty bit clear, refcounts differ from references: {rep:?}");
-            let names: Vec<String> = im.checkpoint_list().into_iter().map(|s| s.name).collect();
-            assert_eq!(names, vec!["base".to_string()], "{c}");
-            assert!(read_all(&mut im, Some("base")) == snap, "{c}: base changed");
+            also(&c, &mut im);
         }
     }
 }
