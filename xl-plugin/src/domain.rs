@@ -7,8 +7,8 @@
 //! Plain `xl save -c` (checkpoint) or `xl save -p` (save) does the suspend and the memory
 //! copy. The driver runs it as a child and watches the domain's state with
 //! `xc_domain_getinfo` (looked at on every @releaseDomain watch event and at least every
-//! 50 ms until the suspend is seen, then every 20 ms until xl resumed it). The barrier's
-//! requests go over control connections opened before xl starts. When Xen reports the
+//! 50 ms until the suspend is seen; after the barrier it just waits for xl's exit). The
+//! barrier's requests go over control connections opened before xl starts. When Xen reports the
 //! domain **shut down with reason `suspend`** (the guest's vCPUs have stopped for good, the
 //! guest ran its whole suspend path), the driver:
 //! 1. tells every backend of the domain to quiesce (drain admitted requests, admit no more);
@@ -148,6 +148,8 @@ pub enum Mode {
 pub trait SaveJob {
     /// `None` while running; then the exit status (Err carries xl's message).
     fn poll(&mut self) -> Option<Result<(), String>>;
+    /// Block until xl exits.
+    fn wait(&mut self) -> Result<(), String>;
 }
 
 /// Everything the driver needs from Xen, xl and the backends (a fake in tests).
@@ -182,8 +184,8 @@ pub trait Env {
 /// window.
 ///
 /// On a 1-vCPU dom0 the disk part can delay xl's memory copy (and so the guest's resume) by
-/// at most the CPU time it used while the domain was suspended, plus the time the barrier
-/// went on after the copy ended: `added_bound_us = cpu_own_window_us +
+/// at most the CPU time it used while the domain was suspended (counted up to xl's exit, a
+/// little after the resume), plus the time the barrier went on after the copy ended: `added_bound_us = cpu_own_window_us +
 /// cpu_backend_window_us + barrier_after_copy_us`. `added_bound_all_us` adds xl-snap's CPU
 /// between starting xl and seeing the suspend (it may slow the guest's suspend path).
 /// The CPU of xenstored (the @releaseDomain watch) and of interrupt handling is not counted.
@@ -205,10 +207,7 @@ pub struct BarrierReport {
     /// Suspend seen → xl's last write of the memory image (the file's mtime: the kernel's
     /// coarse clock, up to one tick early).
     pub copy_end_us: Option<i64>,
-    /// Suspend seen → the domain seen no longer suspended (xl resumed it; looked at every
-    /// 20 ms after the barrier) or xl's exit if that came first.
-    pub resume_seen_us: Option<u64>,
-    /// Suspend seen → xl exited.
+    /// Suspend seen → xl exited (xl resumed the domain shortly before).
     pub xl_exit_us: u64,
     /// max(0, barrier end − copy end).
     pub barrier_after_copy_us: Option<u64>,
@@ -216,12 +215,11 @@ pub struct BarrierReport {
     pub cpu_own_pre_us: Option<u64>,
     /// CPU of xl-snap: suspend seen → barrier end.
     pub cpu_own_barrier_us: Option<u64>,
-    /// CPU of xl-snap: suspend seen → resume seen.
+    /// CPU of xl-snap: suspend seen → xl exit.
     pub cpu_own_window_us: Option<u64>,
-    /// CPU of the blkback-snap processes serving the disks: suspend seen → barrier end.
-    pub cpu_backend_barrier_us: Option<u64>,
-    /// Same, suspend seen → resume seen (includes up to one 20 ms look of the resumed guest's
-    /// own I/O).
+    /// CPU of the blkback-snap processes serving the disks: suspend seen → xl exit (so it
+    /// also counts their idle work, and the resumed guest's I/O between xl's resume and its
+    /// exit, which the backend serves without a checkpoint too).
     pub cpu_backend_window_us: Option<u64>,
     /// cpu_own_window + cpu_backend_window + barrier_after_copy.
     pub added_bound_us: Option<u64>,
@@ -398,7 +396,7 @@ fn barrier(
     Ok(())
 }
 
-/// Poll interval for xl's exit once the disk barrier is done.
+/// Negative control: poll interval for xl's exit once the suspend was seen.
 const AFTER_BARRIER_POLL: Duration = Duration::from_millis(20);
 
 /// The core: memory via `xl save`, disk via the barrier at the suspended instant.
@@ -422,41 +420,33 @@ pub fn snapshot(
         cleanup: vec![],
     })?;
     let mut outcome: Option<Result<(), StepError>> = None;
-    // CPU marks at the suspend seen, the barrier's end and the resume seen
+    // CPU marks at the suspend seen and the barrier's end (xl-snap only: reading the
+    // backends' /proc entries costs CPU inside the window)
     let mut marks: Option<(CpuMark, CpuMark, SystemTime)> = None;
-    let mut resumed: Option<CpuMark> = None;
     let xl = loop {
         if let Some(r) = job.poll() {
-            if marks.is_some() && resumed.is_none() {
-                resumed = Some(cpu_mark(env, disks));
-            }
             break r;
         }
-        if outcome.is_none() {
-            if env.domain_state(domid) == DomState::Suspended {
-                let seen = env.now();
-                let wall = env.wall();
-                rep.suspend_seen_after_us = us(seen - t0);
-                let m0 = cpu_mark(env, disks);
-                outcome = Some(barrier(env, domid, disks, name, opts, &mut rep, seen));
-                marks = Some((CpuMark { at: seen, ..m0 }, cpu_mark(env, disks), wall));
-            }
-        } else if resumed.is_none() && env.domain_state(domid) != DomState::Suspended {
-            resumed = Some(cpu_mark(env, disks));
+        if env.domain_state(domid) == DomState::Suspended {
+            let seen = env.now();
+            let wall = env.wall();
+            rep.suspend_seen_after_us = us(seen - t0);
+            let m0 = cpu_mark(env, disks);
+            outcome = Some(barrier(env, domid, disks, name, opts, &mut rep, seen));
+            let m1 = CpuMark { at: env.now(), own: env.cpu_ns(None), backends: None };
+            marks = Some((CpuMark { at: seen, ..m0 }, m1, wall));
+            // xl resumes (-c) or pauses (-p) the domain by itself after the copy. Any
+            // wake-up until then is CPU taken from xl's memory copy on a 1-vCPU dom0 (a
+            // 200 µs poll lengthened the guest's downtime ~2.5x under nested TCG Xen; a
+            // 20 ms look at the domain cost ~25 ms of CPU per checkpoint): just wait.
+            break job.wait();
         }
-        // The fine look is only for catching the suspended instant. After the barrier, xl
-        // resumes the domain by itself; the driver only looks every 20 ms when that happens
-        // (polling every 200 µs stole CPU from xl while it copied memory: on a 1-vCPU dom0
-        // that lengthened the guest's downtime ~2.5x under nested TCG Xen).
-        if outcome.is_some() {
-            env.sleep(AFTER_BARRIER_POLL);
-        } else {
-            env.wait_change(opts.poll);
-        }
+        env.wait_change(opts.poll);
     };
     let end = env.now();
     rep.xl_save_us = us(end - t0);
-    if let (Some((m0, m1, wall0)), Some(m2)) = (marks, resumed) {
+    if let Some((m0, m1, wall0)) = marks {
+        let m2 = cpu_mark(env, disks);
         account(&mut rep, own0, m0, m1, m2, env.mtime(mem).map(|m| signed_us(m, wall0)), end);
     }
     let after_xl = |cleanup: &mut Vec<String>| {
@@ -514,16 +504,14 @@ fn signed_us(t: SystemTime, base: SystemTime) -> i64 {
 }
 
 /// Fill the window/CPU fields of `rep` from the marks at the suspend seen (`m0`), the
-/// barrier's end (`m1`) and the resume seen (`m2`); `copy_end_us` from the suspend seen.
+/// barrier's end (`m1`) and xl's exit (`m2`); `copy_end_us` from the suspend seen.
 fn account(rep: &mut BarrierReport, own0: Option<u64>, m0: CpuMark, m1: CpuMark, m2: CpuMark, copy_end_us: Option<i64>, end: Instant) {
     rep.copy_end_us = copy_end_us;
-    rep.resume_seen_us = Some(us(m2.at - m0.at));
     rep.xl_exit_us = us(end - m0.at);
     rep.barrier_after_copy_us = copy_end_us.map(|c| (rep.barrier_us as i64 - c).max(0) as u64);
     rep.cpu_own_pre_us = cpu_us(own0, m0.own);
     rep.cpu_own_barrier_us = cpu_us(m0.own, m1.own);
     rep.cpu_own_window_us = cpu_us(m0.own, m2.own);
-    rep.cpu_backend_barrier_us = cpu_us(m0.backends, m1.backends);
     rep.cpu_backend_window_us = cpu_us(m0.backends, m2.backends);
     rep.added_bound_us = (|| Some(rep.cpu_own_window_us? + rep.cpu_backend_window_us? + rep.barrier_after_copy_us?))();
     rep.added_bound_all_us = (|| Some(rep.added_bound_us? + rep.cpu_own_pre_us?))();
@@ -899,6 +887,15 @@ mod real {
                 Err(e) => Some(Err(e.to_string())),
             }
         }
+        fn wait(&mut self) -> Result<(), String> {
+            let st = self.child.wait().map_err(e2s)?;
+            let msg = self.err.take().map(|h| h.join().unwrap_or_default()).unwrap_or_default();
+            if st.success() {
+                Ok(())
+            } else {
+                Err(format!("{st}: {}", msg.trim().replace('\n', " | ")))
+            }
+        }
     }
 
     pub fn run_xl(xl: &str, args: &[&str]) -> Result<String, String> {
@@ -1092,13 +1089,13 @@ fn report_line(what: &str, rep: &BarrierReport) {
     if let Some(b) = rep.added_bound_us {
         let o = |v: Option<u64>| v.map_or("?".to_string(), |v| v.to_string());
         println!(
-            "{what}: disk part's bound on the added downtime {b} us (CPU in the window: xl-snap {} us, blkback-snap {} us; barrier after the copy {} us; xl-snap before the suspend {} us); copy ended {} ms, resume seen {} ms after the suspend",
+            "{what}: disk part's bound on the added downtime {b} us (CPU in the window: xl-snap {} us, blkback-snap {} us; barrier after the copy {} us; xl-snap before the suspend {} us); copy ended {} ms, xl exited {} ms after the suspend",
             o(rep.cpu_own_window_us),
             o(rep.cpu_backend_window_us),
             o(rep.barrier_after_copy_us),
             o(rep.cpu_own_pre_us),
             rep.copy_end_us.map_or("?".to_string(), |c| (c / 1000).to_string()),
-            o(rep.resume_seen_us.map(|r| r / 1000)),
+            rep.xl_exit_us / 1000,
         );
     }
     println!("XENSNAP-BARRIER {}", serde_json::to_string(rep).unwrap_or_default());

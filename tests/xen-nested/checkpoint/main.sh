@@ -209,10 +209,10 @@ xtb_section "4. downtime: xl save -c (memory only) vs xl-snap checkpoint (memory
 # suspend to the first after the resume; the largest gap in the 2.5 s after the command, so a
 # TCG hiccup before it is not taken). Pairs alternate the order. xl-snap's own report per
 # checkpoint (XENSNAP-BARRIER, times from the suspend seen): disk barrier (-> backends resumed),
-# take done, copy end (memory file's mtime), resume seen; copy_slack = copy end - barrier end
+# take done, copy end (memory file's mtime), xl's exit; copy_slack = copy end - barrier end
 # (> 0: the barrier ran inside the memory copy); the CPU time xl-snap and blkback-snap used
 # inside the window, and the direct bound on what the disk part added to the downtime:
-# bound = CPU(xl-snap + blkback-snap, suspend seen -> resume seen) + max(0, barrier end - copy
+# bound = CPU(xl-snap + blkback-snap, suspend seen -> xl exit) + max(0, barrier end - copy
 # end); bound_all adds xl-snap's CPU between starting xl and seeing the suspend.
 # bench-stats.sh (host) turns bench.txt into medians, per-pair ratios and confidence intervals.
 max_gap_since() { local L x g m=; mapfile -t -s "$1" L < "$CON"; for x in "${L[@]}"; do case $x in *CK-GAP*) g=${x#*gap_ms=}; g=${g%% *}; g=${g%%.*}; [ -z "$m" ] || [ "$g" -gt "$m" ] && m=$g;; esac; done; GAP=${m:-none}; }
@@ -239,7 +239,7 @@ arm() { # ARM PAIR
     local bar ce k sl=none; bar=$(jnum barrier_us "$j"); ce=$(jnum copy_end_us "$j")
     [ "$ce" -eq "$ce" ] 2>/dev/null && [ "$bar" -eq "$bar" ] 2>/dev/null && sl=$((ce - bar))
     extra="barrier_us=$bar quiesce_us=$(jnum quiesce_us "$j") take_us=$(jnum take_us "$j") suspend_seen_us=$(jnum suspend_seen_after_us "$j") xl_save_us=$(jnum xl_save_us "$j") copy_slack_us=$sl inside=$(jnum inside_window "$j")"
-    for k in take_done copy_end resume_seen xl_exit barrier_after_copy cpu_own_pre cpu_own_barrier cpu_own_window cpu_backend_barrier cpu_backend_window added_bound added_bound_all; do
+    for k in take_done copy_end xl_exit barrier_after_copy cpu_own_pre cpu_own_barrier cpu_own_window cpu_backend_window added_bound added_bound_all; do
       extra="$extra ${k}_us=$(jnum "${k}_us" "$j")"
     done
     XENSNAP_STATE_DIR=$BDIR/state "$XS" delete $G "b$2" >/dev/null 2>&1
