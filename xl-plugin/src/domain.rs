@@ -7,7 +7,7 @@
 //! Plain `xl save -c` (checkpoint) or `xl save -p` (save) does the suspend and the memory
 //! copy. The driver runs it as a child and watches the domain's state with
 //! `xc_domain_getinfo` (looked at on every @releaseDomain watch event and at least every
-//! 50 ms until the suspend is seen; after the barrier it just waits for xl's exit). The
+//! 200 ms until the suspend is seen; after the barrier it just waits for xl's exit). The
 //! barrier's requests go over control connections opened before xl starts. When Xen reports the
 //! domain **shut down with reason `suspend`** (the guest's vCPUs have stopped for good, the
 //! guest ran its whole suspend path), the driver:
@@ -284,11 +284,12 @@ pub struct Opts {
 impl Default for Opts {
     fn default() -> Self {
         // Until the suspend is seen the driver sleeps on Xen's shutdown notification
-        // (@releaseDomain), looking at the domain at least every 50 ms (in case a watch event
-        // is lost; the barrier has ~1 s of slack inside the window). A timed poll (200 µs,
+        // (@releaseDomain), looking at the domain at least every 200 ms (in case a watch event
+        // is lost; the barrier ends > 1 s before xl's copy under TCG). A timed poll (200 µs,
         // then 1 ms, then 10 ms) cost a hypercall and a wake-up each time, taken on a 1-vCPU
-        // dom0 from xl and the guest's own suspend path, which are part of the guest's downtime.
-        Opts { quiesce_timeout_ms: 2000, poll: Duration::from_millis(50) }
+        // dom0 from xl and the guest's own suspend path, which are part of the guest's
+        // downtime (xl-snap used ~35 ms of CPU between starting xl and the suspend with 10 ms).
+        Opts { quiesce_timeout_ms: 2000, poll: Duration::from_millis(200) }
     }
 }
 
