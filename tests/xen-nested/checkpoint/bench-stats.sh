@@ -25,6 +25,7 @@ function ms(us) { return (us == "" || us == "nan") ? "-" : sprintf("%.1f", us / 
   if ($0 !~ / rc=0 /) next
   g = val($0, "guest_gap_ms"); if (g == "") next
   gap[p, arm] = g + 0; if (!(p in seen)) { seen[p] = 1; order[++np] = p }
+  v = val($0, "backend_cmd_cpu_us"); if (v != "") bcmd[p, arm] = v + 0
   if (arm == "s") { for (k = 1; k <= nk; k++) { v = val($0, keys[k]); if (v != "") kv[p, keys[k]] = v + 0 } }
 }
 BEGIN { nk = split("added_bound_us added_bound_all_us cpu_own_window_us cpu_backend_window_us cpu_own_barrier_us cpu_backend_barrier_us cpu_own_pre_us barrier_after_copy_us barrier_us take_done_us copy_slack_us", keys, " ") }
@@ -51,6 +52,8 @@ END {
     for (i = 1; i <= n; i++) if ((P[i], key) in kv) V[++m] = kv[P[i], key]
     if (m == 0) { MED[key] = ""; MAX[key] = ""; MIN[key] = ""; cnt[key] = 0; continue }
     isort(V, m); MED[key] = med(V, m); MAX[key] = V[m]; MIN[key] = V[1]; cnt[key] = m }
+  m = 0; for (i = 1; i <= n; i++) if (((P[i], "x") in bcmd) && ((P[i], "s") in bcmd)) { m++; BX[m] = bcmd[P[i], "x"]; BS[m] = bcmd[P[i], "s"]; BD[m] = BS[m] - BX[m] }
+  if (m) printf "blkback-snap CPU over the whole command (%d pairs), median: xl save -c %s ms, xl-snap %s ms, per-pair difference %s ms\n", m, ms(med(BX, m)), ms(med(BS, m)), ms(med(BD, m))
   b = "added_bound_us"; ba = "added_bound_all_us"
   if (cnt[b]) {
     printf "direct bound on the disk part (xl-snap arms, %d): median %s ms, max %s ms = %.2f %% / %.2f %% of the xl save -c median (ratio bound %.4f / %.4f)\n", cnt[b], ms(MED[b]), ms(MAX[b]), 100 * MED[b] / 1000 / mx, 100 * MAX[b] / 1000 / mx, 1 + MED[b] / 1000 / mx, 1 + MAX[b] / 1000 / mx

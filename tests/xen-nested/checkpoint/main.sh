@@ -221,17 +221,23 @@ jnum() { local v=${2#*\"$1\":}; v=${v%%[,\}]*}; echo "$v"; }
 # previous arm's 96 MiB of dirty pages written back to dom0's (TCG-emulated) disk during the
 # next arm made whichever arm came second slower (run ck-20261125-201133-12539).
 BDIR=/tmp/ckbench; mkdir -p "$BDIR/state"
+# CPU time (ns, all threads) of process $1 so far -> $BBNS (bash builtins only)
+bbns() { local f s n=0; for f in /proc/$1/task/*/schedstat; do read -r s _ < "$f" 2>/dev/null && n=$((n + s)); done; BBNS=$n; }
 arm() { # ARM PAIR
-  local rc d t from
+  local rc d t from bp b0 bcpu=none
+  # the blkback-snap process serving the disk: its CPU over the whole command, in both arms
+  # (the xl save -c arm gives the backend's own rate while a domain is saved)
+  bp=$(xenstore-read "/local/domain/0/backend/vbd/$(xl domid $G 2>/dev/null)/51712/xensnap-pid" 2>/dev/null)
   sync; rsleep 500 1000
-  nlines; from=$NL; t=$(xtb_now)
+  nlines; from=$NL; t=$(xtb_now); bbns "$bp"; b0=$BBNS
   if [ "$1" = xl-save-c ]; then
     xtb_limit 150 xl save -c $G "$BDIR/bench.xl" > /tmp/b.out 2>&1; rc=$?
-    d=$(xtb_since "$t"); rm -f "$BDIR/bench.xl"
+    bbns "$bp"; d=$(xtb_since "$t"); rm -f "$BDIR/bench.xl"
   else
     XENSNAP_STATE_DIR=$BDIR/state retry1 /tmp/b.out "$XS" checkpoint $G "b$2"; rc=$?
-    d=$(xtb_since "$t")
+    bbns "$bp"; d=$(xtb_since "$t")
   fi
+  [ -n "$bp" ] && [ "$b0" -gt 0 ] && bcpu=$(( (BBNS - b0) / 1000 ))
   bsleep 2.5; max_gap_since "$from"
   local j; j=$(grep -o 'XENSNAP-BARRIER .*' /tmp/b.out)
   local extra=
@@ -244,7 +250,7 @@ arm() { # ARM PAIR
     done
     XENSNAP_STATE_DIR=$BDIR/state "$XS" delete $G "b$2" >/dev/null 2>&1
   fi
-  echo "BENCH pair=$2 arm=$1 rc=$rc cmd_s=$d guest_gap_ms=$GAP $extra" | tee -a "$XTB_OUT/bench.txt"
+  echo "BENCH pair=$2 arm=$1 rc=$rc cmd_s=$d guest_gap_ms=$GAP backend_cmd_cpu_us=$bcpu $extra" | tee -a "$XTB_OUT/bench.txt"
 }
 rm -f "$XTB_OUT/bench.txt"
 for i in $(seq 1 "$BENCH"); do
