@@ -308,7 +308,7 @@ fn print_result(a: &ReadArgs, what: &str, v: Value) -> Result<(), CliError> {
                 println!("{}: no checkpoints", a.file.display());
                 return Ok(());
             }
-            println!("{:<6} {:<24} {:>10} {:<20} {:>9} {}", "ID", "NAME", "VM SIZE", "DATE", "DISK", "STATE");
+            println!("{:<6} {:<24} {:>10} {:<20} {:>9} STATE", "ID", "NAME", "VM SIZE", "DATE", "DISK");
             for s in list {
                 let date = s.get("date_sec").and_then(Value::as_u64).unwrap_or(0);
                 println!(
@@ -324,7 +324,7 @@ fn print_result(a: &ReadArgs, what: &str, v: Value) -> Result<(), CliError> {
         }
         "map" => {
             let empty = vec![];
-            println!("{:<18} {:<18} {:<18} {:<12} {:>4} {}", "GUEST", "LENGTH", "HOST", "KIND", "REF", "SHARED");
+            println!("{:<18} {:<18} {:<18} {:<12} {:>4} SHARED", "GUEST", "LENGTH", "HOST", "KIND", "REF");
             for m in v.as_array().unwrap_or(&empty) {
                 let g = |k: &str| m.get(k).and_then(Value::as_u64).unwrap_or(0);
                 let host = m.get("host_offset").and_then(Value::as_u64).map(|h| format!("{h:#x}"));
