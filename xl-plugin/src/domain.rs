@@ -7,7 +7,8 @@
 //! Plain `xl save -c` (checkpoint) or `xl save -p` (save) does the suspend and the memory
 //! copy. The driver runs it as a child and watches the domain's state with
 //! `xc_domain_getinfo` (looked at on every @releaseDomain watch event and at least every
-//! 10 ms until the suspend is seen, then every 20 ms). When Xen reports the
+//! 200 ms until the suspend is seen; after the barrier it just waits for xl's exit). The
+//! barrier's requests go over control connections opened before xl starts. When Xen reports the
 //! domain **shut down with reason `suspend`** (the guest's vCPUs have stopped for good, the
 //! guest ran its whole suspend path), the driver:
 //! 1. tells every backend of the domain to quiesce (drain admitted requests, admit no more);
@@ -15,6 +16,7 @@
 //!    stop and the quiesce: nothing the guest issued after its stop can be in the disk);
 //! 3. takes the disk checkpoint on every backend (control socket, the daemon holds the image);
 //! 4. resumes the backends.
+//!
 //! Then it waits for xl: `save -c` resumes the guest itself; for `save -p` the driver
 //! destroys the domain after the file is complete (or unpauses it if anything failed).
 //!
@@ -146,6 +148,8 @@ pub enum Mode {
 pub trait SaveJob {
     /// `None` while running; then the exit status (Err carries xl's message).
     fn poll(&mut self) -> Option<Result<(), String>>;
+    /// Block until xl exits.
+    fn wait(&mut self) -> Result<(), String>;
 }
 
 /// Everything the driver needs from Xen, xl and the backends (a fake in tests).
@@ -163,22 +167,95 @@ pub trait Env {
         self.sleep(max)
     }
     fn now(&self) -> Instant;
+    /// CPU time (ns, all threads) consumed so far by process `pid`, or by this process.
+    fn cpu_ns(&self, _pid: Option<u32>) -> Option<u64> {
+        None
+    }
+    /// A file's last modification time.
+    fn mtime(&self, _p: &Path) -> Option<SystemTime> {
+        None
+    }
+    fn wall(&self) -> SystemTime {
+        SystemTime::now()
+    }
 }
 
-/// Timings of one barrier (all in µs).
+/// Timings of one barrier (all in µs) and what the disk part cost inside the suspended
+/// window.
+///
+/// On a 1-vCPU dom0 the disk part can delay xl's memory copy (and so the guest's resume) by
+/// at most the CPU time it used while the domain was suspended (counted up to xl's exit, a
+/// little after the resume), plus the time the barrier went on after the copy ended: `added_bound_us = cpu_own_window_us +
+/// cpu_backend_window_us + barrier_after_copy_us`. `added_bound_all_us` adds xl-snap's CPU
+/// between starting xl and seeing the suspend (it may slow the guest's suspend path).
+/// The CPU of xenstored (the @releaseDomain watch) and of interrupt handling is not counted.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct BarrierReport {
-    /// From starting `xl save` to seeing the domain suspended.
+    /// From starting `xl save` to seeing the domain suspended (t0 of the fields below).
     pub suspend_seen_after_us: u64,
     pub quiesce_us: u64,
     pub take_us: u64,
-    /// Stop seen → backends resumed: the disk part of the critical path.
+    /// Suspend seen → the disk checkpoint taken on every backend.
+    pub take_done_us: u64,
+    /// Suspend seen → backends resumed: the disk part of the critical path.
     pub barrier_us: u64,
     pub drained: u64,
-    /// `xl save` total.
+    /// `xl save` total (start → exit).
     pub xl_save_us: u64,
     /// The guest was still suspended when the disk checkpoint was complete.
     pub inside_window: bool,
+    /// Suspend seen → xl's last write of the memory image (the file's mtime: the kernel's
+    /// coarse clock, up to one tick early).
+    pub copy_end_us: Option<i64>,
+    /// Suspend seen → xl exited (xl resumed the domain shortly before).
+    pub xl_exit_us: u64,
+    /// max(0, barrier end − copy end).
+    pub barrier_after_copy_us: Option<u64>,
+    /// CPU of xl-snap itself: xl start → suspend seen.
+    pub cpu_own_pre_us: Option<u64>,
+    /// CPU of xl-snap: suspend seen → barrier end.
+    pub cpu_own_barrier_us: Option<u64>,
+    /// CPU of xl-snap: suspend seen → xl exit.
+    pub cpu_own_window_us: Option<u64>,
+    /// CPU of the blkback-snap processes serving the disks: suspend seen → xl exit (so it
+    /// also counts their idle work, and the resumed guest's I/O between xl's resume and its
+    /// exit, which the backend serves without a checkpoint too).
+    pub cpu_backend_window_us: Option<u64>,
+    /// cpu_own_window + cpu_backend_window + barrier_after_copy.
+    pub added_bound_us: Option<u64>,
+    /// added_bound + cpu_own_pre.
+    pub added_bound_all_us: Option<u64>,
+}
+
+/// CPU time (ns) of this process and of the disks' serving processes, at one instant.
+#[derive(Debug, Clone, Copy)]
+struct CpuMark {
+    at: Instant,
+    own: Option<u64>,
+    backends: Option<u64>,
+}
+
+fn cpu_mark(env: &dyn Env, disks: &[Disk]) -> CpuMark {
+    let mut pids: Vec<u32> = Vec::new();
+    let mut known = !disks.is_empty();
+    for d in disks {
+        match d.pid {
+            Some(p) if !pids.contains(&p) => pids.push(p),
+            Some(_) => {}
+            None => known = false,
+        }
+    }
+    let backends = if known {
+        pids.iter().try_fold(0u64, |acc, p| env.cpu_ns(Some(*p)).map(|n| acc + n))
+    } else {
+        None
+    };
+    // own last: the cost of reading the backends' /proc entries counts as our own
+    CpuMark { at: env.now(), own: env.cpu_ns(None), backends }
+}
+
+fn cpu_us(a: Option<u64>, b: Option<u64>) -> Option<u64> {
+    Some(b?.saturating_sub(a?) / 1000)
 }
 
 /// A failed checkpoint; the message says which step failed and what was cleaned up.
@@ -207,10 +284,12 @@ pub struct Opts {
 impl Default for Opts {
     fn default() -> Self {
         // Until the suspend is seen the driver sleeps on Xen's shutdown notification
-        // (@releaseDomain), looking at the domain at least every 10 ms. A timed poll (200 µs,
-        // then 1 ms) cost a hypercall and a wake-up each time, taken on a 1-vCPU dom0 from xl
-        // and the guest's own suspend path, which are part of the guest's downtime.
-        Opts { quiesce_timeout_ms: 2000, poll: Duration::from_millis(10) }
+        // (@releaseDomain), looking at the domain at least every 200 ms (in case a watch event
+        // is lost; the barrier ends > 1 s before xl's copy under TCG). A timed poll (200 µs,
+        // then 1 ms, then 10 ms) cost a hypercall and a wake-up each time, taken on a 1-vCPU
+        // dom0 from xl and the guest's own suspend path, which are part of the guest's
+        // downtime (xl-snap used ~35 ms of CPU between starting xl and the suspend with 10 ms).
+        Opts { quiesce_timeout_ms: 2000, poll: Duration::from_millis(200) }
     }
 }
 
@@ -260,8 +339,9 @@ fn barrier(
     name: &str,
     opts: &Opts,
     rep: &mut BarrierReport,
+    t0: Instant,
 ) -> Result<(), StepError> {
-    let t0 = env.now();
+    let tq = env.now();
     let mut cleanup = Vec::new();
     let mut quiesced: Vec<Disk> = Vec::new();
     let fail = |step, msg: String, env: &dyn Env, q: &[Disk], taken: &[Disk], mut cleanup: Vec<String>| {
@@ -282,7 +362,7 @@ fn barrier(
             }
         }
     }
-    rep.quiesce_us = us(env.now() - t0);
+    rep.quiesce_us = us(env.now() - tq);
     if env.domain_state(domid) != DomState::Suspended {
         return Err(fail(
             "suspend-window",
@@ -304,6 +384,7 @@ fn barrier(
         taken.push(d.clone());
     }
     rep.take_us = us(env.now() - t1);
+    rep.take_done_us = us(env.now() - t0);
     rep.inside_window = env.domain_state(domid) == DomState::Suspended;
     resume_all(env, &quiesced, &mut cleanup);
     if !cleanup.is_empty() {
@@ -316,7 +397,7 @@ fn barrier(
     Ok(())
 }
 
-/// Poll interval for xl's exit once the disk barrier is done.
+/// Negative control: poll interval for xl's exit once the suspend was seen.
 const AFTER_BARRIER_POLL: Duration = Duration::from_millis(20);
 
 /// The core: memory via `xl save`, disk via the barrier at the suspended instant.
@@ -332,6 +413,7 @@ pub fn snapshot(
     opts: &Opts,
 ) -> Result<BarrierReport, StepError> {
     let mut rep = BarrierReport::default();
+    let own0 = env.cpu_ns(None);
     let t0 = env.now();
     let mut job = env.start_save(domid, mem, mode).map_err(|e| StepError {
         step: "start-xl-save",
@@ -339,25 +421,35 @@ pub fn snapshot(
         cleanup: vec![],
     })?;
     let mut outcome: Option<Result<(), StepError>> = None;
+    // CPU marks at the suspend seen and the barrier's end (xl-snap only: reading the
+    // backends' /proc entries costs CPU inside the window)
+    let mut marks: Option<(CpuMark, CpuMark, SystemTime)> = None;
     let xl = loop {
         if let Some(r) = job.poll() {
             break r;
         }
-        if outcome.is_none() && env.domain_state(domid) == DomState::Suspended {
-            rep.suspend_seen_after_us = us(env.now() - t0);
-            outcome = Some(barrier(env, domid, disks, name, opts, &mut rep));
+        if env.domain_state(domid) == DomState::Suspended {
+            let seen = env.now();
+            let wall = env.wall();
+            rep.suspend_seen_after_us = us(seen - t0);
+            let m0 = cpu_mark(env, disks);
+            outcome = Some(barrier(env, domid, disks, name, opts, &mut rep, seen));
+            let m1 = CpuMark { at: env.now(), own: env.cpu_ns(None), backends: None };
+            marks = Some((CpuMark { at: seen, ..m0 }, m1, wall));
+            // xl resumes (-c) or pauses (-p) the domain by itself after the copy. Any
+            // wake-up until then is CPU taken from xl's memory copy on a 1-vCPU dom0 (a
+            // 200 µs poll lengthened the guest's downtime ~2.5x under nested TCG Xen; a
+            // 20 ms look at the domain cost ~25 ms of CPU per checkpoint): just wait.
+            break job.wait();
         }
-        // The fine poll is only for catching the suspended instant. After the barrier, xl
-        // resumes the domain by itself; polling its exit every 200 µs would only steal CPU
-        // from xl while it copies memory (on a 1-vCPU dom0 that lengthened the guest's
-        // downtime ~2.5x under nested TCG Xen).
-        if outcome.is_some() {
-            env.sleep(opts.poll.max(AFTER_BARRIER_POLL));
-        } else {
-            env.wait_change(opts.poll);
-        }
+        env.wait_change(opts.poll);
     };
-    rep.xl_save_us = us(env.now() - t0);
+    let end = env.now();
+    rep.xl_save_us = us(end - t0);
+    if let Some((m0, m1, wall0)) = marks {
+        let m2 = cpu_mark(env, disks);
+        account(&mut rep, own0, m0, m1, m2, env.mtime(mem).map(|m| signed_us(m, wall0)), end);
+    }
     let after_xl = |cleanup: &mut Vec<String>| {
         env.remove_file(mem);
         cleanup.push(format!("memory image {} deleted", mem.display()));
@@ -402,6 +494,28 @@ pub fn snapshot(
             })
         }
     }
+}
+
+/// µs from `base` to `t` (negative if `t` is earlier).
+fn signed_us(t: SystemTime, base: SystemTime) -> i64 {
+    match t.duration_since(base) {
+        Ok(d) => us(d) as i64,
+        Err(e) => -(us(e.duration()) as i64),
+    }
+}
+
+/// Fill the window/CPU fields of `rep` from the marks at the suspend seen (`m0`), the
+/// barrier's end (`m1`) and xl's exit (`m2`); `copy_end_us` from the suspend seen.
+fn account(rep: &mut BarrierReport, own0: Option<u64>, m0: CpuMark, m1: CpuMark, m2: CpuMark, copy_end_us: Option<i64>, end: Instant) {
+    rep.copy_end_us = copy_end_us;
+    rep.xl_exit_us = us(end - m0.at);
+    rep.barrier_after_copy_us = copy_end_us.map(|c| (rep.barrier_us as i64 - c).max(0) as u64);
+    rep.cpu_own_pre_us = cpu_us(own0, m0.own);
+    rep.cpu_own_barrier_us = cpu_us(m0.own, m1.own);
+    rep.cpu_own_window_us = cpu_us(m0.own, m2.own);
+    rep.cpu_backend_window_us = cpu_us(m0.backends, m2.backends);
+    rep.added_bound_us = (|| Some(rep.cpu_own_window_us? + rep.cpu_backend_window_us? + rep.barrier_after_copy_us?))();
+    rep.added_bound_all_us = (|| Some(rep.added_bound_us? + rep.cpu_own_pre_us?))();
 }
 
 /// After a successful `snapshot(Mode::Save)` whose finishing step failed: undo.
@@ -628,6 +742,7 @@ pub fn valid_name(n: &str) -> bool {
 mod real {
     use super::*;
     use libxc_ffi::{ShutdownReason, XenCtrl, XenStore};
+    use std::io::{BufRead, BufReader};
     use std::os::unix::net::UnixStream;
     use std::process::{Child, Command, Stdio};
 
@@ -637,6 +752,41 @@ mod real {
         pub xl: String,
         /// The @releaseDomain watch: None = not tried yet, Some(false) = unavailable.
         watching: std::cell::Cell<Option<bool>>,
+        /// One control connection per backend socket, opened by the first request (the
+        /// `status` of [`RealEnv::disks`], before xl starts) and kept: the barrier's requests
+        /// need no connect, and the backend no new connection thread, inside the window.
+        conns: Conns,
+    }
+
+    type Conn = BufReader<UnixStream>;
+
+    /// Kept control connections, one per socket path.
+    #[derive(Default)]
+    pub struct Conns(std::cell::RefCell<std::collections::HashMap<PathBuf, Conn>>);
+
+    impl Conns {
+        pub fn call(&self, path: &Path, req: &Value) -> Result<Value, String> {
+            let mut conns = self.0.borrow_mut();
+            if let Some(c) = conns.get_mut(path) {
+                // A request that could not be sent was not served: retry it on a new
+                // connection. After it was sent, a failure is final (it may have been served).
+                if send(c, path, req).is_ok() {
+                    return match receive(c, path) {
+                        Ok(r) => r,
+                        Err(e) => {
+                            conns.remove(path);
+                            Err(e)
+                        }
+                    };
+                }
+                conns.remove(path);
+            }
+            let mut c = connect(path, BACKEND_TIMEOUT)?;
+            send(&mut c, path, req)?;
+            let r = receive(&mut c, path)?;
+            conns.insert(path.to_path_buf(), c);
+            r
+        }
     }
 
     fn e2s<E: std::fmt::Display>(e: E) -> String {
@@ -650,6 +800,7 @@ mod real {
                 xc: XenCtrl::open().map_err(|e| format!("xenctrl: {e}"))?,
                 xl: std::env::var("XENSNAP_XL").unwrap_or_else(|_| "xl".into()),
                 watching: std::cell::Cell::new(None),
+                conns: Default::default(),
             })
         }
 
@@ -737,6 +888,15 @@ mod real {
                 Err(e) => Some(Err(e.to_string())),
             }
         }
+        fn wait(&mut self) -> Result<(), String> {
+            let st = self.child.wait().map_err(e2s)?;
+            let msg = self.err.take().map(|h| h.join().unwrap_or_default()).unwrap_or_default();
+            if st.success() {
+                Ok(())
+            } else {
+                Err(format!("{st}: {}", msg.trim().replace('\n', " | ")))
+            }
+        }
     }
 
     pub fn run_xl(xl: &str, args: &[&str]) -> Result<String, String> {
@@ -767,7 +927,7 @@ mod real {
             }
         }
         fn backend(&self, disk: &Disk, req: &Value) -> Result<Value, String> {
-            call_socket(&disk.socket, req, Duration::from_secs(30))
+            self.conns.call(&disk.socket, req)
         }
         fn start_save(&self, domid: u32, file: &Path, mode: Mode) -> Result<Box<dyn SaveJob>, String> {
             let flag = match mode {
@@ -829,24 +989,44 @@ mod real {
         fn now(&self) -> Instant {
             Instant::now()
         }
+        fn cpu_ns(&self, pid: Option<u32>) -> Option<u64> {
+            crate::cpu::process_cpu_ns(pid.unwrap_or_else(std::process::id))
+        }
+        fn mtime(&self, p: &Path) -> Option<SystemTime> {
+            std::fs::metadata(p).and_then(|m| m.modified()).ok()
+        }
     }
 
-    pub fn call_socket(path: &Path, req: &Value, timeout: Duration) -> Result<Value, String> {
-        use std::io::{BufRead, BufReader};
+    const BACKEND_TIMEOUT: Duration = Duration::from_secs(30);
+
+    fn connect(path: &Path, timeout: Duration) -> Result<Conn, String> {
         let s = UnixStream::connect(path).map_err(|e| format!("{}: {e}", path.display()))?;
         s.set_read_timeout(Some(timeout)).map_err(e2s)?;
-        let mut w = s.try_clone().map_err(e2s)?;
-        writeln!(w, "{req}").map_err(|e| format!("{}: {e}", path.display()))?;
+        Ok(BufReader::new(s))
+    }
+
+    fn send(c: &mut Conn, path: &Path, req: &Value) -> Result<(), String> {
+        let mut line = req.to_string();
+        line.push('\n');
+        c.get_mut().write_all(line.as_bytes()).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    /// One reply line: Err = the connection failed; Ok(Err) = the backend refused.
+    fn receive(c: &mut Conn, path: &Path) -> Result<Result<Value, String>, String> {
         let mut reply = String::new();
-        BufReader::new(s)
+        let n = c
+            .by_ref()
             .take(64 << 20)
             .read_line(&mut reply)
             .map_err(|e| format!("{}: {e}", path.display()))?;
+        if n == 0 || !reply.ends_with('\n') {
+            return Err(format!("{}: connection closed without a full reply", path.display()));
+        }
         let v: Value = serde_json::from_str(&reply).map_err(|e| format!("bad reply {reply:?}: {e}"))?;
-        match v.get("ok") {
+        Ok(match v.get("ok") {
             Some(ok) => Ok(ok.clone()),
             None => Err(v.get("error").and_then(Value::as_str).unwrap_or("malformed reply").to_string()),
-        }
+        })
     }
 }
 
@@ -907,6 +1087,18 @@ fn report_line(what: &str, rep: &BarrierReport) {
         rep.suspend_seen_after_us / 1000,
         rep.xl_save_us / 1000
     );
+    if let Some(b) = rep.added_bound_us {
+        let o = |v: Option<u64>| v.map_or("?".to_string(), |v| v.to_string());
+        println!(
+            "{what}: disk part's bound on the added downtime {b} us (CPU in the window: xl-snap {} us, blkback-snap {} us; barrier after the copy {} us; xl-snap before the suspend {} us); copy ended {} ms, xl exited {} ms after the suspend",
+            o(rep.cpu_own_window_us),
+            o(rep.cpu_backend_window_us),
+            o(rep.barrier_after_copy_us),
+            o(rep.cpu_own_pre_us),
+            rep.copy_end_us.map_or("?".to_string(), |c| (c / 1000).to_string()),
+            rep.xl_exit_us / 1000,
+        );
+    }
     println!("XENSNAP-BARRIER {}", serde_json::to_string(rep).unwrap_or_default());
 }
 

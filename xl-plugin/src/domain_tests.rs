@@ -31,6 +31,8 @@ struct World {
     written: u64,
     // xl's tick at every wait_change (the driver's wait for the suspend)
     waits: Vec<u32>,
+    // virtual clock when xl wrote the memory image's last byte (the tick before the resume)
+    copy_end: Option<Duration>,
 }
 
 #[derive(Clone)]
@@ -58,12 +60,24 @@ impl SaveJob for Job {
     fn poll(&mut self) -> Option<Result<(), String>> {
         let mut w = self.0.borrow_mut();
         w.tick += 1;
+        if w.tick + 1 == w.resume_at {
+            w.copy_end = Some(w.clock);
+        }
         if w.tick >= w.end_at {
             let r = if w.xl_fails { "fail" } else { "ok" };
             w.log.push(format!("xl-save-exit({r})"));
             Some(if w.xl_fails { Err("exit status 1: Failed to save domain".into()) } else { Ok(()) })
         } else {
             None
+        }
+    }
+    // xl goes on by itself: 20 ms per tick
+    fn wait(&mut self) -> Result<(), String> {
+        loop {
+            self.0.borrow_mut().clock += Duration::from_millis(20);
+            if let Some(r) = self.poll() {
+                return r;
+            }
         }
     }
 }
@@ -148,6 +162,17 @@ impl Env for Fake {
     fn now(&self) -> Instant {
         base() + self.0.borrow().clock
     }
+    // xl-snap uses 1/10 of the wall time, every backend process 1/4
+    fn cpu_ns(&self, pid: Option<u32>) -> Option<u64> {
+        let c = self.0.borrow().clock.as_nanos() as u64;
+        Some(if pid.is_some() { c / 4 } else { c / 10 })
+    }
+    fn mtime(&self, _p: &Path) -> Option<SystemTime> {
+        self.0.borrow().copy_end.map(|c| UNIX_EPOCH + c)
+    }
+    fn wall(&self) -> SystemTime {
+        UNIX_EPOCH + self.0.borrow().clock
+    }
 }
 
 fn base() -> Instant {
@@ -204,7 +229,7 @@ fn waits_on_domain_changes_only_until_the_suspend_is_seen() {
     let f = world();
     run(&f, Mode::Checkpoint).unwrap();
     let w = f.0.borrow();
-    // ticks 1 and 2 are before the suspend (suspend_at = 3); after the barrier: plain sleeps
+    // ticks 1 and 2 are before the suspend (suspend_at = 3); after the barrier: xl's exit
     assert_eq!(w.waits, vec![1, 2], "{:?}", w.waits);
 }
 
@@ -422,4 +447,99 @@ fn metadata_rides_in_the_xl_header_after_the_config() {
 fn names() {
     assert!(valid_name("ck-1_2.3"));
     assert!(!valid_name("../x") && !valid_name("") && !valid_name("a b") && !valid_name(".h"));
+}
+
+#[test]
+fn window_accounting_counts_cpu_from_the_suspend_to_the_resume() {
+    let f = world();
+    // both disks served by one process: counted once
+    let d: Vec<Disk> = disks().into_iter().map(|d| Disk { pid: Some(77), ..d }).collect();
+    let rep = snapshot(&f, 5, &d, Path::new("/s/mem"), "c1", Mode::Checkpoint, &Opts::default()).unwrap();
+    // suspend seen at tick 3 after two 200 ms waits; then xl runs 20 ms per tick: the copy
+    // ends at tick 9, xl exits at tick 12; the fake barrier takes no time
+    assert_eq!(rep.suspend_seen_after_us, 400_000);
+    assert_eq!(rep.copy_end_us, Some(120_000));
+    assert_eq!(rep.xl_exit_us, 180_000);
+    assert_eq!(rep.barrier_after_copy_us, Some(0));
+    assert_eq!(rep.cpu_own_pre_us, Some(40_000));
+    assert_eq!(rep.cpu_own_barrier_us, Some(0));
+    assert_eq!(rep.cpu_own_window_us, Some(18_000));
+    assert_eq!(rep.cpu_backend_window_us, Some(45_000));
+    assert_eq!(rep.added_bound_us, Some(63_000));
+    assert_eq!(rep.added_bound_all_us, Some(103_000));
+}
+
+#[test]
+fn window_accounting_unknown_backend_pid_gives_no_bound() {
+    let f = world();
+    let rep = run(&f, Mode::Checkpoint).unwrap();
+    assert_eq!(rep.cpu_backend_window_us, None);
+    assert_eq!(rep.added_bound_us, None);
+    assert!(rep.cpu_own_window_us.is_some() && rep.copy_end_us.is_some());
+}
+
+#[test]
+fn barrier_outlasting_the_copy_adds_to_the_bound() {
+    let t = base();
+    let m = |ms: u64, own: u64, be: u64| CpuMark { at: t + Duration::from_millis(ms), own: Some(own), backends: Some(be) };
+    let mut rep = BarrierReport { barrier_us: 5_000, ..Default::default() };
+    account(&mut rep, Some(1_000_000), m(0, 3_000_000, 10_000_000), m(5, 4_000_000, 12_000_000), m(9, 4_500_000, 12_500_000), Some(3_000), t + Duration::from_millis(30));
+    assert_eq!(rep.barrier_after_copy_us, Some(2_000));
+    assert_eq!(rep.cpu_own_pre_us, Some(2_000));
+    assert_eq!(rep.cpu_own_barrier_us, Some(1_000));
+    assert_eq!(rep.cpu_own_window_us, Some(1_500));
+    assert_eq!(rep.cpu_backend_window_us, Some(2_500));
+    assert_eq!(rep.added_bound_us, Some(6_000));
+    assert_eq!(rep.added_bound_all_us, Some(8_000));
+    assert_eq!(rep.xl_exit_us, 30_000);
+}
+
+/// A control server that answers `{"ok": N}` (N = request number on this connection) and
+/// closes each connection after `per_conn` requests; returns the accept count.
+fn line_server(path: &Path, per_conn: usize, conns: usize) -> std::thread::JoinHandle<usize> {
+    use std::io::{BufRead, BufReader};
+    let l = std::os::unix::net::UnixListener::bind(path).unwrap();
+    std::thread::spawn(move || {
+        let mut accepted = 0;
+        for s in l.incoming().take(conns) {
+            let s = s.unwrap();
+            accepted += 1;
+            let mut w = s.try_clone().unwrap();
+            let mut r = BufReader::new(s);
+            for i in 0..per_conn {
+                let mut line = String::new();
+                if r.read_line(&mut line).unwrap() == 0 {
+                    break;
+                }
+                writeln!(w, "{}", json!({ "ok": i })).unwrap();
+            }
+        }
+        accepted
+    })
+}
+
+#[test]
+fn backend_requests_reuse_one_connection() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("c.sock");
+    let srv = line_server(&p, 3, 1);
+    let c = real::Conns::default();
+    for i in 0..3 {
+        assert_eq!(c.call(&p, &json!({"op": "status"})).unwrap(), json!(i));
+    }
+    drop(c);
+    assert_eq!(srv.join().unwrap(), 1);
+}
+
+#[test]
+fn backend_connection_closed_between_requests_is_reopened() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("c.sock");
+    let srv = line_server(&p, 1, 2);
+    let c = real::Conns::default();
+    assert_eq!(c.call(&p, &json!({"op": "status"})).unwrap(), json!(0));
+    std::thread::sleep(Duration::from_millis(200)); // the server has closed it
+    assert_eq!(c.call(&p, &json!({"op": "status"})).unwrap(), json!(0));
+    drop(c);
+    assert_eq!(srv.join().unwrap(), 2);
 }

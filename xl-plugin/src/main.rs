@@ -5,6 +5,7 @@
 //! `migrate`) arrive with the backend and the daemon.
 
 mod control;
+mod cpu;
 mod domain;
 mod image;
 mod size;

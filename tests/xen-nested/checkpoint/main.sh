@@ -207,35 +207,50 @@ done
 xtb_section "4. downtime: xl save -c (memory only) vs xl-snap checkpoint (memory + disk), $BENCH interleaved pairs"
 # Guest-visible downtime = the checker's pause (CK-GAP gap_ms: last iteration before the
 # suspend to the first after the resume; the largest gap in the 2.5 s after the command, so a
-# TCG hiccup before it is not taken). Pairs alternate the order. xl-snap's own barrier timings:
-# disk barrier (suspend seen -> backends resumed) and its slack = how long xl still copied
-# memory after the disk checkpoint was done (> 0: the barrier ran inside the memory copy).
+# TCG hiccup before it is not taken). Pairs alternate the order. xl-snap's own report per
+# checkpoint (XENSNAP-BARRIER, times from the suspend seen): disk barrier (-> backends resumed),
+# take done, copy end (memory file's mtime), xl's exit; copy_slack = copy end - barrier end
+# (> 0: the barrier ran inside the memory copy); the CPU time xl-snap and blkback-snap used
+# inside the window, and the direct bound on what the disk part added to the downtime:
+# bound = CPU(xl-snap + blkback-snap, suspend seen -> xl exit) + max(0, barrier end - copy
+# end); bound_all adds xl-snap's CPU between starting xl and seeing the suspend.
+# bench-stats.sh (host) turns bench.txt into medians, per-pair ratios and confidence intervals.
 max_gap_since() { local L x g m=; mapfile -t -s "$1" L < "$CON"; for x in "${L[@]}"; do case $x in *CK-GAP*) g=${x#*gap_ms=}; g=${g%% *}; g=${g%%.*}; [ -z "$m" ] || [ "$g" -gt "$m" ] && m=$g;; esac; done; GAP=${m:-none}; }
 jnum() { local v=${2#*\"$1\":}; v=${v%%[,\}]*}; echo "$v"; }
 # Both arms write the memory image to dom0's tmpfs (/tmp) and start after a `sync`: the
 # previous arm's 96 MiB of dirty pages written back to dom0's (TCG-emulated) disk during the
 # next arm made whichever arm came second slower (run ck-20261125-201133-12539).
 BDIR=/tmp/ckbench; mkdir -p "$BDIR/state"
+# CPU time (ns, all threads) of process $1 so far -> $BBNS (bash builtins only)
+bbns() { local f s n=0; for f in /proc/$1/task/*/schedstat; do read -r s _ < "$f" 2>/dev/null && n=$((n + s)); done; BBNS=$n; }
 arm() { # ARM PAIR
-  local rc d t from
+  local rc d t from bp b0 bcpu=none
+  # the blkback-snap process serving the disk: its CPU over the whole command, in both arms
+  # (the xl save -c arm gives the backend's own rate while a domain is saved)
+  bp=$(xenstore-read "/local/domain/0/backend/vbd/$(xl domid $G 2>/dev/null)/51712/xensnap-pid" 2>/dev/null)
   sync; rsleep 500 1000
-  nlines; from=$NL; t=$(xtb_now)
+  nlines; from=$NL; t=$(xtb_now); bbns "$bp"; b0=$BBNS
   if [ "$1" = xl-save-c ]; then
     xtb_limit 150 xl save -c $G "$BDIR/bench.xl" > /tmp/b.out 2>&1; rc=$?
-    d=$(xtb_since "$t"); rm -f "$BDIR/bench.xl"
+    bbns "$bp"; d=$(xtb_since "$t"); rm -f "$BDIR/bench.xl"
   else
     XENSNAP_STATE_DIR=$BDIR/state retry1 /tmp/b.out "$XS" checkpoint $G "b$2"; rc=$?
-    d=$(xtb_since "$t")
+    bbns "$bp"; d=$(xtb_since "$t")
   fi
+  [ -n "$bp" ] && [ "$b0" -gt 0 ] && bcpu=$(( (BBNS - b0) / 1000 ))
   bsleep 2.5; max_gap_since "$from"
   local j; j=$(grep -o 'XENSNAP-BARRIER .*' /tmp/b.out)
   local extra=
   if [ -n "$j" ]; then
-    local bar ss xs; bar=$(jnum barrier_us "$j"); ss=$(jnum suspend_seen_after_us "$j"); xs=$(jnum xl_save_us "$j")
-    extra="barrier_us=$bar quiesce_us=$(jnum quiesce_us "$j") take_us=$(jnum take_us "$j") suspend_seen_us=$ss xl_save_us=$xs slack_us=$((xs - ss - bar)) inside=$(jnum inside_window "$j")"
+    local bar ce k sl=none; bar=$(jnum barrier_us "$j"); ce=$(jnum copy_end_us "$j")
+    [ "$ce" -eq "$ce" ] 2>/dev/null && [ "$bar" -eq "$bar" ] 2>/dev/null && sl=$((ce - bar))
+    extra="barrier_us=$bar quiesce_us=$(jnum quiesce_us "$j") take_us=$(jnum take_us "$j") suspend_seen_us=$(jnum suspend_seen_after_us "$j") xl_save_us=$(jnum xl_save_us "$j") copy_slack_us=$sl inside=$(jnum inside_window "$j")"
+    for k in take_done copy_end xl_exit barrier_after_copy cpu_own_pre cpu_own_barrier cpu_own_window cpu_backend_window added_bound added_bound_all; do
+      extra="$extra ${k}_us=$(jnum "${k}_us" "$j")"
+    done
     XENSNAP_STATE_DIR=$BDIR/state "$XS" delete $G "b$2" >/dev/null 2>&1
   fi
-  echo "BENCH pair=$2 arm=$1 rc=$rc cmd_s=$d guest_gap_ms=$GAP $extra" | tee -a "$XTB_OUT/bench.txt"
+  echo "BENCH pair=$2 arm=$1 rc=$rc cmd_s=$d guest_gap_ms=$GAP backend_cmd_cpu_us=$bcpu $extra" | tee -a "$XTB_OUT/bench.txt"
 }
 rm -f "$XTB_OUT/bench.txt"
 for i in $(seq 1 "$BENCH"); do
@@ -245,7 +260,8 @@ if [ "$BENCH" -gt 0 ]; then
   med() { sort -n | awk '{a[NR]=$1} END{if(!NR){print "none"; exit} if(NR%2) print a[(NR+1)/2]; else printf "%.1f\n", (a[NR/2]+a[NR/2+1])/2}'; }
   col() { grep -a "arm=$1 rc=0 " "$XTB_OUT/bench.txt" | grep -o " $2=-\?[0-9][0-9]*" | cut -d= -f2; }
   mx=$(col xl-save-c guest_gap_ms | med); ms=$(col xl-snap guest_gap_ms | med)
-  mb=$(col xl-snap barrier_us | med); msl=$(col xl-snap slack_us | med)
+  mb=$(col xl-snap barrier_us | med); msl=$(col xl-snap copy_slack_us | med)
+  mbd=$(col xl-snap added_bound_us | med); xbd=$(col xl-snap added_bound_us | sort -n | tail -1)
   nx=$(col xl-save-c guest_gap_ms | wc -l); ns=$(col xl-snap guest_gap_ms | wc -l)
   ratio=$(awk -v a="$ms" -v b="$mx" 'BEGIN{ if (b+0 > 0 && a+0 > 0) printf "%.3f", a/b; else print "none" }')
   echo "  per pair (guest gap ms, xl save -c / xl-snap, ratio):"
@@ -255,7 +271,7 @@ if [ "$BENCH" -gt 0 ]; then
     echo "    pair $i ($([ $((i % 2)) = 1 ] && echo xl-first || echo xl-snap-first)): $a / $b  $(awk -v a="$b" -v b="$a" 'BEGIN{ if (b+0 > 0 && a+0 > 0) printf "%.3f", a/b; else print "-" }')"
   done
   echo "DOWNTIME xl-save-c median=$mx ms  xl-snap median=$ms ms  ratio=$ratio  disk-barrier median=$(awk -v b="$mb" 'BEGIN{ if (b+0 > 0) printf "%.1f", b/1000; else print "none" }') ms  (pairs: $nx/$ns of $BENCH measured)" | tee -a "$XTB_OUT/bench.txt"
-  echo "DISK-BARRIER slack median=$(awk -v b="$msl" 'BEGIN{ printf "%.1f", b/1000 }') ms (xl kept copying memory this long after the disk checkpoint was done; > 0 = the barrier ran inside the copy)" | tee -a "$XTB_OUT/bench.txt"
+  echo "DISK-BARRIER slack median=$(awk -v b="$msl" 'BEGIN{ printf "%.1f", b/1000 }') ms (xl kept copying memory this long after the disk checkpoint was done; > 0 = the barrier ran inside the copy)  bound median=$(awk -v b="$mbd" 'BEGIN{ printf "%.1f", b/1000 }') ms max=$(awk -v b="$xbd" 'BEGIN{ printf "%.1f", b/1000 }') ms (CPU of xl-snap + blkback-snap in the window + barrier after the copy)" | tee -a "$XTB_OUT/bench.txt"
   [ "$nx" = "$BENCH" ] && [ "$ns" = "$BENCH" ]; xtb_check bench-all-pairs-measured $? "$nx/$ns of $BENCH"
 fi
 

@@ -23,6 +23,7 @@ echo "checkpoint suite: host load before: $(uptime)"
 RC=$?
 echo "checkpoint suite: host load after: $(uptime)"
 grep -a -h '^DOWNTIME\|^DISK-BARRIER' "$RUN/share/out/bench.txt" 2>/dev/null
+[ -s "$RUN/share/out/bench.txt" ] && "$HERE/bench-stats.sh" "$RUN/share/out/bench.txt" | sed 's/^/BENCH-STATS /'
 echo "TIMING checkpoint-suite $(( $(date +%s) - T0 ))"
 echo "run dir: $RUN (exit $RC)"
 exit $RC
