@@ -8,7 +8,7 @@ mod copied;
 use common::Rng;
 use copied::harmful_copied_flags;
 use std::collections::BTreeMap;
-use xensnap_qcow2::{CreateOptions, DurableStep, FaultIo, ImageIo, MemIo, OpenOptions, Qcow2};
+use xensnap_qcow2::{CheckReport, CreateOptions, DurableStep, FaultIo, ImageIo, MemIo, OpenOptions, Qcow2};
 
 const SIZE: usize = 1 << 20;
 
@@ -33,13 +33,28 @@ struct Expect {
     snap_sets: Vec<Vec<String>>,
 }
 
-fn verify(bytes: Vec<u8>, ex: &Expect, ctx: &str) {
-    let harmful = harmful_copied_flags(&bytes);
+/// A crashed image checked as it lies on disk (no COPIED flag on a shared cluster while the
+/// dirty bit is clear), then opened read-only and checked: no corruption. Returns the image
+/// and its check report for the test's own expectations.
+fn open_crashed(bytes: &[u8], ctx: &str) -> (Qcow2, CheckReport) {
+    let harmful = harmful_copied_flags(bytes);
     assert!(harmful.is_empty(), "{ctx}: dirty bit clear with COPIED on shared clusters: {harmful:?}");
-    let mut img = Qcow2::open(Box::new(MemIo::from_bytes(bytes.clone())), &OpenOptions { read_only: true })
+    let mut img = Qcow2::open(Box::new(MemIo::from_bytes(bytes.to_vec())), &OpenOptions { read_only: true })
         .unwrap_or_else(|e| panic!("{ctx}: open after crash failed: {e}"));
     let rep = img.check().unwrap();
     assert_eq!(rep.corruptions, 0, "{ctx}: {rep:?}");
+    (img, rep)
+}
+
+/// Repair of a crashed image by our engine leaves it clean.
+fn assert_repairs(bytes: Vec<u8>, ctx: &str) {
+    let mut im = Qcow2::open(Box::new(MemIo::from_bytes(bytes)), &OpenOptions::default()).unwrap();
+    im.repair().unwrap();
+    assert!(im.check().unwrap().is_clean(), "{ctx}: not clean after repair");
+}
+
+fn verify(bytes: Vec<u8>, ex: &Expect, ctx: &str) {
+    let (mut img, rep) = open_crashed(&bytes, ctx);
     assert_eq!(rep.overlaps, 0, "{ctx}: {rep:?}");
     assert!(rep.errors.iter().all(|e| e.contains("OFLAG_COPIED")), "{ctx}: {rep:?}");
     let active = read_all(&mut img, None);
@@ -177,11 +192,7 @@ fn crash_during_cow_writes() {
         drop(img);
         for seed in 0..6 {
             let bytes = f.crash(seed + 1000 * k);
-            let harmful = harmful_copied_flags(&bytes);
-            assert!(harmful.is_empty(), "cow k={k} seed={seed}: {harmful:?}");
-            let mut im = Qcow2::open(Box::new(MemIo::from_bytes(bytes.clone())), &OpenOptions { read_only: true }).unwrap();
-            let rep = im.check().unwrap();
-            assert_eq!(rep.corruptions, 0, "cow k={k} seed={seed}: {rep:?}");
+            let (mut im, rep) = open_crashed(&bytes, &format!("cow k={k} seed={seed}"));
             assert!(rep.errors.iter().all(|e| e.contains("OFLAG_COPIED")), "cow k={k}: {rep:?}");
             assert!(read_all(&mut im, Some("base")) == ex.snaps["base"], "snapshot changed by COW writes");
             if r.is_ok() {
@@ -338,12 +349,7 @@ fn crash_during_staged_commit_with_guest_io() {
         for seed in 0..4 {
             let ctx = format!("staged commit: failing op {k}/{total}, seed {seed}");
             let bytes = f.crash(seed * 7919 + k);
-            let harmful = harmful_copied_flags(&bytes);
-            assert!(harmful.is_empty(), "{ctx}: dirty bit clear with COPIED on shared clusters: {harmful:?}");
-            let mut im = Qcow2::open(Box::new(MemIo::from_bytes(bytes.clone())), &OpenOptions { read_only: true })
-                .unwrap_or_else(|e| panic!("{ctx}: open: {e}"));
-            let rep = im.check().unwrap();
-            assert_eq!(rep.corruptions, 0, "{ctx}: {rep:?}");
+            let (mut im, rep) = open_crashed(&bytes, &ctx);
             assert!(rep.errors.iter().all(|e| e.contains("OFLAG_COPIED")), "{ctx}: {rep:?}");
             let names: Vec<String> = im.checkpoint_list().into_iter().map(|s| s.name).collect();
             assert!(names.first().is_some_and(|n| n == "base"), "{ctx}: {names:?}");
@@ -356,9 +362,7 @@ fn crash_during_staged_commit_with_guest_io() {
                 assert!(read_all(&mut im, None) == final_active, "{ctx}: flushed data lost");
             }
             drop(im);
-            let mut im = Qcow2::open(Box::new(MemIo::from_bytes(bytes)), &OpenOptions::default()).unwrap();
-            im.repair().unwrap();
-            assert!(im.check().unwrap().is_clean(), "{ctx}: not clean after repair");
+            assert_repairs(bytes, &ctx);
         }
     }
 }
@@ -411,11 +415,7 @@ fn abandoned_taken_checkpoint_is_dropped_unpublished() {
                 snap_sets: vec![vec!["base".into()]],
             };
             let bytes = f.crash(seed * 31 + k);
-            let harmful = harmful_copied_flags(&bytes);
-            assert!(harmful.is_empty(), "abandon k={k} seed={seed}: {harmful:?}");
-            let mut im = Qcow2::open(Box::new(MemIo::from_bytes(bytes)), &OpenOptions { read_only: true }).unwrap();
-            let rep = im.check().unwrap();
-            assert_eq!(rep.corruptions, 0, "abandon k={k}: {rep:?}");
+            let (mut im, _) = open_crashed(&bytes, &format!("abandon k={k} seed={seed}"));
             let names: Vec<String> = im.checkpoint_list().into_iter().map(|s| s.name).collect();
             assert!(ex.snap_sets.contains(&names), "abandon k={k}: {names:?}");
             assert!(read_all(&mut im, Some("base")) == ex.snaps["base"], "abandon k={k}: base changed");
@@ -587,12 +587,8 @@ fn sweep_no_leak_with_bit_clear(
         images.extend((0..crashes).map(|seed| f.crash(seed * seed_mul + k)));
         for (n, bytes) in images.into_iter().enumerate() {
             let c = format!("{ctx} k={k}/{total} image {n}");
-            let harmful = harmful_copied_flags(&bytes);
-            assert!(harmful.is_empty(), "{c}: dirty bit clear with COPIED on shared clusters: {harmful:?}");
             let dirty = be64(&bytes, 72) & 1 != 0;
-            let mut im = Qcow2::open(Box::new(MemIo::from_bytes(bytes)), &OpenOptions { read_only: true }).unwrap();
-            let rep = im.check().unwrap();
-            assert_eq!(rep.corruptions, 0, "{c}: {rep:?}");
+            let (mut im, rep) = open_crashed(&bytes, &c);
             assert!(dirty || rep.is_clean(), "{c}: dirty bit clear, refcounts differ from references: {rep:?}");
             also(&c, &mut im);
         }
@@ -655,12 +651,7 @@ fn ranged_barriers_keep_data_written_before_the_take() {
         for seed in 0..6 {
             let ctx = format!("ranged barriers: failing op {k}/{total}, seed {seed}");
             let bytes = f.crash(seed * 104_729 + k);
-            let harmful = harmful_copied_flags(&bytes);
-            assert!(harmful.is_empty(), "{ctx}: dirty bit clear with COPIED on shared clusters: {harmful:?}");
-            let mut im = Qcow2::open(Box::new(MemIo::from_bytes(bytes.clone())), &OpenOptions { read_only: true })
-                .unwrap_or_else(|e| panic!("{ctx}: open: {e}"));
-            let rep = im.check().unwrap();
-            assert_eq!(rep.corruptions, 0, "{ctx}: {rep:?}");
+            let (mut im, _) = open_crashed(&bytes, &ctx);
             let names: Vec<String> = im.checkpoint_list().into_iter().map(|s| s.name).collect();
             assert!(read_all(&mut im, Some("base")) == snap, "{ctx}: base changed");
             if r.is_ok() {
@@ -670,9 +661,7 @@ fn ranged_barriers_keep_data_written_before_the_take() {
                 assert!(read_all(&mut im, Some("new")) == at_take, "{ctx}: checkpoint lost data written before the take");
             }
             drop(im);
-            let mut im = Qcow2::open(Box::new(MemIo::from_bytes(bytes)), &OpenOptions::default()).unwrap();
-            im.repair().unwrap();
-            assert!(im.check().unwrap().is_clean(), "{ctx}: not clean after repair");
+            assert_repairs(bytes, &ctx);
         }
     }
 }
