@@ -75,12 +75,7 @@ fn staged_commit_retried_after_a_read_error_at_every_step() {
         // every cluster rewritten: the walk of "cp" never needs the refcount block that
         // holds the old snapshot table (written with "base", early in the file)
         img.write(0, &vec![0x22; size as usize]).unwrap();
-        img.close().unwrap();
-        // reopened: empty caches, so the steps read (and evict) tables and refcount blocks
-        let f = FaultIo::from_bytes((*f.durable()).clone());
-        let mut img = Qcow2::open(Box::new(f.clone()), &OpenOptions::default()).unwrap();
-        img.set_cache_limit(4);
-        (f, img)
+        reopen_with_cold_cache(&f, img)
     };
     let read_all = |img: &mut Qcow2, name: &str| {
         let mut b = vec![0u8; size as usize];
@@ -102,23 +97,7 @@ fn staged_commit_retried_after_a_read_error_at_every_step() {
     let mut want_cp = vec![0u8; size as usize];
     img.read(0, &mut want_cp).unwrap();
     img.checkpoint_take("cp").unwrap();
-    let mut reads_per_call = Vec::new();
-    let mut barriers = 0;
-    loop {
-        let r0 = f.read_count();
-        let r = img.durable_step_staged(1).unwrap();
-        reads_per_call.push(f.read_count() - r0);
-        match r {
-            DurableStep::Done(true) => break,
-            DurableStep::Done(false) => {}
-            DurableStep::Barrier(b) => {
-                barriers += 1;
-                guest_reads(&mut img);
-                let s = b.sync().unwrap();
-                img.durable_barrier_done(s);
-            }
-        }
-    }
+    let (reads_per_call, barriers) = reads_per_staged_call(&f, &mut img, guest_reads);
     drop(img);
     // Fail the k-th read of call `at` (None: of the call after the last barrier, the one
     // that adopts the new table and frees the old one), retry, check. Returns whether a
@@ -230,11 +209,7 @@ fn drop_and_switch_walks_retried_after_a_read_error_count_once() {
         }
         img.checkpoint_create("mid").unwrap();
         img.write(0, &vec![0x33; 1 << 20]).unwrap();
-        img.close().unwrap();
-        let f = FaultIo::from_bytes((*f.durable()).clone());
-        let mut img = Qcow2::open(Box::new(f.clone()), &OpenOptions::default()).unwrap();
-        img.set_cache_limit(4);
-        (f, img)
+        reopen_with_cold_cache(&f, img)
     };
     let read = |img: &mut Qcow2, name: Option<&str>| {
         let mut b = vec![0u8; size as usize];
@@ -251,20 +226,7 @@ fn drop_and_switch_walks_retried_after_a_read_error_count_once() {
     let (f, mut img) = build();
     let want_mid = read(&mut img, Some("mid"));
     start(&mut img);
-    let mut reads_per_call = Vec::new();
-    loop {
-        let r0 = f.read_count();
-        let r = img.durable_step_staged(1).unwrap();
-        reads_per_call.push(f.read_count() - r0);
-        match r {
-            DurableStep::Done(true) => break,
-            DurableStep::Done(false) => {}
-            DurableStep::Barrier(b) => {
-                let s = b.sync().unwrap();
-                img.durable_barrier_done(s);
-            }
-        }
-    }
+    let (reads_per_call, _) = reads_per_staged_call(&f, &mut img, |_| {});
     drop(img);
     let mut failures = 0;
     for (call, reads) in reads_per_call.iter().enumerate() {
@@ -307,4 +269,41 @@ fn drop_and_switch_walks_retried_after_a_read_error_count_once() {
         }
     }
     assert!(failures > 0, "no read error was injected");
+}
+
+/// Close `img` and open what reached `f`'s disk again with a cache of four clusters: empty
+/// caches, so the background steps read (and evict) tables and refcount blocks.
+fn reopen_with_cold_cache(f: &xensnap_qcow2::FaultIo, img: Qcow2) -> (xensnap_qcow2::FaultIo, Qcow2) {
+    img.close().unwrap();
+    let f = xensnap_qcow2::FaultIo::from_bytes((*f.durable()).clone());
+    let mut img = Qcow2::open(Box::new(f.clone()), &OpenOptions::default()).unwrap();
+    img.set_cache_limit(4);
+    (f, img)
+}
+
+/// Run the queued background work to completion in staged calls without errors (each
+/// barrier synced after `on_barrier`): the number of reads of each call and the number of
+/// barriers, for sweeps that fail each of those reads in turn.
+fn reads_per_staged_call(
+    f: &xensnap_qcow2::FaultIo,
+    img: &mut Qcow2,
+    mut on_barrier: impl FnMut(&mut Qcow2),
+) -> (Vec<u64>, usize) {
+    use xensnap_qcow2::DurableStep;
+    let (mut reads_per_call, mut barriers) = (Vec::new(), 0);
+    loop {
+        let r0 = f.read_count();
+        let r = img.durable_step_staged(1).unwrap();
+        reads_per_call.push(f.read_count() - r0);
+        match r {
+            DurableStep::Done(true) => return (reads_per_call, barriers),
+            DurableStep::Done(false) => {}
+            DurableStep::Barrier(b) => {
+                barriers += 1;
+                on_barrier(img);
+                let s = b.sync().unwrap();
+                img.durable_barrier_done(s);
+            }
+        }
+    }
 }
