@@ -217,6 +217,16 @@ impl RawRequest {
             seg,
         }
     }
+
+    /// Convenience constructor for an indirect request: `nr_segments` as given (hostile
+    /// counts included), the first 8 of `grefs` as its indirect pages (more are cut).
+    pub fn indirect(indirect_op: u8, id: u64, sector_number: u64, nr_segments: u16, grefs: &[u32]) -> RawRequest {
+        let mut indirect_grefs = [0u32; MAX_INDIRECT_PAGES_PER_REQUEST];
+        for (d, g) in indirect_grefs.iter_mut().zip(grefs) {
+            *d = *g;
+        }
+        RawRequest::Indirect { indirect_op, nr_segments, id, sector_number, handle: 0, indirect_grefs }
+    }
 }
 
 fn put64(b: &mut [u8], o: usize, v: u64) {
@@ -588,14 +598,7 @@ mod tests {
         assert_eq!(st(&d(0, 1, 1000)), BLKIF_RSP_ERROR);
         assert_eq!(st(&d(0, 1, u64::MAX)), BLKIF_RSP_ERROR);
         assert_eq!(st(&d(1, 0, 1)), BLKIF_RSP_EOPNOTSUPP);
-        let ind = |op, n| RawRequest::Indirect {
-            indirect_op: op,
-            nr_segments: n,
-            id: 1,
-            sector_number: 0,
-            handle: 0,
-            indirect_grefs: [0; 8],
-        };
+        let ind = |op, n| RawRequest::indirect(op, 1, 0, n, &[]);
         assert_eq!(st(&ind(0, 256)), 0);
         assert_eq!(st(&ind(0, 257)), BLKIF_RSP_ERROR);
         assert_eq!(st(&ind(0, 0)), BLKIF_RSP_ERROR);

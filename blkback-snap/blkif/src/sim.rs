@@ -586,14 +586,7 @@ impl TestFront {
                 grefs[i] = self.guest.grant(&p, !self.writable_indirect);
                 buf.indirect.push(grefs[i]);
             }
-            self.put(&RawRequest::Indirect {
-                indirect_op: op,
-                nr_segments: buf.segs.len() as u16,
-                id,
-                sector_number: sector,
-                handle: 0,
-                indirect_grefs: grefs,
-            });
+            self.put(&RawRequest::indirect(op, id, sector, buf.segs.len() as u16, &grefs));
         }
         id
     }

@@ -199,14 +199,7 @@ fn hostile_requests() {
         }
         // Indirect: too many pages, more than offered, zero, bad indirect_op, bad indirect
         // page gref, bad segment inside the page, past the end.
-        let ind = |op, nseg, id, sector, grefs: [u32; 8]| RawRequest::Indirect {
-            indirect_op: op,
-            nr_segments: nseg,
-            id,
-            sector_number: sector,
-            handle: 0,
-            indirect_grefs: grefs,
-        };
+        let ind = |op, nseg, id, sector, grefs: [u32; 8]| RawRequest::indirect(op, id, sector, nseg, &grefs);
         let segs_page = Page::new();
         segs_page.write(0, &encode_segment_array(&[seg(g, 0, 7); 20]));
         let gi = h.guest.grant(&segs_page, true);

@@ -84,14 +84,7 @@ fn indirect_pages_are_persistent_too() {
     let ind = b.indirect.clone();
     fill(&b, &vec![0u8; data.len()]);
     let id = h.front.next_id();
-    h.front.put(&RawRequest::Indirect {
-        indirect_op: BLKIF_OP_READ,
-        nr_segments: b.segs.len() as u16,
-        id,
-        sector_number: 100,
-        handle: 0,
-        indirect_grefs: [ind[0], 0, 0, 0, 0, 0, 0, 0],
-    });
+    h.front.put(&RawRequest::indirect(BLKIF_OP_READ, id, 100, b.segs.len() as u16, &ind[..1]));
     let r = h.run();
     assert_eq!((r[0].id, r[0].status, r[0].operation), (id, BLKIF_RSP_OKAY, BLKIF_OP_READ));
     assert_eq!(b.gather(), data);
@@ -202,27 +195,13 @@ fn hostile_segments_get_errors_and_nothing_outside_the_segment_changes() {
     assert_eq!(h.guest.map_calls(), maps);
     // Indirect request whose indirect page is not granted, or holds bad descriptors.
     let id = h.front.next_id();
-    h.front.put(&RawRequest::Indirect {
-        indirect_op: BLKIF_OP_READ,
-        nr_segments: 2,
-        id,
-        sector_number: 0,
-        handle: 0,
-        indirect_grefs: [88_888, 0, 0, 0, 0, 0, 0, 0],
-    });
+    h.front.put(&RawRequest::indirect(BLKIF_OP_READ, id, 0, 2, &[88_888]));
     assert_eq!(h.run()[0].status, BLKIF_RSP_ERROR);
     let ip = Page::new();
     ip.write(0, &request::encode_segment_array(&[Segment { gref: g, first_sect: 0, last_sect: 9 }]));
     let ig = h.guest.grant(&ip, false);
     let id = h.front.next_id();
-    h.front.put(&RawRequest::Indirect {
-        indirect_op: BLKIF_OP_WRITE,
-        nr_segments: 1,
-        id,
-        sector_number: 0,
-        handle: 0,
-        indirect_grefs: [ig, 0, 0, 0, 0, 0, 0, 0],
-    });
+    h.front.put(&RawRequest::indirect(BLKIF_OP_WRITE, id, 0, 1, &[ig]));
     assert_eq!(h.run()[0].status, BLKIF_RSP_ERROR);
     // A guest revoking a grant we hold mapped: Xen keeps the page (it is still mapped); we
     // keep serving the mapping, which touches only that page.
