@@ -91,7 +91,7 @@ pub use evtchn::{BoundPort, Evtchn, Port};
 pub use gnttab::{
     CopySegment, ForeignPage, GntShr, Gnttab, GrantMapping, GrantStatus, Prot, SgSeg, SharedPages,
 };
-pub use mem::{LocalPages, SharedMem, PAGE_SIZE};
+pub use mem::{preadv_exact, pwritev_all, IoRegion, LocalPages, SharedMem, PAGE_SIZE};
 pub use xenctrl::{DomainInfo, ShutdownReason, XenCtrl};
 pub use xenstore::{Access, Permission, Transaction, WatchEvent, XenStore};
 

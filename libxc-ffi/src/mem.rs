@@ -11,6 +11,9 @@
 //! "guest page" for tests of ring code without Xen.
 
 use std::alloc::Layout;
+use std::io;
+use std::marker::PhantomData;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -45,6 +48,13 @@ pub trait SharedMem {
     fn store_u32_release(&self, offset: usize, value: u32) -> Result<()>;
     /// Atomic 32-bit store with `Relaxed` ordering (offset must be 4-aligned).
     fn store_u32_relaxed(&self, offset: usize, value: u32) -> Result<()>;
+    /// The bytes `offset..offset+len` as an [`IoRegion`], for file I/O straight into or out
+    /// of the region ([`preadv_exact`], [`pwritev_all`]). Regions that cannot hand out their
+    /// memory (the default) fail with [`Error::InvalidArgument`]; callers then copy.
+    fn io_region(&self, offset: usize, len: usize) -> Result<IoRegion<'_>> {
+        let _ = (offset, len);
+        Err(Error::InvalidArgument { call: "io_region", reason: "this region does not expose its memory".into() })
+    }
 }
 
 /// A raw region: base pointer, length, writability. The unsafe core shared by the real and
@@ -144,6 +154,13 @@ impl SharedMem for RawRegion {
         }
         self.atomic_at(offset)?.store(value, Ordering::Relaxed);
         Ok(())
+    }
+    fn io_region(&self, offset: usize, len: usize) -> Result<IoRegion<'_>> {
+        check_bounds(offset, len, self.len)?;
+        // SAFETY: in bounds (checked), so `ptr + offset` stays inside the mapping (or one past
+        // its end when len == 0, which `add` allows).
+        let ptr = unsafe { self.ptr.add(offset) };
+        Ok(IoRegion { ptr, len, writable: self.writable, _region: PhantomData })
     }
 }
 
@@ -253,6 +270,9 @@ macro_rules! delegate_shared_mem {
             fn store_u32_relaxed(&self, offset: usize, value: u32) -> Result<()> {
                 self.region.store_u32_relaxed(offset, value)
             }
+            fn io_region(&self, offset: usize, len: usize) -> Result<$crate::mem::IoRegion<'_>> {
+                self.region.io_region(offset, len)
+            }
         }
     };
 }
@@ -285,6 +305,129 @@ impl<T: SharedMem + ?Sized> SharedMem for std::sync::Arc<T> {
     fn store_u32_relaxed(&self, offset: usize, value: u32) -> Result<()> {
         (**self).store_u32_relaxed(offset, value)
     }
+    fn io_region(&self, offset: usize, len: usize) -> Result<IoRegion<'_>> {
+        (**self).io_region(offset, len)
+    }
+}
+
+/// A bounds-checked piece of a shared region ([`SharedMem::io_region`]), valid while the
+/// region is borrowed. It never becomes a Rust slice (the other domain writes the memory
+/// concurrently): it only goes to the kernel, as one `iovec` of [`preadv_exact`] or
+/// [`pwritev_all`], which copies bytes in or out the way a grant copy would.
+#[derive(Clone, Copy, Debug)]
+pub struct IoRegion<'a> {
+    ptr: NonNull<u8>,
+    len: usize,
+    writable: bool,
+    _region: PhantomData<&'a RawRegion>,
+}
+
+impl IoRegion<'_> {
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    /// True when the piece has no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// Whether a read from a file may fill it.
+    pub fn is_writable(&self) -> bool {
+        self.writable
+    }
+}
+
+/// `struct iovec` of `<sys/uio.h>`.
+#[repr(C)]
+struct IoVec {
+    base: *mut std::ffi::c_void,
+    len: usize,
+}
+
+extern "C" {
+    fn preadv(fd: std::ffi::c_int, iov: *const IoVec, iovcnt: std::ffi::c_int, offset: i64) -> isize;
+    fn pwritev(fd: std::ffi::c_int, iov: *const IoVec, iovcnt: std::ffi::c_int, offset: i64) -> isize;
+}
+
+/// Most `iovec`s one call takes (Linux `UIO_MAXIOV`).
+const IOV_MAX: usize = 1024;
+
+/// One vectored transfer between `fd` at `off` and `regions`, in order, repeated until every
+/// byte moved (short transfers and `EINTR` continue where they stopped).
+fn vectored(fd: BorrowedFd<'_>, off: u64, regions: &[IoRegion<'_>], read: bool) -> io::Result<()> {
+    let mut iov: Vec<IoVec> = regions
+        .iter()
+        .filter(|r| r.len > 0)
+        .map(|r| IoVec { base: r.ptr.as_ptr().cast(), len: r.len })
+        .collect();
+    let total: usize = iov.iter().map(|v| v.len).sum();
+    let end = off
+        .checked_add(total as u64)
+        .filter(|&e| e <= i64::MAX as u64)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "file range overflows"))?;
+    let (mut first, mut pos) = (0usize, off);
+    while pos < end {
+        let batch = &iov[first..(first + IOV_MAX).min(iov.len())];
+        let cnt = batch.len() as std::ffi::c_int;
+        let n = if read {
+            // SAFETY: every iovec describes bytes inside a region borrowed for the life of
+            // `regions` (bounds checked by `io_region`), writable (checked by the caller),
+            // mapped for that whole time (RawRegion's invariant); the kernel writes them like
+            // a grant copy would, and no Rust reference to them exists. `batch` is a live
+            // array of `cnt` iovecs.
+            unsafe { preadv(fd.as_raw_fd(), batch.as_ptr(), cnt, pos as i64) }
+        } else {
+            // SAFETY: as above, the kernel only reads the described bytes.
+            unsafe { pwritev(fd.as_raw_fd(), batch.as_ptr(), cnt, pos as i64) }
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            return Err(if read {
+                io::Error::new(io::ErrorKind::UnexpectedEof, format!("end of file at offset {pos} (reading up to {end})"))
+            } else {
+                io::Error::new(io::ErrorKind::WriteZero, format!("write at offset {pos} wrote nothing"))
+            });
+        }
+        let mut left = n as usize;
+        pos += left as u64;
+        // skip the iovecs done, shorten a partly done one
+        while left > 0 {
+            let Some(v) = iov.get_mut(first) else { break };
+            if left >= v.len {
+                left -= v.len;
+                first += 1;
+            } else {
+                // SAFETY: `left < v.len`, so the new base stays inside the same region.
+                v.base = unsafe { v.base.cast::<u8>().add(left) }.cast();
+                v.len -= left;
+                left = 0;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Read exactly the regions' total length from `fd` at `off` into `regions` (in order), with
+/// as few `preadv` calls as possible (one unless the kernel returns short or there are more
+/// than 1024 regions). The end of the file before that is `UnexpectedEof`; every region must
+/// be writable (`InvalidInput` otherwise, before anything is read).
+pub fn preadv_exact(fd: BorrowedFd<'_>, off: u64, regions: &[IoRegion<'_>]) -> io::Result<()> {
+    if regions.iter().any(|r| !r.writable) {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "read into a read-only region"));
+    }
+    vectored(fd, off, regions, true)
+}
+
+/// Write all bytes of `regions` (in order) to `fd` at `off`, with as few `pwritev` calls as
+/// possible. The bytes written are whatever the regions hold while the kernel copies them.
+pub fn pwritev_all(fd: BorrowedFd<'_>, off: u64, regions: &[IoRegion<'_>]) -> io::Result<()> {
+    vectored(fd, off, regions, false)
 }
 
 #[cfg(test)]
@@ -403,6 +546,92 @@ mod tests {
                     assert_eq!(after[0], 0);
                 }
             }
+        }
+    }
+
+    /// A file of `len` patterned bytes in the temp directory, removed on drop.
+    struct TempFile(std::path::PathBuf, std::fs::File);
+    impl TempFile {
+        fn new(tag: &str, len: usize) -> TempFile {
+            let path = std::env::temp_dir().join(format!("libxc-ffi-{tag}-{}", std::process::id()));
+            let data: Vec<u8> = (0..len).map(|i| (i * 31 + i / 251) as u8).collect();
+            std::fs::write(&path, &data).unwrap();
+            let f = std::fs::OpenOptions::new().read(true).write(true).open(&path).unwrap();
+            TempFile(path, f)
+        }
+        fn bytes(&self) -> Vec<u8> {
+            std::fs::read(&self.0).unwrap()
+        }
+    }
+    impl Drop for TempFile {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    #[test]
+    fn preadv_fills_exactly_the_regions_and_pwritev_writes_them_back() {
+        use std::os::fd::AsFd;
+        let f = TempFile::new("preadv", 64 * 1024);
+        let file = f.bytes();
+        let p = LocalPages::new(3);
+        p.write_bytes(0, &vec![0xee; 3 * PAGE_SIZE]).unwrap();
+        // out of order, unaligned, one whole page, one empty piece
+        let pieces = [(2 * PAGE_SIZE + 100, 500), (PAGE_SIZE - 96, 96), (PAGE_SIZE, 0), (PAGE_SIZE, PAGE_SIZE), (2 * PAGE_SIZE + 700, 3)];
+        let regions: Vec<IoRegion<'_>> = pieces.iter().map(|&(o, l)| p.io_region(o, l).unwrap()).collect();
+        preadv_exact(f.1.as_fd(), 1000, &regions).unwrap();
+        let mut expect = vec![0xeeu8; 3 * PAGE_SIZE];
+        let mut at = 1000;
+        for &(o, l) in &pieces {
+            expect[o..o + l].copy_from_slice(&file[at..at + l]);
+            at += l;
+        }
+        let mut got = vec![0u8; 3 * PAGE_SIZE];
+        p.read_bytes(0, &mut got).unwrap();
+        assert!(got == expect, "bytes outside the regions changed, or the regions hold the wrong bytes");
+        // and back out at another offset: the file gets exactly the regions' bytes
+        pwritev_all(f.1.as_fd(), 40_000, &regions).unwrap();
+        let after = f.bytes();
+        assert_eq!(after[40_000..40_000 + at - 1000], file[1000..at]);
+        assert_eq!(after[..40_000], file[..40_000]);
+        assert_eq!(after[40_000 + at - 1000..], file[40_000 + at - 1000..]);
+    }
+
+    #[test]
+    fn preadv_past_the_end_is_eof_and_read_only_regions_are_refused() {
+        use std::os::fd::AsFd;
+        let f = TempFile::new("eof", 10_000);
+        let p = LocalPages::new(1);
+        let r = [p.io_region(0, 2000).unwrap()];
+        let e = preadv_exact(f.1.as_fd(), 9000, &r).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+        let ro = LocalPages::with_access(1, false);
+        let r = [ro.io_region(0, 16).unwrap()];
+        assert!(!r[0].is_writable());
+        assert_eq!(preadv_exact(f.1.as_fd(), 0, &r).unwrap_err().kind(), io::ErrorKind::InvalidInput);
+        let mut z = [1u8; 16];
+        ro.read_bytes(0, &mut z).unwrap();
+        assert_eq!(z, [0; 16]);
+        // bounds of a region are those of the mapping
+        assert!(p.io_region(PAGE_SIZE - 1, 2).is_err());
+        assert!(p.io_region(usize::MAX, 2).is_err());
+        assert!(p.io_region(PAGE_SIZE, 0).is_ok());
+    }
+
+    #[test]
+    fn more_regions_than_one_call_takes() {
+        use std::os::fd::AsFd;
+        let f = TempFile::new("many", 64 * 1024);
+        let file = f.bytes();
+        let p = LocalPages::new(8);
+        // 2000 regions of 8 bytes, every other 8 bytes of 8 pages
+        let regions: Vec<IoRegion<'_>> = (0..2000).map(|i| p.io_region(i * 16 + 8, 8).unwrap()).collect();
+        preadv_exact(f.1.as_fd(), 3, &regions).unwrap();
+        let mut got = vec![0u8; 8 * PAGE_SIZE];
+        p.read_bytes(0, &mut got).unwrap();
+        for i in 0..2000 {
+            assert_eq!(got[i * 16..i * 16 + 8], [0; 8]);
+            assert_eq!(got[i * 16 + 8..i * 16 + 16], file[3 + i * 8..3 + i * 8 + 8]);
         }
     }
 }
