@@ -6,7 +6,7 @@ use crate::image::Qcow2;
 use crate::durable::DurableStep;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
-use xensnap_blockdev::{BlockDevice, BlockError, BlockResult};
+use xensnap_blockdev::{BlockDevice, BlockError, BlockResult, DataBuf};
 
 fn to_block(e: Error) -> BlockError {
     match e {
@@ -144,6 +144,15 @@ impl BlockDevice for SharedImage {
     }
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> BlockResult<()> {
         lock(&self.0).write_zeroes(offset, len, may_unmap).map_err(to_block)
+    }
+    fn read_into(&self, offset: u64, dst: &mut dyn DataBuf) -> BlockResult<()> {
+        lock(&self.0).read_into(offset, dst).map_err(to_block)
+    }
+    fn write_from(&self, offset: u64, src: &dyn DataBuf) -> BlockResult<()> {
+        lock(&self.0).write_from(offset, src).map_err(to_block)
+    }
+    fn direct_io(&self) -> bool {
+        true
     }
 }
 

@@ -12,6 +12,7 @@ use serde::Serialize;
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 use tracing::{debug, info, warn};
+use xensnap_blockdev::DataBuf;
 
 /// Options for [`Qcow2::create`].
 #[derive(Debug, Clone)]
@@ -598,6 +599,91 @@ impl Qcow2 {
         Ok(())
     }
 
+    /// [`Qcow2::read`] into a [`DataBuf`] (e.g. guest pages). Data clusters that follow each
+    /// other in the file are read as one run, straight into `dst` when the [`ImageIo`] and
+    /// `dst` can ([`ImageIo::read_into`]: one vectored read for the run); zero and unallocated
+    /// clusters zero-fill `dst`; compressed clusters and extended-L2 subclusters go through
+    /// a buffer as in [`Qcow2::read`]. Same results as `read`; on failure the contents of
+    /// `dst` are unspecified.
+    pub fn read_into(&mut self, offset: u64, dst: &mut dyn DataBuf) -> Result<()> {
+        let total = dst.len();
+        self.check_range(offset, total as u64, self.h.size)?;
+        let cs = self.cs;
+        let direct_ok = !self.h.extended_l2();
+        let mut done = 0usize;
+        // data run not read yet: (host offset, position in dst, length)
+        let mut run: Option<(u64, usize, usize)> = None;
+        while done < total {
+            let pos = offset + done as u64;
+            let (gc, co) = (pos / cs, pos % cs);
+            let n = ((cs - co) as usize).min(total - done);
+            let (_, c, bm) = self.lookup(Tree::Active, gc)?;
+            if let (Cluster::Normal { host, zero: false, .. }, true) = (c, direct_ok) {
+                let h = host + co;
+                match &mut run {
+                    Some((rh, _, rl)) if *rh + *rl as u64 == h => *rl += n,
+                    _ => {
+                        if let Some(r) = run.take() {
+                            self.read_run_into(r, dst)?;
+                        }
+                        run = Some((h, done, n));
+                    }
+                }
+                done += n;
+                continue;
+            }
+            if let Some(r) = run.take() {
+                self.read_run_into(r, dst)?;
+            }
+            match c {
+                Cluster::Unallocated | Cluster::Zero | Cluster::Normal { zero: true, .. } => {
+                    dst.zero(done, n).map_err(ioe("zero-filling the read buffer"))?;
+                }
+                _ => {
+                    let mut tmp = vec![0u8; n];
+                    self.read_cluster(c, bm, co, &mut tmp)?;
+                    dst.copy_in(done, &tmp).map_err(ioe("copying into the read buffer"))?;
+                }
+            }
+            done += n;
+        }
+        if let Some(r) = run {
+            self.read_run_into(r, dst)?;
+        }
+        Ok(())
+    }
+
+    /// Read `len` bytes of data clusters at `host` into `dst` at `pos` (one run of
+    /// [`Qcow2::read_into`]), with [`Qcow2::read_host`]'s checks against the file length.
+    fn read_run_into(&self, (host, pos, len): (u64, usize, usize), dst: &mut dyn DataBuf) -> Result<()> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let within = |floor: u64| host.checked_add(len as u64).is_some_and(|end| end <= floor);
+        if !within(self.len_floor.load(Relaxed)) {
+            let flen = self.file_len()?;
+            self.len_floor.fetch_max(flen, Relaxed);
+            if !within(flen) {
+                // the run reaches the end of the file: cluster by cluster, as `read` does
+                let mut p = 0usize;
+                while p < len {
+                    let h = host + p as u64;
+                    let n = ((self.cs - h % self.cs) as usize).min(len - p);
+                    let mut tmp = vec![0u8; n];
+                    self.read_host(h, &mut tmp, "data cluster")?;
+                    dst.copy_in(pos + p, &tmp).map_err(ioe("copying into the read buffer"))?;
+                    p += n;
+                }
+                return Ok(());
+            }
+        }
+        let what = || format!("reading data cluster at {host:#x}");
+        if self.io.read_into(dst, pos, len, host).map_err(ioe(what()))? {
+            return Ok(());
+        }
+        let mut tmp = vec![0u8; len];
+        self.io.read_at(&mut tmp, host).map_err(ioe(what()))?;
+        dst.copy_in(pos, &tmp).map_err(ioe("copying into the read buffer"))
+    }
+
     fn read_host(&self, host: u64, out: &mut [u8], what: &str) -> Result<()> {
         use std::sync::atomic::Ordering::Relaxed;
         let floor = self.len_floor.load(Relaxed);
@@ -775,6 +861,10 @@ impl Qcow2 {
     }
 
     fn write_cluster(&mut self, gc: u64, co: u64, data: &[u8]) -> Result<()> {
+        self.write_cluster_src(gc, co, Src::Bytes(data))
+    }
+
+    fn write_cluster_src(&mut self, gc: u64, co: u64, data: Src<'_>) -> Result<()> {
         let cs = self.cs;
         let l2e = self.h.l2_entries();
         let (l1i, l2i) = (gc / l2e, gc % l2e);
@@ -792,11 +882,12 @@ impl Qcow2 {
                 if zero && data.len() as u64 != cs {
                     let mut full = vec![0u8; cs as usize];
                     if let Some(dst) = full.get_mut(co as usize..co as usize + data.len()) {
-                        dst.copy_from_slice(data);
+                        data.copy_to(dst)?;
                     }
                     self.io.write_at(&full, host).map_err(ioe(format!("writing data cluster at {host:#x}")))?;
                 } else {
-                    self.io.write_at(data, host + co).map_err(ioe(format!("writing data cluster at {host:#x}")))?;
+                    // the guest's bytes in place, as they are: straight from its memory if it can
+                    self.write_src(data, host + co, || format!("writing data cluster at {host:#x}"))?;
                 }
                 if zero || !copied {
                     self.l2_set(l2, l2i, host | COPIED)?;
@@ -815,10 +906,11 @@ impl Qcow2 {
         };
         let new = self.alloc_clusters(1)?;
         if full.is_empty() {
-            self.io.write_at(data, new).map_err(ioe(format!("writing data cluster at {new:#x}")))?;
+            // a whole new cluster of the guest's bytes, as they are
+            self.write_src(data, new, || format!("writing data cluster at {new:#x}"))?;
         } else {
             if let Some(dst) = full.get_mut(co as usize..co as usize + data.len()) {
-                dst.copy_from_slice(data);
+                data.copy_to(dst)?;
             }
             self.io.write_at(&full, new).map_err(ioe(format!("writing data cluster at {new:#x}")))?;
         }
@@ -832,6 +924,19 @@ impl Qcow2 {
 
     /// Write guest data to the active disk. Durable after [`Qcow2::flush`].
     pub fn write(&mut self, offset: u64, buf: &[u8]) -> Result<()> {
+        self.write_any(offset, Src::Bytes(buf))
+    }
+
+    /// [`Qcow2::write`] from a [`DataBuf`] (e.g. guest pages): where the engine writes the
+    /// guest's bytes as they are (in place into a cluster the active disk owns alone, or as
+    /// whole new clusters) they go from `src` to the file directly when the [`ImageIo`]
+    /// and `src` can ([`ImageIo::write_from`]); partial-cluster copy-on-write merges copy
+    /// them out of `src` first, as [`Qcow2::write`] does. Same semantics as `write`.
+    pub fn write_from(&mut self, offset: u64, src: &dyn DataBuf) -> Result<()> {
+        self.write_any(offset, Src::Buf(src, 0, src.len()))
+    }
+
+    fn write_any(&mut self, offset: u64, buf: Src<'_>) -> Result<()> {
         self.check_writable()?;
         self.check_range(offset, buf.len() as u64, self.h.size)?;
         let cs = self.cs;
@@ -840,24 +945,38 @@ impl Qcow2 {
             let pos = offset + done as u64;
             let co = pos % cs;
             if co == 0 && (buf.len() - done) as u64 >= 2 * cs {
-                let k = self.write_new_run(pos / cs, buf.get(done..).unwrap_or(&[]))?;
+                let k = self.write_new_run(pos / cs, buf.sub(done, buf.len() - done))?;
                 if k > 0 {
                     done += k * cs as usize;
                     continue;
                 }
             }
             let n = ((cs - co) as usize).min(buf.len() - done);
-            let Some(chunk) = buf.get(done..done + n) else { break };
-            self.write_cluster(pos / cs, co, chunk)?;
+            self.write_cluster_src(pos / cs, co, buf.sub(done, n))?;
             done += n;
         }
         Ok(())
     }
 
+    /// Write `data` at host offset `off`: directly from a [`DataBuf`] when possible.
+    fn write_src(&mut self, data: Src<'_>, off: u64, what: impl Fn() -> String) -> Result<()> {
+        match data {
+            Src::Bytes(b) => self.io.write_at(b, off).map_err(ioe(what())),
+            Src::Buf(buf, pos, len) => {
+                if self.io.write_from(buf, pos, len, off).map_err(ioe(what()))? {
+                    return Ok(());
+                }
+                let mut v = vec![0u8; len];
+                data.copy_to(&mut v)?;
+                self.io.write_at(&v, off).map_err(ioe(what()))
+            }
+        }
+    }
+
     /// Whole-cluster writes from guest cluster `gc` that all need a new host cluster
     /// (unallocated, zero, compressed or shared) under one L2 table: one contiguous
     /// allocation and one write. Returns the number of clusters written (0: not applicable).
-    fn write_new_run(&mut self, gc: u64, data: &[u8]) -> Result<usize> {
+    fn write_new_run(&mut self, gc: u64, data: Src<'_>) -> Result<usize> {
         let cs = self.cs;
         let l2e = self.h.l2_entries();
         let (l1i, l2i) = (gc / l2e, gc % l2e);
@@ -885,8 +1004,10 @@ impl Qcow2 {
             return Ok(0);
         }
         let new = self.alloc_clusters(k)?;
-        let bytes = data.get(..(k * cs) as usize).ok_or_else(|| Error::invalid("short write run"))?;
-        self.io.write_at(bytes, new).map_err(ioe(format!("writing data clusters at {new:#x}")))?;
+        if data.len() < (k * cs) as usize {
+            return Err(Error::invalid("short write run"));
+        }
+        self.write_src(data.sub(0, (k * cs) as usize), new, || format!("writing data clusters at {new:#x}"))?;
         // one L2 range update (the allocation may have evicted the table: reload it)
         self.load_l2(l2)?;
         let (a, b) = (l2i as usize, (l2i + k) as usize);
@@ -1261,4 +1382,42 @@ fn push_run(out: &mut Vec<MapEntry>, ent: MapEntry) {
         }
     }
     out.push(ent);
+}
+
+/// The bytes of a guest write: a slice, or `len` bytes at `pos` of a [`DataBuf`].
+#[derive(Clone, Copy)]
+pub(crate) enum Src<'a> {
+    Bytes(&'a [u8]),
+    Buf(&'a dyn DataBuf, usize, usize),
+}
+
+impl<'a> Src<'a> {
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            Src::Bytes(b) => b.len(),
+            Src::Buf(_, _, len) => *len,
+        }
+    }
+    /// `len` bytes from `start` (clamped to what there is).
+    fn sub(&self, start: usize, len: usize) -> Src<'a> {
+        let start = start.min(self.len());
+        let len = len.min(self.len() - start);
+        match *self {
+            Src::Bytes(b) => Src::Bytes(b.get(start..start + len).unwrap_or(&[])),
+            Src::Buf(buf, pos, _) => Src::Buf(buf, pos + start, len),
+        }
+    }
+    /// Copy the bytes into `dst` (of the same length).
+    fn copy_to(&self, dst: &mut [u8]) -> Result<()> {
+        if dst.len() != self.len() {
+            return Err(Error::invalid("write source and buffer differ in length"));
+        }
+        match *self {
+            Src::Bytes(b) => {
+                dst.copy_from_slice(b);
+                Ok(())
+            }
+            Src::Buf(buf, pos, _) => buf.copy_out(pos, dst).map_err(ioe("copying the data to write")),
+        }
+    }
 }

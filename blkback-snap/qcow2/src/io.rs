@@ -8,8 +8,10 @@
 
 use std::fs::File;
 use std::io;
+use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Mutex};
+use xensnap_blockdev::DataBuf;
 
 /// Positioned I/O on an image file.
 pub trait ImageIo: Send {
@@ -47,6 +49,20 @@ pub trait ImageIo: Send {
     /// Whether the image is empty (length 0).
     fn is_empty(&self) -> io::Result<bool> {
         Ok(self.len()? == 0)
+    }
+    /// Read `len` bytes at `off` straight into `dst` at `pos` ([`DataBuf::read_file`]), like
+    /// [`ImageIo::read_at`] otherwise. `Ok(false)`: not done (this object or `dst` cannot),
+    /// the caller reads into a buffer of its own and copies (the default).
+    fn read_into(&self, dst: &mut dyn DataBuf, pos: usize, len: usize, off: u64) -> io::Result<bool> {
+        let _ = (dst, pos, len, off);
+        Ok(false)
+    }
+    /// Write `len` bytes at `pos` of `src` at `off` straight from `src`
+    /// ([`DataBuf::write_file`]), like [`ImageIo::write_at`] otherwise (same poisoning and
+    /// recording). `Ok(false)`: nothing written, the caller copies and uses `write_at`.
+    fn write_from(&mut self, src: &dyn DataBuf, pos: usize, len: usize, off: u64) -> io::Result<bool> {
+        let _ = (src, pos, len, off);
+        Ok(false)
     }
 }
 
@@ -360,6 +376,35 @@ impl ImageIo for FileIo {
     }
     fn poisoned(&self) -> Option<String> {
         self.poison.get()
+    }
+    fn read_into(&self, dst: &mut dyn DataBuf, pos: usize, len: usize, off: u64) -> io::Result<bool> {
+        dst.read_file(self.file.as_fd(), off, pos, len)
+    }
+    fn write_from(&mut self, src: &dyn DataBuf, pos: usize, len: usize, off: u64) -> io::Result<bool> {
+        self.poison.check()?;
+        let file = &self.file;
+        let r = self.guard.write(off, len as u64, || src.write_file(file.as_fd(), off, pos, len));
+        match r {
+            Ok(false) => Ok(false),
+            Ok(true) => {
+                self.unsynced = true;
+                if self.recording {
+                    self.written.push((off, len as u64));
+                }
+                Ok(true)
+            }
+            Err(e) => {
+                // part of it may have reached the file
+                self.unsynced = true;
+                if self.recording {
+                    self.written.push((off, len as u64));
+                }
+                if write_poisons(&e) {
+                    self.poison.set(format!("write of {len} bytes at {off:#x} failed: {e}"));
+                }
+                Err(e)
+            }
+        }
     }
 }
 
