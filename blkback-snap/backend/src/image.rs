@@ -10,12 +10,13 @@
 //! refuse to write an image a guest is using (they go through the control socket instead).
 
 use std::fs::{File, OpenOptions};
+use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use xensnap_blockdev::{check_range, BlockDevice, BlockError, BlockResult};
+use xensnap_blockdev::{buf_error, check_range, BlockDevice, BlockError, BlockResult, DataBuf};
 use xensnap_qcow2::{Qcow2, SharedImage};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -133,6 +134,32 @@ impl BlockDevice for RawFile {
             pos += n as u64;
         }
         Ok(())
+    }
+    fn read_into(&self, offset: u64, dst: &mut dyn DataBuf) -> BlockResult<()> {
+        let len = dst.len();
+        check_range(offset, len as u64, self.size)?;
+        if dst.read_file(self.file.as_fd(), offset, 0, len).map_err(io_err)? {
+            return Ok(());
+        }
+        let mut buf = vec![0u8; len];
+        self.file.read_exact_at(&mut buf, offset).map_err(io_err)?;
+        dst.copy_in(0, &buf).map_err(buf_error)
+    }
+    fn write_from(&self, offset: u64, src: &dyn DataBuf) -> BlockResult<()> {
+        if self.read_only {
+            return Err(BlockError::ReadOnly);
+        }
+        let len = src.len();
+        check_range(offset, len as u64, self.size)?;
+        if src.write_file(self.file.as_fd(), offset, 0, len).map_err(io_err)? {
+            return Ok(());
+        }
+        let mut buf = vec![0u8; len];
+        src.copy_out(0, &mut buf).map_err(buf_error)?;
+        self.file.write_all_at(&buf, offset).map_err(io_err)
+    }
+    fn direct_io(&self) -> bool {
+        true
     }
 }
 

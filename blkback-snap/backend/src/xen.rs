@@ -217,6 +217,9 @@ impl<M: SharedMem + Send + Sync> GrantPage for XenPage<M> {
         self.map
             .write_bytes(at, buf)
             .map_err(|e| GrantError::Failed(e.to_string()))
+    }    fn io_region(&self, off: usize, len: usize) -> Option<libxc_ffi::IoRegion<'_>> {
+        let at = self.at(off, len).ok()?;
+        self.map.io_region(at, len).ok()
     }
 }
 

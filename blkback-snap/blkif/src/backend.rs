@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 use xensnap_blockdev::{BlockDevice, BlockError};
 
 use crate::abi::*;
+use crate::guestbuf::GuestPages;
 use crate::mem::{EventChannel, GrantError, GrantMemory, GrantPage, GrantSeg, SharedRing};
 use crate::request::*;
 
@@ -902,14 +903,18 @@ impl BlkifRing {
                 let segs = self.resolve(s, segs, sector, sectors)?;
                 let (gs, total) = grant_segs(&segs);
                 let mapped = self.persistent_pages(&gs);
-                s.buffer(total);
-                let Scratch { buf, copy_buf, .. } = s;
-                let buf = &mut buf[..total];
-                let r = self
-                    .device
-                    .read_at(sector * SECTOR_SIZE, buf)
-                    .map_err(dev_err)
-                    .and_then(|()| self.scatter(&gs, &mapped, buf, copy_buf).map_err(grant_err));
+                let r = if let Some(mut pages) = self.direct_pages(&gs, &mapped) {
+                    // every segment mapped: the device fills the guest pages itself
+                    self.device.read_into(sector * SECTOR_SIZE, &mut pages).map_err(dev_err)
+                } else {
+                    s.buffer(total);
+                    let Scratch { buf, copy_buf, .. } = s;
+                    let buf = &mut buf[..total];
+                    self.device
+                        .read_at(sector * SECTOR_SIZE, buf)
+                        .map_err(dev_err)
+                        .and_then(|()| self.scatter(&gs, &mapped, buf, copy_buf).map_err(grant_err))
+                };
                 if r.is_ok() {
                     self.stats.bytes_read.fetch_add(total as u64, Ordering::Relaxed);
                 }
@@ -922,13 +927,18 @@ impl BlkifRing {
                     self.device.flush().map_err(dev_err)?;
                 }
                 let mapped = self.persistent_pages(&gs);
-                s.buffer(total);
-                let Scratch { buf, copy_buf, .. } = s;
-                let buf = &mut buf[..total];
-                // Gather everything first: a bad grant fails the request before the disk is touched.
-                self.gather(&gs, &mapped, buf, copy_buf)
-                    .map_err(grant_err)
-                    .and_then(|()| self.device.write_at(sector * SECTOR_SIZE, buf).map_err(dev_err))?;
+                if let Some(pages) = self.direct_pages(&gs, &mapped) {
+                    // every segment mapped (no grant can fail): the device drains the pages
+                    self.device.write_from(sector * SECTOR_SIZE, &pages).map_err(dev_err)?;
+                } else {
+                    s.buffer(total);
+                    let Scratch { buf, copy_buf, .. } = s;
+                    let buf = &mut buf[..total];
+                    // Gather everything first: a bad grant fails the request before the disk is touched.
+                    self.gather(&gs, &mapped, buf, copy_buf)
+                        .map_err(grant_err)
+                        .and_then(|()| self.device.write_at(sector * SECTOR_SIZE, buf).map_err(dev_err))?;
+                }
                 self.stats.bytes_written.fetch_add(total as u64, Ordering::Relaxed);
                 if flush_after {
                     self.device.flush().map_err(dev_err)?;
@@ -990,6 +1000,16 @@ impl BlkifRing {
             self.stats.persistent_fallbacks.fetch_add(fallbacks, Ordering::Relaxed);
         }
         out
+    }
+
+    /// The request's pages as one buffer for [`BlockDevice::read_into`] /
+    /// [`BlockDevice::write_from`], when the device moves data without a bounce buffer of its
+    /// own and every segment is mapped persistently; `None`: the copy path.
+    fn direct_pages<'a>(&self, segs: &[GrantSeg], mapped: &'a [Option<Arc<dyn GrantPage>>]) -> Option<GuestPages<'a>> {
+        if !self.device.direct_io() {
+            return None;
+        }
+        GuestPages::new(segs, mapped).ok().flatten()
     }
 
     /// Map `grefs` read-write: one batch, or (when the batch fails, e.g. one bad or read-only

@@ -16,6 +16,7 @@
 
 pub mod abi;
 pub mod backend;
+pub mod guestbuf;
 pub mod mem;
 pub mod request;
 pub mod sim;

@@ -66,6 +66,13 @@ pub trait GrantPage: Send + Sync {
     fn read(&self, off: usize, buf: &mut [u8]) -> Result<(), GrantError>;
     /// Copy bytes into the page.
     fn write(&self, off: usize, buf: &[u8]) -> Result<(), GrantError>;
+    /// Bytes `off..off+len` of the page as a region the kernel may read or write directly
+    /// (file I/O with no copy in this process, [`libxc_ffi::preadv_exact`]), or `None`
+    /// (the default; also out of bounds): the backend copies.
+    fn io_region(&self, off: usize, len: usize) -> Option<libxc_ffi::IoRegion<'_>> {
+        let _ = (off, len);
+        None
+    }
 }
 
 /// The shared ring: `len()` bytes of memory the guest writes concurrently.

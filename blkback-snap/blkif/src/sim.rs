@@ -2,11 +2,14 @@
 //! shared ring over those pages ([`MemRing`]), an event-channel pair ([`LocalEvtchn`]) and a
 //! small blkfront ([`TestFront`]) that can submit every kind of request, hostile ones included.
 //!
-//! Pages are arrays of `AtomicU32`, so the "guest" and the backend can run on different
-//! threads with no `unsafe`, and ring.h's barriers map onto acquire/release.
+//! Pages are `libxc_ffi::LocalPages` (volatile copies and atomics, as on real shared
+//! memory), so the "guest" and the backend can run on different threads with no `unsafe`
+//! here, and ring.h's barriers map onto acquire/release.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use libxc_ffi::{IoRegion, LocalPages, SharedMem};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -14,14 +17,16 @@ use crate::abi::*;
 use crate::mem::{EventChannel, GrantError, GrantMemory, GrantPage, GrantSeg, SharedRing};
 use crate::request::*;
 
-/// One 4 KiB guest page.
+/// One 4 KiB guest page (page-aligned memory of this process, accessed by copies and
+/// atomics only, as real shared memory is; a mapping of it can hand it to the kernel for
+/// file I/O, [`Page::io_region`]).
 pub struct Page {
-    words: Box<[AtomicU32]>,
+    mem: LocalPages,
 }
 
 impl Default for Page {
     fn default() -> Self {
-        Page { words: (0..PAGE_SIZE / 4).map(|_| AtomicU32::new(0)).collect() }
+        Page { mem: LocalPages::new(1) }
     }
 }
 
@@ -33,35 +38,13 @@ impl Page {
     /// Copy `buf.len()` bytes at `off` out of the page.
     pub fn read(&self, off: usize, buf: &mut [u8]) {
         assert!(off + buf.len() <= PAGE_SIZE, "page read out of bounds");
-        if off.is_multiple_of(4) && buf.len().is_multiple_of(4) {
-            for (i, chunk) in buf.chunks_exact_mut(4).enumerate() {
-                chunk.copy_from_slice(&self.words[off / 4 + i].load(Ordering::Relaxed).to_le_bytes());
-            }
-            return;
-        }
-        for (i, b) in buf.iter_mut().enumerate() {
-            let a = off + i;
-            *b = self.words[a / 4].load(Ordering::Relaxed).to_le_bytes()[a % 4];
-        }
+        self.mem.read_bytes(off, buf).expect("page read in bounds");
     }
 
     /// Copy `buf` into the page at `off`.
     pub fn write(&self, off: usize, buf: &[u8]) {
         assert!(off + buf.len() <= PAGE_SIZE, "page write out of bounds");
-        if off.is_multiple_of(4) && buf.len().is_multiple_of(4) {
-            for (i, chunk) in buf.chunks_exact(4).enumerate() {
-                let v = u32::from_le_bytes(chunk.try_into().expect("4 bytes"));
-                self.words[off / 4 + i].store(v, Ordering::Relaxed);
-            }
-            return;
-        }
-        for (i, &b) in buf.iter().enumerate() {
-            let a = off + i;
-            let shift = (a % 4) * 8;
-            let w = &self.words[a / 4];
-            w.fetch_and(!(0xffu32 << shift), Ordering::Relaxed);
-            w.fetch_or(u32::from(b) << shift, Ordering::Relaxed);
-        }
+        self.mem.write_bytes(off, buf).expect("page write in bounds");
     }
 
     pub fn to_vec(&self) -> Vec<u8> {
@@ -70,9 +53,19 @@ impl Page {
         v
     }
 
-    fn word(&self, off: usize) -> &AtomicU32 {
+    /// Bytes `off..off+len` for file I/O straight into or out of the page.
+    pub fn io_region(&self, off: usize, len: usize) -> Option<IoRegion<'_>> {
+        self.mem.io_region(off, len).ok()
+    }
+
+    fn load_u32_acquire(&self, off: usize) -> u32 {
         assert!(off.is_multiple_of(4) && off < PAGE_SIZE);
-        &self.words[off / 4]
+        self.mem.load_u32_acquire(off).expect("aligned, in bounds")
+    }
+
+    fn store_u32_release(&self, off: usize, val: u32) {
+        assert!(off.is_multiple_of(4) && off < PAGE_SIZE);
+        self.mem.store_u32_release(off, val).expect("aligned, in bounds")
     }
 }
 
@@ -107,10 +100,10 @@ impl SharedRing for MemRing {
         self.pages.len() * PAGE_SIZE
     }
     fn load_u32_acquire(&self, off: usize) -> u32 {
-        self.pages[off / PAGE_SIZE].word(off % PAGE_SIZE).load(Ordering::Acquire)
+        self.pages[off / PAGE_SIZE].load_u32_acquire(off % PAGE_SIZE)
     }
     fn store_u32_release(&self, off: usize, val: u32) {
-        self.pages[off / PAGE_SIZE].word(off % PAGE_SIZE).store(val, Ordering::Release)
+        self.pages[off / PAGE_SIZE].store_u32_release(off % PAGE_SIZE, val)
     }
     fn read(&self, off: usize, buf: &mut [u8]) {
         for (p, o, r) in self.split(off, buf.len()) {
@@ -139,7 +132,9 @@ pub struct TestGuest {
     maps: AtomicU64,
     mapped: Arc<AtomicU64>,
     /// Whether `map_pages` works (a guest/host without persistent mapping support: false).
-    mappable: std::sync::atomic::AtomicBool,
+    mappable: AtomicBool,
+    /// Whether mapped pages offer their memory for direct file I/O (`GrantPage::io_region`).
+    direct: Arc<AtomicBool>,
 }
 
 /// A data page the backend mapped with [`GrantMemory::map_pages`]: the guest's own page
@@ -148,6 +143,7 @@ pub struct SimMapping {
     gref: u32,
     page: Arc<Page>,
     live: Arc<AtomicU64>,
+    direct: Arc<AtomicBool>,
 }
 
 impl GrantPage for SimMapping {
@@ -168,6 +164,12 @@ impl GrantPage for SimMapping {
         self.page.write(off, buf);
         Ok(())
     }
+    fn io_region(&self, off: usize, len: usize) -> Option<IoRegion<'_>> {
+        if !self.direct.load(Ordering::Relaxed) {
+            return None;
+        }
+        self.page.io_region(off, len)
+    }
 }
 
 impl Drop for SimMapping {
@@ -185,7 +187,8 @@ impl TestGuest {
             copies: AtomicU64::new(0),
             maps: AtomicU64::new(0),
             mapped: Arc::new(AtomicU64::new(0)),
-            mappable: std::sync::atomic::AtomicBool::new(true),
+            mappable: AtomicBool::new(true),
+            direct: Arc::new(AtomicBool::new(true)),
         })
     }
 
@@ -224,6 +227,11 @@ impl TestGuest {
     /// Data pages the backend holds mapped now.
     pub fn live_mappings(&self) -> u64 {
         self.mapped.load(Ordering::Relaxed)
+    }
+
+    /// Whether mapped pages offer direct file I/O (`GrantPage::io_region`); on by default.
+    pub fn set_direct(&self, on: bool) {
+        self.direct.store(on, Ordering::Relaxed);
     }
 
     /// Make `map_pages` fail (as on a host whose gntdev cannot map), or work again.
@@ -321,7 +329,7 @@ impl GrantMemory for TestGuest {
             .into_iter()
             .map(|(gref, page)| {
                 self.mapped.fetch_add(1, Ordering::Relaxed);
-                Arc::new(SimMapping { gref, page, live: Arc::clone(&self.mapped) }) as Arc<dyn GrantPage>
+                Arc::new(SimMapping { gref, page, live: Arc::clone(&self.mapped), direct: Arc::clone(&self.direct) }) as Arc<dyn GrantPage>
             })
             .collect())
     }

@@ -266,6 +266,15 @@ impl BlockDevice for ReadOnly {
     fn write_zeroes(&self, _offset: u64, _len: u64, _may_unmap: bool) -> BlockResult<()> {
         Err(BlockError::ReadOnly)
     }
+    fn read_into(&self, offset: u64, dst: &mut dyn DataBuf) -> BlockResult<()> {
+        self.0.read_into(offset, dst)
+    }
+    fn write_from(&self, _offset: u64, _src: &dyn DataBuf) -> BlockResult<()> {
+        Err(BlockError::ReadOnly)
+    }
+    fn direct_io(&self) -> bool {
+        self.0.direct_io()
+    }
 }
 
 #[cfg(test)]
