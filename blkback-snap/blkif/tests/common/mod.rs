@@ -39,6 +39,11 @@ impl H {
         Self::build(abi, order, disk.clone(), disk, features, true)
     }
 
+    /// Persistent grants negotiated, serving `served` (the MemDisk is an unused stand-in).
+    pub fn persistent_serving(abi: Abi, order: u32, served: Arc<dyn BlockDevice>, features: Features) -> H {
+        Self::build(abi, order, Arc::new(MemDisk::new(0)), served, features, true)
+    }
+
     fn build(abi: Abi, order: u32, disk: Arc<MemDisk>, served: Arc<dyn BlockDevice>, features: Features, persistent: bool) -> H {
         let guest = TestGuest::new(DOMID);
         let (be_evt, fe_evt) = evtchn_pair();

@@ -1,0 +1,264 @@
+//! Requests whose segments are all mapped persistently, served by a device that moves data
+//! itself (`BlockDevice::direct_io`): the pages go to `read_into`/`write_from` as one buffer
+//! and file I/O lands straight in the mapped pages (`preadv`/`pwritev`). Same data as the
+//! grant-copy path over random layouts (partial segments, gaps), nothing outside a segment
+//! touched, and the copy fallbacks (unmapped segments, pages without direct access).
+
+mod common;
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::fd::AsFd;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use common::*;
+use xensnap_blkif::abi::*;
+use xensnap_blkif::sim::*;
+use xensnap_blkif::*;
+use xensnap_blockdev::{buf_error, check_range, BlockDevice, BlockError, BlockResult, DataBuf};
+
+const DISK: usize = 1 << 20;
+
+/// A disk in a temporary file; reads and writes through `read_into`/`write_from` go
+/// straight between the file and the buffer when it can (counted).
+struct FileDisk {
+    file: File,
+    _dir: tempfile::TempDir,
+    direct_reads: AtomicU64,
+    direct_writes: AtomicU64,
+}
+
+impl FileDisk {
+    fn new(size: usize) -> FileDisk {
+        let dir = tempfile::tempdir().unwrap();
+        let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(dir.path().join("disk")).unwrap();
+        file.set_len(size as u64).unwrap();
+        FileDisk { file, _dir: dir, direct_reads: AtomicU64::new(0), direct_writes: AtomicU64::new(0) }
+    }
+    fn contents(&self) -> Vec<u8> {
+        let mut v = vec![0u8; self.size() as usize];
+        self.file.read_exact_at(&mut v, 0).unwrap();
+        v
+    }
+}
+
+fn io_err(e: std::io::Error) -> BlockError {
+    BlockError::Io(e.to_string())
+}
+
+impl BlockDevice for FileDisk {
+    fn size(&self) -> u64 {
+        self.file.metadata().unwrap().len()
+    }
+    fn read_only(&self) -> bool {
+        false
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> BlockResult<()> {
+        check_range(offset, buf.len() as u64, self.size())?;
+        self.file.read_exact_at(buf, offset).map_err(io_err)
+    }
+    fn write_at(&self, offset: u64, buf: &[u8]) -> BlockResult<()> {
+        check_range(offset, buf.len() as u64, self.size())?;
+        self.file.write_all_at(buf, offset).map_err(io_err)
+    }
+    fn flush(&self) -> BlockResult<()> {
+        Ok(())
+    }
+    fn discard(&self, offset: u64, len: u64) -> BlockResult<()> {
+        self.write_zeroes(offset, len, true)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, _may_unmap: bool) -> BlockResult<()> {
+        self.write_at(offset, &vec![0u8; len as usize])
+    }
+    fn read_into(&self, offset: u64, dst: &mut dyn DataBuf) -> BlockResult<()> {
+        let len = dst.len();
+        check_range(offset, len as u64, self.size())?;
+        // in two parts when it can, to exercise positions inside the buffer
+        let half = len / 2 / 512 * 512;
+        let mut done = 0;
+        for (pos, n) in [(0, half), (half, len - half)] {
+            if dst.read_file(self.file.as_fd(), offset + pos as u64, pos, n).map_err(io_err)? {
+                self.direct_reads.fetch_add(1, Ordering::Relaxed);
+            } else {
+                let mut b = vec![0u8; n];
+                self.file.read_exact_at(&mut b, offset + pos as u64).map_err(io_err)?;
+                dst.copy_in(pos, &b).map_err(buf_error)?;
+            }
+            done += n;
+        }
+        assert_eq!(done, len);
+        Ok(())
+    }
+    fn write_from(&self, offset: u64, src: &dyn DataBuf) -> BlockResult<()> {
+        let len = src.len();
+        check_range(offset, len as u64, self.size())?;
+        if src.write_file(self.file.as_fd(), offset, 0, len).map_err(io_err)? {
+            self.direct_writes.fetch_add(1, Ordering::Relaxed);
+            return Ok(());
+        }
+        let mut b = vec![0u8; len];
+        src.copy_out(0, &mut b).map_err(buf_error)?;
+        self.file.write_all_at(&b, offset).map_err(io_err)
+    }
+    fn direct_io(&self) -> bool {
+        true
+    }
+}
+
+fn pfeat(max: u32) -> Features {
+    Features { max_persistent_grants: max, workers: 0, ..Features::default() }
+}
+
+fn io(h: &mut H, op: u8, sector: u64, buf: &mut IoBuf, indirect: bool) -> i16 {
+    let id = h.front.queue_io(op, sector, buf, indirect);
+    let r = h.run();
+    assert_eq!(r.len(), 1, "{r:?}");
+    assert_eq!(r[0].id, id);
+    r[0].status
+}
+
+fn fill(buf: &IoBuf, data: &[u8]) {
+    let mut pos = 0;
+    for (s, p) in buf.segs.iter().zip(&buf.pages) {
+        p.write(s.offset(), &data[pos..pos + s.len()]);
+        pos += s.len();
+    }
+}
+
+/// Every page of `buf` whole (to check bytes outside the segments).
+fn whole_pages(buf: &IoBuf) -> Vec<Vec<u8>> {
+    buf.pages.iter().map(|p| p.to_vec()).collect()
+}
+
+fn direct_ring(max_grants: u32) -> (H, Arc<FileDisk>) {
+    let disk = Arc::new(FileDisk::new(DISK));
+    let h = H::persistent_serving(Abi::X86_64, 0, disk.clone(), pfeat(max_grants));
+    (h, disk)
+}
+
+/// Random layouts (segments with any first/last sector, gaps between them), reads and writes,
+/// against a grant-copy ring over a MemDisk: identical read data and disks, and bytes of the
+/// pages outside the segments never change.
+#[test]
+fn same_results_as_the_grant_copy_path_and_nothing_outside_the_segments() {
+    for direct_pages in [true, false] {
+        let mut a = H::new(Abi::X86_64, 0, DISK, Features { workers: 0, ..Features::default() });
+        // a small cache: some requests have unmapped segments (copy path), most not
+        let (mut b, disk) = direct_ring(60);
+        b.guest.set_direct(direct_pages);
+        let mut rng = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move |n: u64| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng % n
+        };
+        let layouts: Vec<Vec<(u8, u8)>> = (0..8)
+            .map(|i| {
+                if i % 2 == 0 {
+                    simple_layout(1 + next(120), next(8) as u8)
+                } else {
+                    (0..1 + next(11))
+                        .map(|_| {
+                            let f = next(8) as u8;
+                            (f, f + next(u64::from(8 - f)) as u8)
+                        })
+                        .collect()
+                }
+            })
+            .collect();
+        let mut pools: [HashMap<usize, IoBuf>; 2] = [HashMap::new(), HashMap::new()];
+        for step in 0..400u64 {
+            let slot = next(8) as usize;
+            let layout = layouts[slot].clone();
+            let nsect: u64 = layout.iter().map(|&(f, l)| u64::from(l - f) + 1).sum();
+            let sector = next(2048 - nsect);
+            let write = next(2) == 0;
+            let indirect = layout.len() > 11 || next(4) == 0;
+            let data = pattern(step, nsect as usize * 512);
+            let mut outs = Vec::new();
+            for (i, h) in [&mut a, &mut b].into_iter().enumerate() {
+                let mut buf = match pools[i].remove(&slot) {
+                    Some(buf) if slot < 7 => buf,
+                    _ => h.front.make_buf(&layout, None, false),
+                };
+                buf.indirect.clear();
+                // the whole pages hold a marker; the segments the request's data or 0x77
+                for p in &buf.pages {
+                    p.write(0, &[0xc3; PAGE_SIZE]);
+                }
+                fill(&buf, &if write { data.clone() } else { vec![0x77; data.len()] });
+                let before = whole_pages(&buf);
+                let st = io(h, if write { BLKIF_OP_WRITE } else { BLKIF_OP_READ }, sector, &mut buf, indirect);
+                assert_eq!(st, BLKIF_RSP_OKAY, "step {step}");
+                let after = whole_pages(&buf);
+                for ((s, b0), a0) in buf.segs.iter().zip(&before).zip(&after) {
+                    let (o, n) = (s.offset(), s.len());
+                    assert!(a0[..o] == b0[..o] && a0[o + n..] == b0[o + n..], "step {step}: bytes outside a segment changed");
+                }
+                outs.push(buf.gather());
+                pools[i].insert(slot, buf);
+            }
+            assert_eq!(outs[0], outs[1], "step {step}");
+        }
+        assert!(a.disk.snapshot() == disk.contents(), "disks differ");
+        let (r, w) = (disk.direct_reads.load(Ordering::Relaxed), disk.direct_writes.load(Ordering::Relaxed));
+        if direct_pages {
+            assert!(r > 0 && w > 0, "direct transfers: {r} reads, {w} writes");
+        } else {
+            assert_eq!((r, w), (0, 0), "pages without direct access are copied");
+        }
+        let s = b.ring.stats();
+        assert!(s.persistent_hits > 0 && s.persistent_fallbacks > 0, "{s:?}");
+    }
+}
+
+/// With every segment mapped, the device gets the pages and reads straight into them (no
+/// grant copy at all); a segment in the middle of a page gets exactly its bytes.
+#[test]
+fn mapped_requests_go_to_the_device_as_pages() {
+    let (mut h, disk) = direct_ring(1056);
+    disk.write_at(0, &pattern(1, DISK)).unwrap();
+    let p = Page::new();
+    p.write(0, &[0xee; PAGE_SIZE]);
+    let g = h.guest.grant(&p, false);
+    let q = Page::new();
+    q.write(0, &[0xdd; PAGE_SIZE]);
+    let gq = h.guest.grant(&q, false);
+    let mut b = IoBuf {
+        segs: vec![Segment { gref: g, first_sect: 2, last_sect: 5 }, Segment { gref: gq, first_sect: 7, last_sect: 7 }],
+        pages: vec![p.clone(), q.clone()],
+        indirect: vec![],
+    };
+    assert_eq!(io(&mut h, BLKIF_OP_READ, 10, &mut b, false), BLKIF_RSP_OKAY);
+    let src = pattern(1, DISK);
+    let (v, w) = (p.to_vec(), q.to_vec());
+    assert!(v[..1024].iter().all(|&x| x == 0xee) && v[3072..].iter().all(|&x| x == 0xee));
+    assert!(v[1024..3072] == src[10 * 512..14 * 512]);
+    assert!(w[..3584].iter().all(|&x| x == 0xdd) && w[3584..] == src[14 * 512..15 * 512]);
+    assert_eq!(disk.direct_reads.load(Ordering::Relaxed), 2, "both halves straight into the pages");
+    assert_eq!(h.guest.copy_calls(), 0);
+    // and a write from the same pages
+    p.write(1024, &[0x42; 2048]);
+    assert_eq!(io(&mut h, BLKIF_OP_WRITE, 100, &mut b, false), BLKIF_RSP_OKAY);
+    let d = disk.contents();
+    assert!(d[100 * 512..104 * 512].iter().all(|&x| x == 0x42) && d[104 * 512..105 * 512] == src[14 * 512..15 * 512]);
+    assert!(d[99 * 512..100 * 512] == src[99 * 512..100 * 512] && d[105 * 512..106 * 512] == src[105 * 512..106 * 512]);
+    assert_eq!(disk.direct_writes.load(Ordering::Relaxed), 1);
+    // a read-only view still reads straight into the pages and refuses writes
+    let ro: Arc<dyn BlockDevice> = Arc::new(xensnap_blockdev::ReadOnly(disk.clone()));
+    assert!(ro.direct_io());
+    let mut h = H::persistent_serving(Abi::X86_64, 0, ro, pfeat(1056));
+    let p = Page::new();
+    let g = h.guest.grant(&p, false);
+    let mut b = IoBuf { segs: vec![Segment { gref: g, first_sect: 0, last_sect: 7 }], pages: vec![p.clone()], indirect: vec![] };
+    let reads = disk.direct_reads.load(Ordering::Relaxed);
+    assert_eq!(io(&mut h, BLKIF_OP_READ, 0, &mut b, false), BLKIF_RSP_OKAY);
+    assert!(p.to_vec() == src[..4096]);
+    assert_eq!(disk.direct_reads.load(Ordering::Relaxed), reads + 2);
+    p.write(0, &[9; PAGE_SIZE]);
+    assert_ne!(io(&mut h, BLKIF_OP_WRITE, 0, &mut b, false), BLKIF_RSP_OKAY);
+    assert!(disk.contents()[..4096] == src[..4096]);
+}
