@@ -16,6 +16,9 @@ use xensnap_qcow2::{CreateOptions, Qcow2, SharedImage};
 const DOMID: u16 = 3;
 const SIZE: u64 = 8 << 20;
 
+/// A checkpoint's contents, the image file when it was taken, its data clusters' host runs.
+type Taken = (Vec<u8>, Vec<u8>, Vec<(u64, u64)>);
+
 struct Rig {
     front: TestFront,
     ring: Arc<BlkifRing>,
@@ -90,7 +93,7 @@ fn guest_io_on_mapped_pages_matches_plain_writes_and_keeps_checkpoints() {
         rng ^= rng << 17;
         rng % n
     };
-    let mut checkpoint: Option<(Vec<u8>, Vec<u8>, Vec<(u64, u64)>)> = None;
+    let mut checkpoint: Option<Taken> = None;
     let pool = rig.front.make_buf(&simple_layout(8 * 200, 0), None, false);
     for step in 0..600u64 {
         if step == 300 {
