@@ -23,6 +23,21 @@ pub struct GuestPages<'a> {
     len: usize,
 }
 
+/// The kernel could not reach the mapped pages (`EFAULT`: a mapping the kernel cannot copy
+/// to or from). Not expected with gntdev mappings, which the process itself reads and writes
+/// the same way; the caller then copies through a buffer of its own (the same bytes again,
+/// so a partial transfer before the failure does no harm). Logged once.
+fn unreachable_pages(e: &io::Error) -> bool {
+    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if e.raw_os_error() != Some(14) {
+        return false;
+    }
+    if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        tracing::warn!("file I/O straight into mapped guest pages failed ({e}); copying instead");
+    }
+    true
+}
+
 fn grant_io(e: GrantError) -> io::Error {
     io::Error::other(e)
 }
@@ -103,13 +118,17 @@ impl DataBuf for GuestPages<'_> {
         if regions.iter().any(|r| !r.is_writable()) {
             return Ok(false);
         }
-        libxc_ffi::preadv_exact(fd, file_off, &regions)?;
-        Ok(true)
+        match libxc_ffi::preadv_exact(fd, file_off, &regions) {
+            Err(e) if unreachable_pages(&e) => Ok(false),
+            r => r.map(|()| true),
+        }
     }
     fn write_file(&self, fd: BorrowedFd<'_>, file_off: u64, pos: usize, len: usize) -> io::Result<bool> {
         // (a range outside the request: nothing written, the copy path reports it)
         let Ok(Some(regions)) = self.regions(pos, len) else { return Ok(false) };
-        libxc_ffi::pwritev_all(fd, file_off, &regions)?;
-        Ok(true)
+        match libxc_ffi::pwritev_all(fd, file_off, &regions) {
+            Err(e) if unreachable_pages(&e) => Ok(false),
+            r => r.map(|()| true),
+        }
     }
 }
