@@ -58,25 +58,7 @@ impl Rig {
     }
 }
 
-fn fill(buf: &IoBuf, data: &[u8]) {
-    let mut pos = 0;
-    for (s, p) in buf.segs.iter().zip(&buf.pages) {
-        p.write(s.offset(), &data[pos..pos + s.len()]);
-        pos += s.len();
-    }
-}
 
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
 
 #[test]
 fn guest_io_on_mapped_pages_matches_plain_writes_and_keeps_checkpoints() {
@@ -123,12 +105,12 @@ fn guest_io_on_mapped_pages_matches_plain_writes_and_keeps_checkpoints() {
         let indirect = next(4) == 0;
         if next(2) == 0 {
             let data = pattern(step, l);
-            fill(&buf, &data);
+            buf.fill(&data);
             assert_eq!(rig.io(BLKIF_OP_WRITE, sector, &mut buf, indirect), BLKIF_RSP_OKAY, "step {step}");
             twin.write(sector * 512, &data).unwrap();
             model[o..o + l].copy_from_slice(&data);
         } else {
-            fill(&buf, &vec![0x77; l]);
+            buf.fill(&vec![0x77; l]);
             assert_eq!(rig.io(BLKIF_OP_READ, sector, &mut buf, indirect), BLKIF_RSP_OKAY, "step {step}");
             assert!(buf.gather() == model[o..o + l], "step {step}: read differs");
         }

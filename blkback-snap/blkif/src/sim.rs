@@ -437,6 +437,29 @@ impl IoBuf {
     pub fn bytes(&self) -> usize {
         self.segs.iter().map(Segment::len).sum()
     }
+    /// Put `data` into the segments, in order (the frontend filling its buffer before a
+    /// write). `data.len()` must equal [`IoBuf::bytes`].
+    pub fn fill(&self, data: &[u8]) {
+        assert_eq!(data.len(), self.bytes(), "fill: data does not match the segments");
+        let mut pos = 0;
+        for (s, p) in self.segs.iter().zip(&self.pages) {
+            p.write(s.offset(), &data[pos..pos + s.len()]);
+            pos += s.len();
+        }
+    }
+}
+
+/// `len` pseudo-random bytes determined by `seed` (xorshift), for test data.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
 }
 
 /// A tiny blkfront over the in-process grant table.

@@ -107,25 +107,8 @@ impl BlockDevice for FileDisk {
     }
 }
 
-fn pfeat(max: u32) -> Features {
-    Features { max_persistent_grants: max, workers: 0, ..Features::default() }
-}
 
-fn io(h: &mut H, op: u8, sector: u64, buf: &mut IoBuf, indirect: bool) -> i16 {
-    let id = h.front.queue_io(op, sector, buf, indirect);
-    let r = h.run();
-    assert_eq!(r.len(), 1, "{r:?}");
-    assert_eq!(r[0].id, id);
-    r[0].status
-}
 
-fn fill(buf: &IoBuf, data: &[u8]) {
-    let mut pos = 0;
-    for (s, p) in buf.segs.iter().zip(&buf.pages) {
-        p.write(s.offset(), &data[pos..pos + s.len()]);
-        pos += s.len();
-    }
-}
 
 /// Every page of `buf` whole (to check bytes outside the segments).
 fn whole_pages(buf: &IoBuf) -> Vec<Vec<u8>> {
@@ -189,7 +172,7 @@ fn same_results_as_the_grant_copy_path_and_nothing_outside_the_segments() {
                 for p in &buf.pages {
                     p.write(0, &[0xc3; PAGE_SIZE]);
                 }
-                fill(&buf, &if write { data.clone() } else { vec![0x77; data.len()] });
+                buf.fill(&if write { data.clone() } else { vec![0x77; data.len()] });
                 let before = whole_pages(&buf);
                 let st = io(h, if write { BLKIF_OP_WRITE } else { BLKIF_OP_READ }, sector, &mut buf, indirect);
                 assert_eq!(st, BLKIF_RSP_OKAY, "step {step}");

@@ -15,27 +15,8 @@ use xensnap_blockdev::BlockDevice;
 
 const DISK: usize = 1 << 20; // 2048 sectors
 
-fn pfeat(max: u32) -> Features {
-    Features { max_persistent_grants: max, workers: 0, ..Features::default() }
-}
 
-/// Queue `op` on `buf` (kept granted: the frontend reuses it), run, return the status.
-fn io(h: &mut H, op: u8, sector: u64, buf: &mut IoBuf, indirect: bool) -> i16 {
-    let id = h.front.queue_io(op, sector, buf, indirect);
-    let r = h.run();
-    assert_eq!(r.len(), 1, "{r:?}");
-    assert_eq!(r[0].id, id);
-    r[0].status
-}
 
-/// Put `data` into the segments of `buf` (the frontend filling its persistent buffer).
-fn fill(buf: &IoBuf, data: &[u8]) {
-    let mut pos = 0;
-    for (s, p) in buf.segs.iter().zip(&buf.pages) {
-        p.write(s.offset(), &data[pos..pos + s.len()]);
-        pos += s.len();
-    }
-}
 
 #[test]
 fn reuse_hits_and_no_grant_copy_after_warm_up() {
@@ -45,10 +26,10 @@ fn reuse_hits_and_no_grant_copy_after_warm_up() {
     let mut b = h.front.make_buf(&[(0, 7), (0, 7)], None, false);
     for i in 0..10u64 {
         let data = pattern(i, 8192);
-        fill(&b, &data);
+        b.fill(&data);
         assert_eq!(io(&mut h, BLKIF_OP_WRITE, 16 * i, &mut b, false), BLKIF_RSP_OKAY);
         assert_eq!(&h.disk.snapshot()[16 * i as usize * 512..][..8192], &data[..]);
-        fill(&b, &[0u8; 8192]);
+        b.fill(&[0u8; 8192]);
         assert_eq!(io(&mut h, BLKIF_OP_READ, 16 * i, &mut b, false), BLKIF_RSP_OKAY);
         assert_eq!(b.gather(), data);
     }
@@ -74,7 +55,7 @@ fn indirect_pages_are_persistent_too() {
     let layout = simple_layout(256, 3); // 33 segments, first one mid-page
     let data = pattern(5, 256 * 512);
     let mut b = h.front.make_buf(&layout, None, false);
-    fill(&b, &data);
+    b.fill(&data);
     assert_eq!(io(&mut h, BLKIF_OP_WRITE, 100, &mut b, true), BLKIF_RSP_OKAY);
     assert_eq!(&h.disk.snapshot()[100 * 512..][..data.len()], &data[..]);
     let s = h.ring.stats();
@@ -82,7 +63,7 @@ fn indirect_pages_are_persistent_too() {
     assert_eq!(h.guest.copy_calls(), 0);
     // Reuse the same indirect page for a read (as blkfront does with persistent grants).
     let ind = b.indirect.clone();
-    fill(&b, &vec![0u8; data.len()]);
+    b.fill(&vec![0u8; data.len()]);
     let id = h.front.next_id();
     h.front.put(&RawRequest::indirect(BLKIF_OP_READ, id, 100, b.segs.len() as u16, &ind[..1]));
     let r = h.run();
@@ -98,7 +79,7 @@ fn cache_bound_and_grant_copy_fallback() {
     let mut h = H::persistent(Abi::X86_64, 0, DISK, pfeat(4));
     let data = pattern(9, 8 * 4096);
     let mut b = h.front.make_buf(&simple_layout(64, 0), None, false);
-    fill(&b, &data);
+    b.fill(&data);
     assert_eq!(io(&mut h, BLKIF_OP_WRITE, 0, &mut b, false), BLKIF_RSP_OKAY);
     assert_eq!(&h.disk.snapshot()[..data.len()], &data[..]);
     let s = h.ring.stats();
@@ -106,7 +87,7 @@ fn cache_bound_and_grant_copy_fallback() {
     assert_eq!(h.guest.live_mappings(), 4);
     assert_eq!(h.guest.copy_calls(), 1, "the 4 segments beyond the bound in one grant copy");
     // A read through the same mixed path (4 mapped, 4 copied) returns the same bytes.
-    fill(&b, &vec![0u8; data.len()]);
+    b.fill(&vec![0u8; data.len()]);
     assert_eq!(io(&mut h, BLKIF_OP_READ, 0, &mut b, false), BLKIF_RSP_OKAY);
     assert_eq!(b.gather(), data);
     // New grants while the cache is full: all by grant copy, nothing more mapped.
@@ -134,7 +115,7 @@ fn read_only_grants_and_unmappable_hosts_fall_back() {
     // A mixed batch (one writable, one read-only): the writable one is still mapped.
     let rw = h.front.make_buf(&[(0, 7)], None, false);
     let mut mixed = IoBuf { segs: vec![rw.segs[0], ro.segs[0]], pages: vec![rw.pages[0].clone(), ro.pages[0].clone()], indirect: vec![] };
-    fill(&mixed, &pattern(4, 8192));
+    mixed.fill(&pattern(4, 8192));
     assert_eq!(io(&mut h, BLKIF_OP_WRITE, 32, &mut mixed, false), BLKIF_RSP_OKAY);
     assert_eq!(&h.disk.snapshot()[32 * 512..][..8192], &pattern(4, 8192)[..]);
     assert_eq!(h.guest.live_mappings(), 1);
@@ -143,9 +124,9 @@ fn read_only_grants_and_unmappable_hosts_fall_back() {
     h.guest.set_mappable(false);
     let mut b = h.front.make_buf(&simple_layout(24, 1), None, false);
     let d = pattern(8, 24 * 512);
-    fill(&b, &d);
+    b.fill(&d);
     assert_eq!(io(&mut h, BLKIF_OP_WRITE, 3, &mut b, true), BLKIF_RSP_OKAY);
-    fill(&b, &vec![0u8; d.len()]);
+    b.fill(&vec![0u8; d.len()]);
     assert_eq!(io(&mut h, BLKIF_OP_READ, 3, &mut b, false), BLKIF_RSP_OKAY);
     assert_eq!(b.gather(), d);
     assert_eq!(h.guest.live_mappings(), 0);
@@ -250,9 +231,9 @@ fn same_results_as_the_grant_copy_path() {
                 };
                 buf.indirect.clear();
                 if write {
-                    fill(&buf, &data);
+                    buf.fill(&data);
                 } else {
-                    fill(&buf, &vec![0x77; data.len()]);
+                    buf.fill(&vec![0x77; data.len()]);
                 }
                 let st = io(h, if write { BLKIF_OP_WRITE } else { BLKIF_OP_READ }, sector, &mut buf, indirect);
                 assert_eq!(st, BLKIF_RSP_OKAY, "step {step}");
@@ -280,7 +261,7 @@ fn pool_threads_share_the_cache_and_stop_unmaps() {
     for round in 0..20u64 {
         let mut ids = Vec::new();
         for (i, b) in bufs.iter_mut().enumerate() {
-            fill(b, &pattern(round * 8 + i as u64, 8192));
+            b.fill(&pattern(round * 8 + i as u64, 8192));
             ids.push(h.front.queue_io(BLKIF_OP_WRITE, 16 * i as u64, b, false));
         }
         h.front.push();
@@ -288,7 +269,7 @@ fn pool_threads_share_the_cache_and_stop_unmaps() {
         assert_eq!(r.len(), 8);
         assert!(r.iter().all(|x| x.status == 0 && ids.contains(&x.id)));
         for b in &bufs {
-            fill(b, &[0u8; 8192]);
+            b.fill(&[0u8; 8192]);
         }
         for (i, b) in bufs.iter_mut().enumerate() {
             h.front.queue_io(BLKIF_OP_READ, 16 * i as u64, b, false);

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use xensnap_blkif::abi::*;
 use xensnap_blkif::sim::*;
+pub use xensnap_blkif::sim::pattern;
 use xensnap_blkif::*;
 use xensnap_blockdev::{BlockDevice, MemDisk};
 
@@ -117,16 +118,19 @@ impl H {
     }
 }
 
-pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
 
 pub const SHORT: Duration = Duration::from_secs(5);
+
+/// Features with persistent grants bounded at `max` and no I/O threads.
+pub fn pfeat(max: u32) -> Features {
+    Features { max_persistent_grants: max, workers: 0, ..Features::default() }
+}
+
+/// Queue `op` on `buf` (kept granted: the frontend reuses it), run, return the status.
+pub fn io(h: &mut H, op: u8, sector: u64, buf: &mut IoBuf, indirect: bool) -> i16 {
+    let id = h.front.queue_io(op, sector, buf, indirect);
+    let r = h.run();
+    assert_eq!(r.len(), 1, "{r:?}");
+    assert_eq!(r[0].id, id);
+    r[0].status
+}
