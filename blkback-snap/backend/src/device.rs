@@ -410,6 +410,12 @@ impl Device {
             "broken": broken,
             "pid": std::process::id(),
             "stats": stats_json(&self.stats()),
+            // what a checkpoint driver may use beyond the basic ops
+            "ops": if self.image.qcow2.is_some() {
+                json!(["checkpoint-barrier", "durable-release"])
+            } else {
+                json!([])
+            },
         })
     }
 
@@ -835,6 +841,7 @@ mod tests {
         assert_eq!((v["drained"].as_u64(), v["connected"].as_bool()), (Some(0), Some(false)));
         assert!(v["micros"].as_u64().is_some() && v["take_micros"].as_u64().is_some());
         assert!(!d.is_held(), "the barrier lifts its own quiesce");
+        assert_eq!(d.status()["ops"], json!(["checkpoint-barrier", "durable-release"]));
         // not deferred: durable without a release
         wait_durable(&d, "b1");
     }
@@ -864,6 +871,7 @@ mod tests {
         let dir2 = tempfile::tempdir().unwrap();
         let r = device(dir2.path(), Format::Raw);
         assert!(r.handle(&barrier("x", None)).unwrap_err().contains("not a qcow2"));
+        assert_eq!(r.status()["ops"], json!([]));
         assert!(!r.is_held());
     }
 
