@@ -10,15 +10,21 @@
 //! 200 ms until the suspend is seen; after the barrier it just waits for xl's exit). The
 //! barrier's requests go over control connections opened before xl starts. When Xen reports the
 //! domain **shut down with reason `suspend`** (the guest's vCPUs have stopped for good, the
-//! guest ran its whole suspend path), the driver:
-//! 1. tells every backend of the domain to quiesce (drain admitted requests, admit no more);
-//! 2. checks that the domain is *still* suspended (so no guest instruction ran between the
-//!    stop and the quiesce: nothing the guest issued after its stop can be in the disk);
-//! 3. takes the disk checkpoint on every backend (control socket, the daemon holds the image);
-//! 4. resumes the backends.
+//! guest ran its whole suspend path), the driver sends every backend of the domain one
+//! `checkpoint-barrier` request: the backend quiesces (drains admitted requests, admits no
+//! more), takes the disk checkpoint and resumes. Then it checks that the domain is *still*
+//! suspended: a domain does not suspend twice within one `xl save`, so every quiesce and take
+//! happened while the guest's vCPUs were stopped (nothing the guest issued after its stop can
+//! be in the disk). The backends hold the new checkpoint's background work (walk, flushes)
+//! back until the driver sends `durable-release` after xl's exit, so their disk I/O stays out
+//! of the suspended window (they start it by themselves after [`DEFER_DURABLE_MS`]). With a
+//! backend that lacks `checkpoint-barrier` the driver sends the steps one by one: quiesce
+//! every disk, check the domain is still suspended, take on every disk, resume every disk.
 //!
 //! Then it waits for xl: `save -c` resumes the guest itself; for `save -p` the driver
 //! destroys the domain after the file is complete (or unpauses it if anything failed).
+//! `xl-snap checkpoint` returns once the checkpoint is taken (listed as `taken` until the
+//! background work made it `durable`), as before.
 //!
 //! Why this point and not the `control/shutdown = "suspend"` write (the design note's
 //! first idea): between that write and the stop, Linux's `do_suspend` freezes user tasks.
