@@ -10,15 +10,21 @@
 //! 200 ms until the suspend is seen; after the barrier it just waits for xl's exit). The
 //! barrier's requests go over control connections opened before xl starts. When Xen reports the
 //! domain **shut down with reason `suspend`** (the guest's vCPUs have stopped for good, the
-//! guest ran its whole suspend path), the driver:
-//! 1. tells every backend of the domain to quiesce (drain admitted requests, admit no more);
-//! 2. checks that the domain is *still* suspended (so no guest instruction ran between the
-//!    stop and the quiesce: nothing the guest issued after its stop can be in the disk);
-//! 3. takes the disk checkpoint on every backend (control socket, the daemon holds the image);
-//! 4. resumes the backends.
+//! guest ran its whole suspend path), the driver sends every backend of the domain one
+//! `checkpoint-barrier` request: the backend quiesces (drains admitted requests, admits no
+//! more), takes the disk checkpoint and resumes. Then it checks that the domain is *still*
+//! suspended: a domain does not suspend twice within one `xl save`, so every quiesce and take
+//! happened while the guest's vCPUs were stopped (nothing the guest issued after its stop can
+//! be in the disk). The backends hold the new checkpoint's background work (walk, flushes)
+//! back until the driver sends `durable-release` after xl's exit, so their disk I/O stays out
+//! of the suspended window (they start it by themselves after [`DEFER_DURABLE_MS`]). With a
+//! backend that lacks `checkpoint-barrier` the driver sends the steps one by one: quiesce
+//! every disk, check the domain is still suspended, take on every disk, resume every disk.
 //!
 //! Then it waits for xl: `save -c` resumes the guest itself; for `save -p` the driver
 //! destroys the domain after the file is complete (or unpauses it if anything failed).
+//! `xl-snap checkpoint` returns once the checkpoint is taken (listed as `taken` until the
+//! background work made it `durable`), as before.
 //!
 //! Why this point and not the `control/shutdown = "suspend"` write (the design note's
 //! first idea): between that write and the stop, Linux's `do_suspend` freezes user tasks.
@@ -124,6 +130,10 @@ pub struct Disk {
     pub socket: PathBuf,
     pub image: PathBuf,
     pub pid: Option<u32>,
+    /// The backend serves `checkpoint-barrier` (its `status` says so): the whole barrier in
+    /// one request, the checkpoint's background work deferred until `durable-release`.
+    #[serde(default, skip_serializing)]
+    pub barrier_op: bool,
 }
 
 /// The domain as the hypervisor reports it.
@@ -166,6 +176,9 @@ pub trait Env {
     fn wait_change(&self, max: Duration) {
         self.sleep(max)
     }
+    /// Set up what [`Env::wait_change`] needs, before xl starts (its CPU would otherwise compete
+    /// with xl and the guest's suspend path).
+    fn watch_changes(&self) {}
     fn now(&self) -> Instant;
     /// CPU time (ns, all threads) consumed so far by process `pid`, or by this process.
     fn cpu_ns(&self, _pid: Option<u32>) -> Option<u64> {
@@ -225,6 +238,15 @@ pub struct BarrierReport {
     pub added_bound_us: Option<u64>,
     /// added_bound + cpu_own_pre.
     pub added_bound_all_us: Option<u64>,
+    /// Control requests sent inside the window (one `checkpoint-barrier` per disk, or
+    /// quiesce + take + resume per disk with an older backend).
+    pub window_requests: u32,
+    /// The disk checkpoints' background work was held back until xl's exit.
+    pub durable_deferred: bool,
+    /// Wall clock (µs since the epoch) when xl was started and when the suspend was seen:
+    /// to line the report up with the guest's own clock.
+    pub xl_start_wall_us: u64,
+    pub suspend_seen_wall_us: u64,
 }
 
 /// CPU time (ns) of this process and of the disks' serving processes, at one instant.
@@ -330,9 +352,117 @@ fn resume_all(env: &dyn Env, disks: &[Disk], cleanup: &mut Vec<String>) {
     }
 }
 
-/// Quiesce + verify the window + take on every disk + resume. On error everything this
-/// barrier did is undone (backends resumed, checkpoints taken so far deleted).
+/// How long a backend holds a checkpoint's background work back at most when xl-snap does
+/// not send `durable-release` (xl-snap died): then the work just runs.
+pub const DEFER_DURABLE_MS: u64 = 60_000;
+
+/// The disk barrier at the suspended instant: one `checkpoint-barrier` request per disk when
+/// every backend serves it, else [`barrier_steps`]. On error everything it did is undone.
 fn barrier(
+    env: &dyn Env,
+    domid: u32,
+    disks: &[Disk],
+    name: &str,
+    opts: &Opts,
+    rep: &mut BarrierReport,
+    t0: Instant,
+) -> Result<(), StepError> {
+    if !disks.is_empty() && disks.iter().all(|d| d.barrier_op) {
+        barrier_one_request(env, domid, disks, name, opts, rep, t0)
+    } else {
+        barrier_steps(env, domid, disks, name, opts, rep, t0)
+    }
+}
+
+/// `durable-release` to every disk: their deferred background work may start (xl is done).
+fn release_durable(env: &dyn Env, disks: &[Disk]) {
+    for d in disks {
+        if let Err(e) = env.backend(d, &json!({"op": "durable-release"})) {
+            // the backend starts the work by itself after DEFER_DURABLE_MS
+            tracing::warn!("durable-release on {}: {e}", d.vdev);
+        }
+    }
+}
+
+/// Error prefixes of a failed `checkpoint-barrier` (the backend resumed its ring and took
+/// nothing); any other failure leaves the outcome on that disk unknown.
+const BARRIER_QUIESCE_FAILED: &str = "quiesce failed: ";
+const BARRIER_TAKE_FAILED: &str = "take failed: ";
+
+/// Each backend quiesces, takes and resumes in one request. The domain is suspended when the
+/// first request is sent (just seen) and must still be suspended after the last reply: a
+/// domain does not suspend twice within one `xl save`, so every quiesce and take happened
+/// while the guest's vCPUs were stopped. (If xl resumed the guest before, a request the
+/// guest issued after its resume could be in the disk checkpoint: a clean failure.)
+fn barrier_one_request(
+    env: &dyn Env,
+    domid: u32,
+    disks: &[Disk],
+    name: &str,
+    opts: &Opts,
+    rep: &mut BarrierReport,
+    t0: Instant,
+) -> Result<(), StepError> {
+    let t1 = env.now();
+    let mut taken: Vec<Disk> = Vec::new();
+    let req = json!({
+        "op": "checkpoint-barrier",
+        "name": name,
+        "timeout_ms": opts.quiesce_timeout_ms,
+        "defer_durable_ms": DEFER_DURABLE_MS,
+    });
+    rep.durable_deferred = true;
+    for d in disks {
+        rep.window_requests += 1;
+        match env.backend(d, &req) {
+            Ok(v) => {
+                let n = |k: &str| v.get(k).and_then(Value::as_u64).unwrap_or(0);
+                rep.drained += n("drained");
+                rep.quiesce_us += n("quiesce_micros");
+                rep.durable_deferred &= v.get("durable_deferred").and_then(Value::as_bool) == Some(true);
+                taken.push(d.clone());
+            }
+            Err(e) => {
+                let mut cleanup = Vec::new();
+                let step = if e.starts_with(BARRIER_QUIESCE_FAILED) {
+                    "quiesce"
+                } else {
+                    if !e.starts_with(BARRIER_TAKE_FAILED) {
+                        // unknown outcome (e.g. the connection broke): make sure the ring runs
+                        // and no checkpoint of this name stays there
+                        resume_all(env, std::slice::from_ref(d), &mut cleanup);
+                        taken.push(d.clone());
+                    }
+                    "disk-checkpoint"
+                };
+                delete_on(env, &taken, name, &mut cleanup);
+                cleanup.push("backends resumed".into());
+                return Err(StepError { step, msg: format!("{}: {e}", d.vdev), cleanup });
+            }
+        }
+    }
+    rep.take_us = us(env.now() - t1).saturating_sub(rep.quiesce_us);
+    rep.take_done_us = us(env.now() - t0);
+    rep.inside_window = env.domain_state(domid) == DomState::Suspended;
+    rep.barrier_us = us(env.now() - t0);
+    if !rep.inside_window {
+        let mut cleanup = Vec::new();
+        delete_on(env, &taken, name, &mut cleanup);
+        return Err(StepError {
+            step: "suspend-window",
+            msg: "the domain was no longer suspended when the disk checkpoint was complete (xl \
+                  resumed it first); the disk checkpoint could hold writes the memory image lacks"
+                .into(),
+            cleanup,
+        });
+    }
+    Ok(())
+}
+
+/// Quiesce + verify the window + take on every disk + resume (backends without
+/// `checkpoint-barrier`). On error everything this barrier did is undone (backends resumed,
+/// checkpoints taken so far deleted).
+fn barrier_steps(
     env: &dyn Env,
     domid: u32,
     disks: &[Disk],
@@ -355,6 +485,7 @@ fn barrier(
     for d in disks {
         // Resume is sent even if quiesce failed (a timed-out quiesce stays in force).
         quiesced.push(d.clone());
+        rep.window_requests += 3;
         match env.backend(d, &json!({"op": "quiesce", "timeout_ms": opts.quiesce_timeout_ms})) {
             Ok(v) => rep.drained += v.get("drained").and_then(Value::as_u64).unwrap_or(0),
             Err(e) => {
@@ -413,8 +544,10 @@ pub fn snapshot(
     opts: &Opts,
 ) -> Result<BarrierReport, StepError> {
     let mut rep = BarrierReport::default();
+    env.watch_changes();
     let own0 = env.cpu_ns(None);
     let t0 = env.now();
+    rep.xl_start_wall_us = epoch_us(env.wall());
     let mut job = env.start_save(domid, mem, mode).map_err(|e| StepError {
         step: "start-xl-save",
         msg: e,
@@ -432,6 +565,7 @@ pub fn snapshot(
             let seen = env.now();
             let wall = env.wall();
             rep.suspend_seen_after_us = us(seen - t0);
+            rep.suspend_seen_wall_us = epoch_us(wall);
             let m0 = cpu_mark(env, disks);
             outcome = Some(barrier(env, domid, disks, name, opts, &mut rep, seen));
             let m1 = CpuMark { at: env.now(), own: env.cpu_ns(None), backends: None };
@@ -449,6 +583,11 @@ pub fn snapshot(
     if let Some((m0, m1, wall0)) = marks {
         let m2 = cpu_mark(env, disks);
         account(&mut rep, own0, m0, m1, m2, env.mtime(mem).map(|m| signed_us(m, wall0)), end);
+    }
+    if marks.is_some() && disks.iter().all(|d| d.barrier_op) {
+        // xl copied the memory and let the guest run: the backends may now make the
+        // checkpoint durable (after a failure there is nothing left, or a deletion to finish)
+        release_durable(env, disks);
     }
     let after_xl = |cleanup: &mut Vec<String>| {
         env.remove_file(mem);
@@ -494,6 +633,10 @@ pub fn snapshot(
             })
         }
     }
+}
+
+fn epoch_us(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map(us).unwrap_or(0)
 }
 
 /// µs from `base` to `t` (negative if `t` is earlier).
@@ -853,9 +996,13 @@ mod real {
                     socket: PathBuf::from(sock),
                     image: PathBuf::new(),
                     pid,
+                    barrier_op: false,
                 };
                 let st = self.backend(&disk, &json!({"op": "status"}))?;
                 disk.image = PathBuf::from(st["image"].as_str().unwrap_or_default());
+                disk.barrier_op = st["ops"]
+                    .as_array()
+                    .is_some_and(|o| o.iter().any(|x| x == "checkpoint-barrier"));
                 if st["format"].as_str() != Some("qcow2") {
                     return Err(format!("disk {vdev}: image {} is not qcow2", disk.image.display()));
                 }
@@ -964,14 +1111,25 @@ mod real {
         fn sleep(&self, d: Duration) {
             std::thread::sleep(d)
         }
-        fn wait_change(&self, max: Duration) {
-            if self.watching.get().is_none() {
-                let ok = self.xs.watch("@releaseDomain", "xl-snap-suspend").is_ok();
-                if !ok {
-                    tracing::warn!("no @releaseDomain watch; polling the domain every {max:?}");
-                }
-                self.watching.set(Some(ok));
+        fn watch_changes(&self) {
+            if self.watching.get().is_some() {
+                return;
             }
+            let ok = self.xs.watch("@releaseDomain", "xl-snap-suspend").is_ok();
+            if !ok {
+                tracing::warn!("no @releaseDomain watch; polling the domain instead");
+            }
+            self.watching.set(Some(ok));
+            // xenstored fires a new watch once right away: take that event now, before xl
+            // starts, rather than waking up for it while xl runs
+            if ok {
+                if let Ok(Some(_)) = self.xs.wait_watch(Some(Duration::from_millis(100))) {
+                    while let Ok(Some(_)) = self.xs.check_watch() {}
+                }
+            }
+        }
+        fn wait_change(&self, max: Duration) {
+            self.watch_changes();
             if self.watching.get() != Some(true) {
                 return std::thread::sleep(max);
             }

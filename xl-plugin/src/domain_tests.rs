@@ -33,6 +33,8 @@ struct World {
     waits: Vec<u32>,
     // virtual clock when xl wrote the memory image's last byte (the tick before the resume)
     copy_end: Option<Duration>,
+    // was the change watch set up before xl started?
+    watched_before_xl: Option<bool>,
 }
 
 #[derive(Clone)]
@@ -99,6 +101,27 @@ impl Env for Fake {
             }
         }
         match op.as_str() {
+            "checkpoint-barrier" => {
+                if w.resume_after_quiesce {
+                    w.resume_at = w.tick; // xl resumed the guest before the request was served
+                }
+                let fail = w.fail_op.clone().filter(|(_, fdev)| *fdev == disk.vdev).map(|(f, _)| f);
+                match fail.as_deref() {
+                    Some("barrier-quiesce") => return Err("quiesce failed: timed out after 2000 ms with 1 request(s) in flight; the ring was resumed, no checkpoint taken".into()),
+                    Some("barrier-take") => return Err("take failed: no space; the ring was resumed, no checkpoint taken".into()),
+                    _ => {}
+                }
+                let st = w.state();
+                w.taken_while.push((disk.vdev.clone(), st));
+                let n = req["name"].as_str().unwrap().to_string();
+                w.checkpoints.push((disk.vdev.clone(), n));
+                assert_eq!(req["defer_durable_ms"], json!(DEFER_DURABLE_MS));
+                if fail.as_deref() == Some("barrier-lost") {
+                    // served, but the reply never came
+                    return Err("/run/xensnap/x.sock: connection closed without a full reply".into());
+                }
+                Ok(json!({"drained": 1, "connected": true, "quiesce_micros": 5, "take_micros": 7, "durable_deferred": true}))
+            }
             "quiesce" => {
                 if w.resume_after_quiesce {
                     w.resume_at = w.tick; // xl resumed the guest meanwhile
@@ -154,6 +177,11 @@ impl Env for Fake {
             w.written += w.writes_per_sleep;
         }
     }
+    fn watch_changes(&self) {
+        let mut w = self.0.borrow_mut();
+        let before = !w.started;
+        w.watched_before_xl.get_or_insert(before);
+    }
     fn wait_change(&self, max: Duration) {
         let t = self.0.borrow().tick;
         self.0.borrow_mut().waits.push(t);
@@ -189,8 +217,14 @@ fn disks() -> Vec<Disk> {
             socket: PathBuf::from(format!("/run/xensnap/{v}.sock")),
             image: PathBuf::from(format!("/img/{v}.qcow2")),
             pid: None,
+            barrier_op: true,
         })
         .collect()
+}
+
+/// Disks served by backends without `checkpoint-barrier`.
+fn old_disks() -> Vec<Disk> {
+    disks().into_iter().map(|d| Disk { barrier_op: false, ..d }).collect()
 }
 
 fn world() -> Fake {
@@ -201,6 +235,10 @@ fn run(f: &Fake, mode: Mode) -> Result<BarrierReport, StepError> {
     snapshot(f, 5, &disks(), Path::new("/s/mem"), "c1", mode, &Opts::default())
 }
 
+fn run_old(f: &Fake, mode: Mode) -> Result<BarrierReport, StepError> {
+    snapshot(f, 5, &old_disks(), Path::new("/s/mem"), "c1", mode, &Opts::default())
+}
+
 fn pos(log: &[String], s: &str) -> usize {
     log.iter().position(|x| x == s).unwrap_or_else(|| panic!("{s} not in {log:?}"))
 }
@@ -208,7 +246,7 @@ fn pos(log: &[String], s: &str) -> usize {
 #[test]
 fn checkpoint_orders_quiesce_take_resume_inside_the_suspended_window() {
     let f = world();
-    let rep = run(&f, Mode::Checkpoint).unwrap();
+    let rep = run_old(&f, Mode::Checkpoint).unwrap();
     let w = f.0.borrow();
     let l = &w.log;
     // every quiesce before every take, every take before any resume; all while suspended
@@ -222,6 +260,95 @@ fn checkpoint_orders_quiesce_take_resume_inside_the_suspended_window() {
     assert!(w.removed.is_empty() && !w.log.contains(&"unpause".to_string()));
     // nothing touches the backends before the guest stopped
     assert_eq!(l[0], "xl-save-start(Checkpoint)");
+    // an older backend: three requests per disk, its durability not deferred
+    assert_eq!(rep.window_requests, 6);
+    assert!(!rep.durable_deferred);
+    assert!(!l.iter().any(|x| x.starts_with("durable-release")), "{l:?}");
+}
+
+#[test]
+fn checkpoint_barrier_is_one_request_per_disk_inside_the_window_then_released() {
+    let f = world();
+    let rep = run(&f, Mode::Checkpoint).unwrap();
+    let w = f.0.borrow();
+    let l = &w.log;
+    assert_eq!(
+        l,
+        &[
+            "xl-save-start(Checkpoint)",
+            "checkpoint-barrier(xvda)",
+            "checkpoint-barrier(xvdb)",
+            "xl-save-exit(ok)",
+            "durable-release(xvda)",
+            "durable-release(xvdb)",
+        ],
+        "{l:?}"
+    );
+    assert!(w.taken_while.iter().all(|(_, s)| *s == DomState::Suspended), "{:?}", w.taken_while);
+    assert_eq!(w.checkpoints.len(), 2);
+    assert!(rep.inside_window && rep.durable_deferred);
+    assert_eq!((rep.window_requests, rep.drained, rep.quiesce_us), (2, 2, 10));
+    assert_eq!(w.watched_before_xl, Some(true));
+    // the report lines up with wall clocks: xl started at the fake's epoch, suspend seen 400 ms later
+    assert_eq!((rep.xl_start_wall_us, rep.suspend_seen_wall_us), (0, 400_000));
+}
+
+#[test]
+fn one_request_barrier_failed_quiesce_names_the_step_and_deletes_the_first_disk() {
+    let f = world();
+    f.0.borrow_mut().fail_op = Some(("barrier-quiesce".into(), "xvdb".into()));
+    let e = run(&f, Mode::Checkpoint).unwrap_err();
+    assert_eq!(e.step, "quiesce");
+    assert!(e.msg.contains("xvdb") && e.msg.contains("timed out"), "{e}");
+    let w = f.0.borrow();
+    assert!(w.checkpoints.is_empty(), "{:?}", w.checkpoints);
+    assert!(pos(&w.log, "checkpoint-delete(xvda)") < pos(&w.log, "xl-save-exit(ok)"), "{:?}", w.log);
+    // the backend resumed its own ring and took nothing
+    assert!(!w.log.iter().any(|l| l == "resume(xvdb)" || l == "checkpoint-delete(xvdb)"), "{:?}", w.log);
+    // the waiting background work is released once xl is done
+    assert!(pos(&w.log, "xl-save-exit(ok)") < pos(&w.log, "durable-release(xvda)"));
+    assert_eq!(w.removed, vec![PathBuf::from("/s/mem")]);
+    assert_eq!(w.state(), DomState::Running);
+}
+
+#[test]
+fn one_request_barrier_failed_take_deletes_the_first_disk() {
+    let f = world();
+    f.0.borrow_mut().fail_op = Some(("barrier-take".into(), "xvdb".into()));
+    let e = run(&f, Mode::Checkpoint).unwrap_err();
+    assert_eq!(e.step, "disk-checkpoint");
+    assert!(e.msg.contains("no space"), "{e}");
+    assert!(e.to_string().contains("deleted on xvda"), "{e}");
+    let w = f.0.borrow();
+    assert!(w.checkpoints.is_empty(), "{:?}", w.checkpoints);
+    assert!(!w.log.contains(&"checkpoint-delete(xvdb)".into()), "{:?}", w.log);
+    assert_eq!(w.removed.len(), 1);
+}
+
+#[test]
+fn one_request_barrier_lost_reply_resumes_and_deletes_on_that_disk_too() {
+    let f = world();
+    f.0.borrow_mut().fail_op = Some(("barrier-lost".into(), "xvda".into()));
+    let e = run(&f, Mode::Checkpoint).unwrap_err();
+    assert_eq!(e.step, "disk-checkpoint");
+    let w = f.0.borrow();
+    assert!(pos(&w.log, "resume(xvda)") < pos(&w.log, "checkpoint-delete(xvda)"), "{:?}", w.log);
+    assert!(w.checkpoints.is_empty(), "served before the reply was lost, then deleted: {:?}", w.checkpoints);
+    assert!(!w.log.contains(&"checkpoint-barrier(xvdb)".into()));
+    assert_eq!(w.removed.len(), 1);
+}
+
+#[test]
+fn one_request_barrier_after_the_resume_is_a_clean_failure() {
+    let f = world();
+    f.0.borrow_mut().resume_after_quiesce = true;
+    let e = run(&f, Mode::Checkpoint).unwrap_err();
+    assert_eq!(e.step, "suspend-window");
+    let w = f.0.borrow();
+    assert!(w.checkpoints.is_empty(), "{:?}", w.checkpoints);
+    assert!(w.log.contains(&"checkpoint-delete(xvda)".into()) && w.log.contains(&"checkpoint-delete(xvdb)".into()));
+    assert_eq!(w.removed.len(), 1);
+    assert_eq!(w.state(), DomState::Running);
 }
 
 #[test]
@@ -237,7 +364,7 @@ fn waits_on_domain_changes_only_until_the_suspend_is_seen() {
 fn take_falls_back_to_checkpoint_create() {
     let f = world();
     f.0.borrow_mut().take_unsupported = true;
-    run(&f, Mode::Checkpoint).unwrap();
+    run_old(&f, Mode::Checkpoint).unwrap();
     let w = f.0.borrow();
     assert!(w.log.contains(&"checkpoint-create(xvda)".to_string()));
     assert_eq!(w.checkpoints.len(), 2);
@@ -247,7 +374,7 @@ fn take_falls_back_to_checkpoint_create() {
 fn failed_quiesce_resumes_backends_and_discards_memory() {
     let f = world();
     f.0.borrow_mut().fail_op = Some(("quiesce".into(), "xvdb".into()));
-    let e = run(&f, Mode::Checkpoint).unwrap_err();
+    let e = run_old(&f, Mode::Checkpoint).unwrap_err();
     assert_eq!(e.step, "quiesce");
     assert!(e.msg.contains("xvdb"), "{e}");
     let w = f.0.borrow();
@@ -262,7 +389,7 @@ fn failed_quiesce_resumes_backends_and_discards_memory() {
 fn failed_take_on_second_disk_deletes_the_first_and_resumes() {
     let f = world();
     f.0.borrow_mut().fail_op = Some(("checkpoint-take".into(), "xvdb".into()));
-    let e = run(&f, Mode::Checkpoint).unwrap_err();
+    let e = run_old(&f, Mode::Checkpoint).unwrap_err();
     assert_eq!(e.step, "disk-checkpoint");
     let w = f.0.borrow();
     assert!(w.checkpoints.is_empty(), "half-made disk checkpoint left: {:?}", w.checkpoints);
@@ -282,6 +409,7 @@ fn failed_memory_save_deletes_the_disk_checkpoint() {
     let w = f.0.borrow();
     assert!(w.checkpoints.is_empty());
     assert!(pos(&w.log, "xl-save-exit(fail)") < pos(&w.log, "checkpoint-delete(xvda)"));
+    assert!(pos(&w.log, "xl-save-exit(fail)") < pos(&w.log, "durable-release(xvdb)"));
     assert_eq!(w.removed.len(), 1);
     assert_eq!(w.state(), DomState::Running);
 }
@@ -290,7 +418,7 @@ fn failed_memory_save_deletes_the_disk_checkpoint() {
 fn missed_window_is_a_clean_failure() {
     let f = world();
     f.0.borrow_mut().resume_after_quiesce = true;
-    let e = run(&f, Mode::Checkpoint).unwrap_err();
+    let e = run_old(&f, Mode::Checkpoint).unwrap_err();
     assert_eq!(e.step, "suspend-window");
     let w = f.0.borrow();
     assert!(w.checkpoints.is_empty() && w.taken_while.is_empty());
@@ -326,7 +454,7 @@ fn save_mode_leaves_paused_on_success_and_unpauses_on_failure() {
 
     let f = world();
     f.0.borrow_mut().fail_op = Some(("checkpoint-take".into(), "xvda".into()));
-    let e = run(&f, Mode::Save).unwrap_err();
+    let e = run_old(&f, Mode::Save).unwrap_err();
     assert_eq!(e.step, "disk-checkpoint");
     let w = f.0.borrow();
     assert!(w.log.contains(&"unpause".into()), "{:?}", w.log);
@@ -426,7 +554,8 @@ fn fake_xl_file(config: &[u8], body: &[u8]) -> Vec<u8> {
 
 #[test]
 fn metadata_rides_in_the_xl_header_after_the_config() {
-    let meta = Meta { version: 1, domain: "g".into(), domid: 5, disk_checkpoint: "c1".into(), disks: disks(), created: 7 };
+    // (what the backend serves is not part of the metadata: a restore asks the backend again)
+    let meta = Meta { version: 1, domain: "g".into(), domid: 5, disk_checkpoint: "c1".into(), disks: old_disks(), created: 7 };
     let cfg = br#"{"c_info":{"name":"g"}}"#;
     let body = b"LibxenguestStream....memory....".repeat(100);
     let src = fake_xl_file(cfg, &body);

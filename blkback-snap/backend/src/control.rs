@@ -13,8 +13,10 @@
 //! <- {"error":"bad request: ..."}
 //! ```
 //! Ops: `status`, `stats`, `quiesce {timeout_ms?}`, `resume`, `flush`, and for qcow2 images
-//! `info`, `check {repair?}`, `checkpoint-create {name}`, `checkpoint-take {name}`, `checkpoint-list`,
-//! `checkpoint-delete {checkpoint}`, `checkpoint-revert {checkpoint}`, `map {checkpoint?}`.
+//! `info`, `check {repair?}`, `checkpoint-create {name}`, `checkpoint-take {name}`,
+//! `checkpoint-barrier {name, timeout_ms?, defer_durable_ms?}`, `durable-release`,
+//! `checkpoint-list`, `checkpoint-delete {checkpoint}`, `checkpoint-revert {checkpoint}`,
+//! `map {checkpoint?}`.
 //!
 //! The socket is created mode 0600 in a 0700 directory: only root talks to it.
 
@@ -69,6 +71,23 @@ pub enum Request {
     CheckpointTake {
         name: String,
     },
+    /// The whole barrier of a domain checkpoint in one request: quiesce (drain what was
+    /// admitted, `timeout_ms`), take (as `checkpoint-take`), resume. The ring is resumed
+    /// whatever happens (unless a `quiesce` of the caller was already in force) and a failed
+    /// request leaves no checkpoint; its error starts with the step that failed
+    /// ([`BARRIER_QUIESCE_FAILED`] or [`BARRIER_TAKE_FAILED`]). With `defer_durable_ms` the
+    /// background work that makes the checkpoint durable waits for `durable-release`, or that
+    /// long at most (capped at [`MAX_DEFER_DURABLE_MS`]): the caller keeps the daemon's disk
+    /// I/O out of the time the guest is suspended.
+    CheckpointBarrier {
+        name: String,
+        #[serde(default)]
+        timeout_ms: Option<u64>,
+        #[serde(default)]
+        defer_durable_ms: Option<u64>,
+    },
+    /// Start the background work held back by `checkpoint-barrier`'s `defer_durable_ms` now.
+    DurableRelease,
     CheckpointList,
     CheckpointDelete {
         checkpoint: String,
@@ -82,6 +101,14 @@ pub enum Request {
         checkpoint: Option<String>,
     },
 }
+
+/// Error prefix of a `checkpoint-barrier` whose quiesce failed (ring resumed, no checkpoint).
+pub const BARRIER_QUIESCE_FAILED: &str = "quiesce failed: ";
+/// Error prefix of a `checkpoint-barrier` whose take failed (ring resumed, no checkpoint).
+pub const BARRIER_TAKE_FAILED: &str = "take failed: ";
+/// Longest deferral of the background durability work `checkpoint-barrier` accepts (a
+/// caller that dies never leaves the work pending for longer).
+pub const MAX_DEFER_DURABLE_MS: u64 = 600_000;
 
 /// What serves the requests (the device; a fake in tests).
 pub trait Handler: Send + Sync {
@@ -296,6 +323,30 @@ mod tests {
         assert_eq!(
             p(r#"{"op":"checkpoint-take","name":"t1"}"#).unwrap(),
             Request::CheckpointTake { name: "t1".into() }
+        );
+        assert_eq!(
+            p(r#"{"op":"checkpoint-barrier","name":"b1"}"#).unwrap(),
+            Request::CheckpointBarrier {
+                name: "b1".into(),
+                timeout_ms: None,
+                defer_durable_ms: None
+            }
+        );
+        // what xl-snap sends
+        assert_eq!(
+            p(r#"{"op":"checkpoint-barrier","name":"b1","timeout_ms":2000,"defer_durable_ms":60000}"#)
+                .unwrap(),
+            Request::CheckpointBarrier {
+                name: "b1".into(),
+                timeout_ms: Some(2000),
+                defer_durable_ms: Some(60000)
+            }
+        );
+        assert!(p(r#"{"op":"checkpoint-barrier"}"#).is_err());
+        assert!(p(r#"{"op":"checkpoint-barrier","name":"b1","defer":true}"#).is_err());
+        assert_eq!(
+            p(r#"{"op":"durable-release"}"#).unwrap(),
+            Request::DurableRelease
         );
         assert!(p(r#"{"op":"quiesce","bogus":1}"#).is_err());
         assert!(p(r#"{"op":"rm -rf"}"#).is_err());

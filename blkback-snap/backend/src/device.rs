@@ -11,7 +11,7 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -21,7 +21,10 @@ use xensnap_blkif::xenbus::{
 };
 use xensnap_blkif::{BlkifRing, Features, GrantMemory, StatsSnapshot};
 
-use crate::control::{self, ControlServer, Handler, Request};
+use crate::control::{
+    self, ControlServer, Handler, Request, BARRIER_QUIESCE_FAILED, BARRIER_TAKE_FAILED,
+    MAX_DEFER_DURABLE_MS,
+};
 use crate::image::{parse_params, Format, Image};
 
 /// How to serve a device.
@@ -183,6 +186,46 @@ pub struct Device {
     slot: Mutex<RingSlot>,
     state: Mutex<XenbusState>,
     quiesce_timeout: Duration,
+    /// Background durability held back by `checkpoint-barrier {defer_durable_ms}`.
+    deferred: Mutex<Option<Arc<DurabilityGate>>>,
+}
+
+/// Opened by `durable-release` (or by its waiting thread at the deadline); the thread then
+/// drives every pending checkpoint's background work.
+#[derive(Default)]
+struct DurabilityGate {
+    open: Mutex<bool>,
+    cv: Condvar,
+}
+
+impl DurabilityGate {
+    fn release(&self) {
+        *lock(&self.open) = true;
+        self.cv.notify_all();
+    }
+
+    /// Wait until released or `max` passed; true if released.
+    fn wait(&self, max: Duration) -> bool {
+        let deadline = Instant::now() + max;
+        let mut open = lock(&self.open);
+        while !*open {
+            let now = Instant::now();
+            if now >= deadline {
+                *open = true; // a later deferral starts a new gate
+                return false;
+            }
+            open = self
+                .cv
+                .wait_timeout(open, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        true
+    }
+
+    fn is_open(&self) -> bool {
+        *lock(&self.open)
+    }
 }
 
 impl Device {
@@ -192,20 +235,127 @@ impl Device {
 
     /// Quiesce the current ring (if any) and keep new rings quiesced until [`Device::resume`].
     pub fn quiesce(&self, timeout: Duration) -> Result<Value, String> {
+        match self.quiesce_ring(timeout) {
+            Ok((drained, connected)) => Ok(json!({ "drained": drained, "connected": connected })),
+            Err(left) => Err(format!(
+                "quiesce timed out after {} ms with {left} request(s) in flight; the ring stays quiesced (send resume)",
+                timeout.as_millis()
+            )),
+        }
+    }
+
+    /// Hold the ring and drain it: Ok((drained, connected)) or Err(requests still in flight).
+    fn quiesce_ring(&self, timeout: Duration) -> Result<(usize, bool), usize> {
         let ring = {
             let mut s = lock(&self.slot);
             s.held = true;
             s.ring.clone()
         };
         match ring {
-            None => Ok(json!({ "drained": 0, "connected": false })),
-            Some(r) => match r.quiesce_timeout(timeout) {
-                Ok(n) => Ok(json!({ "drained": n, "connected": true })),
-                Err(left) => Err(format!(
-                    "quiesce timed out after {} ms with {left} request(s) in flight; the ring stays quiesced (send resume)",
+            None => Ok((0, false)),
+            Some(r) => r.quiesce_timeout(timeout).map(|n| (n, true)),
+        }
+    }
+
+    /// `checkpoint-barrier`: quiesce, take, resume in one request (see [`Request`]).
+    fn checkpoint_barrier(
+        &self,
+        name: &str,
+        timeout: Duration,
+        defer: Option<Duration>,
+    ) -> Result<Value, String> {
+        let q = self
+            .image
+            .qcow2
+            .clone()
+            .ok_or("not a qcow2 image (served raw)")?;
+        let t0 = Instant::now();
+        // A quiesce of the caller stays in force (and is not lifted here).
+        let held = self.is_held();
+        let (drained, connected) = if held {
+            (0, self.ring().is_some())
+        } else {
+            self.quiesce_ring(timeout).map_err(|left| {
+                self.resume();
+                format!(
+                    "{BARRIER_QUIESCE_FAILED}timed out after {} ms with {left} request(s) in flight; \
+                     the ring was resumed, no checkpoint taken",
                     timeout.as_millis()
-                )),
-            },
+                )
+            })?
+        };
+        let tq = t0.elapsed();
+        let taken = lock(&q).checkpoint_take(name).map_err(qe);
+        let tt = t0.elapsed();
+        if !held {
+            self.resume();
+        }
+        let info = taken.map_err(|e| {
+            format!("{BARRIER_TAKE_FAILED}{e}; the ring was resumed, no checkpoint taken")
+        })?;
+        let deferred = match defer {
+            Some(max) => self.defer_durability(q, max),
+            None => {
+                spawn_durability(q);
+                false
+            }
+        };
+        let mut v = json!(info);
+        v["drained"] = json!(drained);
+        v["connected"] = json!(connected);
+        v["quiesce_micros"] = json!(tq.as_micros() as u64);
+        v["take_micros"] = json!((tt - tq).as_micros() as u64);
+        v["micros"] = json!(t0.elapsed().as_micros() as u64);
+        v["durable_deferred"] = json!(deferred);
+        Ok(v)
+    }
+
+    /// Hold the background durability work back until `durable-release` or `max`. One waiting
+    /// thread serves every deferral until it is released. (A driver that is still running,
+    /// e.g. for a deletion or an earlier checkpoint, takes the new work too.) False if the
+    /// work could not be deferred (it was started at once).
+    fn defer_durability(&self, q: Arc<Mutex<xensnap_qcow2::Qcow2>>, max: Duration) -> bool {
+        let mut slot = lock(&self.deferred);
+        if slot.as_ref().is_some_and(|g| !g.is_open()) {
+            return true;
+        }
+        let gate = Arc::new(DurabilityGate::default());
+        let g = Arc::clone(&gate);
+        let q2 = Arc::clone(&q);
+        let r = std::thread::Builder::new()
+            .name("durable-deferred".into())
+            .spawn(move || {
+                if !g.wait(max) {
+                    tracing::warn!(
+                        "no durable-release within {} ms: making the checkpoint durable now",
+                        max.as_millis()
+                    );
+                }
+                xensnap_qcow2::SharedImage(q2).drive_durability(None);
+            });
+        match r {
+            Ok(_) => {
+                *slot = Some(gate);
+                true
+            }
+            Err(e) => {
+                tracing::warn!("deferring the background checkpoint work: {e}; starting it now");
+                drop(slot);
+                spawn_durability(q);
+                false
+            }
+        }
+    }
+
+    /// `durable-release`: start the deferred background work (true if some was waiting).
+    pub fn durable_release(&self) -> bool {
+        match lock(&self.deferred).take() {
+            Some(g) => {
+                let waiting = !g.is_open();
+                g.release();
+                waiting
+            }
+            None => false,
         }
     }
 
@@ -260,6 +410,12 @@ impl Device {
             "broken": broken,
             "pid": std::process::id(),
             "stats": stats_json(&self.stats()),
+            // what a checkpoint driver may use beyond the basic ops
+            "ops": if self.image.qcow2.is_some() {
+                json!(["checkpoint-barrier", "durable-release"])
+            } else {
+                json!([])
+            },
         })
     }
 
@@ -357,6 +513,18 @@ impl Handler for Device {
                 v["micros"] = json!(micros);
                 Ok(v)
             }
+            Request::CheckpointBarrier {
+                name,
+                timeout_ms,
+                defer_durable_ms,
+            } => self.checkpoint_barrier(
+                name,
+                timeout_ms
+                    .map(Duration::from_millis)
+                    .unwrap_or(self.quiesce_timeout),
+                defer_durable_ms.map(|ms| Duration::from_millis(ms.min(MAX_DEFER_DURABLE_MS))),
+            ),
+            Request::DurableRelease => Ok(json!({ "released": self.durable_release() })),
             Request::CheckpointList => Ok(json!(self.qcow2()?.checkpoint_list())),
             Request::CheckpointDelete { checkpoint } => {
                 self.qcow2()?.checkpoint_delete(checkpoint).map_err(qe)?;
@@ -467,6 +635,7 @@ pub fn serve(
         slot: Mutex::new(RingSlot::default()),
         state: Mutex::new(XenbusState::Initialising),
         quiesce_timeout: opts.quiesce_timeout,
+        deferred: Mutex::new(None),
     });
 
     // Control sockets before we announce anything.
@@ -592,7 +761,166 @@ fn wait_removed(store: &dyn XenStore, be: &str, opts: &ServeOptions, stop: &Atom
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::image::Format;
     use xensnap_blkif::xenbus::MemXenStore;
+    use xensnap_qcow2::{CheckpointState, CreateOptions, Qcow2};
+
+    /// A device serving a fresh qcow2 (or raw) image, no ring connected.
+    fn device(dir: &std::path::Path, format: Format) -> Device {
+        let path = dir.join("d.img");
+        match format {
+            Format::Qcow2 => {
+                let opts = CreateOptions {
+                    size: 64 << 20,
+                    cluster_bits: 16,
+                    refcount_order: 4,
+                };
+                Qcow2::create_file(&path, &opts).unwrap().close().unwrap();
+            }
+            Format::Raw => std::fs::write(&path, vec![0u8; 1 << 20]).unwrap(),
+        }
+        let image = Image::open(&path, Some(format), false, Duration::from_secs(1)).unwrap();
+        Device {
+            nodes: BackendNodes {
+                path: "/local/domain/0/backend/vbd/3/51712".into(),
+                frontend_id: 3,
+                devid: 51712,
+                params: path.display().to_string(),
+                read_only: false,
+                vdev: Some("xvda".into()),
+            },
+            image,
+            slot: Mutex::new(RingSlot::default()),
+            state: Mutex::new(XenbusState::Connected),
+            quiesce_timeout: Duration::from_secs(5),
+            deferred: Mutex::new(None),
+        }
+    }
+
+    fn barrier(name: &str, defer_ms: Option<u64>) -> Request {
+        Request::CheckpointBarrier {
+            name: name.into(),
+            timeout_ms: Some(1000),
+            defer_durable_ms: defer_ms,
+        }
+    }
+
+    fn state_of(d: &Device, name: &str) -> CheckpointState {
+        let l = d.qcow2().unwrap().checkpoint_list();
+        l.iter()
+            .find(|c| c.name == name)
+            .unwrap_or_else(|| panic!("{name} not listed"))
+            .state
+    }
+
+    fn wait_durable(d: &Device, name: &str) {
+        let t = Instant::now();
+        while state_of(d, name) != CheckpointState::Durable {
+            assert!(t.elapsed() < Duration::from_secs(10), "{name} never durable");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Until no background work is pending and the driver thread had time to see it.
+    fn wait_idle(d: &Device) {
+        let t = Instant::now();
+        while d.qcow2().unwrap().durable_pending() {
+            assert!(t.elapsed() < Duration::from_secs(10), "background work never finished");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    #[test]
+    fn checkpoint_barrier_takes_and_resumes_in_one_request() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = device(dir.path(), Format::Qcow2);
+        let v = d.handle(&barrier("b1", None)).unwrap();
+        assert_eq!(v["name"], "b1");
+        assert_eq!(v["durable_deferred"], false);
+        assert_eq!((v["drained"].as_u64(), v["connected"].as_bool()), (Some(0), Some(false)));
+        assert!(v["micros"].as_u64().is_some() && v["take_micros"].as_u64().is_some());
+        assert!(!d.is_held(), "the barrier lifts its own quiesce");
+        assert_eq!(d.status()["ops"], json!(["checkpoint-barrier", "durable-release"]));
+        // not deferred: durable without a release
+        wait_durable(&d, "b1");
+    }
+
+    #[test]
+    fn checkpoint_barrier_keeps_the_callers_quiesce() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = device(dir.path(), Format::Qcow2);
+        d.handle(&Request::Quiesce { timeout_ms: None }).unwrap();
+        d.handle(&barrier("b1", None)).unwrap();
+        assert!(d.is_held());
+        d.handle(&Request::Resume).unwrap();
+        assert!(!d.is_held());
+    }
+
+    #[test]
+    fn failed_barrier_names_the_step_resumes_and_leaves_no_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = device(dir.path(), Format::Qcow2);
+        d.handle(&barrier("b1", Some(60_000))).unwrap();
+        let e = d.handle(&barrier("b1", Some(60_000))).unwrap_err();
+        assert!(e.starts_with(BARRIER_TAKE_FAILED), "{e}");
+        assert!(e.contains("already exists"), "{e}");
+        assert!(!d.is_held());
+        assert_eq!(d.qcow2().unwrap().checkpoint_list().len(), 1);
+        // a raw image has no checkpoints (and nothing was quiesced)
+        let dir2 = tempfile::tempdir().unwrap();
+        let r = device(dir2.path(), Format::Raw);
+        assert!(r.handle(&barrier("x", None)).unwrap_err().contains("not a qcow2"));
+        assert_eq!(r.status()["ops"], json!([]));
+        assert!(!r.is_held());
+    }
+
+    #[test]
+    fn deferred_durability_waits_for_the_release() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = device(dir.path(), Format::Qcow2);
+        let v = d.handle(&barrier("b1", Some(60_000))).unwrap();
+        assert_eq!(v["durable_deferred"], true);
+        // a second deferred take joins the same wait
+        d.handle(&barrier("b2", Some(60_000))).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(state_of(&d, "b1"), CheckpointState::Taken);
+        assert_eq!(state_of(&d, "b2"), CheckpointState::Taken);
+        assert!(d.qcow2().unwrap().durable_pending());
+        // readable meanwhile; deleting a taken checkpoint works too
+        d.handle(&Request::CheckpointDelete { checkpoint: "b2".into() }).unwrap();
+        assert_eq!(d.handle(&Request::DurableRelease).unwrap()["released"], true);
+        wait_durable(&d, "b1");
+        assert_eq!(d.qcow2().unwrap().checkpoint_list().len(), 1);
+        // nothing left to release
+        assert_eq!(d.handle(&Request::DurableRelease).unwrap()["released"], false);
+        // a later deferral waits again (once the released driver ran out of work: a driver
+        // that is still running takes new work too)
+        wait_idle(&d);
+        d.handle(&barrier("b3", Some(60_000))).unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(state_of(&d, "b3"), CheckpointState::Taken);
+        assert_eq!(d.handle(&Request::DurableRelease).unwrap()["released"], true);
+        wait_durable(&d, "b3");
+    }
+
+    #[test]
+    fn deferred_durability_starts_by_itself_after_the_deadline() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = device(dir.path(), Format::Qcow2);
+        let t = Instant::now();
+        d.handle(&barrier("b1", Some(150))).unwrap();
+        wait_durable(&d, "b1");
+        assert!(t.elapsed() >= Duration::from_millis(150), "{:?}", t.elapsed());
+        // the timed-out gate is not reused: the next deferral waits (and is released)
+        assert_eq!(d.handle(&Request::DurableRelease).unwrap()["released"], false);
+        wait_idle(&d);
+        d.handle(&barrier("b2", Some(60_000))).unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(state_of(&d, "b2"), CheckpointState::Taken);
+        assert!(d.durable_release());
+        wait_durable(&d, "b2");
+    }
 
     #[test]
     fn backend_paths() {

@@ -8,7 +8,10 @@
 #  - a bootstrap 95 % interval (5000 resamples of the pairs, fixed seed) of the ratio of medians;
 #  - xl-snap's direct bound on what the disk part adds (CPU of xl-snap + blkback-snap inside
 #    the suspended window + barrier after the copy): median / max in ms and 1 + bound / median
-#    of xl save -c; and its parts.
+#    of xl save -c; and its parts;
+#  - the timeline of the pause on dom0's clock (from the checker's from_ms and dom0's wall
+#    clocks around the command / xl-snap's report): xl start -> guest stopped, the pause,
+#    xl exit - pause end, per arm and per-pair difference; where the pause caught the checker.
 set -uo pipefail
 F=${1:?usage: bench-stats.sh bench.txt}
 [ -r "$F" ] || { echo "bench-stats: $F: not readable" >&2; exit 2; }
@@ -27,6 +30,17 @@ function ms(us) { return (us == "" || us == "nan") ? "-" : sprintf("%.1f", us / 
   gap[p, arm] = g + 0; if (!(p in seen)) { seen[p] = 1; order[++np] = p }
   v = val($0, "backend_cmd_cpu_us"); if (v != "") bcmd[p, arm] = v + 0
   if (arm == "s") { for (k = 1; k <= nk; k++) { v = val($0, keys[k]); if (v != "") kv[p, keys[k]] = v + 0 } }
+  # the pause on the dom0 clock: xl start -> guest stopped (A), xl exit - pause end (C), in µs
+  # (guest and dom0 clocks may differ by a constant: compare the arms, not the values)
+  gfm = val($0, "gap_from_ms"); w0 = val($0, "cmd_start_wall_us"); w1 = val($0, "cmd_end_wall_us")
+  if (gfm != "" && w0 != "" && w1 != "") {
+    xs = w0 + 0; xe = w1 + 0
+    if (arm == "s") { a = val($0, "xl_start_wall_us"); b = val($0, "xl_save_us"); if (a == "" || b == "" || a + 0 == 0) xs = ""; else { xs = a + 0; xe = a + b } }
+    if (xs != "") { TA[p, arm] = gfm * 1000 - xs; TC[p, arm] = xe - (gfm + g) * 1000 }
+    if (arm == "s") { ss = val($0, "suspend_seen_wall_us"); if (ss != "" && ss + 0 > 0) TS[p] = ss - gfm * 1000 }
+  }
+  if (match($0, / gap_seg_ms=[-0-9.]+\/[-0-9.]+\/[-0-9.]+/)) { split(substr($0, RSTART + 12, RLENGTH - 12), sg, "/"); SEG[p, arm] = (sg[1] > sg[2] && sg[1] > sg[3]) ? "read" : (sg[2] > sg[3]) ? "write" : "after-write" }
+  v = val($0, "window_requests"); if (v != "" && arm == "s") WR[p] = v + 0
 }
 BEGIN { nk = split("added_bound_us added_bound_all_us cpu_own_window_us cpu_backend_window_us cpu_own_barrier_us cpu_backend_barrier_us cpu_own_pre_us barrier_after_copy_us barrier_us take_done_us copy_slack_us", keys, " ") }
 END {
@@ -61,4 +75,16 @@ END {
   } else print "direct bound: not reported (old xl-snap, or a backend pid unknown)"
   printf "  parts, median / max ms: CPU in the window xl-snap %s / %s (barrier %s / %s), blkback-snap %s / %s (barrier %s / %s); xl-snap before the suspend %s / %s; barrier after the copy %s / %s\n", ms(MED["cpu_own_window_us"]), ms(MAX["cpu_own_window_us"]), ms(MED["cpu_own_barrier_us"]), ms(MAX["cpu_own_barrier_us"]), ms(MED["cpu_backend_window_us"]), ms(MAX["cpu_backend_window_us"]), ms(MED["cpu_backend_barrier_us"]), ms(MAX["cpu_backend_barrier_us"]), ms(MED["cpu_own_pre_us"]), ms(MAX["cpu_own_pre_us"]), ms(MED["barrier_after_copy_us"]), ms(MAX["barrier_after_copy_us"])
   printf "  barrier (suspend seen -> backends resumed) median %s ms max %s; take done median %s ms; copy slack (copy end - barrier end) median %s ms min %s ms\n", ms(MED["barrier_us"]), ms(MAX["barrier_us"]), ms(MED["take_done_us"]), ms(MED["copy_slack_us"]), ms(MIN["copy_slack_us"])
-}' "$F"
+  m = 0; for (i = 1; i <= n; i++) if ((P[i] in WR)) { m++; W[m] = WR[P[i]] }
+  if (m) printf "  control requests inside the window per checkpoint: median %s (%d checkpoints)\n", med(W, m), m
+  # where the pause lies on the dom0 clock (guest clock - dom0 clock is one constant for both arms)
+  m = 0; for (i = 1; i <= n; i++) { p = P[i]; if (((p, "x") in TA) && ((p, "s") in TA)) { m++; AX[m] = TA[p, "x"]; AS[m] = TA[p, "s"]; AD[m] = AS[m] - AX[m]; CX[m] = TC[p, "x"]; CS[m] = TC[p, "s"]; CD[m] = CS[m] - CX[m]; GD[m] = S[i] - X[i] } }
+  if (m) {
+    printf "timeline (%d pairs, medians, ms; per-pair difference xl-snap - xl save -c): xl start -> guest stopped: %s / %s (diff %s); pause: %.1f / %.1f (diff %.1f); xl exit - pause end: %s / %s (diff %s)\n", m, ms(med(AX, m)), ms(med(AS, m)), ms(med(AD, m)), mx, mss, med(GD, m), ms(med(CX, m)), ms(med(CS, m)), ms(med(CD, m))
+    m2 = 0; for (i = 1; i <= n; i++) if (P[i] in TS) { m2++; T2[m2] = TS[P[i]] }
+    if (m2) printf "  xl-snap arms: guest stopped -> suspend seen by xl-snap median %s ms (min %s)\n", ms(med(T2, m2)), ms(min_of(T2, m2))
+  } else print "timeline: not reported (no from_ms in the checker lines or no dom0 wall clocks)"
+  for (i = 1; i <= n; i++) { p = P[i]; for (a = 1; a <= 2; a++) { arm = (a == 1) ? "x" : "s"; if ((p, arm) in SEG) NSEG[arm, SEG[p, arm]]++ } }
+  if (length(NSEG)) printf "  the pause interrupted the checker (xl save -c / xl-snap): in its read %d / %d, in its write %d / %d, after its write %d / %d\n", NSEG["x", "read"], NSEG["s", "read"], NSEG["x", "write"], NSEG["s", "write"], NSEG["x", "after-write"], NSEG["s", "after-write"]
+}
+function min_of(a, n,   i, r) { r = a[1]; for (i = 2; i <= n; i++) if (a[i] < r) r = a[i]; return r }' "$F"

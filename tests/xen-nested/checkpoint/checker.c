@@ -12,7 +12,10 @@
  * holds exactly this memory's last HIST records and nothing after them.
  * Output (hvc0): CK-START, CK-TICK every 2 s, CK-GAP when >500 ms passed between iterations
  * (gap_ms is the guest-visible pause; nonce= is record C's, so dom0 can look it up in an image
- * with ckscan.c), CK-MISMATCH (then it stops; first_bad= is the newest record that differs). */
+ * with ckscan.c; from_ms= the pause's start, ms since the epoch on the guest's clock, to line it
+ * up with dom0's; seg_ms=R/W/L where the interrupted iteration spent the pause: in its read, in
+ * its write, after its write), CK-MISMATCH (then it stops; first_bad= is the newest record that
+ * differs). */
 #define _GNU_SOURCE
 #include <fcntl.h>
 #include <stdint.h>
@@ -58,14 +61,19 @@ int main(int argc, char **argv) {
   memset(w, 0, 512); memcpy(w, &r, sizeof r);
   if (pwrite(fd, w, 512, (SLOT0 + 0) * 512) != 512) { perror("CK-ERROR first write"); return 1; }
   printf("CK-START counter=0 nonce=%016llx\n", (unsigned long long)nonce); fflush(stdout);
-  double prev = now_ms(), tick = prev, maxgap = 0;
+  double prev = now_ms(), tick = prev, maxgap = 0, prev_rd = prev, prev_wr = prev;
   for (;;) {
-    double t = now_ms(), gap = t - prev; prev = t;
+    double t = now_ms(), gap = t - prev;
+    /* where the previous iteration (the one a pause interrupted) spent the gap: its read,
+       its write, after its write (ms) */
+    double seg_r = prev_rd - prev, seg_w = prev_wr - prev_rd, seg_l = t - prev_wr;
+    prev = t; prev_rd = t; prev_wr = t;
     if (gap > maxgap) maxgap = gap;
     /* after a pause: records lo..c and the empty c+1; else just c and c+1 */
     uint64_t lo = gap > 500 && c >= HIST - 1 ? c - (HIST - 1) : gap > 500 ? 0 : c;
     size_t len = (size_t)(c + 2 - lo) * 512;
     if (pread(fd, buf, len, (SLOT0 + lo) * 512) != (ssize_t)len) { perror("CK-ERROR read"); sleep(1); continue; }
+    prev_rd = prev_wr = now_ms();
     int ok = is_zero(buf + (c + 1 - lo) * 512);
     uint64_t bad = c + 1;
     for (uint64_t k = c + 1; ok && k-- > lo;) {
@@ -85,13 +93,14 @@ int main(int argc, char **argv) {
         fflush(stdout); sleep(5);
       }
     }
-    if (gap > 500) { printf("CK-GAP counter=%llu gap_ms=%.1f disk_last=%llu next=empty checked=%llu check=ok nonce=%016llx\n",
+    if (gap > 500) { printf("CK-GAP counter=%llu gap_ms=%.1f disk_last=%llu next=empty checked=%llu check=ok nonce=%016llx from_ms=%.1f seg_ms=%.1f/%.1f/%.1f\n",
                             (unsigned long long)c, gap, (unsigned long long)c, (unsigned long long)(c + 1 - lo),
-                            (unsigned long long)nonce); fflush(stdout); }
+                            (unsigned long long)nonce, t - gap, seg_r, seg_w, seg_l); fflush(stdout); }
     uint64_t n2 = rnd();
     struct rec r2 = { "XSCKREC1", c + 1, n2, fnv(c + 1, n2) };
     memset(w, 0, 512); memcpy(w, &r2, sizeof r2);
     if (pwrite(fd, w, 512, (SLOT0 + c + 1) * 512) != 512) { perror("CK-ERROR write"); sleep(1); continue; }
+    prev_wr = now_ms();
     c++; nonce = n2; hist[c % HIST] = n2;
     if (t - tick > 2000) { printf("CK-TICK counter=%llu maxgap_ms=%.1f\n", (unsigned long long)c, maxgap); fflush(stdout); tick = t; maxgap = 0; }
   }

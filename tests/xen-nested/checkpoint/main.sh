@@ -215,7 +215,10 @@ xtb_section "4. downtime: xl save -c (memory only) vs xl-snap checkpoint (memory
 # bound = CPU(xl-snap + blkback-snap, suspend seen -> xl exit) + max(0, barrier end - copy
 # end); bound_all adds xl-snap's CPU between starting xl and seeing the suspend.
 # bench-stats.sh (host) turns bench.txt into medians, per-pair ratios and confidence intervals.
-max_gap_since() { local L x g m=; mapfile -t -s "$1" L < "$CON"; for x in "${L[@]}"; do case $x in *CK-GAP*) g=${x#*gap_ms=}; g=${g%% *}; g=${g%%.*}; [ -z "$m" ] || [ "$g" -gt "$m" ] && m=$g;; esac; done; GAP=${m:-none}; }
+# the largest CK-GAP since line $1 -> $GAP (ms), $GAPLINE (its line)
+max_gap_since() { local L x g m=; GAPLINE=; mapfile -t -s "$1" L < "$CON"; for x in "${L[@]}"; do case $x in *CK-GAP*) g=${x#*gap_ms=}; g=${g%% *}; g=${g%%.*}; { [ -z "$m" ] || [ "$g" -gt "$m" ]; } && { m=$g; GAPLINE=${x//$'\r'/}; };; esac; done; GAP=${m:-none}; }
+# field KEY of a "k=v k=v" line (up to the next space), or "none"
+fld() { local v; case $2 in *" $1="*) v=${2#*" $1="}; echo "${v%% *}";; *) echo none;; esac; }
 jnum() { local v=${2#*\"$1\":}; v=${v%%[,\}]*}; echo "$v"; }
 # Both arms write the memory image to dom0's tmpfs (/tmp) and start after a `sync`: the
 # previous arm's 96 MiB of dirty pages written back to dom0's (TCG-emulated) disk during the
@@ -230,24 +233,32 @@ arm() { # ARM PAIR
   bp=$(xenstore-read "/local/domain/0/backend/vbd/$(xl domid $G 2>/dev/null)/51712/xensnap-pid" 2>/dev/null)
   sync; rsleep 500 1000
   nlines; from=$NL; t=$(xtb_now); bbns "$bp"; b0=$BBNS
+  # dom0's wall clock (µs) around the command, to line up with the guest's (CK-GAP from_ms)
+  local w0 w1
   if [ "$1" = xl-save-c ]; then
+    w0=${EPOCHREALTIME/./}
     xtb_limit 150 xl save -c $G "$BDIR/bench.xl" > /tmp/b.out 2>&1; rc=$?
+    w1=${EPOCHREALTIME/./}
     bbns "$bp"; d=$(xtb_since "$t"); rm -f "$BDIR/bench.xl"
   else
+    w0=${EPOCHREALTIME/./}
     XENSNAP_STATE_DIR=$BDIR/state retry1 /tmp/b.out "$XS" checkpoint $G "b$2"; rc=$?
+    w1=${EPOCHREALTIME/./}
     bbns "$bp"; d=$(xtb_since "$t")
   fi
   [ -n "$bp" ] && [ "$b0" -gt 0 ] && bcpu=$(( (BBNS - b0) / 1000 ))
   bsleep 2.5; max_gap_since "$from"
+  local gf; gf=$(fld from_ms "$GAPLINE"); gf=${gf%%.*}
   local j; j=$(grep -o 'XENSNAP-BARRIER .*' /tmp/b.out)
-  local extra=
+  local extra="cmd_start_wall_us=$w0 cmd_end_wall_us=$w1 gap_from_ms=${gf:-none} gap_seg_ms=$(fld seg_ms "$GAPLINE")"
   if [ -n "$j" ]; then
     local bar ce k sl=none; bar=$(jnum barrier_us "$j"); ce=$(jnum copy_end_us "$j")
     [ "$ce" -eq "$ce" ] 2>/dev/null && [ "$bar" -eq "$bar" ] 2>/dev/null && sl=$((ce - bar))
-    extra="barrier_us=$bar quiesce_us=$(jnum quiesce_us "$j") take_us=$(jnum take_us "$j") suspend_seen_us=$(jnum suspend_seen_after_us "$j") xl_save_us=$(jnum xl_save_us "$j") copy_slack_us=$sl inside=$(jnum inside_window "$j")"
-    for k in take_done copy_end xl_exit barrier_after_copy cpu_own_pre cpu_own_barrier cpu_own_window cpu_backend_window added_bound added_bound_all; do
+    extra="$extra barrier_us=$bar quiesce_us=$(jnum quiesce_us "$j") take_us=$(jnum take_us "$j") suspend_seen_us=$(jnum suspend_seen_after_us "$j") xl_save_us=$(jnum xl_save_us "$j") copy_slack_us=$sl inside=$(jnum inside_window "$j")"
+    for k in take_done copy_end xl_exit barrier_after_copy cpu_own_pre cpu_own_barrier cpu_own_window cpu_backend_window added_bound added_bound_all xl_start_wall suspend_seen_wall; do
       extra="$extra ${k}_us=$(jnum "${k}_us" "$j")"
     done
+    extra="$extra window_requests=$(jnum window_requests "$j") durable_deferred=$(jnum durable_deferred "$j")"
     XENSNAP_STATE_DIR=$BDIR/state "$XS" delete $G "b$2" >/dev/null 2>&1
   fi
   echo "BENCH pair=$2 arm=$1 rc=$rc cmd_s=$d guest_gap_ms=$GAP backend_cmd_cpu_us=$bcpu $extra" | tee -a "$XTB_OUT/bench.txt"
