@@ -68,13 +68,7 @@ fn guest_io_on_mapped_pages_matches_plain_writes_and_keeps_checkpoints() {
     let mut rig = Rig::new(SharedImage::new(Qcow2::create_file(&path, &opts).unwrap()));
     let mut twin = Qcow2::create_file(&dir.path().join("twin.qcow2"), &opts).unwrap();
     let mut model = vec![0u8; SIZE as usize];
-    let mut rng = 0x1234_5678_9abc_def1u64;
-    let mut next = move |n: u64| {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        rng % n
-    };
+    let mut next = rng(0x1234_5678_9abc_def1u64);
     let mut checkpoint: Option<Taken> = None;
     let pool = rig.front.make_buf(&simple_layout(8 * 200, 0), None, false);
     for step in 0..600u64 {

@@ -449,6 +449,17 @@ impl IoBuf {
     }
 }
 
+/// A xorshift generator for tests: each call returns a number below `n` (`n > 0`).
+pub fn rng(seed: u64) -> impl FnMut(u64) -> u64 {
+    let mut x = seed;
+    move |n| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x % n
+    }
+}
+
 /// `len` pseudo-random bytes determined by `seed` (xorshift), for test data.
 pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;

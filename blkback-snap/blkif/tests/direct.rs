@@ -131,13 +131,7 @@ fn same_results_as_the_grant_copy_path_and_nothing_outside_the_segments() {
         // a small cache: some requests have unmapped segments (copy path), most not
         let (mut b, disk) = direct_ring(60);
         b.guest.set_direct(direct_pages);
-        let mut rng = 0x2545_f491_4f6c_dd1du64;
-        let mut next = move |n: u64| {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            rng % n
-        };
+        let mut next = rng(0x2545_f491_4f6c_dd1du64);
         let layouts: Vec<Vec<(u8, u8)>> = (0..8)
             .map(|i| {
                 if i % 2 == 0 {

@@ -198,13 +198,7 @@ fn same_results_as_the_grant_copy_path() {
     for abi in Abi::ALL {
         let mut a = H::new(abi, 0, DISK, Features { workers: 0, ..Features::default() });
         let mut b = H::persistent(abi, 0, DISK, pfeat(40));
-        let mut rng = 0x2545_f491_4f6c_dd1du64;
-        let mut next = move |n: u64| {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            rng % n
-        };
+        let mut next = rng(0x2545_f491_4f6c_dd1du64);
         // A pool of reusable buffers per side, as blkfront's persistent grant list: slot i
         // has a fixed layout; slot 6 always gets fresh grants.
         let layouts: Vec<Vec<(u8, u8)>> = (0..7).map(|_| {
