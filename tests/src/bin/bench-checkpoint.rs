@@ -128,6 +128,15 @@ fn open(path: &Path) -> R<Qcow2> {
     Qcow2::open_file(path, &OpenOptions { read_only: false }).map_err(q("open"))
 }
 
+/// Deletes a scratch image when dropped (also when a step fails).
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 fn part1(a: &Args, cs: u64) -> R<()> {
     println!("\n## checkpoint critical path and durability, 64 GiB virtual, {} KiB clusters", cs >> 10);
     println!(
@@ -138,6 +147,8 @@ fn part1(a: &Args, cs: u64) -> R<()> {
     let mut iops_rows = Vec::new();
     for &gib in &a.sizes {
         let path = a.dir.join(format!("ckpt-{gib}g-{}k.qcow2", cs >> 10));
+        // removed however this size ends: the IOPS windows can grow a 64 GiB image to tens of GB
+        let _scratch = RemoveOnDrop(path.clone());
         make_image(&path, gib, cs)?;
         let p = path.to_str().ok_or("path")?.to_owned();
         let (mut take, mut dur, mut sw, mut rev, mut cre) = (vec![], vec![], vec![], vec![], vec![]);
@@ -193,7 +204,6 @@ fn part1(a: &Args, cs: u64) -> R<()> {
             qc.as_secs_f64() / take.as_secs_f64(),
             dur.as_secs_f64() / qc.as_secs_f64(),
         );
-        let _ = std::fs::remove_file(&path);
     }
     println!("(taken/switch: in-process critical path, no I/O; durable/revert: background work run to completion, unloaded;");
     println!(" create: the blocking checkpoint_create; qemu: whole `qemu-img snapshot` process incl. ~6 ms start)");
