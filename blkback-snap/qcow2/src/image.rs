@@ -951,6 +951,13 @@ impl Qcow2 {
                     continue;
                 }
             }
+            if (buf.len() - done) as u64 > cs - co {
+                let n = self.write_inplace_run(pos / cs, co, buf.sub(done, buf.len() - done))?;
+                if n > 0 {
+                    done += n;
+                    continue;
+                }
+            }
             let n = ((cs - co) as usize).min(buf.len() - done);
             self.write_cluster_src(pos / cs, co, buf.sub(done, n))?;
             done += n;
@@ -971,6 +978,46 @@ impl Qcow2 {
                 self.io.write_at(&v, off).map_err(ioe(what()))
             }
         }
+    }
+
+    /// Guest clusters from `gc` (the first from offset `co`) under one L2 table that the
+    /// active disk owns alone, hold data (COPIED set, no zero flag) and follow each other in
+    /// the file: the guest's bytes go in place with one write — what [`Self::write_cluster_src`]
+    /// does for each of them, which changes no metadata there. Returns the bytes written
+    /// (0: fewer than 2 such clusters; the caller goes cluster by cluster).
+    fn write_inplace_run(&mut self, gc: u64, co: u64, data: Src<'_>) -> Result<usize> {
+        let cs = self.cs;
+        let l2e = self.h.l2_entries();
+        let (l1i, l2i) = (gc / l2e, gc % l2e);
+        let span = (co + data.len() as u64).div_ceil(cs).min(l2e - l2i);
+        if span < 2 || self.h.extended_l2() {
+            return Ok(0);
+        }
+        let l2 = self.l2_for_write(l1i)?;
+        let geom = self.geom();
+        let mut first = None;
+        let mut k = 0u64;
+        while k < span {
+            let (d, bm) = self.l2_get(l2, l2i + k)?;
+            let host = match geom.classify(d, bm, &|| format!("L2 table at {l2:#x} entry {}", l2i + k))? {
+                Cluster::Normal { host, zero: false, copied: true } => host,
+                _ => break,
+            };
+            if first.is_some_and(|f| host != f + k * cs)
+                || self.refcount(host / cs)? != 1
+                || self.uncounted_share(l1i, host / cs)
+            {
+                break;
+            }
+            first.get_or_insert(host);
+            k += 1;
+        }
+        let Some(f) = first.filter(|_| k >= 2) else {
+            return Ok(0);
+        };
+        let n = ((k * cs - co) as usize).min(data.len());
+        self.write_src(data.sub(0, n), f + co, || format!("writing data clusters at {f:#x}"))?;
+        Ok(n)
     }
 
     /// Whole-cluster writes from guest cluster `gc` that all need a new host cluster

@@ -212,6 +212,42 @@ fn contiguous_clusters_are_one_read() {
     w.assert_margins();
 }
 
+/// An overwrite of clusters the active disk owns, following each other in the file, is one
+/// transfer (unaligned start and end included); a cluster shared with a checkpoint, or one
+/// not next in the file, ends the run, and the checkpoint keeps its data.
+#[test]
+fn inplace_overwrite_of_contiguous_clusters_is_one_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut img = create(&dir.path().join("a.qcow2"), 4 << 20, 14);
+    let old: Vec<u8> = (0..1 << 20).map(|i: u32| (i % 251) as u8).collect();
+    img.write(0, &old).unwrap();
+    // 100 KiB from 6 KiB: 7 clusters of 16 KiB, the first and last partly
+    let new: Vec<u8> = (0..100 << 10).map(|i: u32| (i % 241) as u8 ^ 0x5a).collect();
+    let w = Win::with(&new, true);
+    img.write_from(6 << 10, &w).unwrap();
+    assert_eq!(w.writes.get(), 1);
+    let mut want = old.clone();
+    want[6 << 10..106 << 10].copy_from_slice(&new);
+    let mut got = vec![0u8; 1 << 20];
+    img.read(0, &mut got).unwrap();
+    assert!(got == want);
+    // after a checkpoint every cluster is shared: copy-on-write, never one in-place run
+    img.checkpoint_create("c").unwrap();
+    let w2 = Win::with(&vec![0x11u8; 64 << 10], true);
+    img.write_from(0, &w2).unwrap();
+    // now clusters 0..4 are new and contiguous, 4.. are still shared: a run over 0..4 only
+    let w3 = Win::with(&vec![0x22u8; 96 << 10], true);
+    img.write_from(0, &w3).unwrap();
+    assert_eq!(w3.writes.get(), 2, "one in-place run, then one new run");
+    img.read(0, &mut got).unwrap();
+    assert!(got[..64 << 10].iter().all(|&b| b == 0x22) && got[64 << 10..96 << 10].iter().all(|&b| b == 0x22));
+    assert!(got[96 << 10..] == want[96 << 10..]);
+    let mut cp = vec![0u8; 1 << 20];
+    img.read_checkpoint("c", 0, &mut cp).unwrap();
+    assert!(cp == want, "the checkpoint changed");
+    assert!(img.check().unwrap().is_clean());
+}
+
 /// Writes after a checkpoint copy-on-write even when the data comes straight from the
 /// buffer: the checkpoint's clusters are never written.
 #[test]
