@@ -321,6 +321,28 @@ impl FileIo {
             guard: Arc::default(),
         }
     }
+
+    /// One write of `len` bytes at `off` by `w` (`Ok(false)`: it wrote nothing): checked
+    /// against the poison, under the range guard; once anything may have reached the file
+    /// (success or failure) the file is unsynced and the range recorded; a failure that can
+    /// have lost data poisons the file.
+    fn write_with(&mut self, off: u64, len: usize, w: impl FnOnce(&File) -> io::Result<bool>) -> io::Result<bool> {
+        self.poison.check()?;
+        let file = &self.file;
+        let r = self.guard.write(off, len as u64, || w(file));
+        if !matches!(r, Ok(false)) {
+            self.unsynced = true;
+            if self.recording {
+                self.written.push((off, len as u64));
+            }
+        }
+        if let Err(e) = &r {
+            if write_poisons(e) {
+                self.poison.set(format!("write of {len} bytes at {off:#x} failed: {e}"));
+            }
+        }
+        r
+    }
 }
 
 impl ImageIo for FileIo {
@@ -328,17 +350,7 @@ impl ImageIo for FileIo {
         self.file.read_exact_at(buf, off)
     }
     fn write_at(&mut self, buf: &[u8], off: u64) -> io::Result<()> {
-        self.poison.check()?;
-        self.unsynced = true;
-        if self.recording {
-            self.written.push((off, buf.len() as u64));
-        }
-        let file = &self.file;
-        self.guard.write(off, buf.len() as u64, || file.write_all_at(buf, off)).inspect_err(|e| {
-            if write_poisons(e) {
-                self.poison.set(format!("write of {} bytes at {off:#x} failed: {e}", buf.len()));
-            }
-        })
+        self.write_with(off, buf.len(), |file| file.write_all_at(buf, off).map(|()| true)).map(drop)
     }
     fn flush(&mut self) -> io::Result<()> {
         self.poison.check()?;
@@ -381,30 +393,7 @@ impl ImageIo for FileIo {
         dst.read_file(self.file.as_fd(), off, pos, len)
     }
     fn write_from(&mut self, src: &dyn DataBuf, pos: usize, len: usize, off: u64) -> io::Result<bool> {
-        self.poison.check()?;
-        let file = &self.file;
-        let r = self.guard.write(off, len as u64, || src.write_file(file.as_fd(), off, pos, len));
-        match r {
-            Ok(false) => Ok(false),
-            Ok(true) => {
-                self.unsynced = true;
-                if self.recording {
-                    self.written.push((off, len as u64));
-                }
-                Ok(true)
-            }
-            Err(e) => {
-                // part of it may have reached the file
-                self.unsynced = true;
-                if self.recording {
-                    self.written.push((off, len as u64));
-                }
-                if write_poisons(&e) {
-                    self.poison.set(format!("write of {len} bytes at {off:#x} failed: {e}"));
-                }
-                Err(e)
-            }
-        }
+        self.write_with(off, len, |file| src.write_file(file.as_fd(), off, pos, len))
     }
 }
 
