@@ -232,7 +232,9 @@ pub struct BarrierReport {
     pub cpu_own_window_us: Option<u64>,
     /// CPU of the blkback-snap processes serving the disks: suspend seen → xl exit (so it
     /// also counts their idle work, and the resumed guest's I/O between xl's resume and its
-    /// exit, which the backend serves without a checkpoint too).
+    /// exit, which the backend serves without a checkpoint too). Backends serving
+    /// `checkpoint-barrier` report it themselves: from their receipt of it to their receipt
+    /// of `durable-release` (sent right after xl's exit).
     pub cpu_backend_window_us: Option<u64>,
     /// cpu_own_window + cpu_backend_window + barrier_after_copy.
     pub added_bound_us: Option<u64>,
@@ -247,6 +249,10 @@ pub struct BarrierReport {
     /// to line the report up with the guest's own clock.
     pub xl_start_wall_us: u64,
     pub suspend_seen_wall_us: u64,
+    /// Sum of the backends' process CPU (ns) when each received its `checkpoint-barrier`
+    /// (as they report it): the start of their window account without reading /proc there.
+    #[serde(skip)]
+    backend_cpu_at_barrier_ns: Option<u64>,
 }
 
 /// CPU time (ns) of this process and of the disks' serving processes, at one instant.
@@ -375,12 +381,51 @@ fn barrier(
 }
 
 /// `durable-release` to every disk: their deferred background work may start (xl is done).
-fn release_durable(env: &dyn Env, disks: &[Disk]) {
+/// Returns the sum of the process CPU (ns) the backends report, if every one did.
+fn release_durable(env: &dyn Env, disks: &[Disk]) -> Option<u64> {
+    let mut cpu = BackendCpu::default();
     for d in disks {
-        if let Err(e) = env.backend(d, &json!({"op": "durable-release"})) {
-            // the backend starts the work by itself after DEFER_DURABLE_MS
-            tracing::warn!("durable-release on {}: {e}", d.vdev);
+        match env.backend(d, &json!({"op": "durable-release"})) {
+            Ok(v) => cpu.add(d, Some(&v)),
+            Err(e) => {
+                // the backend starts the work by itself after DEFER_DURABLE_MS
+                tracing::warn!("durable-release on {}: {e}", d.vdev);
+                cpu.add(d, None);
+            }
         }
+    }
+    cpu.total()
+}
+
+/// The process CPU the backends report in their replies (`cpu_ns`, `pid`), each process
+/// counted once (one process may serve several disks).
+#[derive(Default)]
+struct BackendCpu {
+    total: u64,
+    pids: Vec<u32>,
+    missing: bool,
+}
+
+impl BackendCpu {
+    fn add(&mut self, d: &Disk, reply: Option<&Value>) {
+        let cpu = reply.and_then(|v| v.get("cpu_ns")).and_then(Value::as_u64);
+        let pid = reply
+            .and_then(|v| v.get("pid"))
+            .and_then(Value::as_u64)
+            .and_then(|p| u32::try_from(p).ok())
+            .or(d.pid);
+        match (cpu, pid) {
+            (Some(_), Some(p)) if self.pids.contains(&p) => {}
+            (Some(c), p) => {
+                self.total += c;
+                self.pids.extend(p);
+            }
+            (None, _) => self.missing = true,
+        }
+    }
+
+    fn total(&self) -> Option<u64> {
+        (!self.missing).then_some(self.total)
     }
 }
 
@@ -405,6 +450,7 @@ fn barrier_one_request(
 ) -> Result<(), StepError> {
     let t1 = env.now();
     let mut taken: Vec<Disk> = Vec::new();
+    let mut cpu = BackendCpu::default();
     let req = json!({
         "op": "checkpoint-barrier",
         "name": name,
@@ -420,6 +466,7 @@ fn barrier_one_request(
                 rep.drained += n("drained");
                 rep.quiesce_us += n("quiesce_micros");
                 rep.durable_deferred &= v.get("durable_deferred").and_then(Value::as_bool) == Some(true);
+                cpu.add(d, Some(&v));
                 taken.push(d.clone());
             }
             Err(e) => {
@@ -441,6 +488,7 @@ fn barrier_one_request(
             }
         }
     }
+    rep.backend_cpu_at_barrier_ns = cpu.total();
     rep.take_us = us(env.now() - t1).saturating_sub(rep.quiesce_us);
     rep.take_done_us = us(env.now() - t0);
     rep.inside_window = env.domain_state(domid) == DomState::Suspended;
@@ -554,8 +602,12 @@ pub fn snapshot(
         cleanup: vec![],
     })?;
     let mut outcome: Option<Result<(), StepError>> = None;
-    // CPU marks at the suspend seen and the barrier's end (xl-snap only: reading the
-    // backends' /proc entries costs CPU inside the window)
+    // CPU marks at the suspend seen and the barrier's end. Inside the window only our own
+    // process clock is read (one system call); backends that serve `checkpoint-barrier`
+    // report theirs in its reply and in `durable-release`'s (after xl's exit). Only for
+    // older backends are their /proc entries read at the suspend (reading them cost ~10 ms of
+    // CPU inside the window under nested TCG Xen).
+    let one_request = !disks.is_empty() && disks.iter().all(|d| d.barrier_op);
     let mut marks: Option<(CpuMark, CpuMark, SystemTime)> = None;
     let xl = loop {
         if let Some(r) = job.poll() {
@@ -566,9 +618,16 @@ pub fn snapshot(
             let wall = env.wall();
             rep.suspend_seen_after_us = us(seen - t0);
             rep.suspend_seen_wall_us = epoch_us(wall);
-            let m0 = cpu_mark(env, disks);
+            let mut m0 = if one_request {
+                CpuMark { at: seen, own: env.cpu_ns(None), backends: None }
+            } else {
+                cpu_mark(env, disks)
+            };
             outcome = Some(barrier(env, domid, disks, name, opts, &mut rep, seen));
             let m1 = CpuMark { at: env.now(), own: env.cpu_ns(None), backends: None };
+            if one_request {
+                m0.backends = rep.backend_cpu_at_barrier_ns;
+            }
             marks = Some((CpuMark { at: seen, ..m0 }, m1, wall));
             // xl resumes (-c) or pauses (-p) the domain by itself after the copy. Any
             // wake-up until then is CPU taken from xl's memory copy on a 1-vCPU dom0 (a
@@ -581,13 +640,18 @@ pub fn snapshot(
     let end = env.now();
     rep.xl_save_us = us(end - t0);
     if let Some((m0, m1, wall0)) = marks {
-        let m2 = cpu_mark(env, disks);
+        let mut m2 = if one_request {
+            CpuMark { at: end, own: env.cpu_ns(None), backends: None }
+        } else {
+            cpu_mark(env, disks)
+        };
+        if one_request {
+            // xl copied the memory and let the guest run: the backends may now make the
+            // checkpoint durable (after a failure there is nothing left, or a deletion to
+            // finish)
+            m2.backends = release_durable(env, disks);
+        }
         account(&mut rep, own0, m0, m1, m2, env.mtime(mem).map(|m| signed_us(m, wall0)), end);
-    }
-    if marks.is_some() && disks.iter().all(|d| d.barrier_op) {
-        // xl copied the memory and let the guest run: the backends may now make the
-        // checkpoint durable (after a failure there is nothing left, or a deletion to finish)
-        release_durable(env, disks);
     }
     let after_xl = |cleanup: &mut Vec<String>| {
         env.remove_file(mem);
@@ -1015,9 +1079,79 @@ mod real {
         }
     }
 
-    struct XlJob {
+    /// Start `xl ARGS... FILE` (the memory image last) with its stderr kept for the error
+    /// message.
+    pub(super) fn spawn_xl(xl: &str, args: &[&str], file: &Path) -> Result<XlJob, String> {
+        // xl's messages go to an unlinked file next to the memory image, read after its
+        // exit: a pipe would wake a reader thread for every progress line xl prints
+        // while it copies memory, CPU taken from the copy inside the suspended window.
+        let (stderr, err) = match stderr_file(file) {
+            Ok(f) => match f.try_clone() {
+                Ok(c) => (Stdio::from(c), XlErr::File(f)),
+                Err(_) => (Stdio::piped(), XlErr::None),
+            },
+            Err(_) => (Stdio::piped(), XlErr::None),
+        };
+        let mut child = Command::new(xl)
+            .args(args)
+            .arg(file)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .map_err(|e| format!("{xl}: {e}"))?;
+        let err = match (err, child.stderr.take()) {
+            (XlErr::File(f), _) => XlErr::File(f),
+            (_, Some(mut se)) => XlErr::Thread(std::thread::spawn(move || {
+                let mut s = String::new();
+                let _ = se.read_to_string(&mut s);
+                s
+            })),
+            (_, None) => XlErr::None,
+        };
+        Ok(XlJob { child, err })
+    }
+
+    pub(super) struct XlJob {
         child: Child,
-        err: Option<std::thread::JoinHandle<String>>,
+        err: XlErr,
+    }
+
+    /// Where xl's stderr goes.
+    enum XlErr {
+        /// An unlinked file, read after xl's exit.
+        File(std::fs::File),
+        /// A pipe and its reader thread (if no file could be made).
+        Thread(std::thread::JoinHandle<String>),
+        None,
+    }
+
+    impl XlErr {
+        /// Everything xl wrote (call once xl has exited).
+        fn take(&mut self) -> String {
+            use std::io::{Seek, SeekFrom};
+            match std::mem::replace(self, XlErr::None) {
+                XlErr::File(mut f) => {
+                    let mut s = String::new();
+                    if f.seek(SeekFrom::Start(0)).is_ok() {
+                        let _ = f.take(1 << 20).read_to_string(&mut s);
+                    }
+                    s
+                }
+                XlErr::Thread(h) => h.join().unwrap_or_default(),
+                XlErr::None => String::new(),
+            }
+        }
+    }
+
+    /// A new file for xl's stderr in the memory image's directory, already unlinked.
+    fn stderr_file(mem: &Path) -> std::io::Result<std::fs::File> {
+        let mut name = mem.file_name().unwrap_or_default().to_os_string();
+        name.push(format!(".xl-stderr.{}", std::process::id()));
+        let p = mem.with_file_name(name);
+        let f = std::fs::OpenOptions::new().read(true).write(true).create_new(true).open(&p)?;
+        std::fs::remove_file(&p)?;
+        Ok(f)
     }
 
     impl SaveJob for XlJob {
@@ -1025,7 +1159,7 @@ mod real {
             match self.child.try_wait() {
                 Ok(None) => None,
                 Ok(Some(st)) => {
-                    let msg = self.err.take().map(|h| h.join().unwrap_or_default()).unwrap_or_default();
+                    let msg = self.err.take();
                     if st.success() {
                         Some(Ok(()))
                     } else {
@@ -1037,7 +1171,7 @@ mod real {
         }
         fn wait(&mut self) -> Result<(), String> {
             let st = self.child.wait().map_err(e2s)?;
-            let msg = self.err.take().map(|h| h.join().unwrap_or_default()).unwrap_or_default();
+            let msg = self.err.take();
             if st.success() {
                 Ok(())
             } else {
@@ -1081,23 +1215,7 @@ mod real {
                 Mode::Checkpoint => "-c",
                 Mode::Save => "-p",
             };
-            let mut child = Command::new(&self.xl)
-                .arg("save")
-                .arg(flag)
-                .arg(domid.to_string())
-                .arg(file)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped())
-                .spawn()
-                .map_err(|e| format!("{}: {e}", self.xl))?;
-            let mut se = child.stderr.take().unwrap();
-            let err = std::thread::spawn(move || {
-                let mut s = String::new();
-                let _ = se.read_to_string(&mut s);
-                s
-            });
-            Ok(Box::new(XlJob { child, err: Some(err) }))
+            Ok(Box::new(spawn_xl(&self.xl, &["save", flag, &domid.to_string()], file)?))
         }
         fn unpause(&self, domid: u32) -> Result<(), String> {
             self.xc.unpause(domid).map_err(e2s)
@@ -1148,7 +1266,10 @@ mod real {
             Instant::now()
         }
         fn cpu_ns(&self, pid: Option<u32>) -> Option<u64> {
-            crate::cpu::process_cpu_ns(pid.unwrap_or_else(std::process::id))
+            match pid {
+                None => Some(crate::cpu::own_cpu_ns()),
+                Some(p) => crate::cpu::process_cpu_ns(p),
+            }
         }
         fn mtime(&self, p: &Path) -> Option<SystemTime> {
             std::fs::metadata(p).and_then(|m| m.modified()).ok()

@@ -18,6 +18,8 @@ struct World {
     take_unsupported: bool,
     // the domain resumes right after this many quiesce calls (the "late watch" race)
     resume_after_quiesce: bool,
+    /// Backend replies without `cpu_ns` (a backend older than the CPU report).
+    no_cpu_in_replies: bool,
     started: bool,
     unpaused: bool,
     removed: Vec<PathBuf>,
@@ -120,7 +122,10 @@ impl Env for Fake {
                     // served, but the reply never came
                     return Err("/run/xensnap/x.sock: connection closed without a full reply".into());
                 }
-                Ok(json!({"drained": 1, "connected": true, "quiesce_micros": 5, "take_micros": 7, "durable_deferred": true}))
+                // the backend's process CPU as the `cpu_ns` fake (1/4 of the clock), its pid
+                let cpu = (!w.no_cpu_in_replies).then_some(w.clock.as_nanos() as u64 / 4);
+                Ok(json!({"drained": 1, "connected": true, "quiesce_micros": 5, "take_micros": 7, "durable_deferred": true,
+                          "cpu_ns": cpu, "pid": disk.pid}))
             }
             "quiesce" => {
                 if w.resume_after_quiesce {
@@ -145,6 +150,7 @@ impl Env for Fake {
                 w.checkpoints.retain(|(d, c)| !(d == &v && c == &n));
                 Ok(json!({}))
             }
+            "durable-release" => Ok(json!({"released": true, "cpu_ns": w.clock.as_nanos() as u64 / 4, "pid": disk.pid})),
             _ => Ok(json!({})),
         }
     }
@@ -600,11 +606,34 @@ fn window_accounting_counts_cpu_from_the_suspend_to_the_resume() {
 
 #[test]
 fn window_accounting_unknown_backend_pid_gives_no_bound() {
+    // older backends (no checkpoint-barrier): their CPU comes from /proc, which needs the pid
     let f = world();
-    let rep = run(&f, Mode::Checkpoint).unwrap();
+    let rep = run_old(&f, Mode::Checkpoint).unwrap();
     assert_eq!(rep.cpu_backend_window_us, None);
     assert_eq!(rep.added_bound_us, None);
     assert!(rep.cpu_own_window_us.is_some() && rep.copy_end_us.is_some());
+}
+
+#[test]
+fn window_accounting_takes_the_backends_cpu_from_their_replies() {
+    // one-request backends report their CPU themselves: the pid from /proc is not needed
+    // (and /proc is not read: the fake's cpu_ns(Some(pid)) would say 1/4 of the clock too,
+    // but each process is counted once only through its replies' pid)
+    let f = world();
+    let d: Vec<Disk> = disks().into_iter().map(|d| Disk { pid: Some(77), ..d }).collect();
+    let rep = snapshot(&f, 5, &d, Path::new("/s/mem"), "c1", Mode::Checkpoint, &Opts::default()).unwrap();
+    assert_eq!(rep.cpu_backend_window_us, Some(45_000));
+    // two processes: each counted
+    let f = world();
+    let d: Vec<Disk> = disks().into_iter().enumerate().map(|(i, d)| Disk { pid: Some(70 + i as u32), ..d }).collect();
+    let rep = snapshot(&f, 5, &d, Path::new("/s/mem"), "c1", Mode::Checkpoint, &Opts::default()).unwrap();
+    assert_eq!(rep.cpu_backend_window_us, Some(90_000));
+    // a backend whose reply lacks cpu_ns: no backend account, no bound
+    let f = world();
+    f.0.borrow_mut().no_cpu_in_replies = true;
+    let rep = run(&f, Mode::Checkpoint).unwrap();
+    assert_eq!(rep.cpu_backend_window_us, None);
+    assert_eq!(rep.added_bound_us, None);
 }
 
 #[test]

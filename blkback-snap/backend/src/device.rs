@@ -11,7 +11,7 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -25,6 +25,7 @@ use crate::control::{
     self, ControlServer, Handler, Request, BARRIER_QUIESCE_FAILED, BARRIER_TAKE_FAILED,
     MAX_DEFER_DURABLE_MS,
 };
+use crate::durability::{process_cpu_ns, Durability};
 use crate::image::{parse_params, Format, Image};
 
 /// How to serve a device.
@@ -186,46 +187,8 @@ pub struct Device {
     slot: Mutex<RingSlot>,
     state: Mutex<XenbusState>,
     quiesce_timeout: Duration,
-    /// Background durability held back by `checkpoint-barrier {defer_durable_ms}`.
-    deferred: Mutex<Option<Arc<DurabilityGate>>>,
-}
-
-/// Opened by `durable-release` (or by its waiting thread at the deadline); the thread then
-/// drives every pending checkpoint's background work.
-#[derive(Default)]
-struct DurabilityGate {
-    open: Mutex<bool>,
-    cv: Condvar,
-}
-
-impl DurabilityGate {
-    fn release(&self) {
-        *lock(&self.open) = true;
-        self.cv.notify_all();
-    }
-
-    /// Wait until released or `max` passed; true if released.
-    fn wait(&self, max: Duration) -> bool {
-        let deadline = Instant::now() + max;
-        let mut open = lock(&self.open);
-        while !*open {
-            let now = Instant::now();
-            if now >= deadline {
-                *open = true; // a later deferral starts a new gate
-                return false;
-            }
-            open = self
-                .cv
-                .wait_timeout(open, deadline - now)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
-        true
-    }
-
-    fn is_open(&self) -> bool {
-        *lock(&self.open)
-    }
+    /// The image's background durability worker (qcow2 images).
+    durability: Option<Durability>,
 }
 
 impl Device {
@@ -270,6 +233,8 @@ impl Device {
             .clone()
             .ok_or("not a qcow2 image (served raw)")?;
         let t0 = Instant::now();
+        // for the caller's account of what the disk part costs inside its window
+        let cpu0 = process_cpu_ns();
         // A quiesce of the caller stays in force (and is not lifted here).
         let held = self.is_held();
         let (drained, connected) = if held {
@@ -296,7 +261,7 @@ impl Device {
         let deferred = match defer {
             Some(max) => self.defer_durability(q, max),
             None => {
-                spawn_durability(q);
+                self.run_durability(q);
                 false
             }
         };
@@ -307,56 +272,34 @@ impl Device {
         v["take_micros"] = json!((tt - tq).as_micros() as u64);
         v["micros"] = json!(t0.elapsed().as_micros() as u64);
         v["durable_deferred"] = json!(deferred);
+        v["cpu_ns"] = json!(cpu0);
+        v["pid"] = json!(std::process::id());
         Ok(v)
     }
 
-    /// Hold the background durability work back until `durable-release` or `max`. One waiting
-    /// thread serves every deferral until it is released. (A driver that is still running,
-    /// e.g. for a deletion or an earlier checkpoint, takes the new work too.) False if the
-    /// work could not be deferred (it was started at once).
+    /// Hold the background durability work back until `durable-release` or `max` (see
+    /// [`Durability::defer`]); false if it was started at once instead.
     fn defer_durability(&self, q: Arc<Mutex<xensnap_qcow2::Qcow2>>, max: Duration) -> bool {
-        let mut slot = lock(&self.deferred);
-        if slot.as_ref().is_some_and(|g| !g.is_open()) {
-            return true;
-        }
-        let gate = Arc::new(DurabilityGate::default());
-        let g = Arc::clone(&gate);
-        let q2 = Arc::clone(&q);
-        let r = std::thread::Builder::new()
-            .name("durable-deferred".into())
-            .spawn(move || {
-                if !g.wait(max) {
-                    tracing::warn!(
-                        "no durable-release within {} ms: making the checkpoint durable now",
-                        max.as_millis()
-                    );
-                }
-                xensnap_qcow2::SharedImage(q2).drive_durability(None);
-            });
-        match r {
-            Ok(_) => {
-                *slot = Some(gate);
-                true
-            }
-            Err(e) => {
-                tracing::warn!("deferring the background checkpoint work: {e}; starting it now");
-                drop(slot);
+        match &self.durability {
+            Some(d) => d.defer(max),
+            None => {
                 spawn_durability(q);
                 false
             }
         }
     }
 
+    /// Make the pending background work durable now.
+    fn run_durability(&self, q: Arc<Mutex<xensnap_qcow2::Qcow2>>) {
+        match &self.durability {
+            Some(d) => d.run_now(),
+            None => spawn_durability(q),
+        }
+    }
+
     /// `durable-release`: start the deferred background work (true if some was waiting).
     pub fn durable_release(&self) -> bool {
-        match lock(&self.deferred).take() {
-            Some(g) => {
-                let waiting = !g.is_open();
-                g.release();
-                waiting
-            }
-            None => false,
-        }
+        self.durability.as_ref().is_some_and(|d| d.release())
     }
 
     pub fn resume(&self) {
@@ -450,8 +393,9 @@ impl Device {
     }
 }
 
-/// Make taken checkpoints durable in the background (`SharedImage::drive_durability`); the
-/// thread ends when nothing is pending.
+/// Make taken checkpoints durable in the background on a thread of their own
+/// (`SharedImage::drive_durability`, ending when nothing is pending): for an image served
+/// without a durability worker (read-only).
 fn spawn_durability(q: Arc<Mutex<xensnap_qcow2::Qcow2>>) {
     let img = xensnap_qcow2::SharedImage(q);
     std::thread::spawn(move || img.drive_durability(None));
@@ -508,7 +452,7 @@ impl Handler for Device {
                 let t0 = Instant::now();
                 let info = self.with_quiesced(|| lock(&q).checkpoint_take(name).map_err(qe))?;
                 let micros = t0.elapsed().as_micros() as u64;
-                spawn_durability(q);
+                self.run_durability(q);
                 let mut v = json!(info);
                 v["micros"] = json!(micros);
                 Ok(v)
@@ -524,7 +468,10 @@ impl Handler for Device {
                     .unwrap_or(self.quiesce_timeout),
                 defer_durable_ms.map(|ms| Duration::from_millis(ms.min(MAX_DEFER_DURABLE_MS))),
             ),
-            Request::DurableRelease => Ok(json!({ "released": self.durable_release() })),
+            Request::DurableRelease => {
+                let cpu = process_cpu_ns();
+                Ok(json!({ "released": self.durable_release(), "cpu_ns": cpu, "pid": std::process::id() }))
+            }
             Request::CheckpointList => Ok(json!(self.qcow2()?.checkpoint_list())),
             Request::CheckpointDelete { checkpoint } => {
                 self.qcow2()?.checkpoint_delete(checkpoint).map_err(qe)?;
@@ -629,13 +576,18 @@ pub fn serve(
     };
     tracing::info!(backend = %be, image = %path.display(), format = image.format.as_str(),
         size = image.device.size(), read_only = nodes.read_only, "image open");
+    let durability = image
+        .qcow2
+        .as_ref()
+        .filter(|_| !nodes.read_only)
+        .map(|q| Durability::start(Arc::clone(q)));
     let dev = Arc::new(Device {
         nodes: nodes.clone(),
         image,
         slot: Mutex::new(RingSlot::default()),
         state: Mutex::new(XenbusState::Initialising),
         quiesce_timeout: opts.quiesce_timeout,
-        deferred: Mutex::new(None),
+        durability,
     });
 
     // Control sockets before we announce anything.
@@ -780,6 +732,7 @@ mod tests {
             Format::Raw => std::fs::write(&path, vec![0u8; 1 << 20]).unwrap(),
         }
         let image = Image::open(&path, Some(format), false, Duration::from_secs(1)).unwrap();
+        let durability = image.qcow2.as_ref().map(|q| Durability::start(Arc::clone(q)));
         Device {
             nodes: BackendNodes {
                 path: "/local/domain/0/backend/vbd/3/51712".into(),
@@ -793,7 +746,7 @@ mod tests {
             slot: Mutex::new(RingSlot::default()),
             state: Mutex::new(XenbusState::Connected),
             quiesce_timeout: Duration::from_secs(5),
-            deferred: Mutex::new(None),
+            durability,
         }
     }
 
@@ -840,6 +793,7 @@ mod tests {
         assert_eq!(v["durable_deferred"], false);
         assert_eq!((v["drained"].as_u64(), v["connected"].as_bool()), (Some(0), Some(false)));
         assert!(v["micros"].as_u64().is_some() && v["take_micros"].as_u64().is_some());
+        assert!(v["cpu_ns"].as_u64().is_some_and(|n| n > 0), "{v}");
         assert!(!d.is_held(), "the barrier lifts its own quiesce");
         assert_eq!(d.status()["ops"], json!(["checkpoint-barrier", "durable-release"]));
         // not deferred: durable without a release
@@ -902,6 +856,28 @@ mod tests {
         assert_eq!(state_of(&d, "b3"), CheckpointState::Taken);
         assert_eq!(d.handle(&Request::DurableRelease).unwrap()["released"], true);
         wait_durable(&d, "b3");
+    }
+
+    /// Threads of this process (nextest runs every test in a process of its own).
+    fn threads() -> usize {
+        std::fs::read_dir("/proc/self/task").unwrap().count()
+    }
+
+    #[test]
+    fn deferred_barrier_starts_no_thread_and_release_reports_cpu() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = device(dir.path(), Format::Qcow2);
+        // the worker started with the device, and is idle
+        std::thread::sleep(Duration::from_millis(50));
+        let before = threads();
+        let v = d.handle(&barrier("b1", Some(60_000))).unwrap();
+        assert_eq!(v["durable_deferred"], true);
+        assert_eq!(threads(), before, "a thread was started inside the window");
+        let r = d.handle(&Request::DurableRelease).unwrap();
+        assert_eq!(r["released"], true);
+        assert!(r["cpu_ns"].as_u64().unwrap() >= v["cpu_ns"].as_u64().unwrap(), "{v} {r}");
+        wait_durable(&d, "b1");
+        assert_eq!(threads(), before, "the worker made it durable");
     }
 
     #[test]

@@ -15,6 +15,7 @@
 
 pub mod control;
 pub mod device;
+pub mod durability;
 pub mod image;
 pub mod watch;
 pub mod xen;
