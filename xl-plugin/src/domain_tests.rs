@@ -701,3 +701,38 @@ fn backend_connection_closed_between_requests_is_reopened() {
     drop(c);
     assert_eq!(srv.join().unwrap(), 2);
 }
+
+#[test]
+fn xl_stderr_goes_to_an_unlinked_file_and_into_the_error() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let xl = dir.path().join("fake-xl");
+    std::fs::write(
+        &xl,
+        "#!/bin/sh\ncase \"$4\" in *fail*) i=0; while [ $i -lt 50 ]; do echo \"Frames $i%\" >&2; i=$((i+1)); done; \
+         echo \"$1 $2 $3: Failed to save domain\" >&2; exit 1;; esac\necho fine >&2\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&xl, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let xl = xl.to_str().unwrap();
+    let mem = dir.path().join("mem");
+    // success: nothing reported, nothing left in the directory
+    let mut j = super::real::spawn_xl(xl, &["save", "-c", "5"], &mem).unwrap();
+    assert_eq!(j.wait(), Ok(()));
+    let left = || std::fs::read_dir(dir.path()).unwrap().count();
+    assert_eq!(left(), 1, "only the fake xl");
+    // failure: everything xl wrote is in the message (read from the unlinked file)
+    let mut j = super::real::spawn_xl(xl, &["save", "-c", "5"], &dir.path().join("fail-mem")).unwrap();
+    let e = j.wait().unwrap_err();
+    assert!(e.contains("Frames 49%") && e.contains("save -c 5: Failed to save domain"), "{e}");
+    assert_eq!(left(), 1);
+    // no directory for the file: a pipe instead, same message (poll path)
+    let mut j = super::real::spawn_xl(xl, &["save", "-c", "5"], &dir.path().join("none/fail-mem")).unwrap();
+    let r = loop {
+        if let Some(r) = j.poll() {
+            break r;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert!(r.unwrap_err().contains("Failed to save domain"));
+}
