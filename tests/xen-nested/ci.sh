@@ -152,7 +152,7 @@ fi
 # XTB_CHECKPOINT=0 leaves it out (reported as NOT RUN).
 if [ -z "${XTB_ONLY:-}" ] && [ "${XTB_CHECKPOINT:-1}" != 0 ]; then
   T=$(usec)
-  CK_ROUNDS=${CK_ROUNDS:-20} CK_NEG=${CK_NEG:-3} CK_BENCH=${CK_BENCH:-5} RETRY_IF_NO_RESULT=1 \
+  CK_ROUNDS=${CK_ROUNDS:-20} CK_NEG=${CK_NEG:-3} CK_BENCH=${CK_BENCH:-5} CK_RETRY=0 RETRY_IF_NO_RESULT=1 \
     attempt checkpoint "$HERE/checkpoint/run.sh"
   echo "TIMING checkpoint-suite-with-build $(fmt $(( $(usec) - T )))"
   RAN="$RAN + checkpoint"

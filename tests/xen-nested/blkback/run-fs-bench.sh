@@ -73,19 +73,13 @@ qemu-img create -q -f qcow2 "$W/fs.qcow2" 256M || exit 2
 # the two benchmark images: same qemu-img options (default 64 KiB clusters) for both backends
 qemu-img create -q -f qcow2 "$W/bench-s.qcow2" 128M && qemu-img create -q -f qcow2 "$W/bench-q.qcow2" 128M || exit 2
 ENV=(); for v in XSB_SECS XSB_ROUNDS XSB_PHASES XSB_SNAP_THREADS XSB_SNAP0; do [ -n "${!v:-}" ] && ENV+=(--env "$v=${!v}"); done
-for attempt in 1 2; do
-  RUN=${XTB_RUNS:-/var/tmp/xensnap-testbed/runs}/xsbfs-$(date +%Y%m%d-%H%M%S)-$$
-  "$XN/boot.sh" --name xsbfs --run-dir "$RUN" --timeout "${XSB_TIMEOUT:-2400}" --bins "$W/bins" "${ENV[@]}" \
-    --put "$ROOT/hooks/xensnap" --put "$HERE/guest-fs.sh" --put "$W/xsbio" --put "$W/xsb-guest-overlay.tgz" \
-    --put "$W/fs.qcow2" --put "$W/bench-s.qcow2" --put "$W/bench-q.qcow2" "${PUTS[@]}" "$@" "$HERE/main-fs.sh"
-  RC=$?
-  [ $RC = 0 ] && break
-  if [ $attempt = 1 ] && [ "${XSB_RETRY:-1}" = 1 ] && { grep -aq 'segfault at' "$RUN/serial.log" || [ $RC = 124 ]; }; then
-    echo "INFO xsbfs: attempt 1 failed (rc=$RC): $(grep -a -m1 'segfault at\|hit its' "$RUN/serial.log" | cut -c1-160); retrying once"
-    continue
-  fi
-  break
-done
+# one reported retry on the known TCG flakes (dom0 segfault, time limit; lib/boot-retry.sh)
+. "$XN/lib/boot-retry.sh"
+P=flake; [ "${XSB_RETRY:-1}" = 1 ] || P=none
+xtb_boot_retry xsbfs $P "$XN/boot.sh" \
+  --timeout "${XSB_TIMEOUT:-2400}" --bins "$W/bins" "${ENV[@]}" \
+  --put "$ROOT/hooks/xensnap" --put "$HERE/guest-fs.sh" --put "$W/xsbio" --put "$W/xsb-guest-overlay.tgz" \
+  --put "$W/fs.qcow2" --put "$W/bench-s.qcow2" --put "$W/bench-q.qcow2" "${PUTS[@]}" "$@" "$HERE/main-fs.sh"
 OUT=$RUN/share/out
 hc() { echo "CHECK $([ "$2" = 0 ] && echo PASS || echo FAIL) host-$1${3:+ ($3)}"; [ "$2" = 0 ] || RC=$((RC+1)); }
 

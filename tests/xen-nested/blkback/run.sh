@@ -11,21 +11,13 @@ SCRIPT=$HERE/main.sh
 W=$(mktemp -d /tmp/xsb-run.XXXX); trap 'rm -rf "$W"' EXIT
 mkdir -p "$W/bins"; cp "$ROOT/target/release/blkback-snap" "$ROOT/target/release/examples/xen_probe" "$W/bins/"
 qemu-img create -q -f qcow2 "$W/xsb.qcow2" 64M || exit 2
-# One automatic retry when dom0 userspace segfaulted or the script hit its time limit (known
-# flakes of dom0 under TCG, see /work/shared/testbed/NOTES.md; seen here: xl segfaulting in
-# libc, and a `date +%s` spinning for minutes in state R): the retry is reported, never hidden.
-for attempt in 1 2; do
-  RUN=${XTB_RUNS:-/var/tmp/xensnap-testbed/runs}/xsb-$(date +%Y%m%d-%H%M%S)-$$
-  "$XN/boot.sh" --name xsb --run-dir "$RUN" --timeout "${XSB_TIMEOUT:-600}" --bins "$W/bins" \
-    --put "$ROOT/hooks/xensnap" --put "$HERE/guest-init.sh" --put "$W/xsb.qcow2" "$@" "$SCRIPT"
-  RC=$?
-  [ $RC = 0 ] && break
-  if [ $attempt = 1 ] && [ "${XSB_RETRY:-1}" = 1 ] && { grep -aq 'segfault at' "$RUN/serial.log" || [ $RC = 124 ]; }; then
-    echo "INFO xsb: attempt 1 failed (rc=$RC): $(grep -a -m1 'segfault at\|hit its' "$RUN/serial.log" | cut -c1-160); retrying once"
-    continue
-  fi
-  break
-done
+# One automatic retry, reported, when dom0 userspace segfaulted or the script hit its time
+# limit (known flakes of dom0 under TCG; lib/boot-retry.sh). XSB_RETRY=0: none (ci.sh retries).
+. "$XN/lib/boot-retry.sh"
+P=flake; [ "${XSB_RETRY:-1}" = 1 ] || P=none
+xtb_boot_retry xsb $P "$XN/boot.sh" \
+  --timeout "${XSB_TIMEOUT:-600}" --bins "$W/bins" \
+  --put "$ROOT/hooks/xensnap" --put "$HERE/guest-init.sh" --put "$W/xsb.qcow2" "$@" "$SCRIPT"
 OUT=$RUN/share/out
 if [ -f "$OUT/xsb.qcow2" ]; then
   qemu-img check "$OUT/xsb.qcow2"; c=$?

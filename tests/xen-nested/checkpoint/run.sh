@@ -4,6 +4,7 @@
 # usage: tests/xen-nested/checkpoint/run.sh [boot.sh options...]
 # env: CK_ROUNDS (20) CK_NEG (3) CK_BENCH (5) CK_NEG_BEFORE_MS (1500) CK_NEG_MIN_WRITES (3)
 #      CK_TIMEOUT (1500 s) CK_SMP (1: vCPUs of the nested host = dom0's vCPUs)
+#      CK_RETRY (1: one reported retry of a boot that gave no result, rc 124/125; 0: none)
 set -uo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd); ROOT=$(cd "$HERE/../../.." && pwd); XN=$(dirname "$HERE")
 T0=$(date +%s)
@@ -13,14 +14,18 @@ mkdir -p "$W/bins"; cp "$ROOT/target/release/blkback-snap" "$ROOT/target/release
 gcc -O2 -static -o "$W/checker" "$HERE/checker.c" || exit 2
 gcc -O2 -static -o "$W/ckscan" "$HERE/ckscan.c" || exit 2
 qemu-img create -q -f qcow2 "$W/ck.qcow2" 1G || exit 2
-RUN=${XTB_RUNS:-/var/tmp/xensnap-testbed/runs}/ck-$(date +%Y%m%d-%H%M%S)-$$
 echo "checkpoint suite: host load before: $(uptime)"
-"$XN/boot.sh" --name ck --run-dir "$RUN" --timeout "${CK_TIMEOUT:-1500}" --bins "$W/bins" --smp "${CK_SMP:-1}" \
+# One reported retry, but only of a boot that gave no result (time limit 124, boot failure 125;
+# lib/boot-retry.sh): a failed check is a result of this suite and is never retried, and dom0
+# crashes of xl-snap steps are already retried once inside dom0 (main.sh retry1).
+# CK_RETRY=0: none (ci.sh retries on its own).
+. "$XN/lib/boot-retry.sh"
+P=no-result; [ "${CK_RETRY:-1}" = 1 ] || P=none
+xtb_boot_retry ck $P "$XN/boot.sh" --timeout "${CK_TIMEOUT:-1500}" --bins "$W/bins" --smp "${CK_SMP:-1}" \
   --put "$ROOT/hooks/xensnap" --put "$HERE/guest-init.sh" --put "$W/checker" --put "$W/ckscan" --put "$W/ck.qcow2" \
   --env CK_ROUNDS="${CK_ROUNDS:-20}" --env CK_NEG="${CK_NEG:-3}" --env CK_BENCH="${CK_BENCH:-5}" \
   --env CK_NEG_BEFORE_MS="${CK_NEG_BEFORE_MS:-1500}" --env CK_NEG_MIN_WRITES="${CK_NEG_MIN_WRITES:-3}" \
   --env CK_REVERT_MIN_GAP_MS="${CK_REVERT_MIN_GAP_MS:-5000}" "$@" "$HERE/main.sh"
-RC=$?
 echo "checkpoint suite: host load after: $(uptime)"
 grep -a -h '^DOWNTIME\|^DISK-BARRIER' "$RUN/share/out/bench.txt" 2>/dev/null
 [ -s "$RUN/share/out/bench.txt" ] && "$HERE/bench-stats.sh" "$RUN/share/out/bench.txt" | sed 's/^/BENCH-STATS /'
