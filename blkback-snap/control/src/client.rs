@@ -263,7 +263,11 @@ mod tests {
         let seen: Vec<(usize, &str)> = seen.iter().map(|(n, l)| (*n, l.as_str())).collect();
         assert_eq!(
             seen,
-            [(0, r#"{"op":"a"}"#), (0, r#"{"op":"lost"}"#), (1, r#"{"op":"b"}"#)]
+            [
+                (0, r#"{"op":"a"}"#),
+                (0, r#"{"op":"lost"}"#),
+                (1, r#"{"op":"b"}"#)
+            ]
         );
     }
 
@@ -273,7 +277,10 @@ mod tests {
         let p = d.path().join("none.sock");
         let e = call(&p, &json!({"op": "status"}), Duration::from_secs(1)).unwrap_err();
         assert!(matches!(e, CallError::Connect { .. }), "{e}");
-        assert!(e.to_string().starts_with(&format!("{}: ", p.display())), "{e}");
+        assert!(
+            e.to_string().starts_with(&format!("{}: ", p.display())),
+            "{e}"
+        );
         // a timeout while waiting for the reply
         let p = d.path().join("mute.sock");
         let l = UnixListener::bind(&p).unwrap();

@@ -104,11 +104,11 @@ mod tests {
     #[test]
     fn envelope() {
         assert_eq!(reply(Ok(json!(3))).to_string(), r#"{"ok":3}"#);
+        assert_eq!(reply(Err("no".into())).to_string(), r#"{"error":"no"}"#);
         assert_eq!(
-            reply(Err("no".into())).to_string(),
-            r#"{"error":"no"}"#
+            parse_reply("{\"ok\":{\"a\":1}}\n").unwrap(),
+            Ok(json!({"a": 1}))
         );
-        assert_eq!(parse_reply("{\"ok\":{\"a\":1}}\n").unwrap(), Ok(json!({"a": 1})));
         assert_eq!(parse_reply(r#"{"ok":null}"#).unwrap(), Ok(Value::Null));
         assert_eq!(parse_reply(r#"{"error":"x"}"#).unwrap(), Err("x".into()));
         assert_eq!(
@@ -132,7 +132,10 @@ mod tests {
         assert_eq!(read_line(&mut r, 100, &mut b).unwrap(), LineRead::Line);
         assert_eq!(b, "ef\n");
         // end of stream inside a line, then at a line boundary
-        assert_eq!(read_line(&mut r, 100, &mut b).unwrap(), LineRead::Incomplete);
+        assert_eq!(
+            read_line(&mut r, 100, &mut b).unwrap(),
+            LineRead::Incomplete
+        );
         assert_eq!(b, "xyz");
         assert_eq!(read_line(&mut r, 100, &mut b).unwrap(), LineRead::Eof);
         assert_eq!(b, "");

@@ -87,7 +87,8 @@ impl ControlServer {
             if UnixStream::connect(path).is_ok() {
                 return Err(io::Error::new(
                     io::ErrorKind::AddrInUse,
-                    format!("{}: another server is listening there", path.display()),
+                    // the callers name the path
+                    "another server is listening there",
                 ));
             }
             std::fs::remove_file(path)?;
