@@ -1,109 +1,45 @@
-//! The control socket of a served image: one JSON request per line, one JSON reply per line.
+//! The control socket of a served image: one JSON request ([`Request`]) per line, one JSON
+//! reply per line, through `xensnap-control` (the framing, the reply envelope
+//! `{"ok": <result>}` / `{"error": "<message>"}`, the server and the client).
 //!
-//! Reply: `{"ok": <result>}` or `{"error": "<message>"}`. The socket is created with mode
-//! 0600, so only its owner (root, for a backend) can use it.
+//! The socket is created with mode 0600, so only its owner (root, for a backend) can use it.
 
 use crate::image::{execute, CliError, Request};
-use serde_json::{json, Value};
-use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::fs::PermissionsExt;
-use std::os::unix::net::{UnixListener, UnixStream};
+use serde_json::Value;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
+use xensnap_control::{CallError, ControlServer, Handler};
 use xensnap_qcow2::Qcow2;
 
-/// Longest request line accepted (a request is a few hundred bytes).
-const MAX_LINE: u64 = 64 * 1024;
+/// Serves the requests on the image.
+struct ImageHandler(Arc<Mutex<Qcow2>>);
 
-pub struct ControlServer {
-    listener: UnixListener,
-    img: Arc<Mutex<Qcow2>>,
-}
-
-impl ControlServer {
-    pub fn bind(path: &Path, img: Arc<Mutex<Qcow2>>) -> std::io::Result<Self> {
-        if path.exists() {
-            // A live server answers; a stale socket from a crashed one is replaced.
-            if UnixStream::connect(path).is_ok() {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::AddrInUse,
-                    "another server is already listening there",
-                ));
-            }
-            std::fs::remove_file(path)?;
-        }
-        let listener = UnixListener::bind(path)?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-        Ok(ControlServer { listener, img })
-    }
-
-    pub fn run(self) {
-        for conn in self.listener.incoming() {
-            match conn {
-                Ok(stream) => {
-                    let img = self.img.clone();
-                    std::thread::spawn(move || {
-                        if let Err(e) = handle(stream, &img) {
-                            tracing::warn!("control connection: {e}");
-                        }
-                    });
-                }
-                Err(e) => tracing::warn!("control accept: {e}"),
-            }
-        }
+impl Handler<Request> for ImageHandler {
+    fn handle(&self, req: &Request) -> Result<Value, String> {
+        let mut img = self
+            .0
+            .lock()
+            .map_err(|_| "image state poisoned by an earlier failure".to_string())?;
+        execute(&mut img, req).map_err(|e| e.to_string())
     }
 }
 
-fn handle(stream: UnixStream, img: &Mutex<Qcow2>) -> std::io::Result<()> {
-    let mut writer = stream.try_clone()?;
-    let mut reader = BufReader::new(stream).take(MAX_LINE);
-    let mut line = String::new();
-    loop {
-        line.clear();
-        reader.set_limit(MAX_LINE);
-        if reader.read_line(&mut line)? == 0 {
-            return Ok(());
-        }
-        if !line.ends_with('\n') {
-            let reply = json!({ "error": "request line too long or truncated" });
-            writeln!(writer, "{reply}")?;
-            return Ok(());
-        }
-        let reply = match serde_json::from_str::<Request>(&line) {
-            Err(e) => json!({ "error": format!("bad request: {e}") }),
-            Ok(req) => {
-                tracing::info!(?req, "control request");
-                match img.lock() {
-                    Err(_) => json!({ "error": "image state poisoned by an earlier failure" }),
-                    Ok(mut g) => match execute(&mut g, &req) {
-                        Ok(v) => json!({ "ok": v }),
-                        Err(e) => json!({ "error": e.to_string() }),
-                    },
-                }
-            }
-        };
-        writeln!(writer, "{reply}")?;
-    }
+/// Listen on `path` (a live server there: `AddrInUse`; a stale socket is replaced) and serve
+/// `img` until the returned server is dropped.
+pub fn bind(path: &Path, img: Arc<Mutex<Qcow2>>) -> std::io::Result<ControlServer> {
+    ControlServer::bind(path, Arc::new(ImageHandler(img)) as Arc<dyn Handler<Request>>)
 }
 
 /// Send `req` to the server at `path`. `Ok(None)` when nothing serves the image there.
 pub fn try_call(path: &Path, req: &Request) -> Result<Option<Result<Value, String>>, CliError> {
-    let stream = match UnixStream::connect(path) {
-        Ok(s) => s,
-        Err(_) => return Ok(None),
-    };
-    let io = |e: std::io::Error| CliError::Other(format!("control socket {}: {e}", path.display()));
-    let mut w = stream.try_clone().map_err(io)?;
-    let line = serde_json::to_string(req).map_err(|e| CliError::Other(e.to_string()))?;
-    writeln!(w, "{line}").map_err(io)?;
-    let mut reply = String::new();
-    BufReader::new(stream).take(64 << 20).read_line(&mut reply).map_err(io)?;
-    let v: Value = serde_json::from_str(&reply)
-        .map_err(|e| CliError::Other(format!("control socket {}: bad reply: {e}", path.display())))?;
-    if let Some(ok) = v.get("ok") {
-        Ok(Some(Ok(ok.clone())))
-    } else {
-        let msg = v.get("error").and_then(Value::as_str).unwrap_or("malformed reply");
-        Ok(Some(Err(msg.to_string())))
+    match xensnap_control::call(path, req, None) {
+        Ok(v) => Ok(Some(Ok(v))),
+        Err(CallError::Refused(msg)) => Ok(Some(Err(msg))),
+        Err(CallError::Connect { .. }) => Ok(None),
+        // these do not name the socket
+        Err(e @ (CallError::BadReply { .. } | CallError::Encode(_))) => {
+            Err(CliError::Other(format!("control socket {}: {e}", path.display())))
+        }
+        Err(e) => Err(CliError::Other(format!("control socket {e}"))),
     }
 }

@@ -949,8 +949,6 @@ pub fn valid_name(n: &str) -> bool {
 mod real {
     use super::*;
     use libxc_ffi::{ShutdownReason, XenCtrl, XenStore};
-    use std::io::{BufRead, BufReader};
-    use std::os::unix::net::UnixStream;
     use std::process::{Child, Command, Stdio};
 
     pub struct RealEnv {
@@ -965,36 +963,9 @@ mod real {
         conns: Conns,
     }
 
-    type Conn = BufReader<UnixStream>;
-
-    /// Kept control connections, one per socket path.
-    #[derive(Default)]
-    pub struct Conns(std::cell::RefCell<std::collections::HashMap<PathBuf, Conn>>);
-
-    impl Conns {
-        pub fn call(&self, path: &Path, req: &Value) -> Result<Value, String> {
-            let mut conns = self.0.borrow_mut();
-            if let Some(c) = conns.get_mut(path) {
-                // A request that could not be sent was not served: retry it on a new
-                // connection. After it was sent, a failure is final (it may have been served).
-                if send(c, path, req).is_ok() {
-                    return match receive(c, path) {
-                        Ok(r) => r,
-                        Err(e) => {
-                            conns.remove(path);
-                            Err(e)
-                        }
-                    };
-                }
-                conns.remove(path);
-            }
-            let mut c = connect(path, BACKEND_TIMEOUT)?;
-            send(&mut c, path, req)?;
-            let r = receive(&mut c, path)?;
-            conns.insert(path.to_path_buf(), c);
-            r
-        }
-    }
+    // Kept control connections, one per socket path (a request that could not be sent is
+    // retried once on a new connection; after it was sent a failure is final).
+    use xensnap_control::Conns;
 
     fn e2s<E: std::fmt::Display>(e: E) -> String {
         e.to_string()
@@ -1007,7 +978,7 @@ mod real {
                 xc: XenCtrl::open().map_err(|e| format!("xenctrl: {e}"))?,
                 xl: std::env::var("XENSNAP_XL").unwrap_or_else(|_| "xl".into()),
                 watching: std::cell::Cell::new(None),
-                conns: Default::default(),
+                conns: Conns::new(BACKEND_TIMEOUT),
             })
         }
 
@@ -1208,7 +1179,7 @@ mod real {
             }
         }
         fn backend(&self, disk: &Disk, req: &Value) -> Result<Value, String> {
-            self.conns.call(&disk.socket, req)
+            Ok(self.conns.call(&disk.socket, req)?)
         }
         fn start_save(&self, domid: u32, file: &Path, mode: Mode) -> Result<Box<dyn SaveJob>, String> {
             let flag = match mode {
@@ -1277,36 +1248,6 @@ mod real {
     }
 
     const BACKEND_TIMEOUT: Duration = Duration::from_secs(30);
-
-    fn connect(path: &Path, timeout: Duration) -> Result<Conn, String> {
-        let s = UnixStream::connect(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        s.set_read_timeout(Some(timeout)).map_err(e2s)?;
-        Ok(BufReader::new(s))
-    }
-
-    fn send(c: &mut Conn, path: &Path, req: &Value) -> Result<(), String> {
-        let mut line = req.to_string();
-        line.push('\n');
-        c.get_mut().write_all(line.as_bytes()).map_err(|e| format!("{}: {e}", path.display()))
-    }
-
-    /// One reply line: Err = the connection failed; Ok(Err) = the backend refused.
-    fn receive(c: &mut Conn, path: &Path) -> Result<Result<Value, String>, String> {
-        let mut reply = String::new();
-        let n = c
-            .by_ref()
-            .take(64 << 20)
-            .read_line(&mut reply)
-            .map_err(|e| format!("{}: {e}", path.display()))?;
-        if n == 0 || !reply.ends_with('\n') {
-            return Err(format!("{}: connection closed without a full reply", path.display()));
-        }
-        let v: Value = serde_json::from_str(&reply).map_err(|e| format!("bad reply {reply:?}: {e}"))?;
-        Ok(match v.get("ok") {
-            Some(ok) => Ok(ok.clone()),
-            None => Err(v.get("error").and_then(Value::as_str).unwrap_or("malformed reply").to_string()),
-        })
-    }
 }
 
 // ---------------------------------------------------------------------------------------

@@ -652,55 +652,7 @@ fn barrier_outlasting_the_copy_adds_to_the_bound() {
     assert_eq!(rep.xl_exit_us, 30_000);
 }
 
-/// A control server that answers `{"ok": N}` (N = request number on this connection) and
-/// closes each connection after `per_conn` requests; returns the accept count.
-fn line_server(path: &Path, per_conn: usize, conns: usize) -> std::thread::JoinHandle<usize> {
-    use std::io::{BufRead, BufReader};
-    let l = std::os::unix::net::UnixListener::bind(path).unwrap();
-    std::thread::spawn(move || {
-        let mut accepted = 0;
-        for s in l.incoming().take(conns) {
-            let s = s.unwrap();
-            accepted += 1;
-            let mut w = s.try_clone().unwrap();
-            let mut r = BufReader::new(s);
-            for i in 0..per_conn {
-                let mut line = String::new();
-                if r.read_line(&mut line).unwrap() == 0 {
-                    break;
-                }
-                writeln!(w, "{}", json!({ "ok": i })).unwrap();
-            }
-        }
-        accepted
-    })
-}
-
-#[test]
-fn backend_requests_reuse_one_connection() {
-    let d = tempfile::tempdir().unwrap();
-    let p = d.path().join("c.sock");
-    let srv = line_server(&p, 3, 1);
-    let c = real::Conns::default();
-    for i in 0..3 {
-        assert_eq!(c.call(&p, &json!({"op": "status"})).unwrap(), json!(i));
-    }
-    drop(c);
-    assert_eq!(srv.join().unwrap(), 1);
-}
-
-#[test]
-fn backend_connection_closed_between_requests_is_reopened() {
-    let d = tempfile::tempdir().unwrap();
-    let p = d.path().join("c.sock");
-    let srv = line_server(&p, 1, 2);
-    let c = real::Conns::default();
-    assert_eq!(c.call(&p, &json!({"op": "status"})).unwrap(), json!(0));
-    std::thread::sleep(Duration::from_millis(200)); // the server has closed it
-    assert_eq!(c.call(&p, &json!({"op": "status"})).unwrap(), json!(0));
-    drop(c);
-    assert_eq!(srv.join().unwrap(), 2);
-}
+// The kept backend connections (`Conns`) are tested in xensnap-control.
 
 #[test]
 fn xl_stderr_goes_to_an_unlinked_file_and_into_the_error() {

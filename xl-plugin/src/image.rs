@@ -458,20 +458,19 @@ fn serve(a: ServeArgs) -> Result<(), CliError> {
         threads.push(std::thread::spawn(move || s.serve_unix(l)));
     }
     let ctl_path = a.control.clone().unwrap_or_else(|| default_control_path(&file));
-    let ctl = control::ControlServer::bind(&ctl_path, img.clone())
+    let ctl = control::bind(&ctl_path, img.clone())
         .map_err(|e| CliError::Other(format!("serve: control socket {}: {e}", ctl_path.display())))?;
     println!("control {}", ctl_path.display());
     spawn_durability(img.clone());
     use std::io::Write;
     let _ = std::io::stdout().flush();
-    std::thread::spawn(move || ctl.run());
 
     // Run until SIGINT/SIGTERM, then finish background work and flush.
     let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])
         .map_err(|e| CliError::Other(format!("serve: signals: {e}")))?;
     let sig = signals.forever().next();
     tracing::info!(?sig, "stopping");
-    let _ = std::fs::remove_file(&ctl_path);
+    drop(ctl); // stops accepting, removes the socket
     if let Some(p) = &a.socket {
         let _ = std::fs::remove_file(p);
     }

@@ -405,7 +405,7 @@ fn qe(e: xensnap_qcow2::Error) -> String {
     e.to_string()
 }
 
-impl Handler for Device {
+impl Handler<Request> for Device {
     fn handle(&self, req: &Request) -> Result<Value, String> {
         match req {
             Request::Status => Ok(self.status()),
@@ -592,7 +592,7 @@ pub fn serve(
 
     // Control sockets before we announce anything.
     let sock = control::socket_path(&opts.socket_dir, nodes.frontend_id, nodes.devid);
-    let handler: Arc<dyn Handler> = dev.clone();
+    let handler: Arc<dyn Handler<Request>> = dev.clone();
     let mut servers = Vec::new();
     match ControlServer::bind(&sock, Arc::clone(&handler)) {
         Ok(s) => servers.push(s),

@@ -110,7 +110,7 @@ fn read(front: &mut TestFront, sector: u64, len: usize) -> Vec<u8> {
 }
 
 fn ctl(sock: &Path, req: Value) -> Result<Value, String> {
-    control::call(sock, &req, Duration::from_secs(10))
+    Ok(control::call(sock, &req, Duration::from_secs(10))?)
 }
 
 struct Running {
