@@ -1,7 +1,7 @@
 //! The disk part of a memory+disk checkpoint on this machine, without Xen: what
 //! `xl-snap checkpoint` asks of a backend inside the suspended window, timed natively.
 //!
-//!     cargo run --release -p blkback-snap --example barrier_bench -- [--rounds 200] [--virtual-gib 64] [--alloc-mib 1024] [--dir /var/tmp]
+//!     cargo run --release -p blkback-snap --example barrier_bench -- [--rounds 200] [--virtual-gib 64] [--alloc-mib 1024] [--gap-ms 5] [--dir /var/tmp]
 //!
 //! The daemon's serving loop (`device::serve`, the same code as on Xen) serves a qcow2 image
 //! to blkif's in-process sim frontend, which keeps 8 random 4 KiB writes in flight. Each round:
@@ -56,11 +56,13 @@ struct Args {
     rounds: usize,
     virtual_gib: u64,
     alloc_mib: u64,
+    /// The guest runs this long between checkpoints.
+    gap_ms: u64,
     dir: PathBuf,
 }
 
 fn args() -> R<Args> {
-    let mut a = Args { rounds: 200, virtual_gib: 64, alloc_mib: 1024, dir: PathBuf::from("/var/tmp") };
+    let mut a = Args { rounds: 200, virtual_gib: 64, alloc_mib: 1024, gap_ms: 5, dir: PathBuf::from("/var/tmp") };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
         let mut v = || it.next().ok_or(format!("{k} needs a value"));
@@ -68,8 +70,9 @@ fn args() -> R<Args> {
             "--rounds" => a.rounds = v()?.parse().map_err(|e| format!("--rounds: {e}"))?,
             "--virtual-gib" => a.virtual_gib = v()?.parse().map_err(|e| format!("--virtual-gib: {e}"))?,
             "--alloc-mib" => a.alloc_mib = v()?.parse().map_err(|e| format!("--alloc-mib: {e}"))?,
+            "--gap-ms" => a.gap_ms = v()?.parse().map_err(|e| format!("--gap-ms: {e}"))?,
             "--dir" => a.dir = PathBuf::from(v()?),
-            _ => return Err(format!("unknown argument {k} (--rounds N, --virtual-gib N, --alloc-mib N, --dir DIR)")),
+            _ => return Err(format!("unknown argument {k} (--rounds N, --virtual-gib N, --alloc-mib N, --gap-ms N, --dir DIR)")),
         }
     }
     if a.rounds == 0 || a.virtual_gib == 0 || a.alloc_mib == 0 {
@@ -237,8 +240,8 @@ fn run() -> R<()> {
 
     let (mut rtt, mut cpu, mut drained) = (Vec::new(), Vec::new(), 0u64);
     for i in 0..a.rounds {
-        // the guest runs ~5 ms, then stops (as at a suspend)
-        std::thread::sleep(Duration::from_millis(5));
+        // the guest runs a while, then stops (as at a suspend)
+        std::thread::sleep(Duration::from_millis(a.gap_ms));
         suspended.store(true, Ordering::SeqCst);
         wait_for("the guest to stop", || stopped.load(Ordering::SeqCst))?;
         let c0 = process_cpu_ns();
@@ -272,8 +275,8 @@ fn run() -> R<()> {
     let (cm, c90, cmx) = (pct(&mut cpu, 0.5), pct(&mut cpu, 0.9), pct(&mut cpu, 1.0));
     let qm = pct(&mut q, 0.5);
     println!(
-        "disk part of a checkpoint, native, {} rounds, image {} GiB virtual / {} MiB allocated, guest QD{QD} 4 KiB random writes ({n} writes, {drained} requests drained by the barriers):",
-        a.rounds, virt >> 30, a.alloc_mib
+        "disk part of a checkpoint, native, {} rounds {} ms apart, image {} GiB virtual / {} MiB allocated, guest QD{QD} 4 KiB random writes ({n} writes, {drained} requests drained by the barriers):",
+        a.rounds, a.gap_ms, virt >> 30, a.alloc_mib
     );
     println!("  checkpoint-barrier round trip (quiesce + drain + take + resume + reply): median {m:.0} µs, p90 {p90:.0} µs, max {mx:.0} µs");
     println!("  CPU of the process (backend + driver side) during it: median {cm:.0} µs, p90 {c90:.0} µs, max {cmx:.0} µs");
