@@ -123,6 +123,10 @@ struct Running {
 }
 
 fn start(dir: &Path, params: &str, channels: usize) -> Running {
+    start_opts(params, channels, opts(dir))
+}
+
+fn start_opts(params: &str, channels: usize, o: ServeOptions) -> Running {
     let xs = MemXenStore::new();
     toolstack_writes_device(&xs, params);
     let guest = TestGuest::new(DOMID);
@@ -135,7 +139,7 @@ fn start(dir: &Path, params: &str, channels: usize) -> Running {
     }
     let binder = Arc::new(Binder(Mutex::new(be_ends)));
     let stop = Arc::new(AtomicBool::new(false));
-    let (xs2, g2, st2, o) = (xs.clone(), guest.clone(), stop.clone(), opts(dir));
+    let (xs2, g2, st2) = (xs.clone(), guest.clone(), stop.clone());
     let thread = std::thread::spawn(move || {
         device::serve(xs2, g2, binder, BE, &o, &st2, &mut |_| {}).map_err(|e| e.to_string())
     });
@@ -409,6 +413,29 @@ fn missing_image_is_reported_to_the_hook_and_the_toolstack() {
     xs.remove(BE).unwrap();
     let e = r.thread.join().unwrap().unwrap_err();
     assert!(e.contains("nope.qcow2"), "{e}");
+}
+
+/// The toolstack removes a connected device's directory without the Closing handshake (a
+/// forced teardown): the watch on our state node fires for the removal and the daemon ends at
+/// once, without waiting for its periodic look at the nodes (20 ticks of 1 s here). Between
+/// watch events it does not read xenstore at every tick.
+#[test]
+fn removal_of_a_connected_device_is_seen_through_the_watch() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = make_qcow2(dir.path(), 1 << 20);
+    let o = ServeOptions { tick: Duration::from_secs(1), ..opts(dir.path()) };
+    let r = start_opts(img.to_str().unwrap(), 1, o);
+    let xs = r.xs.clone();
+    wait_for("InitWait", || rd(&xs, "state").as_deref() == Some("2"));
+    let front = TestFront::new(r.guest.clone(), Abi::X86_64, 0, r.fe_evts[0].clone());
+    frontend_connects(&xs, &front);
+    wait_for("Connected", || rd(&xs, "state").as_deref() == Some("4"));
+    xs.write(&format!("{FE}/state"), "4").unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let t = Instant::now();
+    xs.remove(BE).unwrap();
+    assert_eq!(r.thread.join().unwrap().unwrap(), Outcome::Removed);
+    assert!(t.elapsed() < Duration::from_secs(3), "removal seen after {:?}", t.elapsed());
 }
 
 #[test]

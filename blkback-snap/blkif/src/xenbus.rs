@@ -78,12 +78,21 @@ impl MemXenStore {
     pub fn new() -> Arc<MemXenStore> {
         Arc::new(MemXenStore::default())
     }
-    fn fire(&self, g: &mut MemInner, path: &str) {
+    /// Fire the watches on `path` and above it; for a removal (`removed`) also those below
+    /// it, with the watched path as the event's path (what xenstored does for `rm`).
+    fn fire(&self, g: &mut MemInner, path: &str, removed: bool) {
         let hits: Vec<_> = g
             .watches
             .iter()
-            .filter(|(w, _)| under(path, w))
-            .map(|(_, t)| WatchEvent { path: path.to_string(), token: t.clone() })
+            .filter_map(|(w, t)| {
+                if under(path, w) {
+                    Some(WatchEvent { path: path.to_string(), token: t.clone() })
+                } else if removed && under(w, path) {
+                    Some(WatchEvent { path: w.clone(), token: t.clone() })
+                } else {
+                    None
+                }
+            })
             .collect();
         if !hits.is_empty() {
             g.events.extend(hits);
@@ -103,13 +112,13 @@ impl XenStore for MemXenStore {
     fn write(&self, path: &str, value: &str) -> Result<(), XsError> {
         let mut g = self.inner.lock().unwrap();
         g.nodes.insert(path.to_string(), value.to_string());
-        self.fire(&mut g, path);
+        self.fire(&mut g, path, false);
         Ok(())
     }
     fn remove(&self, path: &str) -> Result<(), XsError> {
         let mut g = self.inner.lock().unwrap();
         g.nodes.retain(|k, _| !under(k, path));
-        self.fire(&mut g, path);
+        self.fire(&mut g, path, true);
         Ok(())
     }
     fn watch(&self, path: &str, token: &str) -> Result<(), XsError> {
