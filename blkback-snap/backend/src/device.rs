@@ -671,7 +671,7 @@ pub fn serve(
         let st = xb.state();
         *lock(&dev.state) = st;
         quiet = if event { 0 } else { quiet + 1 };
-        if st != XenbusState::Closed && quiet > 0 && quiet % LOOK_EVERY != 0 {
+        if st != XenbusState::Closed && quiet > 0 && !quiet.is_multiple_of(LOOK_EVERY) {
             continue;
         }
         // Removal: libxl deletes the whole backend directory after the hook's "remove".
