@@ -5,4 +5,7 @@ cd "$(dirname "$0")/.."
 ./scripts/setup.sh
 cargo nextest run --workspace --no-fail-fast
 ./tests/xen-nested/lib/boot-retry-test.sh   # the test bed's boot-and-retry rule, with a fake boot (no Xen)
-./tests/xen-nested/ci.sh   # nested Xen 4.17 test bed: SKIPPED (loudly) where it cannot run; XENSNAP_TESTBED=required makes that a failure
+# Nested Xen 4.17 test bed: required by default, so a run that could not test against real
+# Xen is a failure, not a quiet pass; XENSNAP_TESTBED=auto lets it skip (loudly) on a machine
+# that cannot run it (not root, < 6 GB free memory, QEMU not installable), =skip skips it.
+XENSNAP_TESTBED=${XENSNAP_TESTBED:-required} ./tests/xen-nested/ci.sh
