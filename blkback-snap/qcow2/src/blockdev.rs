@@ -60,7 +60,7 @@ impl SharedImage {
     }
 
     /// The background durability driver of a served image (run it on its own thread):
-    /// [`SharedImage::durable_work`]`(1)` at a time, each followed by a pause of
+    /// [`SharedImage::durable_work`]`(`[`DURABLE_BUDGET`]`)` at a time, each followed by a pause of
     /// [`DURABLE_PACE`] times the time it held the image lock (at least 50 µs, see
     /// [`durable_pause`]), so the guest's requests get the lock most of the time (the pacing
     /// `scripts/bench-checkpoint.sh` measures). When nothing is pending it returns, or with
@@ -81,7 +81,7 @@ impl SharedImage {
                     Some(d) => d,
                 }
             } else {
-                match self.durable_work(1) {
+                match self.durable_work(DURABLE_BUDGET) {
                     Ok(p) => durable_pause(p.locked, DURABLE_PACE),
                     Err(e @ Error::Poisoned { .. }) => {
                         tracing::error!("background checkpoint work stopped: {e}");
@@ -102,6 +102,10 @@ impl SharedImage {
         Ok(self.durable_work(budget)?.done)
     }
 }
+
+/// The budget of one step of the durability driver ([`SharedImage::durable_work`]): L2
+/// tables walked per lock hold.
+pub const DURABLE_BUDGET: usize = 1;
 
 /// How many times the image lock's hold time a durability driver pauses after a step.
 pub const DURABLE_PACE: u32 = 3;

@@ -935,18 +935,23 @@ impl Qcow2 {
     }
 
     fn prefetch_inner(&mut self, deltas: &[(u64, u64)], i: Option<u64>) -> Result<()> {
-        for &(idx, _) in deltas {
-            self.refcount(idx)?;
-        }
+        self.load_refblocks_of(deltas.iter().map(|d| d.0))?;
         let cs = self.cs;
         let geom = self.geom();
         let Some(i) = i else { return Ok(()) };
         let Some((_, l2)) = self.active_l2_of(i)? else { return Ok(()) };
         self.refcount(l2 / cs)?;
         let t = self.l2_table(l2)?;
+        // each entry in order, like refcount() of its cluster, one block lookup per run
+        let e = self.rb_entries();
+        let mut last = None;
         for (j, w) in t.iter().enumerate() {
             if let Cluster::Normal { host, .. } = geom.classify(*w, 0, &|| format!("L2 table at {l2:#x} entry {j}"))? {
-                self.refcount(host / cs)?;
+                let idx = host / cs;
+                if last != Some(idx / e) {
+                    last = Some(idx / e);
+                    self.load_refblocks_of([idx])?;
+                }
             }
         }
         Ok(())

@@ -77,7 +77,7 @@ mod l2;
 mod refcount;
 mod snapshot;
 
-pub use blockdev::{durable_pause, CheckpointDevice, DurableProgress, SharedImage, DURABLE_PACE};
+pub use blockdev::{durable_pause, CheckpointDevice, DurableProgress, SharedImage, DURABLE_BUDGET, DURABLE_PACE};
 pub use durable::{DurableBarrier, DurableStep, SyncedBarrier};
 pub use check::CheckReport;
 pub use error::{Error, Result};

@@ -226,33 +226,70 @@ impl Qcow2 {
         Ok(())
     }
 
-    /// Check that deltas can be applied without overflow or underflow.
+    /// Load the refcount blocks of clusters `idxs` (what [`Qcow2::refcount`] of each would
+    /// load, and failing the same way), looking each block up once per run of clusters it
+    /// covers rather than once per cluster.
+    pub(crate) fn load_refblocks_of(&mut self, idxs: impl IntoIterator<Item = u64>) -> Result<()> {
+        let e = self.rb_entries();
+        let mut last = None;
+        for idx in idxs {
+            let rt = idx / e;
+            if last == Some(rt) {
+                continue;
+            }
+            last = Some(rt);
+            let rb = self.refblock_offset(rt)?;
+            if rb != 0 {
+                self.load_refblock(rb)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Check that deltas can be applied without overflow or underflow (in order, like
+    /// [`Qcow2::refcount`] of each; one block lookup per run of deltas in the same block).
     pub(crate) fn check_deltas(&mut self, deltas: &[(u64, u64)], increase: bool) -> Result<()> {
         let max = self.rc_max();
-        for &(idx, n) in deltas {
-            let rc = self.refcount(idx)?;
-            if increase {
-                if rc.checked_add(n).is_none_or(|v| v > max) {
-                    return Err(Error::RefcountOverflow {
-                        what: format!(
-                            "cluster at {:#x} has refcount {rc}; adding {n} exceeds the maximum {max} of {}-bit refcounts",
-                            idx * self.cs,
-                            self.h.refcount_bits()
-                        ),
-                    });
-                }
-                if rc == 0 {
+        let e = self.rb_entries();
+        let order = self.h.refcount_order;
+        let mut k = 0;
+        while k < deltas.len() {
+            let rt = deltas[k].0 / e;
+            let mut end = k + 1;
+            while end < deltas.len() && deltas[end].0 / e == rt {
+                end += 1;
+            }
+            let rb = self.refblock_offset(rt)?;
+            if rb != 0 {
+                self.load_refblock(rb)?;
+            }
+            let block = if rb == 0 { None } else { self.rb_cache.get(&rb) };
+            for &(idx, n) in &deltas[k..end] {
+                let rc = block.map_or(0, |b| rb_get(b, order, idx % e));
+                if increase {
+                    if rc.checked_add(n).is_none_or(|v| v > max) {
+                        return Err(Error::RefcountOverflow {
+                            what: format!(
+                                "cluster at {:#x} has refcount {rc}; adding {n} exceeds the maximum {max} of {}-bit refcounts",
+                                idx * self.cs,
+                                self.h.refcount_bits()
+                            ),
+                        });
+                    }
+                    if rc == 0 {
+                        return Err(Error::corrupt(format!(
+                            "cluster at {:#x} is referenced but has refcount 0",
+                            idx * self.cs
+                        )));
+                    }
+                } else if rc < n {
                     return Err(Error::corrupt(format!(
-                        "cluster at {:#x} is referenced but has refcount 0",
+                        "cluster at {:#x} has refcount {rc} but {n} references are being dropped",
                         idx * self.cs
                     )));
                 }
-            } else if rc < n {
-                return Err(Error::corrupt(format!(
-                    "cluster at {:#x} has refcount {rc} but {n} references are being dropped",
-                    idx * self.cs
-                )));
             }
+            k = end;
         }
         Ok(())
     }
@@ -615,6 +652,48 @@ mod tests {
             for i in 0..n {
                 assert_eq!(rb_get(&b, order, i), (i * 7) & max, "order {order} idx {i}");
             }
+        }
+    }
+
+    /// `check_deltas` (one block lookup per run of deltas in the same refblock) gives the
+    /// verdict of checking each delta against `refcount()`, whatever the order of the
+    /// deltas and across refblocks, allocated or not.
+    #[test]
+    fn check_deltas_matches_refcount_of_each() {
+        use crate::image::CreateOptions;
+        use crate::io::MemIo;
+        let opts = CreateOptions { size: 1 << 30, cluster_bits: 9, ..Default::default() };
+        let mut img = Qcow2::create(Box::new(MemIo::new()), &opts).expect("create");
+        let e = img.rb_entries();
+        let max = img.rc_max();
+        // block 0 is allocated (the image's own metadata); block 3 is not
+        let (a, b, c) = (e / 2, 3 * e + 5, e - 1);
+        img.set_refcount(a, 1).expect("set");
+        img.set_refcount(c, max).expect("set");
+        let one = |img: &mut Qcow2, d: &[(u64, u64)], inc: bool| -> std::result::Result<(), String> {
+            for &(idx, n) in d {
+                let rc = img.refcount(idx).map_err(|e| e.to_string())?;
+                let ok = if inc { rc != 0 && rc.checked_add(n).is_some_and(|v| v <= max) } else { rc >= n };
+                if !ok {
+                    return Err(format!("cluster {idx}"));
+                }
+            }
+            Ok(())
+        };
+        let cases: Vec<(Vec<(u64, u64)>, bool)> = vec![
+            (vec![(a, 1)], true),
+            (vec![(a, 1), (c, 1)], true),
+            (vec![(c, 1), (a, 1)], false),
+            (vec![(a, 1), (b, 1)], true),
+            (vec![(b, 1), (a, 1)], false),
+            (vec![(a, 2), (a + 1, 0)], false),
+            (vec![(a, 1), (a + 1, 1)], true),
+            (vec![(a, 1), (c, max - 1), (a, 1)], false),
+        ];
+        for (d, inc) in cases {
+            let want = one(&mut img, &d, inc);
+            let got = img.check_deltas(&d, inc);
+            assert_eq!(got.is_ok(), want.is_ok(), "deltas {d:?} increase {inc}: {got:?} vs {want:?}");
         }
     }
 }

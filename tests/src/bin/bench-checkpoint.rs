@@ -14,10 +14,16 @@
 //!   durability thread paced like blkback-snap's and `xl-snap image serve`'s makes a taken
 //!   checkpoint durable with `SharedImage::durable_work(1)` (a bounded step under the image
 //!   lock, every commit barrier run without it), sleeping `--pace` times the time it held the
-//!   lock (at least 50 µs). Steady state: the same writes right after a blocking checkpoint
-//!   (both windows are first-touch copy-on-write writes, both start with nothing dirty).
-//!   Windows alternate (steady, durable, steady, ...) until each kind has run 600 ms and at
-//!   least 3 times; the ratio is total durable-window IOPS / total steady IOPS.
+//!   lock (at least 50 µs), checking first that work is pending, like
+//!   `SharedImage::drive_durability`. Steady state: the same writes right after a blocking
+//!   checkpoint. Control: the same writes right after a take with no durability thread (the
+//!   cost of the durable phase's write path alone, hand-overs included). Every window starts
+//!   with the guest's writes flushed; steady and control windows last as long as the
+//!   durable windows (their median so far; an uncounted durable window first), so that
+//!   page-cache writeback and the share of first-touch writes are alike. Rounds run one
+//!   window of each kind in rotating order, in whole rotations, until the durable windows
+//!   add up to 1.5 s and at least 3 rounds ran; the ratio is total durable-window IOPS /
+//!   total steady IOPS, the per-round ratios' min and max show the spread.
 //!
 //! Part 2, the cluster-size trade-off on 1 GiB of data (virtual 1 GiB): sequential 1 MiB
 //! writes into a fresh image, 4 KiB write/read IOPS, 4 KiB write IOPS right after a
@@ -26,7 +32,7 @@
 //! is a first touch), with `qemu-img bench` on 64 KiB clusters as the anchor.
 //!
 //! Usage: bench-checkpoint [--sizes 0,1,16,64] [--dir DIR] [--reps 5] [--clusters 4k,8k,16k,32k,64k]
-//!        [--pace 3] [--flush-every 256] [--locked-driver] [--no-table] [--part1-clusters 16k,64k]
+//!        [--pace 3] [--budget 1] [--flush-every 256] [--locked-driver] [--no-table] [--part1-clusters 16k,64k]
 
 use clap::Parser;
 use rand::{Rng, SeedableRng};
@@ -68,6 +74,9 @@ struct Args {
     /// Pacing of the durability thread: sleep this many times the time it held the lock.
     #[arg(long, default_value_t = xensnap_qcow2::DURABLE_PACE)]
     pace: u32,
+    /// Budget of each durability step (L2 tables per lock hold).
+    #[arg(long, default_value_t = xensnap_qcow2::DURABLE_BUDGET)]
+    budget: usize,
     /// The flushing guest's variant: a flush after every this many writes (0: no variant).
     #[arg(long, default_value_t = 256)]
     flush_every: u64,
@@ -207,33 +216,45 @@ fn part1(a: &Args, cs: u64) -> R<()> {
     }
     println!("(taken/switch: in-process critical path, no I/O; durable/revert: background work run to completion, unloaded;");
     println!(" create: the blocking checkpoint_create; qemu: whole `qemu-img snapshot` process incl. ~6 ms start)");
-    let driver = if a.locked_driver { "lock().durable_step(1), every barrier under the lock" } else { "SharedImage::durable_work(1), barriers outside the lock" };
+    let driver = if a.locked_driver {
+        format!("lock().durable_step({}), every barrier under the lock", a.budget)
+    } else {
+        format!("SharedImage::durable_work({}), barriers outside the lock", a.budget)
+    };
     println!("\n### guest 4 KiB random-write IOPS while a checkpoint becomes durable vs steady state ({} KiB clusters)", cs >> 10);
     println!("(guest thread through SharedImage; durability thread: {driver}; pause {}x its lock time, >= 50 µs)", a.pace);
     println!(
-        "{:>6} {:>12} {:>12} {:>12} {:>7} {:>8} {:>13} {:>14} {:>10} {:>10} {:>12}",
-        "alloc", "guest flush", "IOPS steady", "IOPS durab.", "ratio", "windows", "durable win ms", "bg lock max ms", "bg lock %", "bg sync %", "guest max ms"
+        "{:>6} {:>12} {:>12} {:>12} {:>7} {:>11} {:>9} {:>7} {:>9} {:>10} {:>9} {:>8} {:>8} {:>9} {:>9}",
+        "alloc", "guest flush", "IOPS steady", "IOPS durab.", "ratio", "round min", "max", "rounds", "ctl ratio", "durable ms",
+        "lock max", "lock %", "sync %", "1st sync", "guest max"
     );
     for (gib, fe, r) in &iops_rows {
         println!(
-            "{:>4} G {:>12} {:>12.0} {:>12.0} {:>7.2} {:>8} {:>14.1} {:>14.2} {:>9.1}% {:>9.1}% {:>12.2}",
+            "{:>4} G {:>12} {:>12.0} {:>12.0} {:>7.2} {:>11.2} {:>9.2} {:>7} {:>9.2} {:>10.1} {:>9.2} {:>7.1}% {:>7.1}% {:>9.2} {:>9.2}",
             gib,
             if *fe == 0 { "none".to_string() } else { format!("every {fe}") },
             r.steady,
             r.during,
             r.during / r.steady,
-            r.windows,
+            r.round_min,
+            r.round_max,
+            r.rounds,
+            r.control / r.steady,
             r.window_ms,
             r.max_hold.as_secs_f64() * 1e3,
             r.lock_share * 100.0,
             r.sync_share * 100.0,
+            r.first_sync.as_secs_f64() * 1e3,
             r.guest_max.as_secs_f64() * 1e3,
         );
     }
-    println!("(ratio = IOPS during durable windows / steady IOPS, both totals over all windows; durable win = median");
-    println!(" time from take to durable under load; bg lock = the durability thread's lock hold per call (max) and");
-    println!(" its share of the durable windows; bg sync = share of the windows spent in its fdatasyncs (no lock);");
-    println!(" guest max = the slowest single guest request in durable windows)");
+    println!("(ratio = IOPS during durable windows / steady IOPS, totals over all rounds; round min/max: the same per");
+    println!(" round; each round runs one window of each kind, in rotating order, each starting after a guest flush;");
+    println!(" steady and ctl windows last as long as the durable ones (median so far); ctl ratio = IOPS right after a");
+    println!(" take with no durability thread / steady (the cost of the durable phase's write path alone); durable ms =");
+    println!(" median time from take to durable under load; lock max (ms) / lock % = the durability thread's lock hold");
+    println!(" per call and its share of the durable windows; sync % = share spent in its fdatasyncs (no lock); 1st");
+    println!(" sync = median ms of a window's first barrier (whole file); guest max = slowest guest request, ms)");
     Ok(())
 }
 
@@ -244,11 +265,18 @@ fn lock(i: &SharedImage) -> std::sync::MutexGuard<'_, Qcow2> {
 struct Iops {
     steady: f64,
     during: f64,
-    windows: usize,
+    /// Take with no durability thread, windows as long as the durable ones.
+    control: f64,
+    /// Per round: durable / steady IOPS (min, max).
+    round_min: f64,
+    round_max: f64,
+    rounds: usize,
     window_ms: f64,
     max_hold: Duration,
     lock_share: f64,
     sync_share: f64,
+    /// Median time of a durable window's first barrier (the whole-file fdatasync).
+    first_sync: Duration,
     guest_max: Duration,
 }
 
@@ -269,78 +297,153 @@ fn guest(img: &SharedImage, off: &mut impl FnMut() -> u64, buf: &[u8], flush_eve
     Ok((n, worst))
 }
 
-/// 4 KiB random-write IOPS right after a blocking checkpoint, and while a taken checkpoint
-/// is made durable in the background (see the module docs).
+/// The kinds of measurement window (see the module docs).
+#[derive(Clone, Copy, PartialEq)]
+enum Win {
+    /// Right after a blocking checkpoint, for as long as the durable windows last.
+    Steady,
+    /// Right after a take, while the paced driver makes it durable (until it is).
+    Durable,
+    /// Right after a take with no durability thread, as long as the durable windows.
+    Control,
+}
+
+/// What a durable window's driver thread saw.
+#[derive(Default)]
+struct DriverStats {
+    max: Duration,
+    held: Duration,
+    synced: Duration,
+    first_sync: Duration,
+}
+
+/// The durability driver of blkback-snap ([`SharedImage::drive_durability`]'s loop and
+/// pacing), with its lock and sync times recorded; `locked`: every barrier under the lock.
+fn drive(img: &SharedImage, locked: bool, pace: u32, budget: usize, done: &AtomicBool) -> R<DriverStats> {
+    let mut s = DriverStats::default();
+    loop {
+        if !lock(img).durable_pending() {
+            done.store(true, Ordering::SeqCst);
+            return Ok(s);
+        }
+        let (hold, sync) = if locked {
+            let mut g = lock(img);
+            let t = Instant::now();
+            g.durable_step(budget).map_err(q("durable step"))?;
+            (t.elapsed(), Duration::ZERO)
+        } else {
+            let p = img.durable_work(budget).map_err(q("durable step"))?;
+            (p.locked, p.synced)
+        };
+        s.max = s.max.max(hold);
+        s.held += hold;
+        if s.first_sync.is_zero() {
+            s.first_sync = sync;
+        }
+        s.synced += sync;
+        std::thread::sleep(xensnap_qcow2::durable_pause(hold, pace));
+    }
+}
+
+/// 4 KiB random-write IOPS right after a blocking checkpoint, while a taken checkpoint is
+/// made durable in the background, and after a take with nothing made durable (see the
+/// module docs).
 fn iops_during(path: &Path, region: u64, a: &Args, flush_every: u64) -> R<Iops> {
     let img = SharedImage::new(open(path)?);
     let mut rng = rand::rngs::StdRng::seed_from_u64(3 + flush_every);
     let buf = vec![0x5au8; IO];
     let mut off = move || rng.gen_range(0..region / IO as u64) * IO as u64;
-    let min = Duration::from_millis(600);
-    let (mut sn, mut st, mut dn, mut dt) = (0u64, Duration::ZERO, 0u64, Duration::ZERO);
-    let (mut wins, mut max_hold, mut held, mut guest_max) = (vec![], Duration::ZERO, Duration::ZERO, Duration::ZERO);
-    let mut synced = Duration::ZERO;
-    let mut k = 0;
-    while (st < min || dt < min || k < 3) && k < 40 {
-        // steady: right after a blocking checkpoint (which flushes)
-        lock(&img).checkpoint_create(&format!("s{k}")).map_err(q("create"))?;
-        let t = Instant::now();
-        let len = Duration::from_millis(150);
-        let (n, _) = guest(&img, &mut off, &buf, flush_every, &|| t.elapsed() >= len)?;
-        st += t.elapsed();
-        sn += n;
-        lock(&img).checkpoint_delete(&format!("s{k}")).map_err(q("delete"))?;
-        // durable: the guest flushes, the checkpoint is taken, a paced thread makes it durable
+    let mut n = [0u64; 3];
+    let mut t = [Duration::ZERO; 3];
+    let mut rounds: Vec<[f64; 3]> = vec![];
+    let (mut wins, mut firsts, mut max_hold, mut held, mut synced, mut guest_max) =
+        (vec![], vec![], Duration::ZERO, Duration::ZERO, Duration::ZERO, Duration::ZERO);
+    let mut seq = 0u64;
+    // one window of a kind: (writes, time); a durable one also records its length
+    let mut window = |kind: Win, len: Duration, count: bool, wins: &mut Vec<Duration>| -> R<(u64, Duration)> {
+        seq += 1;
+        let name = format!("w{seq}");
+        // every window starts with the guest's writes so far flushed (nothing dirty)
         img.flush().map_err(q("flush"))?;
-        lock(&img).checkpoint_take(&format!("d{k}")).map_err(q("take"))?;
-        let t = Instant::now();
-        let done = Arc::new(AtomicBool::new(false));
-        let (d2, i2, locked, pace) = (done.clone(), img.clone(), a.locked_driver, a.pace);
-        let driver = std::thread::spawn(move || -> R<(Duration, Duration, Duration)> {
-            let (mut max, mut total, mut synced) = (Duration::ZERO, Duration::ZERO, Duration::ZERO);
-            loop {
-                let (all, hold, sync) = if locked {
-                    let mut g = lock(&i2);
-                    let t = Instant::now();
-                    let all = g.durable_step(1).map_err(q("durable step"))?;
-                    (all, t.elapsed(), Duration::ZERO)
-                } else {
-                    let p = i2.durable_work(1).map_err(q("durable step"))?;
-                    (p.done, p.locked, p.synced)
-                };
-                max = max.max(hold);
-                total += hold;
-                synced += sync;
-                if all {
-                    d2.store(true, Ordering::SeqCst);
-                    return Ok((max, total, synced));
-                }
-                std::thread::sleep(xensnap_qcow2::durable_pause(hold, pace));
+        let r = match kind {
+            Win::Steady => {
+                lock(&img).checkpoint_create(&name).map_err(q("create"))?;
+                let t = Instant::now();
+                let (n, _) = guest(&img, &mut off, &buf, flush_every, &|| t.elapsed() >= len)?;
+                (n, t.elapsed())
             }
-        });
-        let (n, worst) = guest(&img, &mut off, &buf, flush_every, &|| done.load(Ordering::SeqCst))?;
-        let el = t.elapsed();
-        let (mh, th, sy) = driver.join().map_err(|_| "driver panicked".to_string())??;
-        synced += sy;
-        dt += el;
-        dn += n;
-        wins.push(el);
-        max_hold = max_hold.max(mh);
-        held += th;
-        guest_max = guest_max.max(worst);
-        lock(&img).checkpoint_delete(&format!("d{k}")).map_err(q("delete"))?;
+            Win::Control => {
+                lock(&img).checkpoint_take(&name).map_err(q("take"))?;
+                let t = Instant::now();
+                let (n, _) = guest(&img, &mut off, &buf, flush_every, &|| t.elapsed() >= len)?;
+                let el = t.elapsed();
+                lock(&img).wait_durable().map_err(q("durable"))?;
+                (n, el)
+            }
+            Win::Durable => {
+                lock(&img).checkpoint_take(&name).map_err(q("take"))?;
+                let t = Instant::now();
+                let done = Arc::new(AtomicBool::new(false));
+                let (d2, i2, locked, pace, budget) = (done.clone(), img.clone(), a.locked_driver, a.pace, a.budget);
+                let driver = std::thread::spawn(move || drive(&i2, locked, pace, budget, &d2));
+                let (n, worst) = guest(&img, &mut off, &buf, flush_every, &|| done.load(Ordering::SeqCst))?;
+                let el = t.elapsed();
+                let s = driver.join().map_err(|_| "driver panicked".to_string())??;
+                if count {
+                    wins.push(el);
+                    firsts.push(s.first_sync);
+                    max_hold = max_hold.max(s.max);
+                    held += s.held;
+                    synced += s.synced;
+                    guest_max = guest_max.max(worst);
+                }
+                (n, el)
+            }
+        };
+        lock(&img).checkpoint_delete(&name).map_err(q("delete"))?;
+        Ok(r)
+    };
+    // a durable window not counted: warms the caches and gives the first window length
+    let (_, first) = window(Win::Durable, Duration::ZERO, false, &mut wins)?;
+    let mut lens = vec![first];
+    let order = [Win::Durable, Win::Steady, Win::Control];
+    let min = Duration::from_millis(1500);
+    let mut k = 0;
+    // whole rotations of the order (each kind first, second and third equally often)
+    while (k < 3 || t[1] < min || k % 3 != 0) && k < 60 {
+        let mut round = [0f64; 3];
+        for j in 0..3 {
+            let kind = order[(k + j) % 3];
+            // steady and control windows last as long as the durable ones so far (median)
+            let len = median(lens.clone()).max(Duration::from_millis(20));
+            let (wn, wt) = window(kind, len, true, &mut wins)?;
+            let i = kind as usize;
+            if kind == Win::Durable {
+                lens.push(wt);
+            }
+            n[i] += wn;
+            t[i] += wt;
+            round[i] = wn as f64 / wt.as_secs_f64();
+        }
+        rounds.push(round);
         k += 1;
     }
     let mut g = lock(&img);
     g.flush().map_err(q("flush"))?;
+    let per: Vec<f64> = rounds.iter().map(|r| r[1] / r[0]).collect();
+    let rate = |i: usize| n[i] as f64 / t[i].as_secs_f64();
     Ok(Iops {
-        steady: sn as f64 / st.as_secs_f64(),
-        during: dn as f64 / dt.as_secs_f64(),
-        windows: k,
+        steady: rate(0),
+        during: rate(1),
+        control: rate(2),
+        round_min: per.iter().cloned().fold(f64::INFINITY, f64::min),
+        round_max: per.iter().cloned().fold(0.0, f64::max),
+        rounds: k,
         window_ms: ms(median(wins)),
         max_hold,
-        lock_share: held.as_secs_f64() / dt.as_secs_f64(),
-        sync_share: synced.as_secs_f64() / dt.as_secs_f64(),
+        lock_share: held.as_secs_f64() / t[1].as_secs_f64(),
+        sync_share: synced.as_secs_f64() / t[1].as_secs_f64(),
+        first_sync: median(firsts),
         guest_max,
     })
 }
