@@ -162,6 +162,15 @@ mod tests {
         Arc::new(Mutex::new(q))
     }
 
+    /// An image with a taken checkpoint "a" and its durability worker.
+    fn taken() -> (tempfile::TempDir, Arc<Mutex<Qcow2>>, Durability) {
+        let dir = tempfile::tempdir().unwrap();
+        let q = image(dir.path());
+        let d = Durability::start(Arc::clone(&q));
+        lock(&q).checkpoint_take("a").unwrap();
+        (dir, q, d)
+    }
+
     fn state(q: &Arc<Mutex<Qcow2>>) -> CheckpointState {
         lock(q).checkpoint_list()[0].state
     }
@@ -176,10 +185,7 @@ mod tests {
 
     #[test]
     fn held_until_released_then_runs() {
-        let dir = tempfile::tempdir().unwrap();
-        let q = image(dir.path());
-        let d = Durability::start(Arc::clone(&q));
-        lock(&q).checkpoint_take("a").unwrap();
+        let (_dir, q, d) = taken();
         assert!(d.defer(Duration::from_secs(60)));
         assert!(d.defer(Duration::from_secs(1)), "a second deferral joins the first");
         std::thread::sleep(Duration::from_millis(300));
@@ -191,10 +197,7 @@ mod tests {
 
     #[test]
     fn deadline_starts_the_work_and_ends_the_hold() {
-        let dir = tempfile::tempdir().unwrap();
-        let q = image(dir.path());
-        let d = Durability::start(Arc::clone(&q));
-        lock(&q).checkpoint_take("a").unwrap();
+        let (_dir, q, d) = taken();
         let t = Instant::now();
         assert!(d.defer(Duration::from_millis(150)));
         wait_for(&q, CheckpointState::Durable);
@@ -204,10 +207,7 @@ mod tests {
 
     #[test]
     fn run_now_and_stop() {
-        let dir = tempfile::tempdir().unwrap();
-        let q = image(dir.path());
-        let d = Durability::start(Arc::clone(&q));
-        lock(&q).checkpoint_take("a").unwrap();
+        let (_dir, q, d) = taken();
         d.run_now();
         wait_for(&q, CheckpointState::Durable);
         // the worker holds a reference to the image until it is stopped
