@@ -207,13 +207,7 @@ fn same_results_as_the_grant_copy_path() {
         }).collect();
         let mut pools: [HashMap<usize, IoBuf>; 2] = [HashMap::new(), HashMap::new()];
         for step in 0..300u64 {
-            let slot = next(7) as usize;
-            let layout = layouts[slot].clone();
-            let nsect: u64 = layout.iter().map(|&(f, l)| u64::from(l - f) + 1).sum();
-            let sector = next(2048 - nsect);
-            let write = next(2) == 0;
-            let indirect = layout.len() > 11 || next(4) == 0;
-            let data = pattern(step, nsect as usize * 512);
+            let RandomRequest { slot, layout, sector, write, indirect, data } = random_request(&mut next, &layouts, 2048, step);
             let mut outs = Vec::new();
             for (i, h) in [&mut a, &mut b].into_iter().enumerate() {
                 // Reuse a buffer if its layout fits, else make a new one (new grants).

@@ -134,3 +134,27 @@ pub fn io(h: &mut H, op: u8, sector: u64, buf: &mut IoBuf, indirect: bool) -> i1
     assert_eq!(r[0].id, id);
     r[0].status
 }
+
+/// One random request of the twin-ring tests (a grant-copy ring against another data path):
+/// a buffer slot with its fixed layout, a sector where it fits in the first `sectors`, read or
+/// write, indirect when the layout needs it (else one time in four), and the data a write
+/// carries (`pattern(step, ..)`).
+pub struct RandomRequest {
+    pub slot: usize,
+    pub layout: Vec<(u8, u8)>,
+    pub sector: u64,
+    pub write: bool,
+    pub indirect: bool,
+    pub data: Vec<u8>,
+}
+
+pub fn random_request(next: &mut impl FnMut(u64) -> u64, layouts: &[Vec<(u8, u8)>], sectors: u64, step: u64) -> RandomRequest {
+    let slot = next(layouts.len() as u64) as usize;
+    let layout = layouts[slot].clone();
+    let nsect: u64 = layout.iter().map(|&(f, l)| u64::from(l - f) + 1).sum();
+    let sector = next(sectors - nsect);
+    let write = next(2) == 0;
+    let indirect = layout.len() > 11 || next(4) == 0;
+    let data = pattern(step, nsect as usize * 512);
+    RandomRequest { slot, layout, sector, write, indirect, data }
+}
