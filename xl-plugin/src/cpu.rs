@@ -26,12 +26,6 @@ pub fn parse_stat(s: &str) -> Option<u64> {
     Some((ut + st) * (1_000_000_000 / USER_HZ))
 }
 
-/// CPU time in ns this process has used so far, all threads (one `clock_gettime`, no /proc).
-pub fn own_cpu_ns() -> u64 {
-    let t = rustix::time::clock_gettime(rustix::time::ClockId::ProcessCPUTime);
-    (t.tv_sec as u64).saturating_mul(1_000_000_000).saturating_add(t.tv_nsec as u64)
-}
-
 /// CPU time in ns consumed so far by all live threads of `pid`.
 pub fn process_cpu_ns(pid: u32) -> Option<u64> {
     let dir = format!("/proc/{pid}/task");
@@ -84,7 +78,7 @@ mod tests {
         assert!(b >= a, "{a} -> {b}");
         assert_eq!(process_cpu_ns(u32::MAX), None);
         // the process clock agrees with /proc (schedstat counts the same run time)
-        let (p, o) = (process_cpu_ns(std::process::id()).unwrap(), own_cpu_ns());
+        let (p, o) = (process_cpu_ns(std::process::id()).unwrap(), xensnap_control::process_cpu_ns());
         assert!(o >= b && o.abs_diff(p) < 50_000_000, "/proc {p} vs clock {o}");
     }
 }

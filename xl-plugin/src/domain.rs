@@ -1238,7 +1238,7 @@ mod real {
         }
         fn cpu_ns(&self, pid: Option<u32>) -> Option<u64> {
             match pid {
-                None => Some(crate::cpu::own_cpu_ns()),
+                None => Some(xensnap_control::process_cpu_ns()),
                 Some(p) => crate::cpu::process_cpu_ns(p),
             }
         }

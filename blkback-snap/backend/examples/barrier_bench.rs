@@ -17,20 +17,18 @@
 //! internal snapshot costs a paused VM), measured in the same run. Not included: xl-snap's
 //! two `xc_domain_getinfo` hypercalls around the request (Xen only).
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use blkback_snap::device::{self, ServeOptions};
-use blkback_snap::durability::process_cpu_ns;
 use serde_json::{json, Value};
 use xensnap_blkif::abi::*;
 use xensnap_blkif::sim::*;
 use xensnap_blkif::xenbus::*;
 use xensnap_blkif::{EventChannel, Features};
+use xensnap_control::{process_cpu_ns, Conns};
 use xensnap_qcow2::{CreateOptions, Qcow2};
 
 const DOMID: u16 = 7;
@@ -93,23 +91,6 @@ fn wait_for(what: &str, mut f: impl FnMut() -> bool) -> R<()> {
         std::thread::sleep(Duration::from_millis(2));
     }
     Ok(())
-}
-
-/// A kept control connection (one JSON request per line, one reply line).
-struct Conn(BufReader<UnixStream>);
-impl Conn {
-    fn call(&mut self, req: &Value) -> R<Value> {
-        let mut line = req.to_string();
-        line.push('\n');
-        self.0.get_mut().write_all(line.as_bytes()).map_err(|e| e.to_string())?;
-        let mut reply = String::new();
-        self.0.read_line(&mut reply).map_err(|e| e.to_string())?;
-        let v: Value = serde_json::from_str(&reply).map_err(|e| format!("{e}: {reply}"))?;
-        if let Some(e) = v.get("error") {
-            return Err(format!("{req}: {e}"));
-        }
-        Ok(v.get("ok").cloned().unwrap_or(v))
-    }
 }
 
 fn pct(v: &mut [f64], p: f64) -> f64 {
@@ -191,8 +172,10 @@ fn run() -> R<()> {
     fw("state", "3")?;
     wait_for("Connected", || rd("state").as_deref() == Some("4"))?;
     fw("state", "4")?;
-    let mut conn = Conn(BufReader::new(UnixStream::connect(&sock).map_err(|e| format!("{}: {e}", sock.display()))?));
-    conn.call(&json!({"op": "status"}))?;
+    // one control connection, opened before the first checkpoint and kept (as xl-snap does)
+    let conns = Conns::new(Duration::from_secs(30));
+    let call = |req: Value| conns.call(&sock, &req).map_err(|e| e.to_string());
+    call(json!({"op": "status"}))?;
 
     // the guest: QD 4 KiB random writes, stopping (with its requests in flight) while
     // `suspended` is set
@@ -246,15 +229,15 @@ fn run() -> R<()> {
         wait_for("the guest to stop", || stopped.load(Ordering::SeqCst))?;
         let c0 = process_cpu_ns();
         let t = Instant::now();
-        let v = conn.call(&json!({"op": "checkpoint-barrier", "name": format!("b{i}"), "timeout_ms": 5000, "defer_durable_ms": 60000}))?;
+        let v = call(json!({"op": "checkpoint-barrier", "name": format!("b{i}"), "timeout_ms": 5000, "defer_durable_ms": 60000}))?;
         rtt.push(t.elapsed().as_secs_f64() * 1e6);
         cpu.push((process_cpu_ns() - c0) as f64 / 1e3);
         drained += v["drained"].as_u64().unwrap_or(0);
         suspended.store(false, Ordering::SeqCst);
-        conn.call(&json!({"op": "durable-release"}))?;
+        call(json!({"op": "durable-release"}))?;
         if i >= 8 {
             // keep the image small: the checkpoint of 8 rounds ago goes
-            conn.call(&json!({"op": "checkpoint-delete", "checkpoint": format!("b{}", i - 8)}))?;
+            call(json!({"op": "checkpoint-delete", "checkpoint": format!("b{}", i - 8)}))?;
         }
     }
     done.store(true, Ordering::SeqCst);

@@ -25,7 +25,8 @@ use crate::control::{
     self, ControlServer, Handler, Request, BARRIER_QUIESCE_FAILED, BARRIER_TAKE_FAILED,
     MAX_DEFER_DURABLE_MS,
 };
-use crate::durability::{process_cpu_ns, Durability};
+use crate::durability::Durability;
+use xensnap_control::process_cpu_ns;
 use crate::image::{parse_params, Format, Image};
 
 /// How to serve a device.
