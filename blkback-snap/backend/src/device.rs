@@ -188,7 +188,8 @@ pub struct Device {
     slot: Mutex<RingSlot>,
     state: Mutex<XenbusState>,
     quiesce_timeout: Duration,
-    /// The image's background durability worker (qcow2 images).
+    /// The image's background durability worker (every qcow2 image; a read-only one never
+    /// has work for it, but a take that got past the engine always finds it).
     durability: Option<Durability>,
 }
 
@@ -260,9 +261,9 @@ impl Device {
             format!("{BARRIER_TAKE_FAILED}{e}; the ring was resumed, no checkpoint taken")
         })?;
         let deferred = match defer {
-            Some(max) => self.defer_durability(q, max),
+            Some(max) => self.defer_durability(max),
             None => {
-                self.run_durability(q);
+                self.run_durability();
                 false
             }
         };
@@ -279,22 +280,16 @@ impl Device {
     }
 
     /// Hold the background durability work back until `durable-release` or `max` (see
-    /// [`Durability::defer`]); false if it was started at once instead.
-    fn defer_durability(&self, q: Arc<Mutex<xensnap_qcow2::Qcow2>>, max: Duration) -> bool {
-        match &self.durability {
-            Some(d) => d.defer(max),
-            None => {
-                spawn_durability(q);
-                false
-            }
-        }
+    /// [`Durability::defer`]); false if it was started at once instead (or the image has no
+    /// checkpoints: raw).
+    fn defer_durability(&self, max: Duration) -> bool {
+        self.durability.as_ref().is_some_and(|d| d.defer(max))
     }
 
     /// Make the pending background work durable now.
-    fn run_durability(&self, q: Arc<Mutex<xensnap_qcow2::Qcow2>>) {
-        match &self.durability {
-            Some(d) => d.run_now(),
-            None => spawn_durability(q),
+    fn run_durability(&self) {
+        if let Some(d) = &self.durability {
+            d.run_now();
         }
     }
 
@@ -394,14 +389,6 @@ impl Device {
     }
 }
 
-/// Make taken checkpoints durable in the background on a thread of their own
-/// (`SharedImage::drive_durability`, ending when nothing is pending): for an image served
-/// without a durability worker (read-only).
-fn spawn_durability(q: Arc<Mutex<xensnap_qcow2::Qcow2>>) {
-    let img = xensnap_qcow2::SharedImage(q);
-    std::thread::spawn(move || img.drive_durability(None));
-}
-
 fn qe(e: xensnap_qcow2::Error) -> String {
     e.to_string()
 }
@@ -453,7 +440,7 @@ impl Handler<Request> for Device {
                 let t0 = Instant::now();
                 let info = self.with_quiesced(|| lock(&q).checkpoint_take(name).map_err(qe))?;
                 let micros = t0.elapsed().as_micros() as u64;
-                self.run_durability(q);
+                self.run_durability();
                 let mut v = json!(info);
                 v["micros"] = json!(micros);
                 Ok(v)
@@ -577,11 +564,7 @@ pub fn serve(
     };
     tracing::info!(backend = %be, image = %path.display(), format = image.format.as_str(),
         size = image.device.size(), read_only = nodes.read_only, "image open");
-    let durability = image
-        .qcow2
-        .as_ref()
-        .filter(|_| !nodes.read_only)
-        .map(|q| Durability::start(Arc::clone(q)));
+    let durability = image.qcow2.as_ref().map(|q| Durability::start(Arc::clone(q)));
     let dev = Arc::new(Device {
         nodes: nodes.clone(),
         image,
