@@ -363,6 +363,11 @@ fn resume_all(env: &dyn Env, disks: &[Disk], cleanup: &mut Vec<String>) {
 pub const DEFER_DURABLE_MS: u64 = 60_000;
 
 /// The disk barrier at the suspended instant: one `checkpoint-barrier` request per disk when
+/// Every backend serves `checkpoint-barrier` (and reports its CPU in its replies).
+fn all_one_request(disks: &[Disk]) -> bool {
+    !disks.is_empty() && disks.iter().all(|d| d.barrier_op)
+}
+
 /// every backend serves it, else [`barrier_steps`]. On error everything it did is undone.
 fn barrier(
     env: &dyn Env,
@@ -373,7 +378,7 @@ fn barrier(
     rep: &mut BarrierReport,
     t0: Instant,
 ) -> Result<(), StepError> {
-    if !disks.is_empty() && disks.iter().all(|d| d.barrier_op) {
+    if all_one_request(disks) {
         barrier_one_request(env, domid, disks, name, opts, rep, t0)
     } else {
         barrier_steps(env, domid, disks, name, opts, rep, t0)
@@ -607,7 +612,7 @@ pub fn snapshot(
     // report theirs in its reply and in `durable-release`'s (after xl's exit). Only for
     // older backends are their /proc entries read at the suspend (reading them cost ~10 ms of
     // CPU inside the window under nested TCG Xen).
-    let one_request = !disks.is_empty() && disks.iter().all(|d| d.barrier_op);
+    let one_request = all_one_request(disks);
     let mut marks: Option<(CpuMark, CpuMark, SystemTime)> = None;
     let xl = loop {
         if let Some(r) = job.poll() {
