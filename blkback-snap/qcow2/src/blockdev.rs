@@ -21,6 +21,13 @@ fn lock(m: &Mutex<Qcow2>) -> MutexGuard<'_, Qcow2> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// The image lock for a guest request, counted (see [`Pacer`]).
+fn guest_lock(m: &Mutex<Qcow2>) -> MutexGuard<'_, Qcow2> {
+    let mut g = lock(m);
+    g.guest_ops = g.guest_ops.wrapping_add(1);
+    g
+}
+
 /// The active disk of an image, shared behind a mutex (one request at a time).
 #[derive(Clone)]
 pub struct SharedImage(pub Arc<Mutex<Qcow2>>);
@@ -41,9 +48,10 @@ impl SharedImage {
         let t = Instant::now();
         let r = g.durable_step_staged(budget);
         let mut locked = t.elapsed();
+        let guest_ops = g.guest_ops;
         drop(g);
         match r? {
-            DurableStep::Done(done) => Ok(DurableProgress { done, locked, synced: Duration::ZERO }),
+            DurableStep::Done(done) => Ok(DurableProgress { done, locked, synced: Duration::ZERO, guest_ops }),
             DurableStep::Barrier(b) => {
                 let t = Instant::now();
                 // a failure poisons the image (the kernel may have dropped the writes this
@@ -54,22 +62,25 @@ impl SharedImage {
                 let t = Instant::now();
                 g.durable_barrier_done(s);
                 locked += t.elapsed();
-                Ok(DurableProgress { done: false, locked, synced })
+                Ok(DurableProgress { done: false, locked, synced, guest_ops: g.guest_ops })
             }
         }
     }
 
     /// The background durability driver of a served image (run it on its own thread):
-    /// [`SharedImage::durable_work`]`(`[`DURABLE_BUDGET`]`)` at a time, each followed by a pause of
-    /// [`DURABLE_PACE`] times the time it held the image lock (at least 50 µs, see
-    /// [`durable_pause`]), so the guest's requests get the lock most of the time (the pacing
-    /// `scripts/bench-checkpoint.sh` measures). When nothing is pending it returns, or with
+    /// [`SharedImage::durable_work`]`(`[`DURABLE_BUDGET`]`)` at a time, each followed by the
+    /// pause a [`Pacer`] picks: while the guest is doing I/O, [`DURABLE_PACE`] times the
+    /// time the step held the image lock (at least 50 µs, see [`durable_pause`]), so the
+    /// guest's requests find the lock free almost all the time; while it is idle,
+    /// [`DURABLE_PACE_IDLE`] times, so the work finishes quickly when nobody waits (the
+    /// pacing `scripts/bench-checkpoint.sh` measures). When nothing is pending it returns, or with
     /// `idle_poll = Some(d)` looks again every `d` (for a driver that outlives one
     /// checkpoint). A failed step stays queued and is retried after 1 s; on a poisoned image
     /// (a flush failed, ours or the guest's) it stops: retrying could only report a
     /// checkpoint durable over lost writes, and the engine refuses. It also returns if the
     /// image's mutex was poisoned by a panic.
     pub fn drive_durability(&self, idle_poll: Option<Duration>) {
+        let mut pacer = Pacer::default();
         loop {
             let pending = match self.0.lock() {
                 Err(_) => return,
@@ -82,7 +93,7 @@ impl SharedImage {
                 }
             } else {
                 match self.durable_work(DURABLE_BUDGET) {
-                    Ok(p) => durable_pause(p.locked, DURABLE_PACE),
+                    Ok(p) => pacer.pause(&p),
                     Err(e @ Error::Poisoned { .. }) => {
                         tracing::error!("background checkpoint work stopped: {e}");
                         return;
@@ -107,8 +118,71 @@ impl SharedImage {
 /// tables walked per lock hold.
 pub const DURABLE_BUDGET: usize = 1;
 
-/// How many times the image lock's hold time a durability driver pauses after a step.
+/// How many times the image lock's hold time a durability driver pauses after a step
+/// while the guest is doing I/O: the lock is then held by the background work for about
+/// 1/(1 + pace) of the time at most (less, with the 50 µs minimum and sleep overshoot).
+/// `bench-checkpoint --pace N` measures the trade-off (16 KiB clusters, 16 GiB allocated,
+/// 2026-11-26): pace 15 left a never-flushing guest 0.83-0.84 of its steady IOPS (pace 3:
+/// 0.67-0.80) but a guest flushing every 256 writes 0.73-0.77 (pace 3: 0.78-0.88), and it
+/// stretched the durable phase under load 4-5x (16 GiB: ~4 s never-flushing, ~10 s
+/// flushing), so far that the 64 GiB run filled the disk with the guest's copy-on-write
+/// data. So 3 stays.
 pub const DURABLE_PACE: u32 = 3;
+
+/// The same while the guest is idle (no request for [`GUEST_BUSY_WINDOW`]): nobody waits
+/// for the lock, so the work runs almost flat out.
+pub const DURABLE_PACE_IDLE: u32 = 1;
+
+/// A guest that made a request this recently counts as busy for [`Pacer`].
+pub const GUEST_BUSY_WINDOW: Duration = Duration::from_millis(20);
+
+/// Picks the pause of a durability driver after each step ([`SharedImage::durable_work`]):
+/// [`durable_pause`] at the busy pace while guest requests have been served within the
+/// busy window (the count of guest requests in [`DurableProgress::guest_ops`] moved),
+/// the idle pace (no minimum) otherwise.
+#[derive(Debug, Clone)]
+pub struct Pacer {
+    busy: u32,
+    idle: u32,
+    window: Duration,
+    seen: Option<u64>,
+    active_at: Option<Instant>,
+}
+
+impl Default for Pacer {
+    fn default() -> Self {
+        Pacer::new(DURABLE_PACE, DURABLE_PACE_IDLE, GUEST_BUSY_WINDOW)
+    }
+}
+
+impl Pacer {
+    pub fn new(busy: u32, idle: u32, window: Duration) -> Self {
+        Pacer { busy, idle, window, seen: None, active_at: None }
+    }
+
+    /// The pause after step `p`.
+    pub fn pause(&mut self, p: &DurableProgress) -> Duration {
+        let now = Instant::now();
+        if self.seen.is_some_and(|s| s != p.guest_ops) {
+            self.active_at = Some(now);
+        }
+        self.seen = Some(p.guest_ops);
+        if self.guest_busy_at(now) {
+            durable_pause(p.locked, self.busy)
+        } else {
+            p.locked * self.idle
+        }
+    }
+
+    /// Did the guest make a request within the busy window (as of the last step)?
+    pub fn guest_busy(&self) -> bool {
+        self.guest_busy_at(Instant::now())
+    }
+
+    fn guest_busy_at(&self, now: Instant) -> bool {
+        self.active_at.is_some_and(|t| now.duration_since(t) < self.window)
+    }
+}
 
 /// The pause after a durability step that held the image lock for `locked`: `pace` times
 /// as long, at least 50 µs.
@@ -125,6 +199,8 @@ pub struct DurableProgress {
     pub locked: Duration,
     /// Time spent in a flush barrier without the lock (zero if none).
     pub synced: Duration,
+    /// Guest requests served through [`SharedImage`] so far (a wrapping count).
+    pub guest_ops: u64,
 }
 
 impl BlockDevice for SharedImage {
@@ -135,25 +211,25 @@ impl BlockDevice for SharedImage {
         lock(&self.0).is_read_only()
     }
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> BlockResult<()> {
-        lock(&self.0).read(offset, buf).map_err(to_block)
+        guest_lock(&self.0).read(offset, buf).map_err(to_block)
     }
     fn write_at(&self, offset: u64, buf: &[u8]) -> BlockResult<()> {
-        lock(&self.0).write(offset, buf).map_err(to_block)
+        guest_lock(&self.0).write(offset, buf).map_err(to_block)
     }
     fn flush(&self) -> BlockResult<()> {
-        lock(&self.0).flush().map_err(to_block)
+        guest_lock(&self.0).flush().map_err(to_block)
     }
     fn discard(&self, offset: u64, len: u64) -> BlockResult<()> {
-        lock(&self.0).discard(offset, len).map_err(to_block)
+        guest_lock(&self.0).discard(offset, len).map_err(to_block)
     }
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> BlockResult<()> {
-        lock(&self.0).write_zeroes(offset, len, may_unmap).map_err(to_block)
+        guest_lock(&self.0).write_zeroes(offset, len, may_unmap).map_err(to_block)
     }
     fn read_into(&self, offset: u64, dst: &mut dyn DataBuf) -> BlockResult<()> {
-        lock(&self.0).read_into(offset, dst).map_err(to_block)
+        guest_lock(&self.0).read_into(offset, dst).map_err(to_block)
     }
     fn write_from(&self, offset: u64, src: &dyn DataBuf) -> BlockResult<()> {
-        lock(&self.0).write_from(offset, src).map_err(to_block)
+        guest_lock(&self.0).write_from(offset, src).map_err(to_block)
     }
     fn direct_io(&self) -> bool {
         true
@@ -196,5 +272,63 @@ impl BlockDevice for CheckpointDevice {
     }
     fn write_zeroes(&self, _offset: u64, _len: u64, _may_unmap: bool) -> BlockResult<()> {
         Err(BlockError::ReadOnly)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{CreateOptions, MemIo};
+
+    fn progress(locked_us: u64, guest_ops: u64) -> DurableProgress {
+        DurableProgress { done: false, locked: Duration::from_micros(locked_us), synced: Duration::ZERO, guest_ops }
+    }
+
+    #[test]
+    fn pacer_is_gentle_only_while_the_guest_makes_requests() {
+        let mut p = Pacer::new(15, 1, Duration::from_millis(30));
+        // first step: nothing seen before, so no activity to judge: idle pace, no minimum
+        assert_eq!(p.pause(&progress(100, 7)), Duration::from_micros(100));
+        assert!(!p.guest_busy());
+        // the count did not move: still idle
+        assert_eq!(p.pause(&progress(2, 7)), Duration::from_micros(2));
+        // requests were served since the last step: busy pace, with its 50 µs floor
+        assert_eq!(p.pause(&progress(100, 9)), Duration::from_micros(1500));
+        assert!(p.guest_busy());
+        assert_eq!(p.pause(&progress(2, 9)), Duration::from_micros(50), "busy for the window after the last request");
+        // a wrapped count is a change too
+        assert_eq!(p.pause(&progress(10, u64::MAX)), Duration::from_micros(150));
+        std::thread::sleep(Duration::from_millis(40));
+        assert!(!p.guest_busy());
+        assert_eq!(p.pause(&progress(10, u64::MAX)), Duration::from_micros(10), "idle again once the window passed");
+    }
+
+    #[test]
+    fn guest_requests_are_counted_and_background_steps_are_not() {
+        let img = Qcow2::create(Box::new(MemIo::new()), &CreateOptions { size: 1 << 20, cluster_bits: 12, refcount_order: 4 })
+            .expect("create");
+        let shared = SharedImage::new(img);
+        shared.write_at(0, &[1u8; 8192]).expect("write");
+        lock(&shared.0).checkpoint_take("t").expect("take");
+        let before = shared.durable_work(1).expect("step").guest_ops;
+        let again = shared.durable_work(1).expect("step").guest_ops;
+        assert_eq!(before, again, "a background step counted as a guest request");
+        let mut b = [0u8; 512];
+        shared.read_at(0, &mut b).expect("read");
+        shared.write_at(4096, &[2u8; 512]).expect("write");
+        shared.flush().expect("flush");
+        shared.discard(0, 4096).expect("discard");
+        shared.write_zeroes(8192, 4096, false).expect("zeroes");
+        let after = shared.durable_work(1).expect("step").guest_ops;
+        assert_eq!(after.wrapping_sub(before), 5);
+        // the size query and read-only flag are not requests
+        let _ = (shared.size(), shared.read_only());
+        assert_eq!(lock(&shared.0).guest_ops(), after);
+        let mut p = Pacer::default();
+        p.pause(&progress(1, after));
+        shared.write_at(0, &[3u8; 512]).expect("write");
+        let step = shared.durable_work(1).expect("step");
+        p.pause(&step);
+        assert!(p.guest_busy(), "a write between two steps did not make the pacer see a busy guest");
     }
 }

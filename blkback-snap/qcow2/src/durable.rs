@@ -226,6 +226,12 @@ impl Qcow2 {
         false
     }
 
+    /// Guest requests served through [`crate::SharedImage`] so far (a wrapping count, for
+    /// [`crate::Pacer`]).
+    pub fn guest_ops(&self) -> u64 {
+        self.guest_ops
+    }
+
     /// Is there background work (taken checkpoints, revert or delete) not durable yet?
     pub fn durable_pending(&self) -> bool {
         !self.jobs.is_empty()

@@ -144,6 +144,9 @@ pub struct Qcow2 {
     /// Eviction is held off while a background step loads what it will read (see
     /// `Qcow2::prefetch_step`): the step then runs on cached tables only.
     pub(crate) hold_cache: bool,
+    /// Guest requests served through [`crate::SharedImage`] (wrapping count), which a
+    /// durability driver reads to tell a busy guest from an idle one ([`crate::Pacer`]).
+    pub(crate) guest_ops: u64,
     /// Last barrier ticket handed out by a staged commit (see `durable.rs`).
     pub(crate) next_ticket: u64,
     /// The first failed flush or write of this engine (for an [`ImageIo`] that does not
@@ -345,6 +348,7 @@ impl Qcow2 {
             leak_window: false,
             dirty_unsynced: None,
             hold_cache: false,
+            guest_ops: 0,
             next_ticket: 0,
             failed: None,
             h,

@@ -77,7 +77,10 @@ mod l2;
 mod refcount;
 mod snapshot;
 
-pub use blockdev::{durable_pause, CheckpointDevice, DurableProgress, SharedImage, DURABLE_BUDGET, DURABLE_PACE};
+pub use blockdev::{
+    durable_pause, CheckpointDevice, DurableProgress, Pacer, SharedImage, DURABLE_BUDGET, DURABLE_PACE, DURABLE_PACE_IDLE,
+    GUEST_BUSY_WINDOW,
+};
 pub use durable::{DurableBarrier, DurableStep, SyncedBarrier};
 pub use check::CheckReport;
 pub use error::{Error, Result};

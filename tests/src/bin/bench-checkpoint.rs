@@ -13,8 +13,9 @@
 //!   serves), with no flushes, then again with a flush every `--flush-every` writes; a
 //!   durability thread paced like blkback-snap's and `xl-snap image serve`'s makes a taken
 //!   checkpoint durable with `SharedImage::durable_work(1)` (a bounded step under the image
-//!   lock, every commit barrier run without it), sleeping `--pace` times the time it held the
-//!   lock (at least 50 µs), checking first that work is pending, like
+//!   lock, every commit barrier run without it), paced by a `Pacer` (sleeping `--pace` times
+//!   the time it held the lock, at least 50 µs, while the guest is busy, `--idle-pace` times
+//!   while it is idle), checking first that work is pending, like
 //!   `SharedImage::drive_durability`. Steady state: the same writes right after a blocking
 //!   checkpoint. Control: the same writes right after a take with no durability thread (the
 //!   cost of the durable phase's write path alone, hand-overs included). Every window starts
@@ -32,7 +33,7 @@
 //! is a first touch), with `qemu-img bench` on 64 KiB clusters as the anchor.
 //!
 //! Usage: bench-checkpoint [--sizes 0,1,16,64] [--dir DIR] [--reps 5] [--clusters 4k,8k,16k,32k,64k]
-//!        [--pace 3] [--budget 1] [--flush-every 256] [--locked-driver] [--no-table] [--part1-clusters 16k,64k]
+//!        [--pace 3] [--idle-pace 1] [--budget 1] [--flush-every 256] [--locked-driver] [--no-table] [--part1-clusters 16k,64k]
 
 use clap::Parser;
 use rand::{Rng, SeedableRng};
@@ -42,9 +43,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use xensnap_tests::bench::{q, sh, median, ms, us, R};
 use xensnap_blockdev::BlockDevice;
-use xensnap_qcow2::{CreateOptions, OpenOptions, Qcow2, SharedImage};
+use xensnap_qcow2::{CreateOptions, DurableProgress, OpenOptions, Pacer, Qcow2, SharedImage, GUEST_BUSY_WINDOW};
 
 const GIB: u64 = 1 << 30;
+static CPU_U: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+static CPU_S: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 const IO: usize = 4096;
 const SCATTER_STEP: u64 = 4096 * 40503;
 
@@ -71,9 +74,13 @@ struct Args {
     /// instead of `durable_work(1)`, for comparison.
     #[arg(long)]
     locked_driver: bool,
-    /// Pacing of the durability thread: sleep this many times the time it held the lock.
+    /// Pacing of the durability thread while the guest is busy: sleep this many times the
+    /// time it held the lock.
     #[arg(long, default_value_t = xensnap_qcow2::DURABLE_PACE)]
     pace: u32,
+    /// The same while the guest is idle (no request for GUEST_BUSY_WINDOW).
+    #[arg(long, default_value_t = xensnap_qcow2::DURABLE_PACE_IDLE)]
+    idle_pace: u32,
     /// Budget of each durability step (L2 tables per lock hold).
     #[arg(long, default_value_t = xensnap_qcow2::DURABLE_BUDGET)]
     budget: usize,
@@ -221,16 +228,17 @@ fn part1(a: &Args, cs: u64) -> R<()> {
     } else {
         format!("SharedImage::durable_work({}), barriers outside the lock", a.budget)
     };
+    let pacing = format!("Pacer: pause {}x its lock time (>= 50 µs) while the guest is busy, {}x while idle", a.pace, a.idle_pace);
     println!("\n### guest 4 KiB random-write IOPS while a checkpoint becomes durable vs steady state ({} KiB clusters)", cs >> 10);
-    println!("(guest thread through SharedImage; durability thread: {driver}; pause {}x its lock time, >= 50 µs)", a.pace);
+    println!("(guest thread through SharedImage; durability thread: {driver}; {pacing})");
     println!(
-        "{:>6} {:>12} {:>12} {:>12} {:>7} {:>11} {:>9} {:>7} {:>9} {:>10} {:>9} {:>8} {:>8} {:>9} {:>9}",
+        "{:>6} {:>12} {:>12} {:>12} {:>7} {:>11} {:>9} {:>7} {:>9} {:>10} {:>9} {:>8} {:>8} {:>9} {:>9} {:>14} {:>6}",
         "alloc", "guest flush", "IOPS steady", "IOPS durab.", "ratio", "round min", "max", "rounds", "ctl ratio", "durable ms",
-        "lock max", "lock %", "sync %", "1st sync", "guest max"
+        "lock max", "lock %", "sync %", "1st sync", "guest max", "flush % s/d/c", "busy %"
     );
     for (gib, fe, r) in &iops_rows {
         println!(
-            "{:>4} G {:>12} {:>12.0} {:>12.0} {:>7.2} {:>11.2} {:>9.2} {:>7} {:>9.2} {:>10.1} {:>9.2} {:>7.1}% {:>7.1}% {:>9.2} {:>9.2}",
+            "{:>4} G {:>12} {:>12.0} {:>12.0} {:>7.2} {:>11.2} {:>9.2} {:>7} {:>9.2} {:>10.1} {:>9.2} {:>7.1}% {:>7.1}% {:>9.2} {:>9.2} {:>6.0}/{:.0}/{:.0} {:>5.0}%",
             gib,
             if *fe == 0 { "none".to_string() } else { format!("every {fe}") },
             r.steady,
@@ -246,6 +254,10 @@ fn part1(a: &Args, cs: u64) -> R<()> {
             r.sync_share * 100.0,
             r.first_sync.as_secs_f64() * 1e3,
             r.guest_max.as_secs_f64() * 1e3,
+            r.flush_share[0] * 100.0,
+            r.flush_share[1] * 100.0,
+            r.flush_share[2] * 100.0,
+            r.busy_share * 100.0,
         );
     }
     println!("(ratio = IOPS during durable windows / steady IOPS, totals over all rounds; round min/max: the same per");
@@ -254,7 +266,9 @@ fn part1(a: &Args, cs: u64) -> R<()> {
     println!(" take with no durability thread / steady (the cost of the durable phase's write path alone); durable ms =");
     println!(" median time from take to durable under load; lock max (ms) / lock % = the durability thread's lock hold");
     println!(" per call and its share of the durable windows; sync % = share spent in its fdatasyncs (no lock); 1st");
-    println!(" sync = median ms of a window's first barrier (whole file); guest max = slowest guest request, ms)");
+    println!(" sync = median ms of a window's first barrier (whole file); guest max = slowest guest request, ms;");
+    println!(" flush % s/d/c = share of the steady / durable / ctl windows the guest spent in its own flushes;");
+    println!(" busy % = share of the durability thread's steps paced as 'guest busy' (--pace) rather than idle)");
     Ok(())
 }
 
@@ -278,23 +292,52 @@ struct Iops {
     /// Median time of a durable window's first barrier (the whole-file fdatasync).
     first_sync: Duration,
     guest_max: Duration,
+    /// Share of each window kind (steady, durable, control) the guest spent in its flushes.
+    flush_share: [f64; 3],
+    /// Share of the driver's steps after which its pacer saw the guest busy.
+    busy_share: f64,
 }
 
 /// Guest writes (a flush every `flush_every`, 0 = none) until `stop` says so; returns the
 /// number of writes and the slowest request.
-fn guest(img: &SharedImage, off: &mut impl FnMut() -> u64, buf: &[u8], flush_every: u64, stop: &dyn Fn() -> bool) -> R<(u64, Duration)> {
+/// With XENSNAP_BENCH_MARK set, a line on stderr with the CLOCK_MONOTONIC time (to cut a
+/// `perf record -k CLOCK_MONOTONIC` profile into windows).
+fn mark(s: &str) {
+    if std::env::var_os("XENSNAP_BENCH_MARK").is_some() {
+        eprintln!("MARK {s} {:?}", Instant::now());
+    }
+}
+
+/// This thread's user and system CPU time so far (clock ticks of /proc/thread-self/stat).
+pub fn thread_cpu() -> (u64, u64) {
+    let s = std::fs::read_to_string("/proc/thread-self/stat").unwrap_or_default();
+    let rest = s.rsplit_once(')').map(|x| x.1).unwrap_or("");
+    let f: Vec<u64> = rest.split_whitespace().map(|x| x.parse().unwrap_or(0)).collect();
+    (f.get(11).copied().unwrap_or(0), f.get(12).copied().unwrap_or(0))
+}
+
+fn guest(img: &SharedImage, off: &mut impl FnMut() -> u64, buf: &[u8], flush_every: u64, stop: &dyn Fn() -> bool) -> R<(u64, Duration, Duration)> {
+    let c0 = thread_cpu();
+    mark("xsg begin");
     let mut n = 0u64;
     let mut worst = Duration::ZERO;
+    let mut flushing = Duration::ZERO;
     while !stop() {
         let t = Instant::now();
         img.write_at(off(), buf).map_err(q("write"))?;
         n += 1;
         if flush_every > 0 && n.is_multiple_of(flush_every) {
+            let f = Instant::now();
             img.flush().map_err(q("flush"))?;
+            flushing += f.elapsed();
         }
         worst = worst.max(t.elapsed());
     }
-    Ok((n, worst))
+    mark("xsg end");
+    let c1 = thread_cpu();
+    CPU_U.fetch_add(c1.0 - c0.0, Ordering::Relaxed);
+    CPU_S.fetch_add(c1.1 - c0.1, Ordering::Relaxed);
+    Ok((n, worst, flushing))
 }
 
 /// The kinds of measurement window (see the module docs).
@@ -315,33 +358,40 @@ struct DriverStats {
     held: Duration,
     synced: Duration,
     first_sync: Duration,
+    steps: u64,
+    /// Steps after which the pacer saw the guest busy.
+    busy_steps: u64,
 }
 
 /// The durability driver of blkback-snap ([`SharedImage::drive_durability`]'s loop and
 /// pacing), with its lock and sync times recorded; `locked`: every barrier under the lock.
-fn drive(img: &SharedImage, locked: bool, pace: u32, budget: usize, done: &AtomicBool) -> R<DriverStats> {
+fn drive(img: &SharedImage, locked: bool, pacer: &mut Pacer, budget: usize, done: &AtomicBool) -> R<DriverStats> {
     let mut s = DriverStats::default();
     loop {
         if !lock(img).durable_pending() {
             done.store(true, Ordering::SeqCst);
             return Ok(s);
         }
-        let (hold, sync) = if locked {
+        let p = if locked {
             let mut g = lock(img);
             let t = Instant::now();
-            g.durable_step(budget).map_err(q("durable step"))?;
-            (t.elapsed(), Duration::ZERO)
+            let done = g.durable_step(budget).map_err(q("durable step"))?;
+            DurableProgress { done, locked: t.elapsed(), synced: Duration::ZERO, guest_ops: g.guest_ops() }
         } else {
-            let p = img.durable_work(budget).map_err(q("durable step"))?;
-            (p.locked, p.synced)
+            img.durable_work(budget).map_err(q("durable step"))?
         };
-        s.max = s.max.max(hold);
-        s.held += hold;
+        s.max = s.max.max(p.locked);
+        s.held += p.locked;
         if s.first_sync.is_zero() {
-            s.first_sync = sync;
+            s.first_sync = p.synced;
         }
-        s.synced += sync;
-        std::thread::sleep(xensnap_qcow2::durable_pause(hold, pace));
+        s.synced += p.synced;
+        let pause = pacer.pause(&p);
+        if pacer.guest_busy() {
+            s.busy_steps += 1;
+        }
+        s.steps += 1;
+        std::thread::sleep(pause);
     }
 }
 
@@ -355,12 +405,15 @@ fn iops_during(path: &Path, region: u64, a: &Args, flush_every: u64) -> R<Iops> 
     let mut off = move || rng.gen_range(0..region / IO as u64) * IO as u64;
     let mut n = [0u64; 3];
     let mut t = [Duration::ZERO; 3];
+    let mut fl = [Duration::ZERO; 3];
+    let (mut cu, mut cs) = ([0u64; 3], [0u64; 3]);
+    let (mut steps, mut busy_steps) = (0u64, 0u64);
     let mut rounds: Vec<[f64; 3]> = vec![];
     let (mut wins, mut firsts, mut max_hold, mut held, mut synced, mut guest_max) =
         (vec![], vec![], Duration::ZERO, Duration::ZERO, Duration::ZERO, Duration::ZERO);
     let mut seq = 0u64;
     // one window of a kind: (writes, time); a durable one also records its length
-    let mut window = |kind: Win, len: Duration, count: bool, wins: &mut Vec<Duration>| -> R<(u64, Duration)> {
+    let mut window = |kind: Win, len: Duration, count: bool, wins: &mut Vec<Duration>| -> R<(u64, Duration, Duration)> {
         seq += 1;
         let name = format!("w{seq}");
         // every window starts with the guest's writes so far flushed (nothing dirty)
@@ -369,24 +422,25 @@ fn iops_during(path: &Path, region: u64, a: &Args, flush_every: u64) -> R<Iops> 
             Win::Steady => {
                 lock(&img).checkpoint_create(&name).map_err(q("create"))?;
                 let t = Instant::now();
-                let (n, _) = guest(&img, &mut off, &buf, flush_every, &|| t.elapsed() >= len)?;
-                (n, t.elapsed())
+                let (n, _, f) = guest(&img, &mut off, &buf, flush_every, &|| t.elapsed() >= len)?;
+                (n, t.elapsed(), f)
             }
             Win::Control => {
                 lock(&img).checkpoint_take(&name).map_err(q("take"))?;
                 let t = Instant::now();
-                let (n, _) = guest(&img, &mut off, &buf, flush_every, &|| t.elapsed() >= len)?;
+                let (n, _, f) = guest(&img, &mut off, &buf, flush_every, &|| t.elapsed() >= len)?;
                 let el = t.elapsed();
                 lock(&img).wait_durable().map_err(q("durable"))?;
-                (n, el)
+                (n, el, f)
             }
             Win::Durable => {
                 lock(&img).checkpoint_take(&name).map_err(q("take"))?;
                 let t = Instant::now();
                 let done = Arc::new(AtomicBool::new(false));
-                let (d2, i2, locked, pace, budget) = (done.clone(), img.clone(), a.locked_driver, a.pace, a.budget);
-                let driver = std::thread::spawn(move || drive(&i2, locked, pace, budget, &d2));
-                let (n, worst) = guest(&img, &mut off, &buf, flush_every, &|| done.load(Ordering::SeqCst))?;
+                let (d2, i2, locked, budget) = (done.clone(), img.clone(), a.locked_driver, a.budget);
+                let mut pacer = Pacer::new(a.pace, a.idle_pace, GUEST_BUSY_WINDOW);
+                let driver = std::thread::spawn(move || drive(&i2, locked, &mut pacer, budget, &d2));
+                let (n, worst, f) = guest(&img, &mut off, &buf, flush_every, &|| done.load(Ordering::SeqCst))?;
                 let el = t.elapsed();
                 let s = driver.join().map_err(|_| "driver panicked".to_string())??;
                 if count {
@@ -395,16 +449,18 @@ fn iops_during(path: &Path, region: u64, a: &Args, flush_every: u64) -> R<Iops> 
                     max_hold = max_hold.max(s.max);
                     held += s.held;
                     synced += s.synced;
+                    steps += s.steps;
+                    busy_steps += s.busy_steps;
                     guest_max = guest_max.max(worst);
                 }
-                (n, el)
+                (n, el, f)
             }
         };
         lock(&img).checkpoint_delete(&name).map_err(q("delete"))?;
         Ok(r)
     };
     // a durable window not counted: warms the caches and gives the first window length
-    let (_, first) = window(Win::Durable, Duration::ZERO, false, &mut wins)?;
+    let (_, first, _) = window(Win::Durable, Duration::ZERO, false, &mut wins)?;
     let mut lens = vec![first];
     let order = [Win::Durable, Win::Steady, Win::Control];
     let min = Duration::from_millis(1500);
@@ -416,13 +472,19 @@ fn iops_during(path: &Path, region: u64, a: &Args, flush_every: u64) -> R<Iops> 
             let kind = order[(k + j) % 3];
             // steady and control windows last as long as the durable ones so far (median)
             let len = median(lens.clone()).max(Duration::from_millis(20));
-            let (wn, wt) = window(kind, len, true, &mut wins)?;
+            let (u0, s0) = (CPU_U.load(Ordering::Relaxed), CPU_S.load(Ordering::Relaxed));
+            mark(&format!("xsw begin {}", kind as usize));
+            let (wn, wt, wf) = window(kind, len, true, &mut wins)?;
+            mark(&format!("xsw end {}", kind as usize));
+            cu[kind as usize] += CPU_U.load(Ordering::Relaxed) - u0;
+            cs[kind as usize] += CPU_S.load(Ordering::Relaxed) - s0;
             let i = kind as usize;
             if kind == Win::Durable {
                 lens.push(wt);
             }
             n[i] += wn;
             t[i] += wt;
+            fl[i] += wf;
             round[i] = wn as f64 / wt.as_secs_f64();
         }
         rounds.push(round);
@@ -432,6 +494,16 @@ fn iops_during(path: &Path, region: u64, a: &Args, flush_every: u64) -> R<Iops> 
     g.flush().map_err(q("flush"))?;
     let per: Vec<f64> = rounds.iter().map(|r| r[1] / r[0]).collect();
     let rate = |i: usize| n[i] as f64 / t[i].as_secs_f64();
+    for (i, k) in ["steady", "durable", "control"].iter().enumerate() {
+        let w = n[i].max(1) as f64;
+        println!(
+            "  guest CPU per write ({} GiB, flush every {flush_every}), {k} windows: user {:.2} µs, sys {:.2} µs, wall {:.2} µs",
+            region / GIB,
+            cu[i] as f64 * 1e4 / w,
+            cs[i] as f64 * 1e4 / w,
+            t[i].as_secs_f64() * 1e6 / w
+        );
+    }
     Ok(Iops {
         steady: rate(0),
         during: rate(1),
@@ -445,6 +517,8 @@ fn iops_during(path: &Path, region: u64, a: &Args, flush_every: u64) -> R<Iops> 
         sync_share: synced.as_secs_f64() / t[1].as_secs_f64(),
         first_sync: median(firsts),
         guest_max,
+        busy_share: busy_steps as f64 / steps.max(1) as f64,
+        flush_share: [0, 1, 2].map(|i| fl[i].as_secs_f64() / t[i].as_secs_f64()),
     })
 }
 
