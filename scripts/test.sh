@@ -3,6 +3,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
+# formatting (rustfmt.toml): a check, not a rewrite; a toolchain without rustfmt skips it, loudly
+if cargo fmt --version >/dev/null 2>&1; then
+  cargo fmt --all -- --check
+else
+  echo "test: rustfmt is not installed; formatting not checked" >&2
+fi
 cargo nextest run --workspace --no-fail-fast
 ./tests/xen-nested/lib/boot-retry-test.sh   # the test bed's boot-and-retry rule, with a fake boot (no Xen)
 # Nested Xen 4.17 test bed: required by default, so a run that could not test against real

@@ -42,24 +42,15 @@ fn bail(msg: impl Into<String>) -> Box<dyn std::error::Error> {
 }
 
 fn main() {
-    let mut p = Probe {
-        failed: 0,
-        passed: 0,
-    };
+    let mut p = Probe { failed: 0, passed: 0 };
 
     for (lib, r) in libxc_ffi::libraries() {
-        p.check(&format!("load {lib}"), || {
-            r.map(|()| "loaded".to_string()).map_err(bail)
-        });
+        p.check(&format!("load {lib}"), || r.map(|()| "loaded".to_string()).map_err(bail));
     }
 
     // ---- xenctrl
     let xc = XenCtrl::open();
-    p.check("xenctrl open", || {
-        xc.as_ref()
-            .map(|_| "ok".into())
-            .map_err(|e| bail(e.to_string()))
-    });
+    p.check("xenctrl open", || xc.as_ref().map(|_| "ok".into()).map_err(|e| bail(e.to_string())));
     if let Ok(xc) = &xc {
         p.check("xenctrl list_domains", || {
             let doms = xc.list_domains()?;
@@ -81,36 +72,21 @@ fn main() {
         });
         p.check("xenctrl domain_info(0)", || {
             let d = xc.domain_info(0)?;
-            Ok(format!(
-                "state {} hvm={} shutdown={:?}",
-                d.state_string(),
-                d.hvm,
-                d.shutdown
-            ))
+            Ok(format!("state {} hvm={} shutdown={:?}", d.state_string(), d.hvm, d.shutdown))
         });
-        p.check("xenctrl domain_info(32000) is NoSuchDomain", || {
-            match xc.domain_info(32000) {
-                Err(e) if e.is_not_found() => Ok(e.to_string()),
-                other => Err(bail(format!("unexpected {other:?}"))),
-            }
+        p.check("xenctrl domain_info(32000) is NoSuchDomain", || match xc.domain_info(32000) {
+            Err(e) if e.is_not_found() => Ok(e.to_string()),
+            other => Err(bail(format!("unexpected {other:?}"))),
         });
     }
 
     // ---- xenstore
     let xs = XenStore::open();
-    p.check("xenstore open", || {
-        xs.as_ref()
-            .map(|_| "ok".into())
-            .map_err(|e| bail(e.to_string()))
-    });
+    p.check("xenstore open", || xs.as_ref().map(|_| "ok".into()).map_err(|e| bail(e.to_string())));
     if let Ok(xs) = &xs {
-        p.check("xenstore read /local/domain/0/name", || {
-            Ok(format!("{:?}", xs.read_string("/local/domain/0/name")?))
-        });
+        p.check("xenstore read /local/domain/0/name", || Ok(format!("{:?}", xs.read_string("/local/domain/0/name")?)));
         p.check("xenstore get_domain_path(0)", || Ok(xs.get_domain_path(0)?));
-        p.check("xenstore directory /local/domain", || {
-            Ok(format!("{:?}", xs.directory("/local/domain")?))
-        });
+        p.check("xenstore directory /local/domain", || Ok(format!("{:?}", xs.directory("/local/domain")?)));
         let base = "/tool/xensnap-probe";
         p.check("xenstore write/read/permissions/rm", || {
             xs.write_str(&format!("{base}/k"), "v1")?;
@@ -139,9 +115,7 @@ fn main() {
         p.check("xenstore watch", || {
             xs.mkdir(base)?;
             xs.watch(base, "probe-token")?;
-            let first = xs
-                .wait_watch(Some(Duration::from_secs(2)))?
-                .ok_or_else(|| bail("no initial event"))?;
+            let first = xs.wait_watch(Some(Duration::from_secs(2)))?.ok_or_else(|| bail("no initial event"))?;
             xs.write_str(&format!("{base}/x"), "y")?;
             let mut seen = None;
             for _ in 0..10 {
@@ -163,11 +137,7 @@ fn main() {
 
     // ---- event channels: a loopback channel inside dom0
     let ev = Evtchn::open();
-    p.check("evtchn open", || {
-        ev.as_ref()
-            .map(|_| "ok".into())
-            .map_err(|e| bail(e.to_string()))
-    });
+    p.check("evtchn open", || ev.as_ref().map(|_| "ok".into()).map_err(|e| bail(e.to_string())));
     if let Ok(ev) = &ev {
         p.check("evtchn loopback notify/wait/unmask", || {
             let a = ev.bind_unbound_port(0)?;
@@ -180,54 +150,29 @@ fn main() {
                 ev.unmask(p)?;
                 drained.push(p);
                 if drained.len() > 8 {
-                    return Err(bail(format!(
-                        "events keep arriving before notify: {drained:?}"
-                    )));
+                    return Err(bail(format!("events keep arriving before notify: {drained:?}")));
                 }
             }
             b.notify()?;
-            let got = ev
-                .wait(Some(Duration::from_secs(2)))?
-                .ok_or_else(|| bail("no event within 2s"))?;
+            let got = ev.wait(Some(Duration::from_secs(2)))?.ok_or_else(|| bail("no event within 2s"))?;
             if got != a.local_port() {
-                return Err(bail(format!(
-                    "event on port {got}, expected {}",
-                    a.local_port()
-                )));
+                return Err(bail(format!("event on port {got}, expected {}", a.local_port())));
             }
             ev.unmask(got)?;
             a.notify()?;
-            let back = ev
-                .wait(Some(Duration::from_secs(2)))?
-                .ok_or_else(|| bail("no reverse event"))?;
+            let back = ev.wait(Some(Duration::from_secs(2)))?.ok_or_else(|| bail("no reverse event"))?;
             ev.unmask(back)?;
-            Ok(format!(
-                "ports {} <-> {} (initial events drained: {drained:?})",
-                a.local_port(),
-                b.local_port()
-            ))
+            Ok(format!("ports {} <-> {} (initial events drained: {drained:?})", a.local_port(), b.local_port()))
         });
     }
 
     // ---- grants: dom0 grants pages to itself, maps and copies them
     let gt = Gnttab::open();
-    p.check("gnttab open", || {
-        gt.as_ref()
-            .map(|_| "ok".into())
-            .map_err(|e| bail(e.to_string()))
-    });
+    p.check("gnttab open", || gt.as_ref().map(|_| "ok".into()).map_err(|e| bail(e.to_string())));
     let shr = GntShr::open();
-    p.check("gntshr open", || {
-        shr.as_ref()
-            .map(|_| "ok".into())
-            .map_err(|e| bail(e.to_string()))
-    });
+    p.check("gntshr open", || shr.as_ref().map(|_| "ok".into()).map_err(|e| bail(e.to_string())));
     if let (Ok(gt), Ok(shr)) = (&gt, &shr) {
-        p.check("gnttab set_max_grants(256)", || {
-            gt.set_max_grants(256)
-                .map(|()| "ok".into())
-                .map_err(Into::into)
-        });
+        p.check("gnttab set_max_grants(256)", || gt.set_max_grants(256).map(|()| "ok".into()).map_err(Into::into));
         p.check("gnttab self-grant map + ring atomics", || {
             let pages = shr.share_pages(0, 2, true)?;
             pages.write_bytes(100, b"hello from gntalloc")?;
@@ -258,22 +203,8 @@ fn main() {
             let data = vec![0xcd; 1024];
             let gref = pages.refs()[0];
             let mut segs = [
-                CopySegment::FromGuest {
-                    src: ForeignPage {
-                        domid: 0,
-                        gref,
-                        offset: 512,
-                    },
-                    dst: &mut into,
-                },
-                CopySegment::ToGuest {
-                    src: &data,
-                    dst: ForeignPage {
-                        domid: 0,
-                        gref,
-                        offset: 2048,
-                    },
-                },
+                CopySegment::FromGuest { src: ForeignPage { domid: 0, gref, offset: 512 }, dst: &mut into },
+                CopySegment::ToGuest { src: &data, dst: ForeignPage { domid: 0, gref, offset: 2048 } },
             ];
             let st = gt.grant_copy(&mut segs)?;
             if !st.iter().all(|s| s.is_ok()) {
@@ -286,86 +217,44 @@ fn main() {
             }
             Ok("512 B from, 1024 B to".into())
         });
-        p.check(
-            "gnttab scatter/gather copy_to_guest + copy_from_guest",
-            || {
-                let pages = shr.share_pages(0, 2, true)?;
-                let r = pages.refs();
-                let segs = [
-                    SgSeg {
-                        gref: r[0],
-                        offset: 3584,
-                        len: 512,
-                    },
-                    SgSeg {
-                        gref: r[1],
-                        offset: 0,
-                        len: 4096,
-                    },
-                    SgSeg {
-                        gref: r[0],
-                        offset: 0,
-                        len: 512,
-                    },
-                ];
-                let out: Vec<u8> = (0..5120u32).map(|i| (i % 251) as u8).collect();
-                let st = gt.copy_to_guest(0, &segs, &out)?;
-                let mut back = vec![0u8; 5120];
-                let st2 = gt.copy_from_guest(0, &segs, &mut back)?;
-                if !st.iter().chain(&st2).all(|s| s.is_ok()) {
-                    return Err(bail(format!("statuses {st:?} {st2:?}")));
-                }
-                if back != out {
-                    return Err(bail("round trip differs"));
-                }
-                let mut first = [0u8; 512];
-                pages.read_bytes(0, &mut first)?;
-                if first[..] != out[4608..] {
-                    return Err(bail("third segment not at page 0 offset 0"));
-                }
-                Ok("5120 B over 3 segments".into())
-            },
-        );
-        p.check(
-            "gnttab copy into a read-only grant fails per segment",
-            || {
-                let ro = shr.share_pages(0, 1, false)?;
-                let st = gt.copy_to_guest(
-                    0,
-                    &[SgSeg {
-                        gref: ro.refs()[0],
-                        offset: 0,
-                        len: 8,
-                    }],
-                    &[1u8; 8],
-                )?;
-                if st[0].is_ok() {
-                    return Err(bail("wrote into a read-only grant"));
-                }
-                let mut b = [0u8; 8];
-                let st2 = gt.copy_from_guest(
-                    0,
-                    &[SgSeg {
-                        gref: ro.refs()[0],
-                        offset: 0,
-                        len: 8,
-                    }],
-                    &mut b,
-                )?;
-                Ok(format!("write: {}, read: {}", st[0], st2[0]))
-            },
-        );
+        p.check("gnttab scatter/gather copy_to_guest + copy_from_guest", || {
+            let pages = shr.share_pages(0, 2, true)?;
+            let r = pages.refs();
+            let segs = [
+                SgSeg { gref: r[0], offset: 3584, len: 512 },
+                SgSeg { gref: r[1], offset: 0, len: 4096 },
+                SgSeg { gref: r[0], offset: 0, len: 512 },
+            ];
+            let out: Vec<u8> = (0..5120u32).map(|i| (i % 251) as u8).collect();
+            let st = gt.copy_to_guest(0, &segs, &out)?;
+            let mut back = vec![0u8; 5120];
+            let st2 = gt.copy_from_guest(0, &segs, &mut back)?;
+            if !st.iter().chain(&st2).all(|s| s.is_ok()) {
+                return Err(bail(format!("statuses {st:?} {st2:?}")));
+            }
+            if back != out {
+                return Err(bail("round trip differs"));
+            }
+            let mut first = [0u8; 512];
+            pages.read_bytes(0, &mut first)?;
+            if first[..] != out[4608..] {
+                return Err(bail("third segment not at page 0 offset 0"));
+            }
+            Ok("5120 B over 3 segments".into())
+        });
+        p.check("gnttab copy into a read-only grant fails per segment", || {
+            let ro = shr.share_pages(0, 1, false)?;
+            let st = gt.copy_to_guest(0, &[SgSeg { gref: ro.refs()[0], offset: 0, len: 8 }], &[1u8; 8])?;
+            if st[0].is_ok() {
+                return Err(bail("wrote into a read-only grant"));
+            }
+            let mut b = [0u8; 8];
+            let st2 = gt.copy_from_guest(0, &[SgSeg { gref: ro.refs()[0], offset: 0, len: 8 }], &mut b)?;
+            Ok(format!("write: {}, read: {}", st[0], st2[0]))
+        });
         p.check("gnttab copy from a bad gref fails per segment", || {
             let mut buf = [0u8; 16];
-            let st = gt.copy_from_guest(
-                0,
-                &[SgSeg {
-                    gref: 0x7fff_fff0,
-                    offset: 0,
-                    len: 16,
-                }],
-                &mut buf,
-            )?;
+            let st = gt.copy_from_guest(0, &[SgSeg { gref: 0x7fff_fff0, offset: 0, len: 16 }], &mut buf)?;
             if st[0].is_ok() {
                 return Err(bail("bogus gref copied"));
             }
@@ -373,9 +262,6 @@ fn main() {
         });
     }
 
-    println!(
-        "summary: {} checks ok, {} checks failed",
-        p.passed, p.failed
-    );
+    println!("summary: {} checks ok, {} checks failed", p.passed, p.failed);
     std::process::exit(p.failed.min(125) as i32);
 }

@@ -32,10 +32,7 @@ pub(crate) struct LoadError {
 
 impl From<LoadError> for Error {
     fn from(e: LoadError) -> Self {
-        Error::LibraryUnavailable {
-            library: e.library,
-            reason: e.reason,
-        }
+        Error::LibraryUnavailable { library: e.library, reason: e.reason }
     }
 }
 
@@ -60,10 +57,7 @@ fn last_dlerror() -> String {
 
 impl Library {
     /// Opens the first of `sonames` that loads. `label` names the library in errors.
-    pub(crate) fn open(
-        label: &'static str,
-        sonames: &[&'static str],
-    ) -> Result<Library, LoadError> {
+    pub(crate) fn open(label: &'static str, sonames: &[&'static str]) -> Result<Library, LoadError> {
         let mut reasons = Vec::new();
         for &soname in sonames {
             let c = CString::new(soname).expect("sonames are literals without NUL");
@@ -76,10 +70,7 @@ impl Library {
             }
             reasons.push(last_dlerror());
         }
-        Err(LoadError {
-            library: label,
-            reason: reasons.join("; "),
-        })
+        Err(LoadError { library: label, reason: reasons.join("; ") })
     }
 
     /// Looks up `name` (NUL-terminated) and returns it as a value of type `F`.
@@ -104,11 +95,7 @@ impl Library {
         if p.is_null() {
             return Err(LoadError {
                 library: self.soname,
-                reason: format!(
-                    "symbol {} not found: {}",
-                    cname.to_string_lossy(),
-                    last_dlerror()
-                ),
+                reason: format!("symbol {} not found: {}", cname.to_string_lossy(), last_dlerror()),
             });
         }
         // SAFETY: F is pointer-sized (asserted above) and, by this function's contract, a
@@ -171,9 +158,7 @@ mod tests {
 
     #[test]
     fn missing_library_is_a_clear_error() {
-        let e = Library::open("libdoesnotexist", &["libxensnap-does-not-exist.so.9"])
-            .err()
-            .expect("must fail");
+        let e = Library::open("libdoesnotexist", &["libxensnap-does-not-exist.so.9"]).err().expect("must fail");
         let err: Error = e.into();
         let msg = err.to_string();
         assert!(msg.contains("libdoesnotexist"), "{msg}");
@@ -190,8 +175,7 @@ mod tests {
         let pid = unsafe { getpid() };
         assert_eq!(pid as u32, std::process::id());
         // SAFETY: the type is irrelevant, the lookup fails before any call.
-        let missing: Result<unsafe extern "C" fn(), _> =
-            unsafe { lib.sym("xensnap_no_such_symbol\0") };
+        let missing: Result<unsafe extern "C" fn(), _> = unsafe { lib.sym("xensnap_no_such_symbol\0") };
         assert!(missing.is_err());
     }
 }

@@ -84,23 +84,13 @@ pub enum Error {
 impl Error {
     /// Builds [`Error::Os`] from errno as it is *now*: call this immediately after the C call.
     pub(crate) fn last_os(call: &'static str, context: impl Into<String>) -> Error {
-        Error::Os {
-            call,
-            context: context.into(),
-            source: io::Error::last_os_error(),
-            hint: None,
-        }
+        Error::Os { call, context: context.into(), source: io::Error::last_os_error(), hint: None }
     }
 
     /// Builds [`Error::Os`] from an explicit errno value.
     #[cfg_attr(not(test), allow(dead_code))]
     pub(crate) fn os(call: &'static str, context: impl Into<String>, errno: i32) -> Error {
-        Error::Os {
-            call,
-            context: context.into(),
-            source: io::Error::from_raw_os_error(errno),
-            hint: None,
-        }
+        Error::Os { call, context: context.into(), source: io::Error::from_raw_os_error(errno), hint: None }
     }
 
     /// Attaches a hint to an [`Error::Os`] (no-op for other variants).
@@ -153,13 +143,9 @@ mod tests {
 
     #[test]
     fn os_error_names_call_context_errno_and_hint() {
-        let e =
-            Error::os("xs_read", "/local/domain/0/name", ENOENT).with_hint("is xenstored running?");
+        let e = Error::os("xs_read", "/local/domain/0/name", ENOENT).with_hint("is xenstored running?");
         let s = e.to_string();
-        assert!(
-            s.starts_with("xs_read(/local/domain/0/name) failed: "),
-            "{s}"
-        );
+        assert!(s.starts_with("xs_read(/local/domain/0/name) failed: "), "{s}");
         assert!(s.contains("No such file or directory"), "{s}");
         assert!(s.contains("is xenstored running?"), "{s}");
         assert_eq!(e.errno(), Some(ENOENT));
@@ -173,10 +159,7 @@ mod tests {
         assert!(Error::os("xs_transaction_end", "", EAGAIN).is_again());
         assert!(Error::NoSuchDomain(7).is_not_found());
         assert_eq!(Error::ReadOnly.errno(), None);
-        let lib = Error::LibraryUnavailable {
-            library: "libxenstore",
-            reason: "nope".into(),
-        };
+        let lib = Error::LibraryUnavailable { library: "libxenstore", reason: "nope".into() };
         assert!(lib.is_library_unavailable());
         assert!(lib.to_string().contains("libxen-dev"));
         // with_hint leaves non-Os variants alone

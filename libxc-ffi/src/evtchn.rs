@@ -47,9 +47,7 @@ pub struct Evtchn {
 
 impl std::fmt::Debug for Evtchn {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Evtchn")
-            .field("fd", &self.inner.fd)
-            .finish()
+        f.debug_struct("Evtchn").field("fd", &self.inner.fd).finish()
     }
 }
 
@@ -64,9 +62,7 @@ impl Evtchn {
         };
         // SAFETY: valid handle.
         let fd = unsafe { (api.xenevtchn_fd)(h.as_ptr()) };
-        Ok(Evtchn {
-            inner: Arc::new(Inner { h, api, fd }),
-        })
+        Ok(Evtchn { inner: Arc::new(Inner { h, api, fd }) })
     }
 
     fn raw(&self) -> *mut xenevtchn_handle {
@@ -84,18 +80,10 @@ impl Evtchn {
     /// Binds a local port to `remote_port` of `domid` (the frontend's `event-channel`).
     pub fn bind_interdomain(&self, domid: u32, remote_port: Port) -> Result<BoundPort> {
         // SAFETY: valid handle.
-        let r =
-            unsafe { (self.inner.api.xenevtchn_bind_interdomain)(self.raw(), domid, remote_port) };
-        let local = self.port_result(
-            r,
-            "xenevtchn_bind_interdomain",
-            format!("domid {domid}, remote port {remote_port}"),
-        )?;
-        Ok(BoundPort {
-            ev: self.clone(),
-            local,
-            remote: Some((domid, remote_port)),
-        })
+        let r = unsafe { (self.inner.api.xenevtchn_bind_interdomain)(self.raw(), domid, remote_port) };
+        let local =
+            self.port_result(r, "xenevtchn_bind_interdomain", format!("domid {domid}, remote port {remote_port}"))?;
+        Ok(BoundPort { ev: self.clone(), local, remote: Some((domid, remote_port)) })
     }
 
     /// Allocates a local port that `domid` may bind to (the backend-offers-port direction).
@@ -103,11 +91,7 @@ impl Evtchn {
         // SAFETY: valid handle.
         let r = unsafe { (self.inner.api.xenevtchn_bind_unbound_port)(self.raw(), domid) };
         let local = self.port_result(r, "xenevtchn_bind_unbound_port", format!("domid {domid}"))?;
-        Ok(BoundPort {
-            ev: self.clone(),
-            local,
-            remote: None,
-        })
+        Ok(BoundPort { ev: self.clone(), local, remote: None })
     }
 
     /// Notifies the remote end of a local port.
@@ -145,8 +129,7 @@ impl Evtchn {
         }
         // SAFETY: valid handle; the fd is readable so this read does not block.
         let r = unsafe { (self.inner.api.xenevtchn_pending)(self.raw()) };
-        self.port_result(r, "xenevtchn_pending", String::new())
-            .map(Some)
+        self.port_result(r, "xenevtchn_pending", String::new()).map(Some)
     }
 
     /// Reads the next fired port, blocking until one fires (one `read(2)` on the device:

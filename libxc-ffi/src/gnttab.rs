@@ -65,9 +65,7 @@ pub struct Gnttab {
 
 impl std::fmt::Debug for Gnttab {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Gnttab")
-            .field("handle", &self.inner.h)
-            .finish()
+        f.debug_struct("Gnttab").field("handle", &self.inner.h).finish()
     }
 }
 
@@ -139,26 +137,18 @@ impl CopySegment<'_> {
     fn raw_segment(&mut self) -> sys::xengnttab_grant_copy_segment {
         let len = self.len() as u16; // validated <= 4096
         let foreign = |p: ForeignPage| sys::xengnttab_copy_ptr {
-            foreign: sys::xengnttab_copy_foreign {
-                gref: p.gref,
-                offset: p.offset,
-                domid: p.domid,
-            },
+            foreign: sys::xengnttab_copy_foreign { gref: p.gref, offset: p.offset, domid: p.domid },
         };
         match self {
             CopySegment::FromGuest { src, dst } => sys::xengnttab_grant_copy_segment {
                 source: foreign(*src),
-                dest: sys::xengnttab_copy_ptr {
-                    virt: dst.as_mut_ptr().cast::<c_void>(),
-                },
+                dest: sys::xengnttab_copy_ptr { virt: dst.as_mut_ptr().cast::<c_void>() },
                 len,
                 flags: sys::GNTCOPY_SOURCE_GREF,
                 status: 0,
             },
             CopySegment::ToGuest { src, dst } => sys::xengnttab_grant_copy_segment {
-                source: sys::xengnttab_copy_ptr {
-                    virt: src.as_ptr().cast_mut().cast::<c_void>(),
-                },
+                source: sys::xengnttab_copy_ptr { virt: src.as_ptr().cast_mut().cast::<c_void>() },
                 dest: foreign(*dst),
                 len,
                 flags: sys::GNTCOPY_DEST_GREF,
@@ -238,9 +228,7 @@ impl Gnttab {
         // SAFETY: NULL logger (libxengnttab then logs to stderr), no flags.
         let h = unsafe { (api.xengnttab_open)(std::ptr::null_mut(), 0) };
         match NonNull::new(h) {
-            Some(h) => Ok(Gnttab {
-                inner: Arc::new(Inner { h, api }),
-            }),
+            Some(h) => Ok(Gnttab { inner: Arc::new(Inner { h, api }) }),
             None => Err(Error::last_os("xengnttab_open", "/dev/xen/gntdev").with_hint(OPEN_HINT)),
         }
     }
@@ -262,19 +250,12 @@ impl Gnttab {
     /// Maps one granted page of `domid`.
     pub fn map_grant_ref(&self, domid: DomId, gref: GrantRef, prot: Prot) -> Result<GrantMapping> {
         // SAFETY: valid handle; returns a fresh PAGE_SIZE mapping or NULL with errno.
-        let p = unsafe {
-            (self.inner.api.xengnttab_map_grant_ref)(self.raw(), domid, gref, prot.raw())
-        };
+        let p = unsafe { (self.inner.api.xengnttab_map_grant_ref)(self.raw(), domid, gref, prot.raw()) };
         self.wrap(p, domid, vec![gref], prot, "xengnttab_map_grant_ref")
     }
 
     /// Maps several pages granted by `domid` into one contiguous region, in `refs` order.
-    pub fn map_grant_refs(
-        &self,
-        domid: DomId,
-        refs: &[GrantRef],
-        prot: Prot,
-    ) -> Result<GrantMapping> {
+    pub fn map_grant_refs(&self, domid: DomId, refs: &[GrantRef], prot: Prot) -> Result<GrantMapping> {
         if refs.is_empty() {
             return Err(Error::InvalidArgument {
                 call: "xengnttab_map_domain_grant_refs",
@@ -289,13 +270,7 @@ impl Gnttab {
         // SAFETY: valid handle; `refs_c` holds `count` refs and outlives the call (the C
         // prototype is non-const but the library only reads it).
         let p = unsafe {
-            (self.inner.api.xengnttab_map_domain_grant_refs)(
-                self.raw(),
-                count,
-                domid,
-                refs_c.as_mut_ptr(),
-                prot.raw(),
-            )
+            (self.inner.api.xengnttab_map_domain_grant_refs)(self.raw(), count, domid, refs_c.as_mut_ptr(), prot.raw())
         };
         self.wrap(p, domid, refs_c, prot, "xengnttab_map_domain_grant_refs")
     }
@@ -309,22 +284,14 @@ impl Gnttab {
         call: &'static str,
     ) -> Result<GrantMapping> {
         let Some(ptr) = NonNull::new(p.cast::<u8>()) else {
-            return Err(Error::last_os(
-                call,
-                format!("domid {domid}, refs {refs:?}"),
-            ));
+            return Err(Error::last_os(call, format!("domid {domid}, refs {refs:?}")));
         };
         let len = refs.len() * PAGE_SIZE;
         // SAFETY: libxengnttab returned a page-aligned mapping of refs.len() pages with the
         // requested protection; it stays mapped until xengnttab_unmap in GrantMapping's
         // Drop, and the region lives inside that GrantMapping.
         let region = unsafe { RawRegion::new(ptr, len, prot == Prot::ReadWrite) };
-        Ok(GrantMapping {
-            gt: Arc::clone(&self.inner),
-            region,
-            domid,
-            refs,
-        })
+        Ok(GrantMapping { gt: Arc::clone(&self.inner), region, domid, refs })
     }
 
     /// Grant copy (`xengnttab_grant_copy`): copies every segment, returning each segment's
@@ -336,23 +303,16 @@ impl Gnttab {
         for s in segs.iter() {
             s.validate()?;
         }
-        let count = u32::try_from(segs.len()).map_err(|_| Error::InvalidArgument {
-            call: "xengnttab_grant_copy",
-            reason: "too many segments".into(),
-        })?;
-        let mut raw: Vec<sys::xengnttab_grant_copy_segment> =
-            segs.iter_mut().map(|s| s.raw_segment()).collect();
+        let count = u32::try_from(segs.len())
+            .map_err(|_| Error::InvalidArgument { call: "xengnttab_grant_copy", reason: "too many segments".into() })?;
+        let mut raw: Vec<sys::xengnttab_grant_copy_segment> = segs.iter_mut().map(|s| s.raw_segment()).collect();
         // SAFETY: valid handle; `raw` holds `count` segments whose local pointers come from
         // the buffers borrowed by `segs` (exclusively for FromGuest, which gntdev writes;
         // shared for ToGuest, which it only reads), each valid for `len` bytes, and those
         // borrows outlive this synchronous call.
-        let r =
-            unsafe { (self.inner.api.xengnttab_grant_copy)(self.raw(), count, raw.as_mut_ptr()) };
+        let r = unsafe { (self.inner.api.xengnttab_grant_copy)(self.raw(), count, raw.as_mut_ptr()) };
         if r != 0 {
-            return Err(Error::last_os(
-                "xengnttab_grant_copy",
-                format!("{count} segments"),
-            ));
+            return Err(Error::last_os("xengnttab_grant_copy", format!("{count} segments")));
         }
         Ok(raw.iter().map(|s| GrantStatus(s.status)).collect())
     }
@@ -360,25 +320,13 @@ impl Gnttab {
     /// Gathers the guest memory described by `segs` (in order) into `buf`, with one grant
     /// copy call. `buf.len()` must equal the sum of the segment lengths. Returns each
     /// segment's status.
-    pub fn copy_from_guest(
-        &self,
-        domid: u16,
-        segs: &[SgSeg],
-        buf: &mut [u8],
-    ) -> Result<Vec<GrantStatus>> {
+    pub fn copy_from_guest(&self, domid: u16, segs: &[SgSeg], buf: &mut [u8]) -> Result<Vec<GrantStatus>> {
         check_sg("copy_from_guest", segs, buf.len())?;
         let mut rest = buf;
         let mut ops = Vec::with_capacity(segs.len());
         for s in segs {
             let (head, tail) = std::mem::take(&mut rest).split_at_mut(usize::from(s.len));
-            ops.push(CopySegment::FromGuest {
-                src: ForeignPage {
-                    domid,
-                    gref: s.gref,
-                    offset: s.offset,
-                },
-                dst: head,
-            });
+            ops.push(CopySegment::FromGuest { src: ForeignPage { domid, gref: s.gref, offset: s.offset }, dst: head });
             rest = tail;
         }
         self.grant_copy(&mut ops)
@@ -386,25 +334,13 @@ impl Gnttab {
 
     /// Scatters `buf` into the guest memory described by `segs` (in order), with one grant
     /// copy call. `buf.len()` must equal the sum of the segment lengths.
-    pub fn copy_to_guest(
-        &self,
-        domid: u16,
-        segs: &[SgSeg],
-        buf: &[u8],
-    ) -> Result<Vec<GrantStatus>> {
+    pub fn copy_to_guest(&self, domid: u16, segs: &[SgSeg], buf: &[u8]) -> Result<Vec<GrantStatus>> {
         check_sg("copy_to_guest", segs, buf.len())?;
         let mut rest = buf;
         let mut ops = Vec::with_capacity(segs.len());
         for s in segs {
             let (head, tail) = rest.split_at(usize::from(s.len));
-            ops.push(CopySegment::ToGuest {
-                src: head,
-                dst: ForeignPage {
-                    domid,
-                    gref: s.gref,
-                    offset: s.offset,
-                },
-            });
+            ops.push(CopySegment::ToGuest { src: head, dst: ForeignPage { domid, gref: s.gref, offset: s.offset } });
             rest = tail;
         }
         self.grant_copy(&mut ops)
@@ -450,17 +386,10 @@ impl Drop for GrantMapping {
         // SAFETY: the address and count are those of a live mapping created by this handle,
         // unmapped once; the region (inside self) is not used afterwards.
         let r = unsafe {
-            (self.gt.api.xengnttab_unmap)(
-                self.gt.h.as_ptr(),
-                self.region.as_ptr().cast(),
-                self.refs.len() as u32,
-            )
+            (self.gt.api.xengnttab_unmap)(self.gt.h.as_ptr(), self.region.as_ptr().cast(), self.refs.len() as u32)
         };
         if r != 0 {
-            let e = Error::last_os(
-                "xengnttab_unmap",
-                format!("domid {}, refs {:?}", self.domid, self.refs),
-            );
+            let e = Error::last_os("xengnttab_unmap", format!("domid {}, refs {:?}", self.domid, self.refs));
             tracing::warn!(error = %e, "unmapping grant failed");
         }
     }
@@ -500,9 +429,7 @@ pub struct GntShr {
 
 impl std::fmt::Debug for GntShr {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("GntShr")
-            .field("handle", &self.inner.h)
-            .finish()
+        f.debug_struct("GntShr").field("handle", &self.inner.h).finish()
     }
 }
 
@@ -513,25 +440,18 @@ impl GntShr {
         // SAFETY: NULL logger, no flags.
         let h = unsafe { (api.xengntshr_open)(std::ptr::null_mut(), 0) };
         match NonNull::new(h) {
-            Some(h) => Ok(GntShr {
-                inner: Arc::new(ShrInner { h, api }),
-            }),
-            None => {
-                Err(Error::last_os("xengntshr_open", "/dev/xen/gntalloc").with_hint(SHR_OPEN_HINT))
-            }
+            Some(h) => Ok(GntShr { inner: Arc::new(ShrInner { h, api }) }),
+            None => Err(Error::last_os("xengntshr_open", "/dev/xen/gntalloc").with_hint(SHR_OPEN_HINT)),
         }
     }
 
     /// Allocates `count` zeroed pages and grants them to `domid`; returns them with their
     /// grant references. Ungranted (and freed) on drop.
     pub fn share_pages(&self, domid: DomId, count: usize, writable: bool) -> Result<SharedPages> {
-        let n = i32::try_from(count)
-            .ok()
-            .filter(|&n| n > 0)
-            .ok_or_else(|| Error::InvalidArgument {
-                call: "xengntshr_share_pages",
-                reason: format!("page count {count} not in 1..=i32::MAX"),
-            })?;
+        let n = i32::try_from(count).ok().filter(|&n| n > 0).ok_or_else(|| Error::InvalidArgument {
+            call: "xengntshr_share_pages",
+            reason: format!("page count {count} not in 1..=i32::MAX"),
+        })?;
         let mut refs = vec![0u32; count];
         // SAFETY: valid handle; `refs` has room for `count` refs, written by the call.
         let p = unsafe {
@@ -544,22 +464,13 @@ impl GntShr {
             )
         };
         let Some(ptr) = NonNull::new(p.cast::<u8>()) else {
-            return Err(Error::last_os(
-                "xengntshr_share_pages",
-                format!("domid {domid}, {count} pages"),
-            ));
+            return Err(Error::last_os("xengntshr_share_pages", format!("domid {domid}, {count} pages")));
         };
         // SAFETY: a fresh page-aligned read-write mapping of `count` pages (we always map it
         // writable locally; `writable` is what the *grantee* may do), valid until
         // xengntshr_unshare in SharedPages' Drop; the region lives inside that SharedPages.
         let region = unsafe { RawRegion::new(ptr, count * PAGE_SIZE, true) };
-        Ok(SharedPages {
-            shr: Arc::clone(&self.inner),
-            region,
-            domid,
-            refs,
-            grantee_writable: writable,
-        })
+        Ok(SharedPages { shr: Arc::clone(&self.inner), region, domid, refs, grantee_writable: writable })
     }
 }
 
@@ -597,11 +508,7 @@ impl Drop for SharedPages {
     fn drop(&mut self) {
         // SAFETY: the address/count of a live share made by this handle, unshared once.
         let r = unsafe {
-            (self.shr.api.xengntshr_unshare)(
-                self.shr.h.as_ptr(),
-                self.region.as_ptr().cast(),
-                self.refs.len() as u32,
-            )
+            (self.shr.api.xengntshr_unshare)(self.shr.h.as_ptr(), self.region.as_ptr().cast(), self.refs.len() as u32)
         };
         if r != 0 {
             let e = Error::last_os("xengntshr_unshare", format!("refs {:?}", self.refs));
@@ -618,92 +525,37 @@ mod tests {
     use super::*;
 
     fn fp(offset: u16) -> ForeignPage {
-        ForeignPage {
-            domid: 5,
-            gref: 8,
-            offset,
-        }
+        ForeignPage { domid: 5, gref: 8, offset }
     }
 
     #[test]
     fn segment_validation() {
         let mut buf = vec![0u8; 4096];
-        assert!(CopySegment::FromGuest {
-            src: fp(0),
-            dst: &mut buf
-        }
-        .validate()
-        .is_ok());
-        assert!(CopySegment::FromGuest {
-            src: fp(1),
-            dst: &mut buf
-        }
-        .validate()
-        .is_err());
-        assert!(CopySegment::ToGuest {
-            src: &buf[..512],
-            dst: fp(3584)
-        }
-        .validate()
-        .is_ok());
-        let e = CopySegment::ToGuest {
-            src: &buf[..512],
-            dst: fp(3585),
-        }
-        .validate()
-        .unwrap_err();
+        assert!(CopySegment::FromGuest { src: fp(0), dst: &mut buf }.validate().is_ok());
+        assert!(CopySegment::FromGuest { src: fp(1), dst: &mut buf }.validate().is_err());
+        assert!(CopySegment::ToGuest { src: &buf[..512], dst: fp(3584) }.validate().is_ok());
+        let e = CopySegment::ToGuest { src: &buf[..512], dst: fp(3585) }.validate().unwrap_err();
         assert!(e.to_string().contains("crosses the end of grant 8"), "{e}");
-        assert!(CopySegment::ToGuest {
-            src: &[],
-            dst: fp(0)
-        }
-        .validate()
-        .is_err());
+        assert!(CopySegment::ToGuest { src: &[], dst: fp(0) }.validate().is_err());
         let big = vec![0u8; 4097];
-        assert!(CopySegment::ToGuest {
-            src: &big,
-            dst: fp(0)
-        }
-        .validate()
-        .is_err());
+        assert!(CopySegment::ToGuest { src: &big, dst: fp(0) }.validate().is_err());
     }
 
     #[test]
     fn segment_to_raw_layout() {
         let mut buf = [0u8; 512];
         let ptr = buf.as_mut_ptr();
-        let mut s = CopySegment::FromGuest {
-            src: ForeignPage {
-                domid: 7,
-                gref: 99,
-                offset: 1024,
-            },
-            dst: &mut buf,
-        };
+        let mut s = CopySegment::FromGuest { src: ForeignPage { domid: 7, gref: 99, offset: 1024 }, dst: &mut buf };
         let r = s.raw_segment();
         assert_eq!(r.len, 512);
         assert_eq!(r.flags, sys::GNTCOPY_SOURCE_GREF);
         // SAFETY: (test) reading the union members we just wrote.
         unsafe {
-            assert_eq!(
-                r.source.foreign,
-                sys::xengnttab_copy_foreign {
-                    gref: 99,
-                    offset: 1024,
-                    domid: 7
-                }
-            );
+            assert_eq!(r.source.foreign, sys::xengnttab_copy_foreign { gref: 99, offset: 1024, domid: 7 });
             assert_eq!(r.dest.virt.cast::<u8>(), ptr);
         }
         let data = [1u8; 16];
-        let mut s = CopySegment::ToGuest {
-            src: &data,
-            dst: ForeignPage {
-                domid: 1,
-                gref: 2,
-                offset: 3,
-            },
-        };
+        let mut s = CopySegment::ToGuest { src: &data, dst: ForeignPage { domid: 1, gref: 2, offset: 3 } };
         let r = s.raw_segment();
         assert_eq!((r.len, r.flags), (16, sys::GNTCOPY_DEST_GREF));
         // SAFETY: (test) as above.
@@ -712,24 +564,10 @@ mod tests {
 
     #[test]
     fn scatter_gather_length_check() {
-        let segs = [
-            SgSeg {
-                gref: 1,
-                offset: 0,
-                len: 512,
-            },
-            SgSeg {
-                gref: 2,
-                offset: 512,
-                len: 1024,
-            },
-        ];
+        let segs = [SgSeg { gref: 1, offset: 0, len: 512 }, SgSeg { gref: 2, offset: 512, len: 1024 }];
         assert!(check_sg("t", &segs, 1536).is_ok());
         let e = check_sg("t", &segs, 1535).unwrap_err();
-        assert!(
-            e.to_string().contains("1536 bytes but the buffer has 1535"),
-            "{e}"
-        );
+        assert!(e.to_string().contains("1536 bytes but the buffer has 1535"), "{e}");
         assert!(check_sg("t", &[], 0).is_ok());
     }
 

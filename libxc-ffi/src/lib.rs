@@ -88,9 +88,7 @@ pub mod xenstore;
 
 pub use error::{Error, Result};
 pub use evtchn::{BoundPort, Evtchn, Port};
-pub use gnttab::{
-    CopySegment, ForeignPage, GntShr, Gnttab, GrantMapping, GrantStatus, Prot, SgSeg, SharedPages,
-};
+pub use gnttab::{CopySegment, ForeignPage, GntShr, Gnttab, GrantMapping, GrantStatus, Prot, SgSeg, SharedPages};
 pub use mem::{preadv_exact, pwritev_all, IoRegion, LocalPages, SharedMem, PAGE_SIZE};
 pub use xenctrl::{DomainInfo, ShutdownReason, XenCtrl};
 pub use xenstore::{Access, Permission, Transaction, WatchEvent, XenStore};

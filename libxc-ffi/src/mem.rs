@@ -212,16 +212,11 @@ impl LocalPages {
 
     /// Like [`LocalPages::new`], choosing whether writes are allowed (to test read-only paths).
     pub fn with_access(pages: usize, writable: bool) -> LocalPages {
-        let size = pages
-            .max(1)
-            .checked_mul(PAGE_SIZE)
-            .expect("page count overflows");
+        let size = pages.max(1).checked_mul(PAGE_SIZE).expect("page count overflows");
         let layout = Layout::from_size_align(size, PAGE_SIZE).expect("valid layout");
         // SAFETY: the layout has a non-zero size.
         let p = unsafe { std::alloc::alloc_zeroed(layout) };
-        let Some(ptr) = NonNull::new(p) else {
-            std::alloc::handle_alloc_error(layout)
-        };
+        let Some(ptr) = NonNull::new(p) else { std::alloc::handle_alloc_error(layout) };
         // SAFETY: freshly allocated, page-aligned, `size` bytes, freed only in Drop after the
         // region is gone (the region lives inside `self`).
         let region = unsafe { RawRegion::new(ptr, pages * PAGE_SIZE, writable) };
@@ -355,11 +350,8 @@ const IOV_MAX: usize = 1024;
 /// One vectored transfer between `fd` at `off` and `regions`, in order, repeated until every
 /// byte moved (short transfers and `EINTR` continue where they stopped).
 fn vectored(fd: BorrowedFd<'_>, off: u64, regions: &[IoRegion<'_>], read: bool) -> io::Result<()> {
-    let mut iov: Vec<IoVec> = regions
-        .iter()
-        .filter(|r| r.len > 0)
-        .map(|r| IoVec { base: r.ptr.as_ptr().cast(), len: r.len })
-        .collect();
+    let mut iov: Vec<IoVec> =
+        regions.iter().filter(|r| r.len > 0).map(|r| IoVec { base: r.ptr.as_ptr().cast(), len: r.len }).collect();
     let total: usize = iov.iter().map(|v| v.len).sum();
     let end = off
         .checked_add(total as u64)
@@ -389,7 +381,10 @@ fn vectored(fd: BorrowedFd<'_>, off: u64, regions: &[IoRegion<'_>], read: bool) 
         }
         if n == 0 {
             return Err(if read {
-                io::Error::new(io::ErrorKind::UnexpectedEof, format!("end of file at offset {pos} (reading up to {end})"))
+                io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("end of file at offset {pos} (reading up to {end})"),
+                )
             } else {
                 io::Error::new(io::ErrorKind::WriteZero, format!("write at offset {pos} wrote nothing"))
             });
@@ -457,10 +452,7 @@ mod tests {
             Err(Error::OutOfBounds { offset, len: 4, size }) if offset == 2 * PAGE_SIZE - 3 && size == 2 * PAGE_SIZE
         ));
         // overflowing offset+len does not wrap around
-        assert!(matches!(
-            p.read_bytes(usize::MAX, &mut [0u8; 2]),
-            Err(Error::OutOfBounds { .. })
-        ));
+        assert!(matches!(p.read_bytes(usize::MAX, &mut [0u8; 2]), Err(Error::OutOfBounds { .. })));
         // zero-length at the end is fine, past the end is not
         p.read_bytes(2 * PAGE_SIZE, &mut []).unwrap();
         assert!(p.read_bytes(2 * PAGE_SIZE + 1, &mut []).is_err());
@@ -476,17 +468,8 @@ mod tests {
         let mut raw = [0u8; 4];
         p.read_bytes(0, &mut raw).unwrap();
         assert_eq!(u32::from_ne_bytes(raw), 0xdead_beef);
-        assert!(matches!(
-            p.load_u32_acquire(2),
-            Err(Error::Misaligned {
-                offset: 2,
-                align: 4
-            })
-        ));
-        assert!(matches!(
-            p.load_u32_acquire(PAGE_SIZE),
-            Err(Error::OutOfBounds { .. })
-        ));
+        assert!(matches!(p.load_u32_acquire(2), Err(Error::Misaligned { offset: 2, align: 4 })));
+        assert!(matches!(p.load_u32_acquire(PAGE_SIZE), Err(Error::OutOfBounds { .. })));
         assert!(p.load_u32_acquire(PAGE_SIZE - 4).is_ok());
         assert!(p.store_u32_release(PAGE_SIZE - 2, 1).is_err());
     }
@@ -577,7 +560,13 @@ mod tests {
         let p = LocalPages::new(3);
         p.write_bytes(0, &vec![0xee; 3 * PAGE_SIZE]).unwrap();
         // out of order, unaligned, one whole page, one empty piece
-        let pieces = [(2 * PAGE_SIZE + 100, 500), (PAGE_SIZE - 96, 96), (PAGE_SIZE, 0), (PAGE_SIZE, PAGE_SIZE), (2 * PAGE_SIZE + 700, 3)];
+        let pieces = [
+            (2 * PAGE_SIZE + 100, 500),
+            (PAGE_SIZE - 96, 96),
+            (PAGE_SIZE, 0),
+            (PAGE_SIZE, PAGE_SIZE),
+            (2 * PAGE_SIZE + 700, 3),
+        ];
         let regions: Vec<IoRegion<'_>> = pieces.iter().map(|&(o, l)| p.io_region(o, l).unwrap()).collect();
         preadv_exact(f.1.as_fd(), 1000, &regions).unwrap();
         let mut expect = vec![0xeeu8; 3 * PAGE_SIZE];

@@ -8,16 +8,9 @@ use crate::error::{Error, Result, EINTR};
 use crate::sys;
 
 /// Waits until `fd` is readable. `timeout = None` waits forever. Returns false on timeout.
-pub(crate) fn wait_readable(
-    fd: RawFd,
-    timeout: Option<Duration>,
-    what: &'static str,
-) -> Result<bool> {
+pub(crate) fn wait_readable(fd: RawFd, timeout: Option<Duration>, what: &'static str) -> Result<bool> {
     if fd < 0 {
-        return Err(Error::InvalidArgument {
-            call: what,
-            reason: format!("invalid fd {fd}"),
-        });
+        return Err(Error::InvalidArgument { call: what, reason: format!("invalid fd {fd}") });
     }
     let mut p = [pollfd(fd)];
     poll_until(&mut p, timeout, what, || format!("fd {fd}"))?;
@@ -34,11 +27,7 @@ pub fn wait_any(fds: &[BorrowedFd<'_>], timeout: Option<Duration>) -> Result<Vec
 }
 
 fn pollfd(fd: RawFd) -> sys::PollFd {
-    sys::PollFd {
-        fd,
-        events: sys::POLLIN,
-        revents: 0,
-    }
+    sys::PollFd { fd, events: sys::POLLIN, revents: 0 }
 }
 
 /// `poll(2)` on `p` until something is ready or `timeout` has passed (retrying on EINTR
@@ -107,9 +96,6 @@ mod tests {
         a.write_all(b"x").unwrap();
         let r = wait_any(&[b.as_fd(), d.as_fd()], Some(Duration::ZERO)).unwrap();
         assert_eq!(r, vec![true, true]);
-        assert_eq!(
-            wait_any(&[], Some(Duration::ZERO)).unwrap(),
-            Vec::<bool>::new()
-        );
+        assert_eq!(wait_any(&[], Some(Duration::ZERO)).unwrap(), Vec::<bool>::new());
     }
 }

@@ -90,9 +90,7 @@ impl DomainInfo {
     pub(crate) fn from_raw(r: &xc_domaininfo_t) -> DomainInfo {
         let f = r.flags;
         let shutdown = (f & sys::XEN_DOMINF_SHUTDOWN != 0).then(|| {
-            ShutdownReason::from_code(
-                ((f >> sys::XEN_DOMINF_SHUTDOWNSHIFT) & sys::XEN_DOMINF_SHUTDOWNMASK) as u8,
-            )
+            ShutdownReason::from_code(((f >> sys::XEN_DOMINF_SHUTDOWNSHIFT) & sys::XEN_DOMINF_SHUTDOWNMASK) as u8)
         });
         DomainInfo {
             domid: u32::from(r.domain),
@@ -114,14 +112,7 @@ impl DomainInfo {
     /// The UUID in the usual 8-4-4-4-12 form.
     pub fn uuid_string(&self) -> String {
         let h: String = self.uuid.iter().map(|b| format!("{b:02x}")).collect();
-        format!(
-            "{}-{}-{}-{}-{}",
-            &h[0..8],
-            &h[8..12],
-            &h[12..16],
-            &h[16..20],
-            &h[20..32]
-        )
+        format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
     }
 
     /// `xl list`-style state letters: r b p s c d.
@@ -170,9 +161,7 @@ impl XenCtrl {
         let h = unsafe { (api.xc_interface_open)(std::ptr::null_mut(), std::ptr::null_mut(), 0) };
         match NonNull::new(h) {
             Some(h) => Ok(XenCtrl { h, api }),
-            None => {
-                Err(Error::last_os("xc_interface_open", "/dev/xen/privcmd").with_hint(OPEN_HINT))
-            }
+            None => Err(Error::last_os("xc_interface_open", "/dev/xen/privcmd").with_hint(OPEN_HINT)),
         }
     }
 
@@ -184,14 +173,9 @@ impl XenCtrl {
     fn getinfolist(&self, first: u32, buf: &mut [xc_domaininfo_t]) -> Result<usize> {
         // SAFETY: valid handle; `buf` has room for `buf.len()` entries of exactly the
         // layout libxenctrl 4.17 writes (checked at compile time in sys.rs).
-        let n = unsafe {
-            (self.api.xc_domain_getinfolist)(self.raw(), first, buf.len() as u32, buf.as_mut_ptr())
-        };
+        let n = unsafe { (self.api.xc_domain_getinfolist)(self.raw(), first, buf.len() as u32, buf.as_mut_ptr()) };
         if n < 0 {
-            return Err(Error::last_os(
-                "xc_domain_getinfolist",
-                format!("first {first}"),
-            ));
+            return Err(Error::last_os("xc_domain_getinfolist", format!("first {first}")));
         }
         Ok((n as usize).min(buf.len()))
     }
@@ -250,8 +234,7 @@ impl XenCtrl {
     /// the toolstack must do it (e.g. HVM without PV drivers, or forcing).
     pub fn shutdown(&self, domid: u32, reason: ShutdownReason) -> Result<()> {
         // SAFETY: valid handle.
-        let r =
-            unsafe { (self.api.xc_domain_shutdown)(self.raw(), domid, i32::from(reason.code())) };
+        let r = unsafe { (self.api.xc_domain_shutdown)(self.raw(), domid, i32::from(reason.code())) };
         self.simple("xc_domain_shutdown", r, domid)
     }
 
@@ -285,11 +268,7 @@ mod tests {
     use super::*;
 
     fn raw(domain: u16, flags: u32) -> xc_domaininfo_t {
-        xc_domaininfo_t {
-            domain,
-            flags,
-            ..xc_domaininfo_t::ZERO
-        }
+        xc_domaininfo_t { domain, flags, ..xc_domaininfo_t::ZERO }
     }
 
     #[test]
@@ -298,27 +277,21 @@ mod tests {
         assert!(i.running && !i.paused && !i.dying && i.shutdown.is_none());
         assert_eq!(i.state_string(), "r-----");
 
-        let susp = sys::XEN_DOMINF_SHUTDOWN
-            | (2 << sys::XEN_DOMINF_SHUTDOWNSHIFT)
-            | sys::XEN_DOMINF_PAUSED;
+        let susp = sys::XEN_DOMINF_SHUTDOWN | (2 << sys::XEN_DOMINF_SHUTDOWNSHIFT) | sys::XEN_DOMINF_PAUSED;
         let i = DomainInfo::from_raw(&raw(5, susp));
         assert_eq!(i.domid, 5);
         assert_eq!(i.shutdown, Some(ShutdownReason::Suspend));
         assert!(i.paused);
         assert_eq!(i.state_string(), "--ps--");
 
-        let crash =
-            sys::XEN_DOMINF_SHUTDOWN | (3 << sys::XEN_DOMINF_SHUTDOWNSHIFT) | sys::XEN_DOMINF_DYING;
+        let crash = sys::XEN_DOMINF_SHUTDOWN | (3 << sys::XEN_DOMINF_SHUTDOWNSHIFT) | sys::XEN_DOMINF_DYING;
         let i = DomainInfo::from_raw(&raw(9, crash | sys::XEN_DOMINF_HVM_GUEST));
         assert_eq!(i.shutdown, Some(ShutdownReason::Crash));
         assert!(i.hvm && i.dying);
         assert_eq!(i.state_string(), "----cd");
 
         // a shutdown code without the shutdown flag is ignored
-        let i = DomainInfo::from_raw(&raw(
-            1,
-            2 << sys::XEN_DOMINF_SHUTDOWNSHIFT | sys::XEN_DOMINF_BLOCKED,
-        ));
+        let i = DomainInfo::from_raw(&raw(1, 2 << sys::XEN_DOMINF_SHUTDOWNSHIFT | sys::XEN_DOMINF_BLOCKED));
         assert_eq!(i.shutdown, None);
         assert!(i.blocked);
     }
@@ -334,9 +307,7 @@ mod tests {
     #[test]
     fn uuid_format() {
         let mut r = raw(3, 0);
-        r.handle = [
-            0x12, 0x34, 0x56, 0x78, 0x9a, 0xbc, 0xde, 0xf0, 1, 2, 3, 4, 5, 6, 7, 8,
-        ];
+        r.handle = [0x12, 0x34, 0x56, 0x78, 0x9a, 0xbc, 0xde, 0xf0, 1, 2, 3, 4, 5, 6, 7, 8];
         let i = DomainInfo::from_raw(&r);
         assert_eq!(i.uuid_string(), "12345678-9abc-def0-0102-030405060708");
     }

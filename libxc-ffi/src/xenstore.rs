@@ -78,26 +78,17 @@ impl Permission {
             Access::Write => sys::XS_PERM_WRITE,
             Access::ReadWrite => sys::XS_PERM_READ | sys::XS_PERM_WRITE,
         };
-        sys::xs_permissions {
-            id: self.domid,
-            perms,
-        }
+        sys::xs_permissions { id: self.domid, perms }
     }
 
     fn from_raw(p: sys::xs_permissions) -> Permission {
-        let access = match (
-            p.perms & sys::XS_PERM_READ != 0,
-            p.perms & sys::XS_PERM_WRITE != 0,
-        ) {
+        let access = match (p.perms & sys::XS_PERM_READ != 0, p.perms & sys::XS_PERM_WRITE != 0) {
             (false, false) => Access::None,
             (true, false) => Access::Read,
             (false, true) => Access::Write,
             (true, true) => Access::ReadWrite,
         };
-        Permission {
-            domid: p.id,
-            access,
-        }
+        Permission { domid: p.id, access }
     }
 }
 
@@ -117,10 +108,7 @@ impl WatchEvent {
         if parts.len() <= sys::XS_WATCH_TOKEN {
             return Err(Error::InvalidArgument {
                 call: "xs_read_watch",
-                reason: format!(
-                    "watch event with {} strings, expected at least 2",
-                    parts.len()
-                ),
+                reason: format!("watch event with {} strings, expected at least 2", parts.len()),
             });
         }
         Ok(WatchEvent {
@@ -134,24 +122,16 @@ impl WatchEvent {
 /// it a C string. Rejects empty paths, NULs, and paths longer than [`ABS_PATH_MAX`].
 pub fn check_path(call: &'static str, path: &str) -> Result<CString> {
     if path.is_empty() {
-        return Err(Error::InvalidArgument {
-            call,
-            reason: "empty xenstore path".into(),
-        });
+        return Err(Error::InvalidArgument { call, reason: "empty xenstore path".into() });
     }
     if path.len() > ABS_PATH_MAX {
         return Err(Error::InvalidArgument {
             call,
-            reason: format!(
-                "xenstore path of {} bytes exceeds {ABS_PATH_MAX}",
-                path.len()
-            ),
+            reason: format!("xenstore path of {} bytes exceeds {ABS_PATH_MAX}", path.len()),
         });
     }
-    CString::new(path).map_err(|_| Error::InvalidArgument {
-        call,
-        reason: format!("NUL byte in xenstore path {path:?}"),
-    })
+    CString::new(path)
+        .map_err(|_| Error::InvalidArgument { call, reason: format!("NUL byte in xenstore path {path:?}") })
 }
 
 /// Is `c` a valid character of a xenstore path component (`[A-Za-z0-9_@-]`, xenstored's
@@ -232,8 +212,7 @@ macro_rules! node_ops {
         }
         /// Reads a node's value as UTF-8 (lossy).
         pub fn read_string(&self, path: &str) -> Result<String> {
-            self.read(path)
-                .map(|v| String::from_utf8_lossy(&v).into_owned())
+            self.read(path).map(|v| String::from_utf8_lossy(&v).into_owned())
         }
         /// Reads a node, mapping "does not exist" (ENOENT) to `Ok(None)`.
         pub fn read_opt(&self, path: &str) -> Result<Option<Vec<u8>>> {
@@ -345,13 +324,7 @@ impl XenStore {
         // SAFETY: valid handle and path; `value` is readable for `value.len()` bytes (which
         // fits c_uint, checked above) and xs_write does not keep the pointer.
         let ok = unsafe {
-            (self.api.xs_write)(
-                self.raw(),
-                t,
-                c.as_ptr(),
-                value.as_ptr().cast::<c_void>(),
-                value.len() as c_uint,
-            )
+            (self.api.xs_write)(self.raw(), t, c.as_ptr(), value.as_ptr().cast::<c_void>(), value.len() as c_uint)
         };
         if ok {
             Ok(())
@@ -391,10 +364,7 @@ impl XenStore {
         // SAFETY: on success xs_directory returns one malloc'd block holding `num` string
         // pointers and the strings; ownership passes to us.
         let parts = unsafe { take_string_array(arr, num as usize) };
-        Ok(parts
-            .into_iter()
-            .map(|b| String::from_utf8_lossy(&b).into_owned())
-            .collect())
+        Ok(parts.into_iter().map(|b| String::from_utf8_lossy(&b).into_owned()).collect())
     }
 
     fn get_permissions_in(&self, t: xs_transaction_t, path: &str) -> Result<Vec<Permission>> {
@@ -407,22 +377,14 @@ impl XenStore {
         }
         // SAFETY: on success, a malloc'd array of `num` xs_permissions, ours to free.
         let v = unsafe {
-            let v = std::slice::from_raw_parts(p, num as usize)
-                .iter()
-                .map(|&r| Permission::from_raw(r))
-                .collect();
+            let v = std::slice::from_raw_parts(p, num as usize).iter().map(|&r| Permission::from_raw(r)).collect();
             sys::free(p.cast());
             v
         };
         Ok(v)
     }
 
-    fn set_permissions_in(
-        &self,
-        t: xs_transaction_t,
-        path: &str,
-        perms: &[Permission],
-    ) -> Result<()> {
+    fn set_permissions_in(&self, t: xs_transaction_t, path: &str, perms: &[Permission]) -> Result<()> {
         let c = check_path("xs_set_permissions", path)?;
         if perms.is_empty() {
             return Err(Error::InvalidArgument {
@@ -433,15 +395,8 @@ impl XenStore {
         let mut raw: Vec<sys::xs_permissions> = perms.iter().map(|p| p.to_raw()).collect();
         // SAFETY: valid handle and path; `raw` holds `raw.len()` entries and outlives the
         // call; libxenstore only reads it.
-        let ok = unsafe {
-            (self.api.xs_set_permissions)(
-                self.raw(),
-                t,
-                c.as_ptr(),
-                raw.as_mut_ptr(),
-                raw.len() as c_uint,
-            )
-        };
+        let ok =
+            unsafe { (self.api.xs_set_permissions)(self.raw(), t, c.as_ptr(), raw.as_mut_ptr(), raw.len() as c_uint) };
         if ok {
             Ok(())
         } else {
@@ -516,11 +471,7 @@ impl XenStore {
         let arr = unsafe { (self.api.xs_check_watch)(self.raw()) };
         if arr.is_null() {
             let e = Error::last_os("xs_check_watch", "");
-            return if e.errno() == Some(EAGAIN) {
-                Ok(None)
-            } else {
-                Err(e)
-            };
+            return if e.errno() == Some(EAGAIN) { Ok(None) } else { Err(e) };
         }
         // SAFETY: on success `ret[0]` and `ret[1]` are valid strings in one malloc'd block.
         let parts = unsafe { take_string_array(arr, 2) };
@@ -546,11 +497,7 @@ impl XenStore {
         if id == XBT_NULL {
             return Err(Error::last_os("xs_transaction_start", ""));
         }
-        Ok(Transaction {
-            xs: self,
-            id,
-            done: false,
-        })
+        Ok(Transaction { xs: self, id, done: false })
     }
 
     /// Runs `f` in a transaction and commits it, retrying the whole closure when xenstored
@@ -575,9 +522,7 @@ impl XenStore {
                 }
             }
         }
-        Err(Error::TransactionConflict {
-            attempts: TRANSACTION_ATTEMPTS,
-        })
+        Err(Error::TransactionConflict { attempts: TRANSACTION_ATTEMPTS })
     }
 }
 
@@ -596,10 +541,8 @@ impl XenStore {
 }
 
 fn check_token(call: &'static str, token: &str) -> Result<CString> {
-    CString::new(token).map_err(|_| Error::InvalidArgument {
-        call,
-        reason: format!("NUL byte in watch token {token:?}"),
-    })
+    CString::new(token)
+        .map_err(|_| Error::InvalidArgument { call, reason: format!("NUL byte in watch token {token:?}") })
 }
 
 impl AsRawFd for XenStore {
@@ -639,10 +582,7 @@ impl Transaction<'_> {
         if unsafe { (self.xs.api.xs_transaction_end)(self.xs.raw(), self.id, abort) } {
             Ok(())
         } else {
-            Err(Error::last_os(
-                "xs_transaction_end",
-                if abort { "abort" } else { "commit" },
-            ))
+            Err(Error::last_os("xs_transaction_end", if abort { "abort" } else { "commit" }))
         }
     }
 
@@ -673,9 +613,7 @@ mod tests {
 
     #[test]
     fn watch_event_parsing() {
-        let ev =
-            WatchEvent::from_parts(&[b"/local/domain/5/device/vbd/51712/state", b"fe:5:51712"])
-                .unwrap();
+        let ev = WatchEvent::from_parts(&[b"/local/domain/5/device/vbd/51712/state", b"fe:5:51712"]).unwrap();
         assert_eq!(ev.path, "/local/domain/5/device/vbd/51712/state");
         assert_eq!(ev.token, "fe:5:51712");
         // extra strings are ignored
@@ -704,10 +642,7 @@ mod tests {
             join(&domain_path(0), &["backend", "vbd", "5", "51712"]).unwrap(),
             "/local/domain/0/backend/vbd/5/51712"
         );
-        assert_eq!(
-            join("/local/domain/0/", &["name"]).unwrap(),
-            "/local/domain/0/name"
-        );
+        assert_eq!(join("/local/domain/0/", &["name"]).unwrap(), "/local/domain/0/name");
         assert_eq!(join("/", &["tool"]).unwrap(), "/tool");
         assert_eq!(join("device", &["vbd"]).unwrap(), "device/vbd");
         assert_eq!(join("", &["device", "vbd"]).unwrap(), "device/vbd");
@@ -717,10 +652,7 @@ mod tests {
         }
         assert!(join("/x", &["a".repeat(ABS_PATH_MAX)]).is_err());
         let n = 42u32.to_string();
-        assert_eq!(
-            join("/x", &[n.as_str(), "feature-persistent"]).unwrap(),
-            "/x/42/feature-persistent"
-        );
+        assert_eq!(join("/x", &[n.as_str(), "feature-persistent"]).unwrap(), "/x/42/feature-persistent");
     }
 
     #[test]
@@ -730,23 +662,13 @@ mod tests {
             assert_eq!(Permission::from_raw(p.to_raw()), p);
         }
         assert_eq!(
-            Permission {
-                domid: 3,
-                access: Access::ReadWrite
-            }
-            .to_raw(),
+            Permission { domid: 3, access: Access::ReadWrite }.to_raw(),
             sys::xs_permissions { id: 3, perms: 3 }
         );
         // internal bits (owner, enoent-ok) are ignored on the way in
         assert_eq!(
-            Permission::from_raw(sys::xs_permissions {
-                id: 1,
-                perms: 0x08 | 0x01
-            }),
-            Permission {
-                domid: 1,
-                access: Access::Read
-            }
+            Permission::from_raw(sys::xs_permissions { id: 1, perms: 0x08 | 0x01 }),
+            Permission { domid: 1, access: Access::Read }
         );
     }
 }

@@ -12,11 +12,7 @@ fn xen_present() -> bool {
 }
 
 /// Checks an `open()` outcome and returns the message for further checks.
-fn expect_clear_error<T: std::fmt::Debug>(
-    what: &str,
-    r: Result<T, Error>,
-    mentions: &[&str],
-) -> Option<String> {
+fn expect_clear_error<T: std::fmt::Debug>(what: &str, r: Result<T, Error>, mentions: &[&str]) -> Option<String> {
     if xen_present() {
         eprintln!("{what}: Xen devices present, skipping the no-Xen check ({r:?})");
         return None;
@@ -41,56 +37,29 @@ fn expect_clear_error<T: std::fmt::Debug>(
 
 #[test]
 fn xenstore_open_fails_clearly() {
-    expect_clear_error(
-        "XenStore::open",
-        XenStore::open(),
-        &["xs_open", "xenstored", "/dev/xen/xenbus"],
-    );
-    let flags = libxc_ffi::xenstore::OpenFlags {
-        read_only: true,
-        socket_only: true,
-    };
-    expect_clear_error(
-        "XenStore::open_with",
-        XenStore::open_with(flags),
-        &["xs_open", "xenstored"],
-    );
+    expect_clear_error("XenStore::open", XenStore::open(), &["xs_open", "xenstored", "/dev/xen/xenbus"]);
+    let flags = libxc_ffi::xenstore::OpenFlags { read_only: true, socket_only: true };
+    expect_clear_error("XenStore::open_with", XenStore::open_with(flags), &["xs_open", "xenstored"]);
 }
 
 #[test]
 fn gnttab_open_fails_clearly() {
-    expect_clear_error(
-        "Gnttab::open",
-        Gnttab::open(),
-        &["xengnttab_open", "/dev/xen/gntdev"],
-    );
+    expect_clear_error("Gnttab::open", Gnttab::open(), &["xengnttab_open", "/dev/xen/gntdev"]);
 }
 
 #[test]
 fn gntshr_open_fails_clearly() {
-    expect_clear_error(
-        "GntShr::open",
-        GntShr::open(),
-        &["xengntshr_open", "/dev/xen/gntalloc"],
-    );
+    expect_clear_error("GntShr::open", GntShr::open(), &["xengntshr_open", "/dev/xen/gntalloc"]);
 }
 
 #[test]
 fn evtchn_open_fails_clearly() {
-    expect_clear_error(
-        "Evtchn::open",
-        Evtchn::open(),
-        &["xenevtchn_open", "/dev/xen/evtchn"],
-    );
+    expect_clear_error("Evtchn::open", Evtchn::open(), &["xenevtchn_open", "/dev/xen/evtchn"]);
 }
 
 #[test]
 fn xenctrl_open_fails_clearly() {
-    expect_clear_error(
-        "XenCtrl::open",
-        XenCtrl::open(),
-        &["xc_interface_open", "/dev/xen/privcmd"],
-    );
+    expect_clear_error("XenCtrl::open", XenCtrl::open(), &["xc_interface_open", "/dev/xen/privcmd"]);
 }
 
 #[test]
@@ -113,13 +82,7 @@ fn library_report_lists_every_library() {
     let names: Vec<_> = libs.iter().map(|(n, _)| *n).collect();
     assert_eq!(
         names,
-        [
-            "libxenstore.so.4",
-            "libxengnttab.so.1",
-            "libxenevtchn.so.1",
-            "libxenctrl.so.4.17",
-            "libxenguest.so.4.17"
-        ]
+        ["libxenstore.so.4", "libxengnttab.so.1", "libxenevtchn.so.1", "libxenctrl.so.4.17", "libxenguest.so.4.17"]
     );
     for (n, r) in libs {
         eprintln!("{n}: {r:?}");

@@ -30,14 +30,24 @@ use rand::{rngs::StdRng, Rng, SeedableRng};
 use std::collections::hash_map::DefaultHasher;
 use std::collections::HashSet;
 use std::hash::{Hash, Hasher};
-use xensnap_qcow2::{CheckpointState, CreateOptions, DurableBarrier, DurableStep, FaultIo, ImageIo, MemIo, OpenOptions, Qcow2, SyncedBarrier};
+use xensnap_qcow2::{
+    CheckpointState, CreateOptions, DurableBarrier, DurableStep, FaultIo, ImageIo, MemIo, OpenOptions, Qcow2,
+    SyncedBarrier,
+};
 
 const SECTOR: usize = 512;
 
 #[derive(Debug, Clone)]
 enum Op {
-    Write { sector: usize, sectors: usize, seed: u8 },
-    Discard { sector: usize, sectors: usize },
+    Write {
+        sector: usize,
+        sectors: usize,
+        seed: u8,
+    },
+    Discard {
+        sector: usize,
+        sectors: usize,
+    },
     Flush,
     Create(String),
     Revert(usize),
@@ -404,7 +414,9 @@ fn verify(trial_no: usize, t: &Trial, o: &Outcome, crashed: Vec<u8>, qemu_check:
     let mut raw = Qcow2::open(Box::new(MemIo::from_bytes(crashed.clone())), &OpenOptions { read_only: true })
         .map_err(|e| ctx(&format!("read-only open after crash failed: {e}")))?;
     let rep = raw.check().map_err(|e| ctx(&format!("read-only check failed: {e}")))?;
-    ensure(rep.corruptions == 0 && rep.overlaps == 0, || ctx(&format!("crashed image has refcounts below references: {rep:?}")))?;
+    ensure(rep.corruptions == 0 && rep.overlaps == 0, || {
+        ctx(&format!("crashed image has refcounts below references: {rep:?}"))
+    })?;
     drop(raw);
     let mem = MemIo::from_bytes(crashed);
     let mut img = Qcow2::open(Box::new(mem.clone()), &OpenOptions { read_only: false })
@@ -422,7 +434,9 @@ fn verify(trial_no: usize, t: &Trial, o: &Outcome, crashed: Vec<u8>, qemu_check:
         (_, None) => {}
         _ if alt_ok => {}
         (Some(r), Some(_)) if *r == disk => {}
-        (_, Some(sector)) => return Err(ctx(&format!("sector {sector} holds data that was never acknowledged-and-flushed there"))),
+        (_, Some(sector)) => {
+            return Err(ctx(&format!("sector {sector} holds data that was never acknowledged-and-flushed there")))
+        }
     }
     let listed: Vec<String> = img.checkpoint_list().into_iter().map(|s| s.name).collect();
     let maybes: Vec<&(String, Vec<u8>)> = o.maybe.iter().chain(o.taken.iter()).chain(o.deleting.iter()).collect();
@@ -440,7 +454,9 @@ fn verify(trial_no: usize, t: &Trial, o: &Outcome, crashed: Vec<u8>, qemu_check:
     for (name, content) in maybes {
         if listed.contains(name) {
             img.read_checkpoint(name, 0, &mut buf).map_err(|e| ctx(&format!("read {name}: {e}")))?;
-            ensure(&buf == content, || ctx(&format!("half-made/half-deleted checkpoint {name} is listed but differs")))?;
+            ensure(&buf == content, || {
+                ctx(&format!("half-made/half-deleted checkpoint {name} is listed but differs"))
+            })?;
         }
     }
     // The image keeps working: a write, a checkpoint, a clean check.
@@ -454,14 +470,23 @@ fn verify(trial_no: usize, t: &Trial, o: &Outcome, crashed: Vec<u8>, qemu_check:
         let p = dir.path().join("crash.qcow2");
         std::fs::write(&p, mem.bytes()).expect("write image");
         let out = std::process::Command::new("qemu-img").arg("check").arg(&p).output().expect("run qemu-img");
-        ensure(out.status.success(), || ctx(&format!("qemu-img check: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
-        )?;
+        ensure(out.status.success(), || {
+            ctx(&format!(
+                "qemu-img check: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        })?;
     }
     Ok(())
 }
 
 fn ensure(cond: bool, msg: impl FnOnce() -> String) -> Result<(), String> {
-    if cond { Ok(()) } else { Err(msg()) }
+    if cond {
+        Ok(())
+    } else {
+        Err(msg())
+    }
 }
 
 #[test]
@@ -469,7 +494,8 @@ fn crash_torture() {
     let points: usize = std::env::var("XENSNAP_CRASH_POINTS").ok().and_then(|s| s.parse().ok()).unwrap_or(1000);
     let base_seed: u64 = std::env::var("XENSNAP_CRASH_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x0c0ffee);
     let mut kinds = [0usize; 6];
-    let (mut pending_at_crash, mut switch_at_crash, mut staged_at_crash, mut abandoned) = (0usize, 0usize, 0usize, 0usize);
+    let (mut pending_at_crash, mut switch_at_crash, mut staged_at_crash, mut abandoned) =
+        (0usize, 0usize, 0usize, 0usize);
     for trial_no in 0..points {
         let seed = base_seed.wrapping_add(trial_no as u64);
         let mut rng = StdRng::seed_from_u64(seed);
@@ -507,7 +533,10 @@ fn crash_torture() {
     // (coverage of the states needs a sample: a short run replaying one seed checks only
     // that its crash points verify)
     if points >= 100 {
-        assert!(pending_at_crash > points / 20 && switch_at_crash > points / 100, "the two-phase states are not exercised");
+        assert!(
+            pending_at_crash > points / 20 && switch_at_crash > points / 100,
+            "the two-phase states are not exercised"
+        );
         assert!(staged_at_crash > points / 50, "crashes between the stages of a staged commit are not exercised");
         assert!(abandoned > points / 50, "abandoned taken checkpoints are not exercised");
     }

@@ -11,20 +11,40 @@
 //! clean whenever nothing is pending (and free of corruption always).
 
 use proptest::prelude::*;
-use xensnap_qcow2::{CheckpointState, CreateOptions, DurableBarrier, DurableStep, FaultIo, ImageIo, OpenOptions, Qcow2};
+use xensnap_qcow2::{
+    CheckpointState, CreateOptions, DurableBarrier, DurableStep, FaultIo, ImageIo, OpenOptions, Qcow2,
+};
 
 const SECTOR: u64 = 512;
 
 #[derive(Debug, Clone)]
 enum Op {
-    Write { sector: u64, sectors: u64, seed: u8 },
-    Read { sector: u64, sectors: u64 },
-    Discard { sector: u64, sectors: u64 },
-    Zero { sector: u64, sectors: u64, unmap: bool },
+    Write {
+        sector: u64,
+        sectors: u64,
+        seed: u8,
+    },
+    Read {
+        sector: u64,
+        sectors: u64,
+    },
+    Discard {
+        sector: u64,
+        sectors: u64,
+    },
+    Zero {
+        sector: u64,
+        sectors: u64,
+        unmap: bool,
+    },
     Create,
     Revert(usize),
     Delete(usize),
-    ReadCheckpoint { which: usize, sector: u64, sectors: u64 },
+    ReadCheckpoint {
+        which: usize,
+        sector: u64,
+        sectors: u64,
+    },
     Reopen,
     Take,
     Step(usize),
@@ -77,7 +97,10 @@ fn assert_clean(img: &mut Qcow2, step: usize, op: &Op) {
     let report = img.check().unwrap_or_else(|e| panic!("step {step} {op:?}: check failed: {e}"));
     if pending {
         // taken checkpoints hold references the published trees do not show: leaks only
-        assert!(report.corruptions == 0 && report.overlaps == 0, "step {step} {op:?}: corruption while pending: {report:?}");
+        assert!(
+            report.corruptions == 0 && report.overlaps == 0,
+            "step {step} {op:?}: corruption while pending: {report:?}"
+        );
     } else {
         assert!(report.is_clean(), "step {step} {op:?}: image not clean: {report:?}");
     }
@@ -243,7 +266,10 @@ fn qemu_agrees(image: &[u8], m: &Model) {
     for (name, data) in &m.checkpoints {
         assert!(list.split_whitespace().any(|w| w == name), "qemu-img snapshot -l lacks {name}: {list}");
         let out = d.path().join(format!("{name}.raw"));
-        run(Command::new("qemu-img").args(["convert", "-l", &format!("snapshot.name={name}"), "-O", "raw"]).arg(&img).arg(&out));
+        run(Command::new("qemu-img")
+            .args(["convert", "-l", &format!("snapshot.name={name}"), "-O", "raw"])
+            .arg(&img)
+            .arg(&out));
         let got = std::fs::read(&out).expect("read converted");
         assert!(&got == data, "qemu-img convert -l {name} differs from the model");
     }

@@ -16,10 +16,7 @@ struct ImageHandler(Arc<Mutex<Qcow2>>);
 
 impl Handler<Request> for ImageHandler {
     fn handle(&self, req: &Request) -> Result<Value, String> {
-        let mut img = self
-            .0
-            .lock()
-            .map_err(|_| "image state poisoned by an earlier failure".to_string())?;
+        let mut img = self.0.lock().map_err(|_| "image state poisoned by an earlier failure".to_string())?;
         execute(&mut img, req).map_err(|e| e.to_string())
     }
 }

@@ -273,11 +273,8 @@ fn cpu_mark(env: &dyn Env, disks: &[Disk]) -> CpuMark {
             None => known = false,
         }
     }
-    let backends = if known {
-        pids.iter().try_fold(0u64, |acc, p| env.cpu_ns(Some(*p)).map(|n| acc + n))
-    } else {
-        None
-    };
+    let backends =
+        if known { pids.iter().try_fold(0u64, |acc, p| env.cpu_ns(Some(*p)).map(|n| acc + n)) } else { None };
     // own last: the cost of reading the backends' /proc entries counts as our own
     CpuMark { at: env.now(), own: env.cpu_ns(None), backends }
 }
@@ -329,9 +326,7 @@ fn us(d: Duration) -> u64 {
 /// `checkpoint-create` (works while quiesced: the daemon does not quiesce again).
 pub fn take_on(env: &dyn Env, disk: &Disk, name: &str) -> Result<Value, String> {
     match env.backend(disk, &json!({"op": "checkpoint-take", "name": name})) {
-        Err(e) if e.starts_with("bad request") => {
-            env.backend(disk, &json!({"op": "checkpoint-create", "name": name}))
-        }
+        Err(e) if e.starts_with("bad request") => env.backend(disk, &json!({"op": "checkpoint-create", "name": name})),
         r => r,
     }
 }
@@ -414,11 +409,8 @@ struct BackendCpu {
 impl BackendCpu {
     fn add(&mut self, d: &Disk, reply: Option<&Value>) {
         let cpu = reply.and_then(|v| v.get("cpu_ns")).and_then(Value::as_u64);
-        let pid = reply
-            .and_then(|v| v.get("pid"))
-            .and_then(Value::as_u64)
-            .and_then(|p| u32::try_from(p).ok())
-            .or(d.pid);
+        let pid =
+            reply.and_then(|v| v.get("pid")).and_then(Value::as_u64).and_then(|p| u32::try_from(p).ok()).or(d.pid);
         match (cpu, pid) {
             (Some(_), Some(p)) if self.pids.contains(&p) => {}
             (Some(c), p) => {
@@ -541,9 +533,7 @@ fn barrier_steps(
         rep.window_requests += 3;
         match env.backend(d, &json!({"op": "quiesce", "timeout_ms": opts.quiesce_timeout_ms})) {
             Ok(v) => rep.drained += v.get("drained").and_then(Value::as_u64).unwrap_or(0),
-            Err(e) => {
-                return Err(fail("quiesce", format!("{}: {e}", d.vdev), env, &quiesced, &[], cleanup))
-            }
+            Err(e) => return Err(fail("quiesce", format!("{}: {e}", d.vdev), env, &quiesced, &[], cleanup)),
         }
     }
     rep.quiesce_us = us(env.now() - tq);
@@ -601,11 +591,8 @@ pub fn snapshot(
     let own0 = env.cpu_ns(None);
     let t0 = env.now();
     rep.xl_start_wall_us = epoch_us(env.wall());
-    let mut job = env.start_save(domid, mem, mode).map_err(|e| StepError {
-        step: "start-xl-save",
-        msg: e,
-        cleanup: vec![],
-    })?;
+    let mut job =
+        env.start_save(domid, mem, mode).map_err(|e| StepError { step: "start-xl-save", msg: e, cleanup: vec![] })?;
     let mut outcome: Option<Result<(), StepError>> = None;
     // CPU marks at the suspend seen and the barrier's end. Inside the window only our own
     // process clock is read (one system call); backends that serve `checkpoint-barrier`
@@ -645,11 +632,8 @@ pub fn snapshot(
     let end = env.now();
     rep.xl_save_us = us(end - t0);
     if let Some((m0, m1, wall0)) = marks {
-        let mut m2 = if one_request {
-            CpuMark { at: end, own: env.cpu_ns(None), backends: None }
-        } else {
-            cpu_mark(env, disks)
-        };
+        let mut m2 =
+            if one_request { CpuMark { at: end, own: env.cpu_ns(None), backends: None } } else { cpu_mark(env, disks) };
         if one_request {
             // xl copied the memory and let the guest run: the backends may now make the
             // checkpoint durable (after a failure there is nothing left, or a deletion to
@@ -718,7 +702,15 @@ fn signed_us(t: SystemTime, base: SystemTime) -> i64 {
 
 /// Fill the window/CPU fields of `rep` from the marks at the suspend seen (`m0`), the
 /// barrier's end (`m1`) and xl's exit (`m2`); `copy_end_us` from the suspend seen.
-fn account(rep: &mut BarrierReport, own0: Option<u64>, m0: CpuMark, m1: CpuMark, m2: CpuMark, copy_end_us: Option<i64>, end: Instant) {
+fn account(
+    rep: &mut BarrierReport,
+    own0: Option<u64>,
+    m0: CpuMark,
+    m1: CpuMark,
+    m2: CpuMark,
+    copy_end_us: Option<i64>,
+    end: Instant,
+) {
     rep.copy_end_us = copy_end_us;
     rep.xl_exit_us = us(end - m0.at);
     rep.barrier_after_copy_us = copy_end_us.map(|c| (rep.barrier_us as i64 - c).max(0) as u64);
@@ -731,7 +723,15 @@ fn account(rep: &mut BarrierReport, own0: Option<u64>, m0: CpuMark, m1: CpuMark,
 }
 
 /// After a successful `snapshot(Mode::Save)` whose finishing step failed: undo.
-pub fn abort_save(env: &dyn Env, domid: u32, disks: &[Disk], mem: &Path, name: &str, step: &'static str, msg: String) -> StepError {
+pub fn abort_save(
+    env: &dyn Env,
+    domid: u32,
+    disks: &[Disk],
+    mem: &Path,
+    name: &str,
+    step: &'static str,
+    msg: String,
+) -> StepError {
     let mut cleanup = Vec::new();
     delete_on(env, disks, name, &mut cleanup);
     env.remove_file(mem);
@@ -847,9 +847,7 @@ pub fn unsafe_disk_first(
         env.sleep(o.poll);
     }
     rep.xl_started_us = us(env.now() - t0);
-    let mut job = env
-        .start_save(domid, mem, Mode::Checkpoint)
-        .map_err(|e| fail("start-xl-save", e, &taken))?;
+    let mut job = env.start_save(domid, mem, Mode::Checkpoint).map_err(|e| fail("start-xl-save", e, &taken))?;
     loop {
         if let Some(r) = job.poll() {
             rep.xl_save_us = us(env.now() - t0).saturating_sub(rep.xl_started_us);
@@ -863,7 +861,8 @@ pub fn unsafe_disk_first(
         }
         if rep.suspend_seen_us.is_none() && env.domain_state(domid) == DomState::Suspended {
             rep.suspend_seen_us = Some(us(env.now() - t0));
-            rep.written_after_take_at_suspend = sectors_written(env, disks).ok().map(|n| n.saturating_sub(rep.sectors_at_take));
+            rep.written_after_take_at_suspend =
+                sectors_written(env, disks).ok().map(|n| n.saturating_sub(rep.sectors_at_take));
         }
         env.sleep(if rep.suspend_seen_us.is_some() { AFTER_BARRIER_POLL } else { o.poll });
     }
@@ -1015,21 +1014,14 @@ mod real {
             let mut out = Vec::new();
             for d in devs {
                 let be = self.xs.read_string(&format!("{base}/{d}/backend")).map_err(e2s)?;
-                let vdev = self
-                    .xs
-                    .read_string(&format!("{be}/dev"))
-                    .unwrap_or_else(|_| d.clone());
+                let vdev = self.xs.read_string(&format!("{be}/dev")).unwrap_or_else(|_| d.clone());
                 let sock = self.xs.read_string(&format!("{be}/xensnap-socket")).map_err(|_| {
                     format!(
                         "disk {vdev} ({be}) is not served by blkback-snap (no xensnap-socket): \
                          a consistent disk checkpoint is impossible"
                     )
                 })?;
-                let pid = self
-                    .xs
-                    .read_string(&format!("{be}/xensnap-pid"))
-                    .ok()
-                    .and_then(|p| p.parse().ok());
+                let pid = self.xs.read_string(&format!("{be}/xensnap-pid")).ok().and_then(|p| p.parse().ok());
                 let mut disk = Disk {
                     vdev: vdev.clone(),
                     backend: be,
@@ -1040,9 +1032,7 @@ mod real {
                 };
                 let st = self.backend(&disk, &json!({"op": "status"}))?;
                 disk.image = PathBuf::from(st["image"].as_str().unwrap_or_default());
-                disk.barrier_op = st["ops"]
-                    .as_array()
-                    .is_some_and(|o| o.iter().any(|x| x == "checkpoint-barrier"));
+                disk.barrier_op = st["ops"].as_array().is_some_and(|o| o.iter().any(|x| x == "checkpoint-barrier"));
                 if st["format"].as_str() != Some("qcow2") {
                     return Err(format!("disk {vdev}: image {} is not qcow2", disk.image.display()));
                 }
@@ -1157,11 +1147,7 @@ mod real {
     }
 
     pub fn run_xl(xl: &str, args: &[&str]) -> Result<String, String> {
-        let out = Command::new(xl)
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .map_err(|e| format!("{xl}: {e}"))?;
+        let out = Command::new(xl).args(args).stdin(Stdio::null()).output().map_err(|e| format!("{xl}: {e}"))?;
         let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
         if out.status.success() {
             Ok(text)
@@ -1258,7 +1244,10 @@ mod real {
 // ---------------------------------------------------------------------------------------
 // Offline image work (the domain is gone, its serving process exited).
 
-fn with_image<T>(image: &Path, f: impl FnOnce(&mut xensnap_qcow2::Qcow2) -> Result<T, xensnap_qcow2::Error>) -> Result<T, String> {
+fn with_image<T>(
+    image: &Path,
+    f: impl FnOnce(&mut xensnap_qcow2::Qcow2) -> Result<T, xensnap_qcow2::Error>,
+) -> Result<T, String> {
     let lock = std::fs::File::open(image).map_err(|e| format!("{}: {e}", image.display()))?;
     // The serving process may take a moment to exit after the domain is destroyed.
     let t0 = Instant::now();
@@ -1329,7 +1318,10 @@ fn report_line(what: &str, rep: &BarrierReport) {
 
 fn restore_from(env: &real::RealEnv, meta: &Meta, file: &Path, paused: bool) -> Result<(), CliError> {
     if env.resolve(&meta.domain).is_ok() {
-        return Err(other(format!("step 'restore' refused: a domain named '{}' is running; destroy it first", meta.domain)));
+        return Err(other(format!(
+            "step 'restore' refused: a domain named '{}' is running; destroy it first",
+            meta.domain
+        )));
     }
     wait_pids_gone(&meta.disks, Duration::from_secs(30));
     let mut seen = std::collections::BTreeSet::new();
@@ -1347,8 +1339,9 @@ fn restore_from(env: &real::RealEnv, meta: &Meta, file: &Path, paused: bool) -> 
         args.push("-p");
     }
     args.push(&f);
-    real::run_xl(&env.xl, &args)
-        .map_err(|e| other(format!("step 'memory-restore' failed (disks already reverted to '{}'): {e}", meta.disk_checkpoint)))?;
+    real::run_xl(&env.xl, &args).map_err(|e| {
+        other(format!("step 'memory-restore' failed (disks already reverted to '{}'): {e}", meta.disk_checkpoint))
+    })?;
     Ok(())
 }
 
@@ -1391,7 +1384,14 @@ pub fn run(cmd: DomainCmd) -> Result<(), CliError> {
                     return Err(other(format!("checkpoint '{name}' of {dname}: {e}")));
                 }
             };
-            let meta = Meta { version: 1, domain: dname.clone(), domid, disk_checkpoint: name.clone(), disks, created: now_secs() };
+            let meta = Meta {
+                version: 1,
+                domain: dname.clone(),
+                domid,
+                disk_checkpoint: name.clone(),
+                disks,
+                created: now_secs(),
+            };
             std::fs::write(dir.join("meta.json"), serde_json::to_vec_pretty(&meta).unwrap())
                 .map_err(|e| other(format!("step 'write-metadata' failed: {e}")))?;
             report_line(&format!("checkpoint '{name}' of {dname} (domid {domid})"), &rep);
@@ -1406,7 +1406,10 @@ pub fn run(cmd: DomainCmd) -> Result<(), CliError> {
             let mut rows = Vec::new();
             for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
                 let p = e.path().join("meta.json");
-                if let Ok(m) = std::fs::read(&p).map_err(|e| e.to_string()).and_then(|b| serde_json::from_slice::<Meta>(&b).map_err(|e| e.to_string())) {
+                if let Ok(m) = std::fs::read(&p)
+                    .map_err(|e| e.to_string())
+                    .and_then(|b| serde_json::from_slice::<Meta>(&b).map_err(|e| e.to_string()))
+                {
                     let size = std::fs::metadata(e.path().join("memory.xl")).map(|m| m.len()).unwrap_or(0);
                     rows.push((m.created, e.file_name().to_string_lossy().to_string(), size, m.disks.len()));
                 }
@@ -1425,8 +1428,11 @@ pub fn run(cmd: DomainCmd) -> Result<(), CliError> {
                 _ => (None, dom),
             };
             let dir = state_dir().join(&dname).join(&name);
-            let meta: Meta = serde_json::from_slice(&std::fs::read(dir.join("meta.json")).map_err(|e| other(format!("checkpoint '{name}' of {dname}: {e}")))?)
-                .map_err(other)?;
+            let meta: Meta = serde_json::from_slice(
+                &std::fs::read(dir.join("meta.json"))
+                    .map_err(|e| other(format!("checkpoint '{name}' of {dname}: {e}")))?,
+            )
+            .map_err(other)?;
             let live = match (&env, domid) {
                 (Some(e), Some(id)) => e.disks(id).ok(),
                 _ => None,
@@ -1434,7 +1440,9 @@ pub fn run(cmd: DomainCmd) -> Result<(), CliError> {
             for d in &meta.disks {
                 let served = live.as_ref().and_then(|l| l.iter().find(|x| x.image == d.image));
                 let r = match (served, &env) {
-                    (Some(s), Some(e)) => e.backend(s, &json!({"op": "checkpoint-delete", "checkpoint": meta.disk_checkpoint})).map(|_| ()),
+                    (Some(s), Some(e)) => e
+                        .backend(s, &json!({"op": "checkpoint-delete", "checkpoint": meta.disk_checkpoint}))
+                        .map(|_| ()),
                     _ => with_image(&d.image, |img| img.checkpoint_delete(&meta.disk_checkpoint)),
                 };
                 if let Err(e) = r {
@@ -1450,8 +1458,11 @@ pub fn run(cmd: DomainCmd) -> Result<(), CliError> {
             let running = env.resolve(&dom).ok();
             let dname = running.as_ref().map(|r| r.1.clone()).unwrap_or(dom);
             let dir = state_dir().join(&dname).join(&name);
-            let meta: Meta = serde_json::from_slice(&std::fs::read(dir.join("meta.json")).map_err(|e| other(format!("checkpoint '{name}' of {dname}: {e}")))?)
-                .map_err(other)?;
+            let meta: Meta = serde_json::from_slice(
+                &std::fs::read(dir.join("meta.json"))
+                    .map_err(|e| other(format!("checkpoint '{name}' of {dname}: {e}")))?,
+            )
+            .map_err(other)?;
             if let Some((id, _)) = running {
                 let live = env.disks(id).unwrap_or_default();
                 env.destroy(id).map_err(|e| other(format!("step 'destroy-running-domain' failed: {e}")))?;
@@ -1469,11 +1480,21 @@ pub fn run(cmd: DomainCmd) -> Result<(), CliError> {
             let mut part = file.clone().into_os_string();
             part.push(".xl-partial");
             let part = PathBuf::from(part);
-            let rep = snapshot(&env, domid, &disks, &part, &name, Mode::Save, &opts).map_err(|e| other(format!("save of {dname}: {e}")))?;
-            let meta = Meta { version: 1, domain: dname.clone(), domid, disk_checkpoint: name.clone(), disks: disks.clone(), created: now_secs() };
+            let rep = snapshot(&env, domid, &disks, &part, &name, Mode::Save, &opts)
+                .map_err(|e| other(format!("save of {dname}: {e}")))?;
+            let meta = Meta {
+                version: 1,
+                domain: dname.clone(),
+                domid,
+                disk_checkpoint: name.clone(),
+                disks: disks.clone(),
+                created: now_secs(),
+            };
             let fin = (|| -> Result<(), String> {
                 let mut src = std::fs::File::open(&part).map_err(|e| e.to_string())?;
-                let mut dst = std::io::BufWriter::new(std::fs::File::create(&file).map_err(|e| format!("{}: {e}", file.display()))?);
+                let mut dst = std::io::BufWriter::new(
+                    std::fs::File::create(&file).map_err(|e| format!("{}: {e}", file.display()))?,
+                );
                 embed_meta(&mut src, &mut dst, &meta)?;
                 dst.into_inner().map_err(|e| e.to_string())?.sync_all().map_err(|e| e.to_string())
             })();
@@ -1482,7 +1503,9 @@ pub fn run(cmd: DomainCmd) -> Result<(), CliError> {
                 return Err(other(abort_save(&env, domid, &disks, &part, &name, "write-save-file", e)));
             }
             let _ = std::fs::remove_file(&part);
-            env.destroy(domid).map_err(|e| other(format!("step 'destroy' failed (the save file {} is complete): {e}", file.display())))?;
+            env.destroy(domid).map_err(|e| {
+                other(format!("step 'destroy' failed (the save file {} is complete): {e}", file.display()))
+            })?;
             report_line(&format!("saved {dname} to {} (disk checkpoint '{name}')", file.display()), &rep);
             Ok(())
         }
@@ -1494,7 +1517,12 @@ pub fn run(cmd: DomainCmd) -> Result<(), CliError> {
                 None => {
                     let mut side = file.clone().into_os_string();
                     side.push(".xensnap.json");
-                    let b = std::fs::read(&side).map_err(|_| other(format!("{}: no xensnap metadata (not written by xl-snap save; use xl restore)", file.display())))?;
+                    let b = std::fs::read(&side).map_err(|_| {
+                        other(format!(
+                            "{}: no xensnap metadata (not written by xl-snap save; use xl restore)",
+                            file.display()
+                        ))
+                    })?;
                     serde_json::from_slice(&b).map_err(other)?
                 }
             };

@@ -124,8 +124,10 @@ impl Env for Fake {
                 }
                 // the backend's process CPU as the `cpu_ns` fake (1/4 of the clock), its pid
                 let cpu = (!w.no_cpu_in_replies).then_some(w.clock.as_nanos() as u64 / 4);
-                Ok(json!({"drained": 1, "connected": true, "quiesce_micros": 5, "take_micros": 7, "durable_deferred": true,
-                          "cpu_ns": cpu, "pid": disk.pid}))
+                Ok(
+                    json!({"drained": 1, "connected": true, "quiesce_micros": 5, "take_micros": 7, "durable_deferred": true,
+                          "cpu_ns": cpu, "pid": disk.pid}),
+                )
             }
             "quiesce" => {
                 if w.resume_after_quiesce {
@@ -150,7 +152,9 @@ impl Env for Fake {
                 w.checkpoints.retain(|(d, c)| !(d == &v && c == &n));
                 Ok(json!({}))
             }
-            "durable-release" => Ok(json!({"released": true, "cpu_ns": w.clock.as_nanos() as u64 / 4, "pid": disk.pid})),
+            "durable-release" => {
+                Ok(json!({"released": true, "cpu_ns": w.clock.as_nanos() as u64 / 4, "pid": disk.pid}))
+            }
             _ => Ok(json!({})),
         }
     }
@@ -561,7 +565,8 @@ fn fake_xl_file(config: &[u8], body: &[u8]) -> Vec<u8> {
 #[test]
 fn metadata_rides_in_the_xl_header_after_the_config() {
     // (what the backend serves is not part of the metadata: a restore asks the backend again)
-    let meta = Meta { version: 1, domain: "g".into(), domid: 5, disk_checkpoint: "c1".into(), disks: old_disks(), created: 7 };
+    let meta =
+        Meta { version: 1, domain: "g".into(), domid: 5, disk_checkpoint: "c1".into(), disks: old_disks(), created: 7 };
     let cfg = br#"{"c_info":{"name":"g"}}"#;
     let body = b"LibxenguestStream....memory....".repeat(100);
     let src = fake_xl_file(cfg, &body);
@@ -575,7 +580,12 @@ fn metadata_rides_in_the_xl_header_after_the_config() {
     let clen = u32::from_ne_bytes(out[48..52].try_into().unwrap()) as usize;
     assert_eq!(&out[52..52 + clen], cfg);
     assert_eq!(&out[48 + olen..], &body[..]);
-    assert!(embed_meta(&mut &b"garbage".repeat(10)[..], &mut Vec::new(), &Meta { disks: vec![], ..read_embedded_meta(&mut &out[..]).unwrap().unwrap() }).is_err());
+    assert!(embed_meta(
+        &mut &b"garbage".repeat(10)[..],
+        &mut Vec::new(),
+        &Meta { disks: vec![], ..read_embedded_meta(&mut &out[..]).unwrap().unwrap() }
+    )
+    .is_err());
 }
 
 #[test]
@@ -639,9 +649,18 @@ fn window_accounting_takes_the_backends_cpu_from_their_replies() {
 #[test]
 fn barrier_outlasting_the_copy_adds_to_the_bound() {
     let t = base();
-    let m = |ms: u64, own: u64, be: u64| CpuMark { at: t + Duration::from_millis(ms), own: Some(own), backends: Some(be) };
+    let m =
+        |ms: u64, own: u64, be: u64| CpuMark { at: t + Duration::from_millis(ms), own: Some(own), backends: Some(be) };
     let mut rep = BarrierReport { barrier_us: 5_000, ..Default::default() };
-    account(&mut rep, Some(1_000_000), m(0, 3_000_000, 10_000_000), m(5, 4_000_000, 12_000_000), m(9, 4_500_000, 12_500_000), Some(3_000), t + Duration::from_millis(30));
+    account(
+        &mut rep,
+        Some(1_000_000),
+        m(0, 3_000_000, 10_000_000),
+        m(5, 4_000_000, 12_000_000),
+        m(9, 4_500_000, 12_500_000),
+        Some(3_000),
+        t + Duration::from_millis(30),
+    );
     assert_eq!(rep.barrier_after_copy_us, Some(2_000));
     assert_eq!(rep.cpu_own_pre_us, Some(2_000));
     assert_eq!(rep.cpu_own_barrier_us, Some(1_000));

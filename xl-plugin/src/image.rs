@@ -116,7 +116,9 @@ pub struct ServeArgs {
 #[serde(tag = "op", rename_all = "kebab-case")]
 pub enum Request {
     Info,
-    Check { repair: bool },
+    Check {
+        repair: bool,
+    },
     CheckpointCreate {
         name: String,
         /// Return when taken instead of when durable.
@@ -129,8 +131,12 @@ pub enum Request {
         #[serde(default)]
         no_wait: bool,
     },
-    CheckpointDelete { checkpoint: String },
-    Map { checkpoint: Option<String> },
+    CheckpointDelete {
+        checkpoint: String,
+    },
+    Map {
+        checkpoint: Option<String>,
+    },
     Flush,
 }
 
@@ -205,9 +211,7 @@ fn lock_image(path: &Path, exclusive: bool) -> Result<File, CliError> {
             path.display(),
             default_control_path(path).display()
         ))),
-        Err(std::fs::TryLockError::Error(e)) => {
-            Err(CliError::Other(format!("{}: cannot lock: {e}", path.display())))
-        }
+        Err(std::fs::TryLockError::Error(e)) => Err(CliError::Other(format!("{}: cannot lock: {e}", path.display()))),
     }
 }
 
@@ -224,8 +228,7 @@ fn run_request(file: &Path, req: Request) -> Result<Value, CliError> {
         Request::CheckpointRevert { checkpoint, .. } => Request::CheckpointRevert { checkpoint, no_wait: false },
         other => other,
     };
-    let mut img = Qcow2::open_file(file, &OpenOptions { read_only: !req.mutates() })
-        .map_err(image_err(file))?;
+    let mut img = Qcow2::open_file(file, &OpenOptions { read_only: !req.mutates() }).map_err(image_err(file))?;
     let out = execute(&mut img, &req).map_err(image_err(file))?;
     img.close().map_err(image_err(file))?;
     Ok(out)
@@ -370,7 +373,11 @@ fn human(n: u64) -> String {
         x /= 1024.0;
         i += 1;
     }
-    if i == 0 { format!("{n} B") } else { format!("{x:.1} {}", U[i]) }
+    if i == 0 {
+        format!("{n} B")
+    } else {
+        format!("{x:.1} {}", U[i])
+    }
 }
 
 /// UTC date from seconds since the epoch (civil-from-days, no time zone database).

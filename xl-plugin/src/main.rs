@@ -25,7 +25,8 @@ enum Command {
     /// Work on qcow2 images: create, inspect, check, checkpoint, serve over NBD.
     #[command(subcommand)]
     Image(image::ImageCmd),
-    #[command(flatten)] Domain(domain::DomainCmd),
+    #[command(flatten)]
+    Domain(domain::DomainCmd),
 }
 
 fn main() -> ExitCode {

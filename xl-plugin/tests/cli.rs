@@ -137,7 +137,12 @@ fn served_image_checkpoints_while_writing() {
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(!text.contains("wrote 4096/4096"), "write to a checkpoint export succeeded: {text}");
     // Another writer is kept off the served file.
-    let err = fails(Command::new(env!("CARGO_BIN_EXE_xl-snap")).args(["image", "serve"]).arg(&img).args(["--listen", "127.0.0.1:0"]));
+    let err = fails(
+        Command::new(env!("CARGO_BIN_EXE_xl-snap"))
+            .args(["image", "serve"])
+            .arg(&img)
+            .args(["--listen", "127.0.0.1:0"]),
+    );
     assert!(err.contains("in use"), "{err}");
     ok(xl().args(["image", "checkpoint", "revert"]).arg(&img).arg("a"));
     qemu_io(&uri, &["read -P 0x11 0 2M"]);

@@ -70,7 +70,11 @@ fn args() -> R<Args> {
             "--alloc-mib" => a.alloc_mib = v()?.parse().map_err(|e| format!("--alloc-mib: {e}"))?,
             "--gap-ms" => a.gap_ms = v()?.parse().map_err(|e| format!("--gap-ms: {e}"))?,
             "--dir" => a.dir = PathBuf::from(v()?),
-            _ => return Err(format!("unknown argument {k} (--rounds N, --virtual-gib N, --alloc-mib N, --gap-ms N, --dir DIR)")),
+            _ => {
+                return Err(format!(
+                    "unknown argument {k} (--rounds N, --virtual-gib N, --alloc-mib N, --gap-ms N, --dir DIR)"
+                ))
+            }
         }
     }
     if a.rounds == 0 || a.virtual_gib == 0 || a.alloc_mib == 0 {
@@ -101,7 +105,8 @@ fn pct(v: &mut [f64], p: f64) -> f64 {
 /// An image of `gib` GiB virtual size with `mib` MiB of data in 1 MiB pieces spread evenly
 /// over it (the L1/L2 tables and refcounts of a sparse disk in use).
 fn make_image(p: &Path, gib: u64, mib: u64) -> R<()> {
-    let mut q = Qcow2::create_file(p, &CreateOptions { size: gib << 30, ..Default::default() }).map_err(|e| e.to_string())?;
+    let mut q =
+        Qcow2::create_file(p, &CreateOptions { size: gib << 30, ..Default::default() }).map_err(|e| e.to_string())?;
     let buf = vec![0x6bu8; 1 << 20];
     let step = (gib << 10) / mib;
     for i in 0..mib {
@@ -160,7 +165,9 @@ fn run() -> R<()> {
         ..ServeOptions::default()
     };
     let (xs2, g2, st2) = (xs.clone(), guest.clone(), stop.clone());
-    let daemon = std::thread::spawn(move || device::serve(xs2, g2, binder, BE, &opts, &st2, &mut |_| {}).map_err(|e| e.to_string()));
+    let daemon = std::thread::spawn(move || {
+        device::serve(xs2, g2, binder, BE, &opts, &st2, &mut |_| {}).map_err(|e| e.to_string())
+    });
     let rd = |k: &str| xs.read(&format!("{BE}/{k}")).ok().flatten();
     wait_for("InitWait", || rd("state").as_deref() == Some("2"))?;
     let sock = PathBuf::from(rd("xensnap-socket").ok_or("no xensnap-socket")?);
@@ -229,7 +236,9 @@ fn run() -> R<()> {
         wait_for("the guest to stop", || stopped.load(Ordering::SeqCst))?;
         let c0 = process_cpu_ns();
         let t = Instant::now();
-        let v = call(json!({"op": "checkpoint-barrier", "name": format!("b{i}"), "timeout_ms": 5000, "defer_durable_ms": 60000}))?;
+        let v = call(
+            json!({"op": "checkpoint-barrier", "name": format!("b{i}"), "timeout_ms": 5000, "defer_durable_ms": 60000}),
+        )?;
         rtt.push(t.elapsed().as_secs_f64() * 1e6);
         cpu.push((process_cpu_ns() - c0) as f64 / 1e3);
         drained += v["drained"].as_u64().unwrap_or(0);
@@ -262,7 +271,9 @@ fn run() -> R<()> {
         a.rounds, a.gap_ms, virt >> 30, a.alloc_mib
     );
     println!("  checkpoint-barrier round trip (quiesce + drain + take + resume + reply): median {m:.0} µs, p90 {p90:.0} µs, max {mx:.0} µs");
-    println!("  CPU of the process (backend + driver side) during it: median {cm:.0} µs, p90 {c90:.0} µs, max {cmx:.0} µs");
+    println!(
+        "  CPU of the process (backend + driver side) during it: median {cm:.0} µs, p90 {c90:.0} µs, max {cmx:.0} µs"
+    );
     println!("  anchor: qemu-img snapshot -c on a copy of the image, median of 5 snapshots: {qm:.0} µs (ratio barrier/qemu-img {:.4})", m / qm);
     println!("BARRIER-BENCH median_us={m:.0} p90_us={p90:.0} max_us={mx:.0} cpu_median_us={cm:.0} qemu_snapshot_c_us={qm:.0} goal_us=1000 met={}", p90 <= 1000.0);
     Ok(())

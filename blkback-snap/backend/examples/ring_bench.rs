@@ -61,7 +61,15 @@ impl Rng {
     }
 }
 
-fn run_one(dev: &BlockDeviceArc, path: &Path, workers: u32, adaptive: bool, persistent: bool, l: Load, secs: f64) -> f64 {
+fn run_one(
+    dev: &BlockDeviceArc,
+    path: &Path,
+    workers: u32,
+    adaptive: bool,
+    persistent: bool,
+    l: Load,
+    secs: f64,
+) -> f64 {
     if l.cold && !drop_cache_of(path) {
         return f64::NAN;
     }
@@ -205,7 +213,17 @@ fn main() {
             let mib = |iops: f64| iops * l.bs as f64 / (1 << 20) as f64;
             println!(
                 "{:<6} {:<17} {:>3} {:>11.0} {:>11.0} {:>11.0} {:>8.2}x {:>8.2}x   {:>8.1} {:>8.1} {:>8.1}",
-                kind, l.name, l.qd, a, b, c, b / a, c / a, mib(a), mib(b), mib(c)
+                kind,
+                l.name,
+                l.qd,
+                a,
+                b,
+                c,
+                b / a,
+                c / a,
+                mib(a),
+                mib(b),
+                mib(c)
             );
         }
     }

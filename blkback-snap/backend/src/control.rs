@@ -123,33 +123,16 @@ mod tests {
     fn request_wire_format() {
         let p = |s: &str| serde_json::from_str::<Request>(s);
         assert_eq!(p(r#"{"op":"status"}"#).unwrap(), Request::Status);
-        assert_eq!(
-            p(r#"{"op":"quiesce"}"#).unwrap(),
-            Request::Quiesce { timeout_ms: None }
-        );
-        assert_eq!(
-            p(r#"{"op":"quiesce","timeout_ms":5}"#).unwrap(),
-            Request::Quiesce {
-                timeout_ms: Some(5)
-            }
-        );
-        assert_eq!(
-            p(r#"{"op":"check"}"#).unwrap(),
-            Request::Check { repair: false }
-        );
+        assert_eq!(p(r#"{"op":"quiesce"}"#).unwrap(), Request::Quiesce { timeout_ms: None });
+        assert_eq!(p(r#"{"op":"quiesce","timeout_ms":5}"#).unwrap(), Request::Quiesce { timeout_ms: Some(5) });
+        assert_eq!(p(r#"{"op":"check"}"#).unwrap(), Request::Check { repair: false });
         // xl-snap's own request encoding is accepted as is.
-        assert_eq!(
-            p(r#"{"op":"check","repair":true}"#).unwrap(),
-            Request::Check { repair: true }
-        );
+        assert_eq!(p(r#"{"op":"check","repair":true}"#).unwrap(), Request::Check { repair: true });
         assert_eq!(
             p(r#"{"op":"checkpoint-create","name":"c1"}"#).unwrap(),
             Request::CheckpointCreate { name: "c1".into() }
         );
-        assert_eq!(
-            p(r#"{"op":"map","checkpoint":null}"#).unwrap(),
-            Request::Map { checkpoint: None }
-        );
+        assert_eq!(p(r#"{"op":"map","checkpoint":null}"#).unwrap(), Request::Map { checkpoint: None });
         assert!(p(r#"{"op":"checkpoint-create"}"#).is_err());
         assert_eq!(
             p(r#"{"op":"checkpoint-take","name":"t1"}"#).unwrap(),
@@ -157,35 +140,20 @@ mod tests {
         );
         assert_eq!(
             p(r#"{"op":"checkpoint-barrier","name":"b1"}"#).unwrap(),
-            Request::CheckpointBarrier {
-                name: "b1".into(),
-                timeout_ms: None,
-                defer_durable_ms: None
-            }
+            Request::CheckpointBarrier { name: "b1".into(), timeout_ms: None, defer_durable_ms: None }
         );
         // what xl-snap sends
         assert_eq!(
-            p(r#"{"op":"checkpoint-barrier","name":"b1","timeout_ms":2000,"defer_durable_ms":60000}"#)
-                .unwrap(),
-            Request::CheckpointBarrier {
-                name: "b1".into(),
-                timeout_ms: Some(2000),
-                defer_durable_ms: Some(60000)
-            }
+            p(r#"{"op":"checkpoint-barrier","name":"b1","timeout_ms":2000,"defer_durable_ms":60000}"#).unwrap(),
+            Request::CheckpointBarrier { name: "b1".into(), timeout_ms: Some(2000), defer_durable_ms: Some(60000) }
         );
         assert!(p(r#"{"op":"checkpoint-barrier"}"#).is_err());
         assert!(p(r#"{"op":"checkpoint-barrier","name":"b1","defer":true}"#).is_err());
-        assert_eq!(
-            p(r#"{"op":"durable-release"}"#).unwrap(),
-            Request::DurableRelease
-        );
+        assert_eq!(p(r#"{"op":"durable-release"}"#).unwrap(), Request::DurableRelease);
         assert!(p(r#"{"op":"quiesce","bogus":1}"#).is_err());
         assert!(p(r#"{"op":"rm -rf"}"#).is_err());
         assert!(p("not json").is_err());
-        assert_eq!(
-            serde_json::to_string(&Request::CheckpointList).unwrap(),
-            r#"{"op":"checkpoint-list"}"#
-        );
+        assert_eq!(serde_json::to_string(&Request::CheckpointList).unwrap(), r#"{"op":"checkpoint-list"}"#);
     }
 
     #[test]
@@ -194,9 +162,6 @@ mod tests {
             socket_path(Path::new("/run/xensnap"), 3, 51712),
             PathBuf::from("/run/xensnap/blkback-3-51712.sock")
         );
-        assert_eq!(
-            image_socket_path(Path::new("/v/g.qcow2")),
-            PathBuf::from("/v/g.qcow2.xensnap.sock")
-        );
+        assert_eq!(image_socket_path(Path::new("/v/g.qcow2")), PathBuf::from("/v/g.qcow2.xensnap.sock"));
     }
 }

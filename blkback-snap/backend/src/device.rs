@@ -16,18 +16,16 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use xensnap_blkif::xenbus::{
-    ConnectParams, Connector, DiskInfo, EvtchnBinder, RingConnector, XenStore, XenbusBackend,
-    XenbusState,
+    ConnectParams, Connector, DiskInfo, EvtchnBinder, RingConnector, XenStore, XenbusBackend, XenbusState,
 };
 use xensnap_blkif::{BlkifRing, Features, GrantMemory, StatsSnapshot};
 
 use crate::control::{
-    self, ControlServer, Handler, Request, BARRIER_QUIESCE_FAILED, BARRIER_TAKE_FAILED,
-    MAX_DEFER_DURABLE_MS,
+    self, ControlServer, Handler, Request, BARRIER_QUIESCE_FAILED, BARRIER_TAKE_FAILED, MAX_DEFER_DURABLE_MS,
 };
 use crate::durability::Durability;
-use xensnap_control::process_cpu_ns;
 use crate::image::{parse_params, Format, Image};
+use xensnap_control::process_cpu_ns;
 
 /// How to serve a device.
 #[derive(Clone, Debug)]
@@ -105,24 +103,15 @@ pub fn parse_backend_path(p: &str) -> Option<(u16, u32)> {
 
 pub fn read_backend(store: &dyn XenStore, be: &str) -> Result<BackendNodes, ServeError> {
     let bad = |m: String| ServeError::Backend(be.to_string(), m);
-    let rd = |k: &str| {
-        store
-            .read(&format!("{be}/{k}"))
-            .map_err(|e| ServeError::Store(e.to_string()))
-    };
-    let (domid, devid) =
-        parse_backend_path(be).ok_or_else(|| bad("path is not .../<domid>/<devid>".into()))?;
+    let rd = |k: &str| store.read(&format!("{be}/{k}")).map_err(|e| ServeError::Store(e.to_string()));
+    let (domid, devid) = parse_backend_path(be).ok_or_else(|| bad("path is not .../<domid>/<devid>".into()))?;
     let frontend_id = rd("frontend-id")?
         .and_then(|s| s.trim().parse::<u16>().ok())
         .ok_or_else(|| bad("frontend-id missing".into()))?;
     if frontend_id != domid {
-        return Err(bad(format!(
-            "frontend-id {frontend_id} does not match the path"
-        )));
+        return Err(bad(format!("frontend-id {frontend_id} does not match the path")));
     }
-    let params = rd("params")?
-        .filter(|s| !s.is_empty())
-        .ok_or_else(|| bad("params missing".into()))?;
+    let params = rd("params")?.filter(|s| !s.is_empty()).ok_or_else(|| bad("params missing".into()))?;
     let mode = rd("mode")?.unwrap_or_else(|| "w".into());
     Ok(BackendNodes {
         path: be.to_string(),
@@ -223,17 +212,8 @@ impl Device {
     }
 
     /// `checkpoint-barrier`: quiesce, take, resume in one request (see [`Request`]).
-    fn checkpoint_barrier(
-        &self,
-        name: &str,
-        timeout: Duration,
-        defer: Option<Duration>,
-    ) -> Result<Value, String> {
-        let q = self
-            .image
-            .qcow2
-            .clone()
-            .ok_or("not a qcow2 image (served raw)")?;
+    fn checkpoint_barrier(&self, name: &str, timeout: Duration, defer: Option<Duration>) -> Result<Value, String> {
+        let q = self.image.qcow2.clone().ok_or("not a qcow2 image (served raw)")?;
         let t0 = Instant::now();
         // for the caller's account of what the disk part costs inside its window
         let cpu0 = process_cpu_ns();
@@ -257,9 +237,7 @@ impl Device {
         if !held {
             self.resume();
         }
-        let info = taken.map_err(|e| {
-            format!("{BARRIER_TAKE_FAILED}{e}; the ring was resumed, no checkpoint taken")
-        })?;
+        let info = taken.map_err(|e| format!("{BARRIER_TAKE_FAILED}{e}; the ring was resumed, no checkpoint taken"))?;
         let deferred = match defer {
             Some(max) => self.defer_durability(max),
             None => {
@@ -359,11 +337,7 @@ impl Device {
     }
 
     fn qcow2(&self) -> Result<MutexGuard<'_, xensnap_qcow2::Qcow2>, String> {
-        let q = self
-            .image
-            .qcow2
-            .as_ref()
-            .ok_or("not a qcow2 image (served raw)")?;
+        let q = self.image.qcow2.as_ref().ok_or("not a qcow2 image (served raw)")?;
         Ok(lock(q))
     }
 
@@ -372,8 +346,7 @@ impl Device {
         if self.is_held() {
             return f();
         }
-        self.quiesce(self.quiesce_timeout)
-            .inspect_err(|_| self.resume())?;
+        self.quiesce(self.quiesce_timeout).inspect_err(|_| self.resume())?;
         let r = f();
         self.resume();
         r
@@ -381,9 +354,7 @@ impl Device {
 
     fn require_quiet(&self, what: &str) -> Result<(), String> {
         if self.ring().is_some() && !self.is_held() {
-            return Err(format!(
-                "{what} needs the disk quiesced (send quiesce first) or the guest disconnected"
-            ));
+            return Err(format!("{what} needs the disk quiesced (send quiesce first) or the guest disconnected"));
         }
         Ok(())
     }
@@ -399,9 +370,7 @@ impl Handler<Request> for Device {
             Request::Status => Ok(self.status()),
             Request::Stats => Ok(stats_json(&self.stats())),
             Request::Quiesce { timeout_ms } => {
-                let t = timeout_ms
-                    .map(Duration::from_millis)
-                    .unwrap_or(self.quiesce_timeout);
+                let t = timeout_ms.map(Duration::from_millis).unwrap_or(self.quiesce_timeout);
                 let t0 = Instant::now();
                 let mut v = self.quiesce(t)?;
                 v["micros"] = json!(t0.elapsed().as_micros() as u64);
@@ -429,8 +398,7 @@ impl Handler<Request> for Device {
                     return Err("not a qcow2 image (served raw)".into());
                 }
                 let t0 = Instant::now();
-                let info =
-                    self.with_quiesced(|| self.qcow2()?.checkpoint_create(name).map_err(qe))?;
+                let info = self.with_quiesced(|| self.qcow2()?.checkpoint_create(name).map_err(qe))?;
                 let mut v = json!(info);
                 v["micros"] = json!(t0.elapsed().as_micros() as u64);
                 Ok(v)
@@ -445,15 +413,9 @@ impl Handler<Request> for Device {
                 v["micros"] = json!(micros);
                 Ok(v)
             }
-            Request::CheckpointBarrier {
+            Request::CheckpointBarrier { name, timeout_ms, defer_durable_ms } => self.checkpoint_barrier(
                 name,
-                timeout_ms,
-                defer_durable_ms,
-            } => self.checkpoint_barrier(
-                name,
-                timeout_ms
-                    .map(Duration::from_millis)
-                    .unwrap_or(self.quiesce_timeout),
+                timeout_ms.map(Duration::from_millis).unwrap_or(self.quiesce_timeout),
                 defer_durable_ms.map(|ms| Duration::from_millis(ms.min(MAX_DEFER_DURABLE_MS))),
             ),
             Request::DurableRelease => {
@@ -470,10 +432,7 @@ impl Handler<Request> for Device {
                 self.qcow2()?.checkpoint_revert(checkpoint).map_err(qe)?;
                 Ok(json!({ "reverted": checkpoint }))
             }
-            Request::Map { checkpoint } => Ok(json!(self
-                .qcow2()?
-                .map(checkpoint.as_deref())
-                .map_err(qe)?)),
+            Request::Map { checkpoint } => Ok(json!(self.qcow2()?.map(checkpoint.as_deref()).map_err(qe)?)),
         }
     }
 }
@@ -591,18 +550,11 @@ pub fn serve(
         let alias = control::image_socket_path(&dev.image.path);
         match ControlServer::bind(&alias, handler) {
             Ok(s) => servers.push(s),
-            Err(e) => tracing::warn!(
-                "image control socket {}: {e} (continuing without it)",
-                alias.display()
-            ),
+            Err(e) => tracing::warn!("image control socket {}: {e} (continuing without it)", alias.display()),
         }
     }
 
-    let w = |k: &str, v: &str| {
-        store
-            .write(&format!("{be}/{k}"), v)
-            .map_err(|e| ServeError::Store(e.to_string()))
-    };
+    let w = |k: &str, v: &str| store.write(&format!("{be}/{k}"), v).map_err(|e| ServeError::Store(e.to_string()));
     w("xensnap-socket", &sock.display().to_string())?;
     w("xensnap-pid", &std::process::id().to_string())?;
     w("xensnap-format", dev.image.format.as_str())?;
@@ -610,12 +562,7 @@ pub fn serve(
     w("xensnap-status", "ready")?;
 
     let mut conn = SlotConnector {
-        inner: RingConnector::new(
-            grants,
-            binder,
-            Arc::clone(&dev.image.device),
-            opts.features.clone(),
-        ),
+        inner: RingConnector::new(grants, binder, Arc::clone(&dev.image.device), opts.features.clone()),
         dev: Arc::clone(&dev),
     };
     let se = |e: xensnap_blkif::xenbus::XenbusError| ServeError::Backend(be.clone(), e.to_string());
@@ -718,11 +665,7 @@ mod tests {
         let path = dir.join("d.img");
         match format {
             Format::Qcow2 => {
-                let opts = CreateOptions {
-                    size: 64 << 20,
-                    cluster_bits: 16,
-                    refcount_order: 4,
-                };
+                let opts = CreateOptions { size: 64 << 20, cluster_bits: 16, refcount_order: 4 };
                 Qcow2::create_file(&path, &opts).unwrap().close().unwrap();
             }
             Format::Raw => std::fs::write(&path, vec![0u8; 1 << 20]).unwrap(),
@@ -747,19 +690,12 @@ mod tests {
     }
 
     fn barrier(name: &str, defer_ms: Option<u64>) -> Request {
-        Request::CheckpointBarrier {
-            name: name.into(),
-            timeout_ms: Some(1000),
-            defer_durable_ms: defer_ms,
-        }
+        Request::CheckpointBarrier { name: name.into(), timeout_ms: Some(1000), defer_durable_ms: defer_ms }
     }
 
     fn state_of(d: &Device, name: &str) -> CheckpointState {
         let l = d.qcow2().unwrap().checkpoint_list();
-        l.iter()
-            .find(|c| c.name == name)
-            .unwrap_or_else(|| panic!("{name} not listed"))
-            .state
+        l.iter().find(|c| c.name == name).unwrap_or_else(|| panic!("{name} not listed")).state
     }
 
     fn wait_durable(d: &Device, name: &str) {
@@ -896,18 +832,9 @@ mod tests {
 
     #[test]
     fn backend_paths() {
-        assert_eq!(
-            parse_backend_path("/local/domain/0/backend/vbd/3/51712"),
-            Some((3, 51712))
-        );
-        assert_eq!(
-            parse_backend_path("/local/domain/0/backend/vbd/3/51712/"),
-            Some((3, 51712))
-        );
-        assert_eq!(
-            parse_backend_path("/local/domain/0/backend/vbd/x/51712"),
-            None
-        );
+        assert_eq!(parse_backend_path("/local/domain/0/backend/vbd/3/51712"), Some((3, 51712)));
+        assert_eq!(parse_backend_path("/local/domain/0/backend/vbd/3/51712/"), Some((3, 51712)));
+        assert_eq!(parse_backend_path("/local/domain/0/backend/vbd/x/51712"), None);
         assert_eq!(parse_backend_path("51712"), None);
     }
 
@@ -918,10 +845,7 @@ mod tests {
         let w = |k: &str, v: &str| xs.write(&format!("{be}/{k}"), v).unwrap();
         assert!(read_backend(&*xs, be).is_err());
         w("frontend-id", "3");
-        assert!(read_backend(&*xs, be)
-            .unwrap_err()
-            .to_string()
-            .contains("params"));
+        assert!(read_backend(&*xs, be).unwrap_err().to_string().contains("params"));
         w("params", "/img/g.qcow2");
         w("dev", "xvda");
         let n = read_backend(&*xs, be).unwrap();
@@ -930,9 +854,6 @@ mod tests {
         w("mode", "r");
         assert!(read_backend(&*xs, be).unwrap().read_only);
         w("frontend-id", "4");
-        assert!(read_backend(&*xs, be)
-            .unwrap_err()
-            .to_string()
-            .contains("does not match"));
+        assert!(read_backend(&*xs, be).unwrap_err().to_string().contains("does not match"));
     }
 }

@@ -49,10 +49,7 @@ impl Durability {
         let shared = Arc::new(Shared::default());
         let s2 = Arc::clone(&shared);
         let img = SharedImage(Arc::clone(&image));
-        match std::thread::Builder::new()
-            .name("durability".into())
-            .spawn(move || worker(&s2, &img))
-        {
+        match std::thread::Builder::new().name("durability".into()).spawn(move || worker(&s2, &img)) {
             Ok(_) => Durability { shared, image: None },
             Err(e) => {
                 tracing::warn!("starting the durability worker: {e}; one thread per checkpoint instead");

@@ -81,11 +81,7 @@ impl RawFile {
         // Seek, not metadata: a block device's metadata length is 0.
         use std::io::Seek;
         let size = (&file).seek(std::io::SeekFrom::End(0))? & !511;
-        Ok(RawFile {
-            file,
-            size,
-            read_only,
-        })
+        Ok(RawFile { file, size, read_only })
     }
 }
 
@@ -185,19 +181,12 @@ impl Image {
         lock_wait: Duration,
     ) -> Result<Image, ImageError> {
         let disp = path.display().to_string();
-        let oe = |msg: String| ImageError::Open {
-            path: disp.clone(),
-            msg,
-        };
+        let oe = |msg: String| ImageError::Open { path: disp.clone(), msg };
         let format = format.unwrap_or_else(|| Format::for_path(path));
         let lock = File::open(path).map_err(|e| oe(e.to_string()))?;
         let deadline = Instant::now() + lock_wait;
         loop {
-            let r = if read_only {
-                lock.try_lock_shared()
-            } else {
-                lock.try_lock()
-            };
+            let r = if read_only { lock.try_lock_shared() } else { lock.try_lock() };
             match r {
                 Ok(()) => break,
                 Err(std::fs::TryLockError::WouldBlock) => {
@@ -214,41 +203,20 @@ impl Image {
                 let img = Qcow2::open_file(path, &xensnap_qcow2::OpenOptions { read_only })
                     .map_err(|e| oe(format!("qcow2: {e}")))?;
                 if !read_only && img.is_read_only() {
-                    let why = img
-                        .info()
-                        .read_only_reason
-                        .unwrap_or_else(|| "unknown reason".into());
-                    return Err(oe(format!(
-                        "qcow2 image can only be opened read-only ({why}); use access=ro"
-                    )));
+                    let why = img.info().read_only_reason.unwrap_or_else(|| "unknown reason".into());
+                    return Err(oe(format!("qcow2 image can only be opened read-only ({why}); use access=ro")));
                 }
                 let shared = SharedImage::new(img);
                 let q = Arc::clone(&shared.0);
-                Ok(Image {
-                    path: path.to_path_buf(),
-                    format,
-                    device: Arc::new(shared),
-                    qcow2: Some(q),
-                    _lock: lock,
-                })
+                Ok(Image { path: path.to_path_buf(), format, device: Arc::new(shared), qcow2: Some(q), _lock: lock })
             }
             Format::Raw => {
-                let f = OpenOptions::new()
-                    .read(true)
-                    .write(!read_only)
-                    .open(path)
-                    .map_err(|e| oe(e.to_string()))?;
+                let f = OpenOptions::new().read(true).write(!read_only).open(path).map_err(|e| oe(e.to_string()))?;
                 let raw = RawFile::new(f, read_only).map_err(|e| oe(e.to_string()))?;
                 if raw.size() == 0 {
                     return Err(oe("raw image is empty".into()));
                 }
-                Ok(Image {
-                    path: path.to_path_buf(),
-                    format,
-                    device: Arc::new(raw),
-                    qcow2: None,
-                    _lock: lock,
-                })
+                Ok(Image { path: path.to_path_buf(), format, device: Arc::new(raw), qcow2: None, _lock: lock })
             }
         }
     }
@@ -264,22 +232,10 @@ mod tests {
         assert_eq!(Format::for_path(Path::new("/a/b.QCOW2")), Format::Qcow2);
         assert_eq!(Format::for_path(Path::new("/a/b.img")), Format::Raw);
         assert_eq!(Format::for_path(Path::new("/dev/vg/lv")), Format::Raw);
-        assert_eq!(
-            parse_params("/x/y.qcow2"),
-            (None, PathBuf::from("/x/y.qcow2"))
-        );
-        assert_eq!(
-            parse_params("qcow2:/x/y"),
-            (Some(Format::Qcow2), PathBuf::from("/x/y"))
-        );
-        assert_eq!(
-            parse_params("aio:/x/y"),
-            (Some(Format::Raw), PathBuf::from("/x/y"))
-        );
-        assert_eq!(
-            parse_params("nbd:host:1"),
-            (None, PathBuf::from("nbd:host:1"))
-        );
+        assert_eq!(parse_params("/x/y.qcow2"), (None, PathBuf::from("/x/y.qcow2")));
+        assert_eq!(parse_params("qcow2:/x/y"), (Some(Format::Qcow2), PathBuf::from("/x/y")));
+        assert_eq!(parse_params("aio:/x/y"), (Some(Format::Raw), PathBuf::from("/x/y")));
+        assert_eq!(parse_params("nbd:host:1"), (None, PathBuf::from("nbd:host:1")));
     }
 
     #[test]
@@ -299,22 +255,13 @@ mod tests {
         assert_eq!(&b[..512], &[7; 512][..]);
         assert_eq!(&b[512..1024], &[1; 512][..]);
         assert_eq!(&b[1024..2048], &[0; 1024][..]);
-        assert!(matches!(
-            d.read_at(8000, &mut b),
-            Err(BlockError::OutOfRange { .. })
-        ));
+        assert!(matches!(d.read_at(8000, &mut b), Err(BlockError::OutOfRange { .. })));
         // Locked while served: a second writer is refused.
-        assert!(matches!(
-            Image::open(&p, None, false, Duration::ZERO),
-            Err(ImageError::Locked { .. })
-        ));
+        assert!(matches!(Image::open(&p, None, false, Duration::ZERO), Err(ImageError::Locked { .. })));
         drop(img);
         let ro = Image::open(&p, None, true, Duration::ZERO).unwrap();
         assert!(ro.device.read_only());
-        assert!(matches!(
-            ro.device.write_at(0, &[0; 512]),
-            Err(BlockError::ReadOnly)
-        ));
+        assert!(matches!(ro.device.write_at(0, &[0; 512]), Err(BlockError::ReadOnly)));
     }
 
     #[test]
@@ -325,16 +272,10 @@ mod tests {
         let e = Image::open(&p, None, false, Duration::ZERO).err().unwrap();
         assert!(e.to_string().contains("qcow2"), "{e}");
         let q = dir.path().join("e.qcow2");
-        Qcow2::create_file(
-            &q,
-            &xensnap_qcow2::CreateOptions {
-                size: 1 << 20,
-                ..Default::default()
-            },
-        )
-        .unwrap()
-        .close()
-        .unwrap();
+        Qcow2::create_file(&q, &xensnap_qcow2::CreateOptions { size: 1 << 20, ..Default::default() })
+            .unwrap()
+            .close()
+            .unwrap();
         let img = Image::open(&q, None, false, Duration::ZERO).unwrap();
         assert_eq!(img.format, Format::Qcow2);
         assert_eq!(img.device.size(), 1 << 20);

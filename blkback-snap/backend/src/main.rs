@@ -15,11 +15,7 @@ use clap::{Parser, Subcommand};
 use xensnap_blkif::Features;
 
 #[derive(Parser)]
-#[command(
-    name = "blkback-snap",
-    version,
-    about = "Userspace Xen blkif backend serving qcow2/raw images"
-)]
+#[command(name = "blkback-snap", version, about = "Userspace Xen blkif backend serving qcow2/raw images")]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -122,22 +118,13 @@ fn main() {
 
 fn run(cli: Cli) -> Result<(), String> {
     match cli.cmd {
-        Cmd::Watch {
-            script_name,
-            log_dir,
-            socket_dir,
-            allow_kernel_blkback,
-        } => {
+        Cmd::Watch { script_name, log_dir, socket_dir, allow_kernel_blkback } => {
             kernel_check(allow_kernel_blkback)?;
             let mut serve_args = vec!["--socket-dir".to_string(), socket_dir.display().to_string()];
             if allow_kernel_blkback {
                 serve_args.push("--allow-kernel-blkback".into());
             }
-            watch::run(&watch::WatchOptions {
-                script_name,
-                log_dir,
-                serve_args,
-            })
+            watch::run(&watch::WatchOptions { script_name, log_dir, serve_args })
         }
         Cmd::Serve {
             backend,
@@ -153,35 +140,22 @@ fn run(cli: Cli) -> Result<(), String> {
             let workers = match io_threads {
                 Some(n) => n,
                 None => match std::env::var("BLKBACK_SNAP_IO_THREADS") {
-                    Ok(v) => v
-                        .trim()
-                        .parse()
-                        .map_err(|_| format!("BLKBACK_SNAP_IO_THREADS={v:?} is not a number"))?,
+                    Ok(v) => v.trim().parse().map_err(|_| format!("BLKBACK_SNAP_IO_THREADS={v:?} is not a number"))?,
                     Err(_) => Features::default().workers,
                 },
             };
             if workers > xensnap_blkif::backend::MAX_WORKERS {
-                return Err(format!(
-                    "--io-threads {workers}: at most {}",
-                    xensnap_blkif::backend::MAX_WORKERS
-                ));
+                return Err(format!("--io-threads {workers}: at most {}", xensnap_blkif::backend::MAX_WORKERS));
             }
             let format = match format {
                 None => None,
-                Some(f) => {
-                    Some(Format::parse(&f).ok_or(format!("unknown format {f} (qcow2|raw)"))?)
-                }
+                Some(f) => Some(Format::parse(&f).ok_or(format!("unknown format {f} (qcow2|raw)"))?),
             };
             let opts = ServeOptions {
                 format,
                 socket_dir,
                 image_socket: !no_image_socket,
-                features: Features {
-                    max_indirect_segments,
-                    max_ring_page_order,
-                    workers,
-                    ..Features::default()
-                },
+                features: Features { max_indirect_segments, max_ring_page_order, workers, ..Features::default() },
                 ..ServeOptions::default()
             };
             let store = Arc::new(XsStore::open().map_err(|e| e.to_string())?);
@@ -203,14 +177,9 @@ fn run(cli: Cli) -> Result<(), String> {
             Ok(())
         }
         Cmd::CheckImage { path } => {
-            let mut img = xensnap_qcow2::Qcow2::open_file(
-                &path,
-                &xensnap_qcow2::OpenOptions { read_only: true },
-            )
-            .map_err(|e| format!("{}: {e}", path.display()))?;
-            let r = img
-                .check()
+            let mut img = xensnap_qcow2::Qcow2::open_file(&path, &xensnap_qcow2::OpenOptions { read_only: true })
                 .map_err(|e| format!("{}: {e}", path.display()))?;
+            let r = img.check().map_err(|e| format!("{}: {e}", path.display()))?;
             print_out(&serde_json::to_string_pretty(&r).unwrap_or_default());
             if r.is_clean() {
                 Ok(())
@@ -218,12 +187,7 @@ fn run(cli: Cli) -> Result<(), String> {
                 Err(format!("{}: not clean", path.display()))
             }
         }
-        Cmd::Ctl {
-            target,
-            request,
-            socket_dir,
-            timeout_s,
-        } => {
+        Cmd::Ctl { target, request, socket_dir, timeout_s } => {
             let path = match target.split_once('/') {
                 Some((d, n)) if d.parse::<u16>().is_ok() && n.parse::<u32>().is_ok() => {
                     control::socket_path(&socket_dir, d.parse().unwrap(), n.parse().unwrap())

@@ -64,11 +64,7 @@ struct Xs(libxc_ffi::XenStore);
 
 impl Store for Xs {
     fn read(&self, path: &str) -> Option<String> {
-        self.0
-            .read_opt(path)
-            .ok()
-            .flatten()
-            .map(|v| String::from_utf8_lossy(&v).into_owned())
+        self.0.read_opt(path).ok().flatten().map(|v| String::from_utf8_lossy(&v).into_owned())
     }
     fn directory(&self, path: &str) -> Vec<String> {
         self.0.directory(path).unwrap_or_default()
@@ -80,11 +76,9 @@ pub fn run(opts: &WatchOptions) -> Result<(), String> {
     let xs = Xs(libxc_ffi::XenStore::open().map_err(|e| e.to_string())?);
     let me = xs.read("domid").unwrap_or_else(|| "0".into());
     let base = format!("/local/domain/{}/backend/vbd", me.trim());
-    xs.0.watch(&base, "xensnap-vbd")
-        .map_err(|e| e.to_string())?;
+    xs.0.watch(&base, "xensnap-vbd").map_err(|e| e.to_string())?;
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    std::fs::create_dir_all(&opts.log_dir)
-        .map_err(|e| format!("{}: {e}", opts.log_dir.display()))?;
+    std::fs::create_dir_all(&opts.log_dir).map_err(|e| format!("{}: {e}", opts.log_dir.display()))?;
     tracing::info!(%base, script = %opts.script_name, "watching for devices");
     let mut children: HashMap<String, Child> = HashMap::new();
     loop {
@@ -110,25 +104,14 @@ pub fn run(opts: &WatchOptions) -> Result<(), String> {
             let Some((domid, devid)) = crate::device::parse_backend_path(&be) else {
                 continue;
             };
-            let log = opts
-                .log_dir
-                .join(format!("xensnap-blkback-{domid}-{devid}.log"));
-            let out = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&log);
+            let log = opts.log_dir.join(format!("xensnap-blkback-{domid}-{devid}.log"));
+            let out = std::fs::OpenOptions::new().create(true).append(true).open(&log);
             let (o, e) = match out.and_then(|f| Ok((f.try_clone()?, f))) {
                 Ok((a, b)) => (Stdio::from(a), Stdio::from(b)),
                 Err(_) => (Stdio::null(), Stdio::null()),
             };
             let mut cmd = Command::new(&exe);
-            cmd.arg("serve")
-                .arg("--backend")
-                .arg(&be)
-                .args(&opts.serve_args)
-                .stdin(Stdio::null())
-                .stdout(o)
-                .stderr(e);
+            cmd.arg("serve").arg("--backend").arg(&be).args(&opts.serve_args).stdin(Stdio::null()).stdout(o).stderr(e);
             std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
             match cmd.spawn() {
                 Ok(c) => {
@@ -187,10 +170,7 @@ mod tests {
         dev("5", "51712", "/etc/xen/scripts/xensnap", "1");
         dev("junk", "1", "/etc/xen/scripts/xensnap", "1");
         let f = Fake(m);
-        assert_eq!(
-            new_devices(&f, b, "xensnap"),
-            vec![format!("{b}/3/51712"), format!("{b}/5/51712")]
-        );
+        assert_eq!(new_devices(&f, b, "xensnap"), vec![format!("{b}/3/51712"), format!("{b}/5/51712")]);
         assert!(new_devices(&f, "/nothing", "xensnap").is_empty());
     }
 }

@@ -44,12 +44,7 @@ pub enum CopyDir {
 /// segment wins). Xen 4.17 reports a copy *into* a read-only grant as `GNTST_general_error`
 /// ("Attempt to write-pin a r/o grant entry"), so for `ToGuest` that status (and
 /// `permission_denied`) reads as [`GrantError::ReadOnly`].
-pub fn map_statuses(
-    domid: u16,
-    segs: &[GrantSeg],
-    statuses: &[GrantStatus],
-    dir: CopyDir,
-) -> Result<(), GrantError> {
+pub fn map_statuses(domid: u16, segs: &[GrantSeg], statuses: &[GrantStatus], dir: CopyDir) -> Result<(), GrantError> {
     if statuses.len() != segs.len() {
         return Err(GrantError::Failed(format!(
             "grant copy returned {} statuses for {} segments",
@@ -64,9 +59,7 @@ pub fn map_statuses(
         let gref = s.gref;
         return Err(match (st.0, dir) {
             (GNTST_BAD_GNTREF | GNTST_BAD_DOMAIN, _) => GrantError::InvalidRef { domid, gref },
-            (GNTST_GENERAL_ERROR | GNTST_PERMISSION_DENIED, CopyDir::ToGuest) => {
-                GrantError::ReadOnly { domid, gref }
-            }
+            (GNTST_GENERAL_ERROR | GNTST_PERMISSION_DENIED, CopyDir::ToGuest) => GrantError::ReadOnly { domid, gref },
             _ => GrantError::Failed(format!("grant copy of ref {gref} (domain {domid}): {st}")),
         });
     }
@@ -78,30 +71,18 @@ pub fn check_segs(segs: &[GrantSeg], buf_len: usize) -> Result<(), GrantError> {
     let mut total = 0usize;
     for s in segs {
         if usize::from(s.offset) + usize::from(s.len) > libxc_ffi::PAGE_SIZE {
-            return Err(GrantError::BadRange {
-                offset: s.offset.into(),
-                len: s.len.into(),
-            });
+            return Err(GrantError::BadRange { offset: s.offset.into(), len: s.len.into() });
         }
         total += usize::from(s.len);
     }
     if total != buf_len {
-        return Err(GrantError::BadRange {
-            offset: 0,
-            len: buf_len,
-        });
+        return Err(GrantError::BadRange { offset: 0, len: buf_len });
     }
     Ok(())
 }
 
 fn sg(segs: &[GrantSeg]) -> Vec<SgSeg> {
-    segs.iter()
-        .map(|s| SgSeg {
-            gref: s.gref,
-            offset: s.offset,
-            len: s.len,
-        })
-        .collect()
+    segs.iter().map(|s| SgSeg { gref: s.gref, offset: s.offset, len: s.len }).collect()
 }
 
 // ---- GrantMemory ------------------------------------------------------------------------
@@ -113,27 +94,17 @@ pub struct XenGrants {
 
 impl XenGrants {
     pub fn open() -> libxc_ffi::Result<XenGrants> {
-        Ok(XenGrants {
-            gt: Gnttab::open()?,
-        })
+        Ok(XenGrants { gt: Gnttab::open()? })
     }
 }
 
 impl GrantMemory for XenGrants {
-    fn copy_from_guest(
-        &self,
-        domid: u16,
-        segs: &[GrantSeg],
-        buf: &mut [u8],
-    ) -> Result<(), GrantError> {
+    fn copy_from_guest(&self, domid: u16, segs: &[GrantSeg], buf: &mut [u8]) -> Result<(), GrantError> {
         check_segs(segs, buf.len())?;
         if segs.is_empty() {
             return Ok(());
         }
-        let st = self
-            .gt
-            .copy_from_guest(domid, &sg(segs), buf)
-            .map_err(|e| GrantError::Failed(e.to_string()))?;
+        let st = self.gt.copy_from_guest(domid, &sg(segs), buf).map_err(|e| GrantError::Failed(e.to_string()))?;
         map_statuses(domid, segs, &st, CopyDir::FromGuest)
     }
 
@@ -142,10 +113,7 @@ impl GrantMemory for XenGrants {
         if segs.is_empty() {
             return Ok(());
         }
-        let st = self
-            .gt
-            .copy_to_guest(domid, &sg(segs), buf)
-            .map_err(|e| GrantError::Failed(e.to_string()))?;
+        let st = self.gt.copy_to_guest(domid, &sg(segs), buf).map_err(|e| GrantError::Failed(e.to_string()))?;
         map_statuses(domid, segs, &st, CopyDir::ToGuest)
     }
 
@@ -174,13 +142,7 @@ pub fn pages_of<M: SharedMem + Send + Sync + 'static>(m: Arc<M>, grefs: &[u32]) 
     grefs
         .iter()
         .enumerate()
-        .map(|(index, &gref)| {
-            Arc::new(XenPage {
-                map: Arc::clone(&m),
-                index,
-                gref,
-            }) as Arc<dyn GrantPage>
-        })
+        .map(|(index, &gref)| Arc::new(XenPage { map: Arc::clone(&m), index, gref }) as Arc<dyn GrantPage>)
         .collect()
 }
 
@@ -208,16 +170,13 @@ impl<M: SharedMem + Send + Sync> GrantPage for XenPage<M> {
     }
     fn read(&self, off: usize, buf: &mut [u8]) -> Result<(), GrantError> {
         let at = self.at(off, buf.len())?;
-        self.map
-            .read_bytes(at, buf)
-            .map_err(|e| GrantError::Failed(e.to_string()))
+        self.map.read_bytes(at, buf).map_err(|e| GrantError::Failed(e.to_string()))
     }
     fn write(&self, off: usize, buf: &[u8]) -> Result<(), GrantError> {
         let at = self.at(off, buf.len())?;
-        self.map
-            .write_bytes(at, buf)
-            .map_err(|e| GrantError::Failed(e.to_string()))
-    }    fn io_region(&self, off: usize, len: usize) -> Option<libxc_ffi::IoRegion<'_>> {
+        self.map.write_bytes(at, buf).map_err(|e| GrantError::Failed(e.to_string()))
+    }
+    fn io_region(&self, off: usize, len: usize) -> Option<libxc_ffi::IoRegion<'_>> {
         let at = self.at(off, len).ok()?;
         self.map.io_region(at, len).ok()
     }
@@ -243,22 +202,16 @@ impl<M: SharedMem + Send + Sync> SharedRing for MemShared<M> {
         self.mem.len()
     }
     fn load_u32_acquire(&self, off: usize) -> u32 {
-        self.mem
-            .load_u32_acquire(off)
-            .expect("ring offset in bounds")
+        self.mem.load_u32_acquire(off).expect("ring offset in bounds")
     }
     fn store_u32_release(&self, off: usize, val: u32) {
-        self.mem
-            .store_u32_release(off, val)
-            .expect("ring offset in bounds, mapping writable")
+        self.mem.store_u32_release(off, val).expect("ring offset in bounds, mapping writable")
     }
     fn read(&self, off: usize, buf: &mut [u8]) {
         self.mem.read_bytes(off, buf).expect("ring read in bounds")
     }
     fn write(&self, off: usize, buf: &[u8]) {
-        self.mem
-            .write_bytes(off, buf)
-            .expect("ring write in bounds, mapping writable")
+        self.mem.write_bytes(off, buf).expect("ring write in bounds, mapping writable")
     }
 }
 
@@ -332,9 +285,7 @@ impl XenEventChannel {
     /// loopback wake-up.
     pub fn bind(domid: u16, remote_port: u32, own_domid: Option<u16>) -> Result<XenEventChannel, String> {
         let ev = Evtchn::open().map_err(|e| e.to_string())?;
-        let port = ev
-            .bind_interdomain(u32::from(domid), remote_port)
-            .map_err(|e| e.to_string())?;
+        let port = ev.bind_interdomain(u32::from(domid), remote_port).map_err(|e| e.to_string())?;
         let intr = Interrupter::new().map_err(|e| format!("socketpair: {e}"))?;
         let wake = own_domid.and_then(|me| {
             let me = u32::from(me);
@@ -349,12 +300,7 @@ impl XenEventChannel {
                 }
             }
         });
-        Ok(XenEventChannel {
-            port,
-            wake,
-            intr,
-            wait_lock: Mutex::new(()),
-        })
+        Ok(XenEventChannel { port, wake, intr, wait_lock: Mutex::new(()) })
     }
     pub fn local_port(&self) -> u32 {
         self.port.local_port()
@@ -462,20 +408,13 @@ impl XenBinder {
     /// wake-up (unless `BLKBACK_SNAP_EVTCHN_POLL=1`).
     pub fn for_backend_path(path: &str) -> XenBinder {
         let poll = std::env::var("BLKBACK_SNAP_EVTCHN_POLL").is_ok_and(|v| v.trim() == "1");
-        XenBinder {
-            own_domid: if poll { None } else { own_domid(path) },
-        }
+        XenBinder { own_domid: if poll { None } else { own_domid(path) } }
     }
 }
 
 /// The backend's domain id from its xenstore path (`/local/domain/<id>/backend/...`).
 pub fn own_domid(backend_path: &str) -> Option<u16> {
-    backend_path
-        .strip_prefix("/local/domain/")?
-        .split('/')
-        .next()?
-        .parse()
-        .ok()
+    backend_path.strip_prefix("/local/domain/")?.split('/').next()?.parse().ok()
 }
 
 impl EvtchnBinder for XenBinder {
@@ -501,9 +440,7 @@ pub struct XsStore {
 
 impl XsStore {
     pub fn open() -> libxc_ffi::Result<XsStore> {
-        Ok(XsStore {
-            xs: libxc_ffi::XenStore::open()?,
-        })
+        Ok(XsStore { xs: libxc_ffi::XenStore::open()? })
     }
     pub fn inner(&self) -> &libxc_ffi::XenStore {
         &self.xs
@@ -516,10 +453,7 @@ fn xe(e: libxc_ffi::Error) -> XsError {
 
 impl xenbus::XenStore for XsStore {
     fn read(&self, path: &str) -> Result<Option<String>, XsError> {
-        self.xs
-            .read_opt(path)
-            .map(|o| o.map(|v| String::from_utf8_lossy(&v).into_owned()))
-            .map_err(xe)
+        self.xs.read_opt(path).map(|o| o.map(|v| String::from_utf8_lossy(&v).into_owned())).map_err(xe)
     }
     fn write(&self, path: &str, value: &str) -> Result<(), XsError> {
         self.xs.write_str(path, value).map_err(xe)
@@ -538,15 +472,7 @@ impl xenbus::XenStore for XsStore {
         self.xs.unwatch(path, token).map_err(xe)
     }
     fn read_watch(&self, timeout: Option<Duration>) -> Result<Option<WatchEvent>, XsError> {
-        self.xs
-            .wait_watch(timeout)
-            .map(|o| {
-                o.map(|e| WatchEvent {
-                    path: e.path,
-                    token: e.token,
-                })
-            })
-            .map_err(xe)
+        self.xs.wait_watch(timeout).map(|o| o.map(|e| WatchEvent { path: e.path, token: e.token })).map_err(xe)
     }
 }
 
@@ -570,46 +496,22 @@ mod tests {
             Err(GrantError::InvalidRef { domid: 3, gref: 11 })
         );
         let dom = [GrantStatus(GNTST_BAD_DOMAIN), GrantStatus::OKAY];
-        assert_eq!(
-            map_statuses(3, &segs, &dom, CopyDir::ToGuest),
-            Err(GrantError::InvalidRef { domid: 3, gref: 10 })
-        );
+        assert_eq!(map_statuses(3, &segs, &dom, CopyDir::ToGuest), Err(GrantError::InvalidRef { domid: 3, gref: 10 }));
         let ro = [GrantStatus(GNTST_GENERAL_ERROR), GrantStatus::OKAY];
-        assert_eq!(
-            map_statuses(3, &segs, &ro, CopyDir::ToGuest),
-            Err(GrantError::ReadOnly { domid: 3, gref: 10 })
-        );
+        assert_eq!(map_statuses(3, &segs, &ro, CopyDir::ToGuest), Err(GrantError::ReadOnly { domid: 3, gref: 10 }));
         // A general error while reading the guest is not a read-only problem.
-        assert!(matches!(
-            map_statuses(3, &segs, &ro, CopyDir::FromGuest),
-            Err(GrantError::Failed(_))
-        ));
+        assert!(matches!(map_statuses(3, &segs, &ro, CopyDir::FromGuest), Err(GrantError::Failed(_))));
         let pd = [GrantStatus::OKAY, GrantStatus(GNTST_PERMISSION_DENIED)];
-        assert_eq!(
-            map_statuses(3, &segs, &pd, CopyDir::ToGuest),
-            Err(GrantError::ReadOnly { domid: 3, gref: 11 })
-        );
-        assert!(matches!(
-            map_statuses(3, &segs, &ok[..1], CopyDir::ToGuest),
-            Err(GrantError::Failed(_))
-        ));
+        assert_eq!(map_statuses(3, &segs, &pd, CopyDir::ToGuest), Err(GrantError::ReadOnly { domid: 3, gref: 11 }));
+        assert!(matches!(map_statuses(3, &segs, &ok[..1], CopyDir::ToGuest), Err(GrantError::Failed(_))));
     }
 
     #[test]
     fn segment_checks() {
         assert_eq!(check_segs(&[seg(1, 0, 4096)], 4096), Ok(()));
-        assert_eq!(
-            check_segs(&[seg(1, 512, 3584), seg(2, 0, 512)], 4096),
-            Ok(())
-        );
-        assert!(matches!(
-            check_segs(&[seg(1, 512, 4096)], 4096),
-            Err(GrantError::BadRange { .. })
-        ));
-        assert!(matches!(
-            check_segs(&[seg(1, 0, 512)], 1024),
-            Err(GrantError::BadRange { .. })
-        ));
+        assert_eq!(check_segs(&[seg(1, 512, 3584), seg(2, 0, 512)], 4096), Ok(()));
+        assert!(matches!(check_segs(&[seg(1, 512, 4096)], 4096), Err(GrantError::BadRange { .. })));
+        assert!(matches!(check_segs(&[seg(1, 0, 512)], 1024), Err(GrantError::BadRange { .. })));
         assert_eq!(check_segs(&[], 0), Ok(()));
     }
 

@@ -58,8 +58,6 @@ impl Rig {
     }
 }
 
-
-
 #[test]
 fn guest_io_on_mapped_pages_matches_plain_writes_and_keeps_checkpoints() {
     let dir = tempfile::tempdir().unwrap();
@@ -78,7 +76,8 @@ fn guest_io_on_mapped_pages_matches_plain_writes_and_keeps_checkpoints() {
             q.checkpoint_create("mid").unwrap();
             q.flush().unwrap();
             let map = q.map(Some("mid")).unwrap();
-            let runs: Vec<(u64, u64)> = map.iter().filter(|m| m.kind == "data").filter_map(|m| m.host_offset.map(|h| (h, m.length))).collect();
+            let runs: Vec<(u64, u64)> =
+                map.iter().filter(|m| m.kind == "data").filter_map(|m| m.host_offset.map(|h| (h, m.length))).collect();
             drop(q);
             twin.checkpoint_create("mid").unwrap();
             checkpoint = Some((model.clone(), std::fs::read(&path).unwrap(), runs));
@@ -92,7 +91,11 @@ fn guest_io_on_mapped_pages_matches_plain_writes_and_keeps_checkpoints() {
         let (o, l) = (sector as usize * 512, nsect as usize * 512);
         let at = next((pool.pages.len() - layout.len()) as u64) as usize;
         let mut buf = IoBuf {
-            segs: layout.iter().zip(&pool.segs[at..]).map(|(&(f, e), s)| Segment { gref: s.gref, first_sect: f, last_sect: e }).collect(),
+            segs: layout
+                .iter()
+                .zip(&pool.segs[at..])
+                .map(|(&(f, e), s)| Segment { gref: s.gref, first_sect: f, last_sect: e })
+                .collect(),
             pages: pool.pages[at..at + layout.len()].to_vec(),
             indirect: vec![],
         };

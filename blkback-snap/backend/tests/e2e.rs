@@ -39,10 +39,7 @@ fn rd(xs: &MemXenStore, k: &str) -> Option<String> {
 fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
     let t = Instant::now();
     while !f() {
-        assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "timed out waiting for {what}"
-        );
+        assert!(t.elapsed() < Duration::from_secs(10), "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(5));
     }
 }
@@ -82,9 +79,7 @@ fn opts(dir: &Path) -> ServeOptions {
 }
 
 fn pattern(seed: u8, len: usize) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
-        .collect()
+    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
 }
 
 /// Write `data` at `sector`, check the response.
@@ -144,27 +139,12 @@ fn start_opts(params: &str, channels: usize, o: ServeOptions) -> Running {
         device::serve(xs2, g2, binder, BE, &o, &st2, &mut |_| {}).map_err(|e| e.to_string())
     });
     fe_ends.reverse(); // the binder pops from the end
-    Running {
-        xs,
-        stop,
-        thread,
-        fe_evts: fe_ends,
-        guest,
-    }
+    Running { xs, stop, thread, fe_evts: fe_ends, guest }
 }
 
 fn make_qcow2(dir: &Path, size: u64) -> PathBuf {
     let p = dir.join("guest.qcow2");
-    Qcow2::create_file(
-        &p,
-        &CreateOptions {
-            size,
-            ..Default::default()
-        },
-    )
-    .unwrap()
-    .close()
-    .unwrap();
+    Qcow2::create_file(&p, &CreateOptions { size, ..Default::default() }).unwrap().close().unwrap();
     p
 }
 
@@ -226,20 +206,12 @@ fn guest_io_through_the_daemon_lands_in_the_qcow2_image() {
     // The checkpoint barrier over the socket: while quiesced a queued write is not served.
     let q = ctl(&sock, json!({"op":"quiesce","timeout_ms":2000})).unwrap();
     assert_eq!(q["connected"], true);
-    assert_eq!(
-        ctl(&sock, json!({"op":"status"})).unwrap()["quiesced"],
-        true
-    );
+    assert_eq!(ctl(&sock, json!({"op":"status"})).unwrap()["quiesced"], true);
     let e = pattern(5, 4096);
     let mut eb = front.make_buf(&[(0, 7)], Some(&e), true);
     let eid = front.queue_io(BLKIF_OP_WRITE, 8, &mut eb, false);
     front.push();
-    assert!(
-        front
-            .wait_responses(1, Duration::from_millis(300))
-            .is_empty(),
-        "served while quiesced"
-    );
+    assert!(front.wait_responses(1, Duration::from_millis(300)).is_empty(), "served while quiesced");
     // A checkpoint while the caller holds the quiesce: the old data is what it captures.
     let cp = ctl(&sock, json!({"op":"checkpoint-create","name":"c1"})).unwrap();
     assert_eq!(cp["name"], "c1");
@@ -255,12 +227,7 @@ fn guest_io_through_the_daemon_lands_in_the_qcow2_image() {
     // checkpoint-create without a held quiesce quiesces by itself.
     ctl(&sock, json!({"op":"checkpoint-create","name":"c2"})).unwrap();
     let list = ctl(&sock, json!({"op":"checkpoint-list"})).unwrap();
-    let names: Vec<_> = list
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["name"].as_str().unwrap().to_string())
-        .collect();
+    let names: Vec<_> = list.as_array().unwrap().iter().map(|s| s["name"].as_str().unwrap().to_string()).collect();
     assert_eq!(names, ["c1", "c2"]);
     // checkpoint-take: the point in time is fixed under the barrier in O(L1); the daemon
     // makes it durable in the background while the guest keeps writing.
@@ -269,19 +236,12 @@ fn guest_io_through_the_daemon_lands_in_the_qcow2_image() {
     let f = pattern(6, 4096);
     write(&mut front, 8, &f, false);
     assert_eq!(read(&mut front, 8, 4096), f);
-    wait_for("t3 durable", || {
-        ctl(&sock, json!({"op":"checkpoint-list"})).unwrap()[2]["state"] == "durable"
-    });
+    wait_for("t3 durable", || ctl(&sock, json!({"op":"checkpoint-list"})).unwrap()[2]["state"] == "durable");
     // The xl-snap alias socket reaches the same device.
     let alias = control::image_socket_path(&img);
-    assert!(ctl(&alias, json!({"op":"check"})).unwrap()["errors"]
-        .as_array()
-        .unwrap()
-        .is_empty());
+    assert!(ctl(&alias, json!({"op":"check"})).unwrap()["errors"].as_array().unwrap().is_empty());
     assert!(ctl(&sock, json!({"op":"flush"})).is_ok());
-    assert!(ctl(&sock, json!({"op":"bogus"}))
-        .unwrap_err()
-        .starts_with("bad request"));
+    assert!(ctl(&sock, json!({"op":"bogus"})).unwrap_err().starts_with("bad request"));
 
     // Guest closes, toolstack removes the device.
     xs.write(&format!("{FE}/state"), "5").unwrap();
@@ -313,21 +273,9 @@ fn guest_io_through_the_daemon_lands_in_the_qcow2_image() {
     assert_eq!(tail, d);
     drop(q);
     // And QEMU's tools agree, when present.
-    if let Ok(o) = std::process::Command::new("qemu-img")
-        .arg("check")
-        .arg(&img)
-        .output()
-    {
-        assert!(
-            o.status.success(),
-            "qemu-img check: {}",
-            String::from_utf8_lossy(&o.stdout)
-        );
-        let l = std::process::Command::new("qemu-img")
-            .args(["snapshot", "-l"])
-            .arg(&img)
-            .output()
-            .unwrap();
+    if let Ok(o) = std::process::Command::new("qemu-img").arg("check").arg(&img).output() {
+        assert!(o.status.success(), "qemu-img check: {}", String::from_utf8_lossy(&o.stdout));
+        let l = std::process::Command::new("qemu-img").args(["snapshot", "-l"]).arg(&img).output().unwrap();
         let s = String::from_utf8_lossy(&l.stdout);
         assert!(s.contains("c1") && s.contains("c2") && s.contains("t3"), "{s}");
     }
@@ -341,10 +289,7 @@ fn quiesce_held_before_connect_applies_to_the_new_ring_and_reconnect_works() {
     let xs = r.xs.clone();
     wait_for("InitWait", || rd(&xs, "state").as_deref() == Some("2"));
     let sock = PathBuf::from(rd(&xs, "xensnap-socket").unwrap());
-    assert_eq!(
-        ctl(&sock, json!({"op":"quiesce"})).unwrap()["connected"],
-        false
-    );
+    assert_eq!(ctl(&sock, json!({"op":"quiesce"})).unwrap()["connected"], false);
     let mut front = TestFront::new(r.guest.clone(), Abi::X86_64, 0, r.fe_evts[0].clone());
     frontend_connects(&xs, &front);
     wait_for("Connected", || rd(&xs, "state").as_deref() == Some("4"));
@@ -352,9 +297,7 @@ fn quiesce_held_before_connect_applies_to_the_new_ring_and_reconnect_works() {
     let mut b = front.make_buf(&[(0, 7)], Some(&a), true);
     let id = front.queue_io(BLKIF_OP_WRITE, 0, &mut b, false);
     front.push();
-    assert!(front
-        .wait_responses(1, Duration::from_millis(300))
-        .is_empty());
+    assert!(front.wait_responses(1, Duration::from_millis(300)).is_empty());
     ctl(&sock, json!({"op":"resume"})).unwrap();
     let resp = front.wait_responses(1, Duration::from_secs(5));
     assert_eq!((resp[0].id, resp[0].status), (id, BLKIF_RSP_OKAY));
@@ -364,9 +307,7 @@ fn quiesce_held_before_connect_applies_to_the_new_ring_and_reconnect_works() {
     xs.write(&format!("{FE}/state"), "6").unwrap();
     wait_for("Closed", || rd(&xs, "state").as_deref() == Some("6"));
     xs.write(&format!("{FE}/state"), "1").unwrap();
-    wait_for("InitWait again", || {
-        rd(&xs, "state").as_deref() == Some("2")
-    });
+    wait_for("InitWait again", || rd(&xs, "state").as_deref() == Some("2"));
     // A new ring on the second event channel; the old data is there, new I/O works.
     let mut front2 = TestFront::new(r.guest.clone(), Abi::X86_32, 1, r.fe_evts[1].clone());
     let w = |k: &str, v: &str| xs.write(&format!("{FE}/{k}"), v).unwrap();
@@ -376,22 +317,14 @@ fn quiesce_held_before_connect_applies_to_the_new_ring_and_reconnect_works() {
     w("event-channel", &PORT.to_string());
     w("protocol", "x86_32-abi");
     w("state", "3");
-    wait_for("Connected again", || {
-        rd(&xs, "state").as_deref() == Some("4")
-    });
+    wait_for("Connected again", || rd(&xs, "state").as_deref() == Some("4"));
     assert_eq!(read(&mut front2, 0, 4096), a);
     let st = ctl(&sock, json!({"op":"status"})).unwrap();
     assert_eq!(st["connects"], 2);
-    assert!(
-        st["stats"]["bytes_written"].as_u64().unwrap() >= 4096,
-        "counters survive reconnects"
-    );
+    assert!(st["stats"]["bytes_written"].as_u64().unwrap() >= 4096, "counters survive reconnects");
     r.stop.store(true, Ordering::Relaxed);
     assert_eq!(r.thread.join().unwrap().unwrap(), Outcome::Stopped);
-    let st_after = Qcow2::open_file(&img, &OpenOptions { read_only: true })
-        .unwrap()
-        .check()
-        .unwrap();
+    let st_after = Qcow2::open_file(&img, &OpenOptions { read_only: true }).unwrap().check().unwrap();
     assert!(st_after.is_clean());
 }
 
@@ -402,9 +335,7 @@ fn missing_image_is_reported_to_the_hook_and_the_toolstack() {
     let r = start(dir.path(), missing.to_str().unwrap(), 1);
     let xs = r.xs.clone();
     // InitWait with an error: libxl runs the hook, which fails the attach with hotplug-error.
-    wait_for("error status", || {
-        rd(&xs, "xensnap-status").is_some_and(|s| s.starts_with("error"))
-    });
+    wait_for("error status", || rd(&xs, "xensnap-status").is_some_and(|s| s.starts_with("error")));
     assert_eq!(rd(&xs, "state").as_deref(), Some("2"));
     assert!(rd(&xs, "hotplug-error").unwrap().contains("nope.qcow2"));
     // libxl tears the device down: Closing -> we answer Closed; then the directory goes.
@@ -454,9 +385,7 @@ fn raw_images_are_served_and_refuse_checkpoints() {
     let a = pattern(7, 8192);
     write(&mut front, 100, &a, false);
     assert_eq!(read(&mut front, 100, 8192), a);
-    assert!(ctl(&sock, json!({"op":"checkpoint-create","name":"x"}))
-        .unwrap_err()
-        .contains("raw"));
+    assert!(ctl(&sock, json!({"op":"checkpoint-create","name":"x"})).unwrap_err().contains("raw"));
     r.stop.store(true, Ordering::Relaxed);
     assert_eq!(r.thread.join().unwrap().unwrap(), Outcome::Stopped);
     let disk = std::fs::read(&img).unwrap();

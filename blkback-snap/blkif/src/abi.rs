@@ -29,8 +29,7 @@ pub const SEGMENT_SIZE: usize = 8;
 /// Segment descriptors per indirect page.
 pub const SEGS_PER_INDIRECT_FRAME: usize = PAGE_SIZE / SEGMENT_SIZE;
 /// Hard protocol ceiling on segments in one indirect request (8 pages of 512 descriptors).
-pub const MAX_INDIRECT_SEGMENTS_LIMIT: u32 =
-    (MAX_INDIRECT_PAGES_PER_REQUEST * SEGS_PER_INDIRECT_FRAME) as u32;
+pub const MAX_INDIRECT_SEGMENTS_LIMIT: u32 = (MAX_INDIRECT_PAGES_PER_REQUEST * SEGS_PER_INDIRECT_FRAME) as u32;
 
 pub const BLKIF_RSP_OKAY: i16 = 0;
 pub const BLKIF_RSP_ERROR: i16 = -1;

@@ -378,7 +378,13 @@ impl BlkifRing {
             features: p.features,
             batch: 16.min(geom.size),
             budget: 4 * geom.size,
-            cons: Mutex::new(Consumer { req_cons: start, eligible: 0, ran: 0, broken: None, scratch: Scratch::default() }),
+            cons: Mutex::new(Consumer {
+                req_cons: start,
+                eligible: 0,
+                ran: 0,
+                broken: None,
+                scratch: Scratch::default(),
+            }),
             prod: Mutex::new(Producer { rsp_prod_pvt: start, rsp_pushed: start }),
             gate: Mutex::new(Gate { quiesced: false, stopped: false, in_flight: 0, waiters: 0 }),
             gate_cv: Condvar::new(),
@@ -538,9 +544,7 @@ impl BlkifRing {
             let mut started = 0;
             for i in 0..want {
                 let pool = &pool;
-                match std::thread::Builder::new()
-                    .name(format!("{base}-io{i}"))
-                    .spawn_scoped(s, move || self.work(pool))
+                match std::thread::Builder::new().name(format!("{base}-io{i}")).spawn_scoped(s, move || self.work(pool))
                 {
                     Ok(_) => started += 1,
                     Err(e) => {
@@ -1042,7 +1046,13 @@ impl BlkifRing {
 
     /// Gather guest memory into `buf` (segments in order): mapped pages by memcpy, the others
     /// with one grant copy (through `copy_buf` if only some of them go that way).
-    fn gather(&self, segs: &[GrantSeg], mapped: &[Option<Arc<dyn GrantPage>>], buf: &mut [u8], copy_buf: &mut Vec<u8>) -> Result<(), GrantError> {
+    fn gather(
+        &self,
+        segs: &[GrantSeg],
+        mapped: &[Option<Arc<dyn GrantPage>>],
+        buf: &mut [u8],
+        copy_buf: &mut Vec<u8>,
+    ) -> Result<(), GrantError> {
         if mapped.iter().all(Option::is_none) {
             return self.grants.copy_from_guest(self.domid, segs, buf);
         }
@@ -1078,7 +1088,13 @@ impl BlkifRing {
 
     /// Scatter `buf` into guest memory (segments in order): mapped pages by memcpy, the others
     /// with one grant copy.
-    fn scatter(&self, segs: &[GrantSeg], mapped: &[Option<Arc<dyn GrantPage>>], buf: &[u8], copy_buf: &mut Vec<u8>) -> Result<(), GrantError> {
+    fn scatter(
+        &self,
+        segs: &[GrantSeg],
+        mapped: &[Option<Arc<dyn GrantPage>>],
+        buf: &[u8],
+        copy_buf: &mut Vec<u8>,
+    ) -> Result<(), GrantError> {
         if mapped.iter().all(Option::is_none) {
             return self.grants.copy_to_guest(self.domid, segs, buf);
         }

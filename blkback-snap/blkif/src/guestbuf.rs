@@ -45,7 +45,10 @@ fn grant_io(e: GrantError) -> io::Error {
 impl<'a> GuestPages<'a> {
     /// `segs[i]` lives in `pages[i]`. `None` if a page is missing (not mapped); fails if the
     /// lists differ in length or a segment does not lie inside one page.
-    pub fn new(segs: &[GrantSeg], pages: &'a [Option<Arc<dyn GrantPage>>]) -> Result<Option<GuestPages<'a>>, GrantError> {
+    pub fn new(
+        segs: &[GrantSeg],
+        pages: &'a [Option<Arc<dyn GrantPage>>],
+    ) -> Result<Option<GuestPages<'a>>, GrantError> {
         if segs.len() != pages.len() {
             return Err(GrantError::BadRange { offset: 0, len: segs.len() });
         }
@@ -65,7 +68,11 @@ impl<'a> GuestPages<'a> {
 
     /// The parts of `pos..pos+len` in each piece: (page, offset in page, length, offset in
     /// the range), in order; an error if the range is outside the request.
-    fn parts(&self, pos: usize, len: usize) -> io::Result<impl Iterator<Item = (&'a dyn GrantPage, usize, usize, usize)> + '_> {
+    fn parts(
+        &self,
+        pos: usize,
+        len: usize,
+    ) -> io::Result<impl Iterator<Item = (&'a dyn GrantPage, usize, usize, usize)> + '_> {
         let end = match pos.checked_add(len) {
             Some(e) if e <= self.len => e,
             _ => {
@@ -77,11 +84,13 @@ impl<'a> GuestPages<'a> {
         };
         // first piece that ends after pos
         let first = self.pieces.partition_point(|&(_, _, n, at)| at + n <= pos);
-        Ok(self.pieces[first..].iter().take_while(move |&&(_, _, _, at)| at < end).filter_map(move |&(page, off, n, at)| {
-            let a = pos.max(at);
-            let b = end.min(at + n);
-            (a < b).then(|| (page, off + (a - at), b - a, a - pos))
-        }))
+        Ok(self.pieces[first..].iter().take_while(move |&&(_, _, _, at)| at < end).filter_map(
+            move |&(page, off, n, at)| {
+                let a = pos.max(at);
+                let b = end.min(at + n);
+                (a < b).then(|| (page, off + (a - at), b - a, a - pos))
+            },
+        ))
     }
 
     /// Regions for `pos..pos+len`, or `None` if a page cannot offer one.

@@ -25,5 +25,5 @@ pub mod xenbus;
 pub use abi::Abi;
 pub use backend::{BlkifRing, Features, Poll, RingError, RingParams, StatsSnapshot};
 pub use mem::{EventChannel, GrantError, GrantMemory, GrantPage, GrantSeg, SharedRing};
-pub use sim::fuzz_ring;
 pub use request::{check_request, fuzz_parse, parse_request, Checked, Limits, RawRequest, Rejection, Segment};
+pub use sim::fuzz_ring;

@@ -99,14 +99,7 @@ pub fn parse_request(abi: Abi, entry: &[u8]) -> Option<RawRequest> {
                 let o = abi.off_segs() + i * SEGMENT_SIZE;
                 *s = Segment::decode(&b[o..o + SEGMENT_SIZE]);
             }
-            RawRequest::Rw {
-                operation,
-                nr_segments: b[1],
-                handle: le16(b, 2),
-                id,
-                sector_number,
-                seg,
-            }
+            RawRequest::Rw { operation, nr_segments: b[1], handle: le16(b, 2), id, sector_number, seg }
         }
         BLKIF_OP_DISCARD => RawRequest::Discard {
             flag: b[1],
@@ -182,9 +175,7 @@ impl RawRequest {
                 put64(&mut b, abi.off_sector(), *sector_number);
                 put64(&mut b, abi.off_discard_nr_sectors(), *nr_sectors);
             }
-            RawRequest::Indirect {
-                indirect_op, nr_segments, sector_number, handle, indirect_grefs, ..
-            } => {
+            RawRequest::Indirect { indirect_op, nr_segments, sector_number, handle, indirect_grefs, .. } => {
                 b[1] = *indirect_op;
                 b[2..4].copy_from_slice(&nr_segments.to_le_bytes());
                 put64(&mut b, abi.off_sector(), *sector_number);
@@ -208,14 +199,7 @@ impl RawRequest {
         for (d, s) in seg.iter_mut().zip(segs) {
             *d = *s;
         }
-        RawRequest::Rw {
-            operation,
-            nr_segments: segs.len().min(255) as u8,
-            handle: 0,
-            id,
-            sector_number,
-            seg,
-        }
+        RawRequest::Rw { operation, nr_segments: segs.len().min(255) as u8, handle: 0, id, sector_number, seg }
     }
 
     /// Convenience constructor for an indirect request: `nr_segments` as given (hostile
@@ -394,14 +378,7 @@ pub fn check_request(req: &RawRequest, lim: &Limits) -> Result<Checked, Rejectio
             Ok(if op == BLKIF_OP_READ {
                 Checked::Read { id, op, sector: sector_number, segs }
             } else {
-                Checked::Write {
-                    id,
-                    op,
-                    sector: sector_number,
-                    segs,
-                    flush_before: flushy,
-                    flush_after: flushy,
-                }
+                Checked::Write { id, op, sector: sector_number, segs, flush_before: flushy, flush_after: flushy }
             })
         }
         RawRequest::Discard { flag, sector_number, nr_sectors, .. } => {

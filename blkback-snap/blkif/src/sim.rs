@@ -329,7 +329,8 @@ impl GrantMemory for TestGuest {
             .into_iter()
             .map(|(gref, page)| {
                 self.mapped.fetch_add(1, Ordering::Relaxed);
-                Arc::new(SimMapping { gref, page, live: Arc::clone(&self.mapped), direct: Arc::clone(&self.direct) }) as Arc<dyn GrantPage>
+                Arc::new(SimMapping { gref, page, live: Arc::clone(&self.mapped), direct: Arc::clone(&self.direct) })
+                    as Arc<dyn GrantPage>
             })
             .collect())
     }
@@ -501,7 +502,18 @@ impl TestFront {
         ring.store_u32_release(SRING_REQ_EVENT, 1);
         ring.store_u32_release(SRING_RSP_EVENT, 1);
         let geom = RingGeometry::new(abi, n).expect("ring fits");
-        TestFront { guest, abi, geom, ring, ring_refs, evtchn, writable_indirect: false, req_prod_pvt: 0, rsp_cons: 0, next_id: 1 }
+        TestFront {
+            guest,
+            abi,
+            geom,
+            ring,
+            ring_refs,
+            evtchn,
+            writable_indirect: false,
+            req_prod_pvt: 0,
+            rsp_cons: 0,
+            next_id: 1,
+        }
     }
 
     /// Start a fresh id (ids are echoed; tests match responses by id).

@@ -211,10 +211,7 @@ pub struct DiskInfo {
 
 impl DiskInfo {
     pub fn of(device: &dyn BlockDevice) -> DiskInfo {
-        DiskInfo {
-            sectors: device.size() / SECTOR_SIZE,
-            info: if device.read_only() { VDISK_READONLY } else { 0 },
-        }
+        DiskInfo { sectors: device.size() / SECTOR_SIZE, info: if device.read_only() { VDISK_READONLY } else { 0 } }
     }
 }
 
@@ -265,15 +262,7 @@ impl XenbusBackend {
         let mut features = features;
         features.max_ring_page_order = features.max_ring_page_order.min(MAX_RING_PAGE_ORDER);
         features.max_indirect_segments = features.max_indirect_segments.min(MAX_INDIRECT_SEGMENTS_LIMIT);
-        Ok(XenbusBackend {
-            store,
-            be,
-            fe,
-            fe_domid,
-            features,
-            state: XenbusState::Initialising,
-            last_error: None,
-        })
+        Ok(XenbusBackend { store, be, fe, fe_domid, features, state: XenbusState::Initialising, last_error: None })
     }
 
     pub fn state(&self) -> XenbusState {
@@ -348,11 +337,7 @@ impl XenbusBackend {
     fn fe_u32(&self, key: &str) -> Result<Option<u32>, String> {
         match self.fe_read(key).map_err(|e| e.to_string())? {
             None => Ok(None),
-            Some(s) => s
-                .trim()
-                .parse::<u32>()
-                .map(Some)
-                .map_err(|_| format!("frontend {key} = {s:?} is not a number")),
+            Some(s) => s.trim().parse::<u32>().map(Some).map_err(|_| format!("frontend {key} = {s:?} is not a number")),
         }
     }
 
@@ -467,7 +452,11 @@ impl XenbusBackend {
 
     /// Handle one watch event. Returns our state afterwards, or `None` if `timeout` passed
     /// with no event.
-    pub fn step(&mut self, conn: &mut dyn Connector, timeout: Option<Duration>) -> Result<Option<XenbusState>, XenbusError> {
+    pub fn step(
+        &mut self,
+        conn: &mut dyn Connector,
+        timeout: Option<Duration>,
+    ) -> Result<Option<XenbusState>, XenbusError> {
         match self.store.read_watch(timeout)? {
             None => Ok(None),
             Some(ev) if ev.token == TOKEN_FE => self.frontend_changed(conn).map(Some),
@@ -499,7 +488,12 @@ pub struct RingConnector {
 }
 
 impl RingConnector {
-    pub fn new(grants: Arc<dyn GrantMemory>, binder: Arc<dyn EvtchnBinder>, device: Arc<dyn BlockDevice>, features: Features) -> Self {
+    pub fn new(
+        grants: Arc<dyn GrantMemory>,
+        binder: Arc<dyn EvtchnBinder>,
+        device: Arc<dyn BlockDevice>,
+        features: Features,
+    ) -> Self {
         RingConnector { grants, binder, device, features, current: None }
     }
     /// The live ring (for `quiesce()` / `resume()` by the checkpoint driver).

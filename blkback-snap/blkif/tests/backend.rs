@@ -231,7 +231,12 @@ fn hostile_requests() {
         assert_eq!(page.to_vec(), vec![0x55; 4096], "read-only page was written");
         // Unknown operations.
         for op in [BLKIF_OP_RESERVED_1, 7, 0x80, 0xff] {
-            expect(&mut h, &mut model, RawRequest::Other { operation: op, id: 0x1160 + op as u64 }, BLKIF_RSP_EOPNOTSUPP);
+            expect(
+                &mut h,
+                &mut model,
+                RawRequest::Other { operation: op, id: 0x1160 + op as u64 },
+                BLKIF_RSP_EOPNOTSUPP,
+            );
         }
         // Discard: past end, overflow, secure when not offered.
         let disc = |id, s, nr, flag| RawRequest::Discard { flag, handle: 0, id, sector_number: s, nr_sectors: nr };

@@ -33,7 +33,13 @@ struct FileDisk {
 impl FileDisk {
     fn new(size: usize) -> FileDisk {
         let dir = tempfile::tempdir().unwrap();
-        let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(dir.path().join("disk")).unwrap();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dir.path().join("disk"))
+            .unwrap();
         file.set_len(size as u64).unwrap();
         FileDisk { file, _dir: dir, direct_reads: AtomicU64::new(0), direct_writes: AtomicU64::new(0) }
     }
@@ -107,9 +113,6 @@ impl BlockDevice for FileDisk {
     }
 }
 
-
-
-
 /// Every page of `buf` whole (to check bytes outside the segments).
 fn whole_pages(buf: &IoBuf) -> Vec<Vec<u8>> {
     buf.pages.iter().map(|p| p.to_vec()).collect()
@@ -148,7 +151,8 @@ fn same_results_as_the_grant_copy_path_and_nothing_outside_the_segments() {
             .collect();
         let mut pools: [HashMap<usize, IoBuf>; 2] = [HashMap::new(), HashMap::new()];
         for step in 0..400u64 {
-            let RandomRequest { slot, layout, sector, write, indirect, data } = random_request(&mut next, &layouts, 2048, step);
+            let RandomRequest { slot, layout, sector, write, indirect, data } =
+                random_request(&mut next, &layouts, 2048, step);
             let mut outs = Vec::new();
             for (i, h) in [&mut a, &mut b].into_iter().enumerate() {
                 let mut buf = match pools[i].remove(&slot) {
@@ -167,7 +171,10 @@ fn same_results_as_the_grant_copy_path_and_nothing_outside_the_segments() {
                 let after = whole_pages(&buf);
                 for ((s, b0), a0) in buf.segs.iter().zip(&before).zip(&after) {
                     let (o, n) = (s.offset(), s.len());
-                    assert!(a0[..o] == b0[..o] && a0[o + n..] == b0[o + n..], "step {step}: bytes outside a segment changed");
+                    assert!(
+                        a0[..o] == b0[..o] && a0[o + n..] == b0[o + n..],
+                        "step {step}: bytes outside a segment changed"
+                    );
                 }
                 outs.push(buf.gather());
                 pools[i].insert(slot, buf);
@@ -224,7 +231,11 @@ fn mapped_requests_go_to_the_device_as_pages() {
     let mut h = H::persistent_serving(Abi::X86_64, 0, ro, pfeat(1056));
     let p = Page::new();
     let g = h.guest.grant(&p, false);
-    let mut b = IoBuf { segs: vec![Segment { gref: g, first_sect: 0, last_sect: 7 }], pages: vec![p.clone()], indirect: vec![] };
+    let mut b = IoBuf {
+        segs: vec![Segment { gref: g, first_sect: 0, last_sect: 7 }],
+        pages: vec![p.clone()],
+        indirect: vec![],
+    };
     let reads = disk.direct_reads.load(Ordering::Relaxed);
     assert_eq!(io(&mut h, BLKIF_OP_READ, 0, &mut b, false), BLKIF_RSP_OKAY);
     assert!(p.to_vec() == src[..4096]);

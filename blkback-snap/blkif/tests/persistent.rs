@@ -15,9 +15,6 @@ use xensnap_blockdev::BlockDevice;
 
 const DISK: usize = 1 << 20; // 2048 sectors
 
-
-
-
 #[test]
 fn reuse_hits_and_no_grant_copy_after_warm_up() {
     let mut h = H::persistent(Abi::X86_64, 0, DISK, pfeat(1056));
@@ -114,7 +111,11 @@ fn read_only_grants_and_unmappable_hosts_fall_back() {
     assert_eq!(io(&mut h, BLKIF_OP_READ, 0, &mut ro, false), BLKIF_RSP_ERROR);
     // A mixed batch (one writable, one read-only): the writable one is still mapped.
     let rw = h.front.make_buf(&[(0, 7)], None, false);
-    let mut mixed = IoBuf { segs: vec![rw.segs[0], ro.segs[0]], pages: vec![rw.pages[0].clone(), ro.pages[0].clone()], indirect: vec![] };
+    let mut mixed = IoBuf {
+        segs: vec![rw.segs[0], ro.segs[0]],
+        pages: vec![rw.pages[0].clone(), ro.pages[0].clone()],
+        indirect: vec![],
+    };
     mixed.fill(&pattern(4, 8192));
     assert_eq!(io(&mut h, BLKIF_OP_WRITE, 32, &mut mixed, false), BLKIF_RSP_OKAY);
     assert_eq!(&h.disk.snapshot()[32 * 512..][..8192], &pattern(4, 8192)[..]);
@@ -141,7 +142,11 @@ fn hostile_segments_get_errors_and_nothing_outside_the_segment_changes() {
     let p = Page::new();
     p.write(0, &[0xee; PAGE_SIZE]);
     let g = h.guest.grant(&p, false);
-    let mut b = IoBuf { segs: vec![Segment { gref: g, first_sect: 2, last_sect: 5 }], pages: vec![p.clone()], indirect: vec![] };
+    let mut b = IoBuf {
+        segs: vec![Segment { gref: g, first_sect: 2, last_sect: 5 }],
+        pages: vec![p.clone()],
+        indirect: vec![],
+    };
     assert_eq!(io(&mut h, BLKIF_OP_READ, 0, &mut b, false), BLKIF_RSP_OKAY);
     let v = p.to_vec();
     assert!(v[..1024].iter().all(|&x| x == 0xee) && v[3072..].iter().all(|&x| x == 0xee));
@@ -201,22 +206,22 @@ fn same_results_as_the_grant_copy_path() {
         let mut next = rng(0x2545_f491_4f6c_dd1du64);
         // A pool of reusable buffers per side, as blkfront's persistent grant list: slot i
         // has a fixed layout; slot 6 always gets fresh grants.
-        let layouts: Vec<Vec<(u8, u8)>> = (0..7).map(|_| {
-            let nsect = 1 + next(80);
-            simple_layout(nsect, next(8) as u8)
-        }).collect();
+        let layouts: Vec<Vec<(u8, u8)>> = (0..7)
+            .map(|_| {
+                let nsect = 1 + next(80);
+                simple_layout(nsect, next(8) as u8)
+            })
+            .collect();
         let mut pools: [HashMap<usize, IoBuf>; 2] = [HashMap::new(), HashMap::new()];
         for step in 0..300u64 {
-            let RandomRequest { slot, layout, sector, write, indirect, data } = random_request(&mut next, &layouts, 2048, step);
+            let RandomRequest { slot, layout, sector, write, indirect, data } =
+                random_request(&mut next, &layouts, 2048, step);
             let mut outs = Vec::new();
             for (i, h) in [&mut a, &mut b].into_iter().enumerate() {
                 // Reuse a buffer if its layout fits, else make a new one (new grants).
                 let reuse = slot < 6 && pools[i].contains_key(&slot);
-                let mut buf = if reuse {
-                    pools[i].remove(&slot).unwrap()
-                } else {
-                    h.front.make_buf(&layout, None, false)
-                };
+                let mut buf =
+                    if reuse { pools[i].remove(&slot).unwrap() } else { h.front.make_buf(&layout, None, false) };
                 buf.indirect.clear();
                 if write {
                     buf.fill(&data);
@@ -243,7 +248,8 @@ fn same_results_as_the_grant_copy_path() {
 /// does) unmaps every grant once the threads are done.
 #[test]
 fn pool_threads_share_the_cache_and_stop_unmaps() {
-    let mut h = H::persistent(Abi::X86_64, 0, DISK, Features { workers: 4, adaptive_offload: false, ..Features::default() });
+    let mut h =
+        H::persistent(Abi::X86_64, 0, DISK, Features { workers: 4, adaptive_offload: false, ..Features::default() });
     let worker = h.ring.spawn("pgrant".into()).unwrap();
     let mut bufs: Vec<IoBuf> = (0..8).map(|_| h.front.make_buf(&simple_layout(16, 0), None, false)).collect();
     for round in 0..20u64 {
@@ -299,7 +305,11 @@ fn fuzz_ring_with_persistent_grants() {
         for _ in 0..(1 + next() % 12) {
             let n = (next() % 12) as usize;
             let segs: Vec<Segment> = (0..n)
-                .map(|_| Segment { gref: 7 + (next() % 10) as u32, first_sect: (next() % 9) as u8, last_sect: (next() % 9) as u8 })
+                .map(|_| Segment {
+                    gref: 7 + (next() % 10) as u32,
+                    first_sect: (next() % 9) as u8,
+                    last_sect: (next() % 9) as u8,
+                })
                 .collect();
             let op = [BLKIF_OP_READ, BLKIF_OP_WRITE, BLKIF_OP_WRITE_BARRIER, BLKIF_OP_INDIRECT][(next() % 4) as usize];
             let req = if op == BLKIF_OP_INDIRECT {

@@ -145,7 +145,8 @@ fn expect_refused(setup: impl FnOnce(&World, &TestFront), needle: &str) {
 
 #[test]
 fn bad_frontend_values_close_with_an_error() {
-    let w = |k: &'static str, v: &'static str| move |w: &World, _: &TestFront| w.xs.write(&format!("{FE}/{k}"), v).unwrap();
+    let w =
+        |k: &'static str, v: &'static str| move |w: &World, _: &TestFront| w.xs.write(&format!("{FE}/{k}"), v).unwrap();
     expect_refused(w("protocol", "sparc-abi"), "protocol");
     expect_refused(w("event-channel", "banana"), "event-channel");
     expect_refused(|w, _| w.xs.remove(&format!("{FE}/event-channel")).unwrap(), "event-channel missing");
@@ -191,7 +192,12 @@ fn read_only_disk_info() {
     let xs = MemXenStore::new();
     xs.write(&format!("{BE}/frontend"), FE).unwrap();
     xs.write(&format!("{BE}/frontend-id"), "7").unwrap();
-    let mut xb = XenbusBackend::new(xs.clone(), BE, Features { discard: false, max_indirect_segments: 0, max_ring_page_order: 0, ..Features::default() }).unwrap();
+    let mut xb = XenbusBackend::new(
+        xs.clone(),
+        BE,
+        Features { discard: false, max_indirect_segments: 0, max_ring_page_order: 0, ..Features::default() },
+    )
+    .unwrap();
     let disk = MemDisk::from_vec(vec![0; 1000 * 512 + 100], true);
     xb.start(&DiskInfo::of(&disk)).unwrap();
     assert_eq!(rd(&xs, &format!("{BE}/info")).as_deref(), Some("4"));

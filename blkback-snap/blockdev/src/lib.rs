@@ -123,7 +123,10 @@ pub trait DataBuf {
 fn buf_range(pos: usize, len: usize, size: usize) -> io::Result<std::ops::Range<usize>> {
     match pos.checked_add(len) {
         Some(end) if end <= size => Ok(pos..end),
-        _ => Err(io::Error::new(io::ErrorKind::InvalidInput, format!("{len} bytes at {pos} are outside a {size}-byte buffer"))),
+        _ => Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{len} bytes at {pos} are outside a {size}-byte buffer"),
+        )),
     }
 }
 

@@ -33,10 +33,7 @@ pub enum CallError {
     Closed { path: PathBuf },
     /// The reply line is not JSON.
     #[error("bad reply {reply:?}: {source}")]
-    BadReply {
-        reply: String,
-        source: serde_json::Error,
-    },
+    BadReply { reply: String, source: serde_json::Error },
     /// The request cannot be encoded as JSON (nothing was sent).
     #[error("request not encodable as JSON: {0}")]
     Encode(serde_json::Error),
@@ -62,22 +59,14 @@ fn encode<R: Serialize + ?Sized>(req: &R) -> Result<String, CallError> {
 }
 
 fn connect(path: &Path, timeout: Option<Duration>) -> Result<Conn, CallError> {
-    let err = |source| CallError::Connect {
-        path: path.to_path_buf(),
-        source,
-    };
+    let err = |source| CallError::Connect { path: path.to_path_buf(), source };
     let s = UnixStream::connect(path).map_err(err)?;
     s.set_read_timeout(timeout).map_err(err)?;
     Ok(BufReader::new(s))
 }
 
 fn send(c: &mut Conn, path: &Path, line: &str) -> Result<(), CallError> {
-    c.get_mut()
-        .write_all(line.as_bytes())
-        .map_err(|source| CallError::Send {
-            path: path.to_path_buf(),
-            source,
-        })
+    c.get_mut().write_all(line.as_bytes()).map_err(|source| CallError::Send { path: path.to_path_buf(), source })
 }
 
 /// One reply line: Err = the connection failed; Ok(Err) = the server refused.
@@ -85,13 +74,8 @@ fn receive(c: &mut Conn, path: &Path) -> Result<Result<Value, String>, CallError
     let mut reply = String::new();
     match read_line(c, MAX_REPLY, &mut reply) {
         Ok(LineRead::Line) => parse_reply(&reply),
-        Ok(LineRead::Eof | LineRead::Incomplete) => Err(CallError::Closed {
-            path: path.to_path_buf(),
-        }),
-        Err(source) => Err(CallError::Receive {
-            path: path.to_path_buf(),
-            source,
-        }),
+        Ok(LineRead::Eof | LineRead::Incomplete) => Err(CallError::Closed { path: path.to_path_buf() }),
+        Err(source) => Err(CallError::Receive { path: path.to_path_buf(), source }),
     }
 }
 
@@ -120,10 +104,7 @@ pub struct Conns {
 impl Conns {
     /// `timeout` bounds each wait for a reply (`None`: no bound).
     pub fn new(timeout: impl Into<Option<Duration>>) -> Conns {
-        Conns {
-            timeout: timeout.into(),
-            open: RefCell::default(),
-        }
+        Conns { timeout: timeout.into(), open: RefCell::default() }
     }
 
     /// Send `req` to `path` on its kept connection (a new one if there is none) and return
@@ -251,24 +232,14 @@ mod tests {
         assert!(matches!(&e, CallError::Refused(m) if m == "refused"), "{e}");
         assert_eq!(c.len(), 1);
         let e = c.call(&p, &json!({"op": "lost"})).unwrap_err();
-        assert_eq!(
-            e.to_string(),
-            format!("{}: connection closed without a full reply", p.display())
-        );
+        assert_eq!(e.to_string(), format!("{}: connection closed without a full reply", p.display()));
         assert!(c.is_empty(), "connection dropped");
         assert!(c.call(&p, &json!({"op": "b"})).is_err());
         assert_eq!(c.len(), 1, "a new connection");
         drop(c);
         let seen = srv.join().unwrap();
         let seen: Vec<(usize, &str)> = seen.iter().map(|(n, l)| (*n, l.as_str())).collect();
-        assert_eq!(
-            seen,
-            [
-                (0, r#"{"op":"a"}"#),
-                (0, r#"{"op":"lost"}"#),
-                (1, r#"{"op":"b"}"#)
-            ]
-        );
+        assert_eq!(seen, [(0, r#"{"op":"a"}"#), (0, r#"{"op":"lost"}"#), (1, r#"{"op":"b"}"#)]);
     }
 
     #[test]
@@ -277,10 +248,7 @@ mod tests {
         let p = d.path().join("none.sock");
         let e = call(&p, &json!({"op": "status"}), Duration::from_secs(1)).unwrap_err();
         assert!(matches!(e, CallError::Connect { .. }), "{e}");
-        assert!(
-            e.to_string().starts_with(&format!("{}: ", p.display())),
-            "{e}"
-        );
+        assert!(e.to_string().starts_with(&format!("{}: ", p.display())), "{e}");
         // a timeout while waiting for the reply
         let p = d.path().join("mute.sock");
         let l = UnixListener::bind(&p).unwrap();

@@ -65,11 +65,7 @@ pub fn read_line<R: BufRead>(r: &mut R, max: u64, buf: &mut String) -> io::Resul
     if r.by_ref().take(max).read_line(buf)? == 0 {
         return Ok(LineRead::Eof);
     }
-    Ok(if buf.ends_with('\n') {
-        LineRead::Line
-    } else {
-        LineRead::Incomplete
-    })
+    Ok(if buf.ends_with('\n') { LineRead::Line } else { LineRead::Incomplete })
 }
 
 /// Write `v` as one line (compact JSON and a newline, in one write).
@@ -90,17 +86,11 @@ pub fn reply(r: Result<Value, String>) -> Value {
 /// Open a reply envelope: `Err` = not JSON; `Ok(Err(message))` = the server refused (an
 /// envelope with neither `ok` nor a string `error` is refused as "malformed reply").
 pub fn parse_reply(line: &str) -> Result<Result<Value, String>, CallError> {
-    let v: Value = serde_json::from_str(line).map_err(|source| CallError::BadReply {
-        reply: line.to_string(),
-        source,
-    })?;
+    let v: Value =
+        serde_json::from_str(line).map_err(|source| CallError::BadReply { reply: line.to_string(), source })?;
     Ok(match v.get("ok") {
         Some(ok) => Ok(ok.clone()),
-        None => Err(v
-            .get("error")
-            .and_then(Value::as_str)
-            .unwrap_or("malformed reply")
-            .to_string()),
+        None => Err(v.get("error").and_then(Value::as_str).unwrap_or("malformed reply").to_string()),
     })
 }
 
@@ -113,16 +103,10 @@ mod tests {
     fn envelope() {
         assert_eq!(reply(Ok(json!(3))).to_string(), r#"{"ok":3}"#);
         assert_eq!(reply(Err("no".into())).to_string(), r#"{"error":"no"}"#);
-        assert_eq!(
-            parse_reply("{\"ok\":{\"a\":1}}\n").unwrap(),
-            Ok(json!({"a": 1}))
-        );
+        assert_eq!(parse_reply("{\"ok\":{\"a\":1}}\n").unwrap(), Ok(json!({"a": 1})));
         assert_eq!(parse_reply(r#"{"ok":null}"#).unwrap(), Ok(Value::Null));
         assert_eq!(parse_reply(r#"{"error":"x"}"#).unwrap(), Err("x".into()));
-        assert_eq!(
-            parse_reply(r#"{"error":3}"#).unwrap(),
-            Err("malformed reply".into())
-        );
+        assert_eq!(parse_reply(r#"{"error":3}"#).unwrap(), Err("malformed reply".into()));
         assert_eq!(parse_reply("{}").unwrap(), Err("malformed reply".into()));
         let e = parse_reply("{]").unwrap_err().to_string();
         assert!(e.starts_with("bad reply \"{]\": "), "{e}");
@@ -140,10 +124,7 @@ mod tests {
         assert_eq!(read_line(&mut r, 100, &mut b).unwrap(), LineRead::Line);
         assert_eq!(b, "ef\n");
         // end of stream inside a line, then at a line boundary
-        assert_eq!(
-            read_line(&mut r, 100, &mut b).unwrap(),
-            LineRead::Incomplete
-        );
+        assert_eq!(read_line(&mut r, 100, &mut b).unwrap(), LineRead::Incomplete);
         assert_eq!(b, "xyz");
         assert_eq!(read_line(&mut r, 100, &mut b).unwrap(), LineRead::Eof);
         assert_eq!(b, "");

@@ -36,10 +36,7 @@ pub fn reply_for_line<R: DeserializeOwned + Debug>(h: &dyn Handler<R>, line: &st
 }
 
 /// Serve one connection until EOF (or a line longer than [`MAX_LINE`]).
-pub fn serve_connection<R: DeserializeOwned + Debug>(
-    h: &dyn Handler<R>,
-    stream: UnixStream,
-) -> io::Result<()> {
+pub fn serve_connection<R: DeserializeOwned + Debug>(h: &dyn Handler<R>, stream: UnixStream) -> io::Result<()> {
     let mut w = stream.try_clone()?;
     let mut r = BufReader::new(stream);
     let mut line = String::new();
@@ -47,10 +44,7 @@ pub fn serve_connection<R: DeserializeOwned + Debug>(
         match read_line(&mut r, MAX_LINE, &mut line)? {
             LineRead::Eof => return Ok(()),
             LineRead::Incomplete => {
-                write_line(
-                    &mut w,
-                    &json!({ "error": "request line too long or truncated" }),
-                )?;
+                write_line(&mut w, &json!({ "error": "request line too long or truncated" }))?;
                 return Ok(());
             }
             LineRead::Line => {
@@ -100,35 +94,27 @@ impl ControlServer {
         // A blocking accept: the thread sleeps until a client connects (no periodic wake-up,
         // which on a one-vCPU dom0 steals time from everything else). Drop wakes it with a
         // connection of its own after raising `stop`.
-        let thread = std::thread::Builder::new()
-            .name("control".into())
-            .spawn(move || loop {
-                let r = l.accept();
-                if st.load(Ordering::Acquire) {
-                    break;
+        let thread = std::thread::Builder::new().name("control".into()).spawn(move || loop {
+            let r = l.accept();
+            if st.load(Ordering::Acquire) {
+                break;
+            }
+            match r {
+                Ok((s, _)) => {
+                    let h = Arc::clone(&h);
+                    let _ = std::thread::Builder::new().name("control-conn".into()).spawn(move || {
+                        if let Err(e) = serve_connection(&*h, s) {
+                            tracing::debug!("control connection: {e}");
+                        }
+                    });
                 }
-                match r {
-                    Ok((s, _)) => {
-                        let h = Arc::clone(&h);
-                        let _ = std::thread::Builder::new()
-                            .name("control-conn".into())
-                            .spawn(move || {
-                                if let Err(e) = serve_connection(&*h, s) {
-                                    tracing::debug!("control connection: {e}");
-                                }
-                            });
-                    }
-                    Err(e) => {
-                        tracing::warn!("control accept: {e}");
-                        std::thread::sleep(Duration::from_millis(200));
-                    }
+                Err(e) => {
+                    tracing::warn!("control accept: {e}");
+                    std::thread::sleep(Duration::from_millis(200));
                 }
-            })?;
-        Ok(ControlServer {
-            path: path.to_path_buf(),
-            stop,
-            thread: Some(thread),
-        })
+            }
+        })?;
+        Ok(ControlServer { path: path.to_path_buf(), stop, thread: Some(thread) })
     }
 
     pub fn path(&self) -> &Path {
@@ -188,13 +174,9 @@ mod tests {
         assert_eq!(err["error"], "flush failed");
         let bad: Value = serde_json::from_str(&reply_for_line(&h, "{]")).unwrap();
         assert!(bad["error"].as_str().unwrap().starts_with("bad request"));
-        let unknown: Value =
-            serde_json::from_str(&reply_for_line(&h, r#"{"op":"checkpoint-take"}"#)).unwrap();
+        let unknown: Value = serde_json::from_str(&reply_for_line(&h, r#"{"op":"checkpoint-take"}"#)).unwrap();
         assert!(
-            unknown["error"]
-                .as_str()
-                .unwrap()
-                .starts_with("bad request: unknown variant `checkpoint-take`"),
+            unknown["error"].as_str().unwrap().starts_with("bad request: unknown variant `checkpoint-take`"),
             "{unknown}"
         );
         assert_eq!(h.0.lock().unwrap().len(), 2);
@@ -209,26 +191,17 @@ mod tests {
         assert_eq!(srv.path(), path);
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
-        let dmode = std::fs::metadata(path.parent().unwrap())
-            .unwrap()
-            .permissions()
-            .mode()
-            & 0o777;
+        let dmode = std::fs::metadata(path.parent().unwrap()).unwrap().permissions().mode() & 0o777;
         assert_eq!(dmode, 0o700);
         // A second server on a live socket is refused.
         assert_eq!(
-            ControlServer::bind(&path, h.clone() as Arc<dyn Handler<Request>>)
-                .err()
-                .unwrap()
-                .kind(),
+            ControlServer::bind(&path, h.clone() as Arc<dyn Handler<Request>>).err().unwrap().kind(),
             io::ErrorKind::AddrInUse
         );
         let r = call(&path, &json!({"op":"status"}), Duration::from_secs(5)).unwrap();
         assert!(r["seen"].as_str().unwrap().contains("Status"));
         assert_eq!(
-            call(&path, &json!({"op":"flush"}), Duration::from_secs(5))
-                .unwrap_err()
-                .to_string(),
+            call(&path, &json!({"op":"flush"}), Duration::from_secs(5)).unwrap_err().to_string(),
             "flush failed"
         );
         // Several requests on one connection, then an over-long line ends it with an error.

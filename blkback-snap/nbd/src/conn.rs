@@ -50,12 +50,7 @@ fn read_exact_or_eof<R: Read>(r: &mut R, buf: &mut [u8]) -> io::Result<bool> {
     while done < buf.len() {
         match r.read(&mut buf[done..]) {
             Ok(0) if done == 0 => return Ok(false),
-            Ok(0) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "peer closed mid-message",
-                ))
-            }
+            Ok(0) => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "peer closed mid-message")),
             Ok(n) => done += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
@@ -82,8 +77,8 @@ fn be_u64(b: &[u8]) -> u64 {
 
 /// Send one option reply (fixed newstyle format).
 fn opt_reply<W: Write>(w: &mut W, option: u32, reply: u32, data: &[u8]) -> io::Result<()> {
-    let len = u32::try_from(data.len())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "option reply too long"))?;
+    let len =
+        u32::try_from(data.len()).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "option reply too long"))?;
     let mut msg = Vec::with_capacity(20 + data.len());
     msg.extend_from_slice(&OPT_REPLY_MAGIC.to_be_bytes());
     msg.extend_from_slice(&option.to_be_bytes());
@@ -96,12 +91,7 @@ fn opt_reply<W: Write>(w: &mut W, option: u32, reply: u32, data: &[u8]) -> io::R
 
 /// Send an option error reply with a human-readable message.
 fn opt_error<W: Write>(w: &mut W, option: u32, reply: u32, msg: &str) -> io::Result<()> {
-    debug!(
-        option = opt_name(option),
-        reply = format_args!("{reply:#x}"),
-        msg,
-        "option refused"
-    );
+    debug!(option = opt_name(option), reply = format_args!("{reply:#x}"), msg, "option refused");
     opt_reply(w, option, reply, msg.as_bytes())
 }
 
@@ -154,19 +144,12 @@ fn handshake<S: Read + Write>(
         }
         let magic = be_u64(&hdr[0..8]);
         if magic != IHAVEOPT {
-            return Err(NbdError::BadMagic {
-                what: "option magic",
-                got: magic,
-            });
+            return Err(NbdError::BadMagic { what: "option magic", got: magic });
         }
         let option = be_u32(&hdr[8..12]);
         let len = be_u32(&hdr[12..16]);
         if len > MAX_OPTION_LEN {
-            return Err(NbdError::OptionTooLong {
-                option,
-                len,
-                limit: MAX_OPTION_LEN,
-            });
+            return Err(NbdError::OptionTooLong { option, len, limit: MAX_OPTION_LEN });
         }
         // Bounded by MAX_OPTION_LEN above.
         let mut data = vec![0u8; len as usize];
@@ -186,9 +169,7 @@ fn handshake<S: Read + Write>(
                 let name = match std::str::from_utf8(&data) {
                     Ok(n) if n.len() <= MAX_NAME_LEN => n.to_owned(),
                     _ => {
-                        return Err(NbdError::UnknownExport(
-                            String::from_utf8_lossy(&data).chars().take(256).collect(),
-                        ))
+                        return Err(NbdError::UnknownExport(String::from_utf8_lossy(&data).chars().take(256).collect()))
                     }
                 };
                 let Some(device) = registry.lookup(&name) else {
@@ -204,12 +185,7 @@ fn handshake<S: Read + Write>(
                 }
                 s.write_all(&reply)?;
                 s.flush()?;
-                return Ok(Some(Export {
-                    name,
-                    device,
-                    size,
-                    flags,
-                }));
+                return Ok(Some(Export { name, device, size, flags }));
             }
             OPT_ABORT => {
                 // The client may already have closed its end; a failed ACK is not an error.
@@ -240,12 +216,7 @@ fn handshake<S: Read + Write>(
                 }
             }
             OPT_STARTTLS => opt_error(s, option, REP_ERR_UNSUP, "TLS is not supported")?,
-            OPT_STRUCTURED_REPLY => opt_error(
-                s,
-                option,
-                REP_ERR_UNSUP,
-                "only simple replies are supported",
-            )?,
+            OPT_STRUCTURED_REPLY => opt_error(s, option, REP_ERR_UNSUP, "only simple replies are supported")?,
             OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => opt_error(
                 s,
                 option,
@@ -277,33 +248,18 @@ fn info_or_go<S: Read + Write>(
         Some((name, reqs.chunks_exact(2).map(be_u16).collect::<Vec<u16>>()))
     })();
     let Some((name, reqs)) = parsed else {
-        opt_error(
-            s,
-            option,
-            REP_ERR_INVALID,
-            "malformed NBD_OPT_INFO/NBD_OPT_GO data",
-        )?;
+        opt_error(s, option, REP_ERR_INVALID, "malformed NBD_OPT_INFO/NBD_OPT_GO data")?;
         return Ok(None);
     };
     let name = match std::str::from_utf8(name) {
         Ok(n) if n.len() <= MAX_NAME_LEN => n,
         _ => {
-            opt_error(
-                s,
-                option,
-                REP_ERR_INVALID,
-                "export name is not a valid string",
-            )?;
+            opt_error(s, option, REP_ERR_INVALID, "export name is not a valid string")?;
             return Ok(None);
         }
     };
     let Some(device) = registry.lookup(name) else {
-        opt_error(
-            s,
-            option,
-            REP_ERR_UNKNOWN,
-            &format!("no export named {name:?}"),
-        )?;
+        opt_error(s, option, REP_ERR_UNKNOWN, &format!("no export named {name:?}"))?;
         return Ok(None);
     };
     let size = device.size();
@@ -337,12 +293,7 @@ fn info_or_go<S: Read + Write>(
 
     opt_reply(s, option, REP_ACK, &[])?;
     if option == OPT_GO {
-        Ok(Some(Export {
-            name: name.to_owned(),
-            device,
-            size,
-            flags,
-        }))
+        Ok(Some(Export { name: name.to_owned(), device, size, flags }))
     } else {
         Ok(None)
     }
@@ -430,11 +381,7 @@ fn check_request(cmd: u16, flags: u16, offset: u64, len: u32, size: u64, ro: boo
     }
 }
 
-fn transmission<S: Read + Write>(
-    s: &mut S,
-    export: &Export,
-    stop: &StopState,
-) -> Result<(), NbdError> {
+fn transmission<S: Read + Write>(s: &mut S, export: &Export, stop: &StopState) -> Result<(), NbdError> {
     let dev = &*export.device;
     let ro = export.flags & TFLAG_READ_ONLY != 0;
     // Reused for read replies (header + data) and write payloads; at most
@@ -448,10 +395,7 @@ fn transmission<S: Read + Write>(
         }
         let magic = be_u32(&h[0..4]);
         if magic != REQUEST_MAGIC {
-            return Err(NbdError::BadMagic {
-                what: "request magic",
-                got: u64::from(magic),
-            });
+            return Err(NbdError::BadMagic { what: "request magic", got: u64::from(magic) });
         }
         let flags = be_u16(&h[4..6]);
         let cmd = be_u16(&h[6..8]);
@@ -465,10 +409,7 @@ fn transmission<S: Read + Write>(
             // We will not buffer (or skip) that much; report and hang up.
             warn!(len, "write request too large, disconnecting");
             simple_reply(s, handle, EINVAL)?;
-            return Err(NbdError::RequestTooLarge {
-                len,
-                limit: MAX_PAYLOAD,
-            });
+            return Err(NbdError::RequestTooLarge { len, limit: MAX_PAYLOAD });
         }
         // Error decided before touching the device (bad flags, read-only, out of range).
         let early = check_request(cmd, flags, offset, len, export.size, ro);
@@ -549,9 +490,7 @@ fn transmission<S: Read + Write>(
             CMD_WRITE_ZEROES => {
                 let may_unmap = flags & CMD_FLAG_NO_HOLE == 0;
                 let res = match dev.write_zeroes(offset, u64::from(len), may_unmap) {
-                    Err(BlockError::Unsupported(_)) => {
-                        write_zeroes_fallback(dev, offset, u64::from(len))
-                    }
+                    Err(BlockError::Unsupported(_)) => write_zeroes_fallback(dev, offset, u64::from(len)),
                     r => r,
                 };
                 match res.and_then(|()| flush_if(dev, fua)) {
@@ -585,48 +524,18 @@ mod tests {
         let size = 1 << 20;
         assert_eq!(check_request(CMD_READ, 0, 0, 4096, size, false), None);
         assert_eq!(check_request(CMD_READ, 0, size, 0, size, false), None);
-        assert_eq!(
-            check_request(CMD_READ, 0, size, 1, size, false),
-            Some(EINVAL)
-        );
-        assert_eq!(
-            check_request(CMD_READ, 0, u64::MAX, u32::MAX, size, false),
-            Some(EINVAL)
-        );
-        assert_eq!(
-            check_request(CMD_READ, 0, 0, MAX_PAYLOAD + 1, u64::MAX, false),
-            Some(EINVAL)
-        );
-        assert_eq!(
-            check_request(CMD_READ, CMD_FLAG_DF, 0, 1, size, false),
-            Some(EINVAL)
-        );
-        assert_eq!(
-            check_request(CMD_WRITE, 0, size - 1, 2, size, false),
-            Some(ENOSPC)
-        );
+        assert_eq!(check_request(CMD_READ, 0, size, 1, size, false), Some(EINVAL));
+        assert_eq!(check_request(CMD_READ, 0, u64::MAX, u32::MAX, size, false), Some(EINVAL));
+        assert_eq!(check_request(CMD_READ, 0, 0, MAX_PAYLOAD + 1, u64::MAX, false), Some(EINVAL));
+        assert_eq!(check_request(CMD_READ, CMD_FLAG_DF, 0, 1, size, false), Some(EINVAL));
+        assert_eq!(check_request(CMD_WRITE, 0, size - 1, 2, size, false), Some(ENOSPC));
         assert_eq!(check_request(CMD_WRITE, 0, 0, 2, size, true), Some(EPERM));
-        assert_eq!(
-            check_request(CMD_WRITE, CMD_FLAG_FUA, 0, 2, size, false),
-            None
-        );
-        assert_eq!(
-            check_request(CMD_WRITE, CMD_FLAG_NO_HOLE, 0, 2, size, false),
-            Some(EINVAL)
-        );
-        assert_eq!(
-            check_request(CMD_TRIM, 0, size, 1, size, false),
-            Some(EINVAL)
-        );
+        assert_eq!(check_request(CMD_WRITE, CMD_FLAG_FUA, 0, 2, size, false), None);
+        assert_eq!(check_request(CMD_WRITE, CMD_FLAG_NO_HOLE, 0, 2, size, false), Some(EINVAL));
+        assert_eq!(check_request(CMD_TRIM, 0, size, 1, size, false), Some(EINVAL));
         assert_eq!(check_request(CMD_TRIM, 0, 0, 1, size, true), Some(EPERM));
-        assert_eq!(
-            check_request(CMD_WRITE_ZEROES, CMD_FLAG_NO_HOLE, 0, 1, size, false),
-            None
-        );
-        assert_eq!(
-            check_request(CMD_WRITE_ZEROES, 0, size, 1, size, false),
-            Some(ENOSPC)
-        );
+        assert_eq!(check_request(CMD_WRITE_ZEROES, CMD_FLAG_NO_HOLE, 0, 1, size, false), None);
+        assert_eq!(check_request(CMD_WRITE_ZEROES, 0, size, 1, size, false), Some(ENOSPC));
         assert_eq!(check_request(CMD_FLUSH, 0, 0, 0, size, true), None);
         assert_eq!(check_request(CMD_DISC, 0xffff, 0, 0, size, false), None);
         assert_eq!(check_request(CMD_CACHE, 0, 0, 1, size, false), Some(EINVAL));
@@ -635,11 +544,7 @@ mod tests {
 
     #[test]
     fn error_mapping() {
-        let oor = BlockError::OutOfRange {
-            offset: 1,
-            len: 1,
-            size: 1,
-        };
+        let oor = BlockError::OutOfRange { offset: 1, len: 1, size: 1 };
         assert_eq!(errno(&oor, false), EINVAL);
         assert_eq!(errno(&oor, true), ENOSPC);
         assert_eq!(errno(&BlockError::ReadOnly, true), EPERM);

@@ -26,11 +26,7 @@ pub trait ExportRegistry: Send + Sync + 'static {
 
     /// Description for `NBD_INFO_DESCRIPTION`; the default takes it from [`Self::list`].
     fn description(&self, name: &str) -> Option<String> {
-        self.list()
-            .into_iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, d)| d)
-            .filter(|d| !d.is_empty())
+        self.list().into_iter().find(|(n, _)| n == name).map(|(_, d)| d).filter(|d| !d.is_empty())
     }
 }
 
@@ -51,12 +47,7 @@ impl StaticExports {
     }
 
     /// Add (or replace) an export.
-    pub fn insert(
-        &mut self,
-        name: impl Into<String>,
-        device: Arc<dyn BlockDevice>,
-        description: impl Into<String>,
-    ) {
+    pub fn insert(&mut self, name: impl Into<String>, device: Arc<dyn BlockDevice>, description: impl Into<String>) {
         self.0.insert(name.into(), (device, description.into()));
     }
 
@@ -72,10 +63,7 @@ impl ExportRegistry for StaticExports {
     }
 
     fn list(&self) -> Vec<(String, String)> {
-        self.0
-            .iter()
-            .map(|(n, (_, d))| (n.clone(), d.clone()))
-            .collect()
+        self.0.iter().map(|(n, (_, d))| (n.clone(), d.clone())).collect()
     }
 
     fn can_multi_conn(&self, _name: &str, _device: &dyn BlockDevice) -> bool {
@@ -83,9 +71,6 @@ impl ExportRegistry for StaticExports {
     }
 
     fn description(&self, name: &str) -> Option<String> {
-        self.0
-            .get(name)
-            .map(|(_, d)| d.clone())
-            .filter(|d| !d.is_empty())
+        self.0.get(name).map(|(_, d)| d.clone()).filter(|d| !d.is_empty())
     }
 }

@@ -222,9 +222,7 @@ impl Server {
     }
 
     pub fn stop_handle(&self) -> StopHandle {
-        StopHandle {
-            state: Arc::clone(&self.stop),
-        }
+        StopHandle { state: Arc::clone(&self.stop) }
     }
 
     /// Connections currently being served by the accept loops.
@@ -310,9 +308,7 @@ impl Server {
                 Err(e)
                     if matches!(
                         e.kind(),
-                        io::ErrorKind::Interrupted
-                            | io::ErrorKind::ConnectionAborted
-                            | io::ErrorKind::ConnectionReset
+                        io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted | io::ErrorKind::ConnectionReset
                     ) =>
                 {
                     continue
@@ -352,11 +348,7 @@ impl Server {
             let id = self.stop.id();
             lock(&self.stop.conns).insert(id, closer);
             self.active.fetch_add(1, Ordering::SeqCst);
-            let guard = ConnGuard {
-                id,
-                stop: Arc::clone(&self.stop),
-                active: Arc::clone(&self.active),
-            };
+            let guard = ConnGuard { id, stop: Arc::clone(&self.stop), active: Arc::clone(&self.active) };
             // A stop() that ran between our flag check and the insert above missed this
             // connection: close it ourselves.
             if self.stop.is_stopped() {
@@ -364,28 +356,26 @@ impl Server {
                 break Ok(());
             }
             let server = self.clone();
-            let spawned = thread::Builder::new()
-                .name(format!("nbd-conn-{id}"))
-                .spawn(move || {
-                    let _guard = guard;
-                    let span = info_span!("nbd_conn", id, %peer);
-                    let _enter = span.enter();
-                    info!("client connected");
-                    let mut stream = stream;
-                    let mut untime = || {
-                        if let Err(e) = untimer.set_read_timeout(None) {
-                            warn!(error = %e, "cannot clear the handshake timeout");
-                        }
-                    };
-                    match conn::serve(&mut stream, &*server.registry, &server.stop, &mut untime) {
-                        Ok(()) => info!("client disconnected"),
-                        Err(NbdError::Shutdown) => info!("connection closed: server stopping"),
-                        Err(NbdError::Io(e)) if server.stop.is_stopped() => {
-                            debug!(error = %e, "connection closed by stop")
-                        }
-                        Err(e) => warn!(error = %e, "connection dropped"),
+            let spawned = thread::Builder::new().name(format!("nbd-conn-{id}")).spawn(move || {
+                let _guard = guard;
+                let span = info_span!("nbd_conn", id, %peer);
+                let _enter = span.enter();
+                info!("client connected");
+                let mut stream = stream;
+                let mut untime = || {
+                    if let Err(e) = untimer.set_read_timeout(None) {
+                        warn!(error = %e, "cannot clear the handshake timeout");
                     }
-                });
+                };
+                match conn::serve(&mut stream, &*server.registry, &server.stop, &mut untime) {
+                    Ok(()) => info!("client disconnected"),
+                    Err(NbdError::Shutdown) => info!("connection closed: server stopping"),
+                    Err(NbdError::Io(e)) if server.stop.is_stopped() => {
+                        debug!(error = %e, "connection closed by stop")
+                    }
+                    Err(e) => warn!(error = %e, "connection dropped"),
+                }
+            });
             match spawned {
                 Ok(t) => threads.push(t),
                 // The closure (and with it the guard) was dropped: the count is restored.

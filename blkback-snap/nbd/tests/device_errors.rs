@@ -185,50 +185,28 @@ impl ExportRegistry for LiveExports {
         self.0.lock().unwrap().get(name).cloned()
     }
     fn list(&self) -> Vec<(String, String)> {
-        self.0
-            .lock()
-            .unwrap()
-            .keys()
-            .map(|k| (k.clone(), String::new()))
-            .collect()
+        self.0.lock().unwrap().keys().map(|k| (k.clone(), String::new())).collect()
     }
 }
 
 #[test]
 fn registry_policy_and_live_exports() {
     let reg = Arc::new(LiveExports::default());
-    reg.0
-        .lock()
-        .unwrap()
-        .insert("rw".into(), Arc::new(MemDisk::new(SIZE)));
-    reg.0.lock().unwrap().insert(
-        "ro".into(),
-        Arc::new(MemDisk::from_vec(vec![1; SIZE], true)),
-    );
+    reg.0.lock().unwrap().insert("rw".into(), Arc::new(MemDisk::new(SIZE)));
+    reg.0.lock().unwrap().insert("ro".into(), Arc::new(MemDisk::from_vec(vec![1; SIZE], true)));
     let ts = TestServer::tcp(reg.clone());
 
     let mut s = ts.connect();
     let (_, f) = go(&mut s, "rw");
-    assert_eq!(
-        f & TFLAG_CAN_MULTI_CONN,
-        0,
-        "default policy: no multi-conn for rw"
-    );
+    assert_eq!(f & TFLAG_CAN_MULTI_CONN, 0, "default policy: no multi-conn for rw");
     assert_eq!(f & TFLAG_READ_ONLY, 0);
     let mut s = ts.connect();
     let (_, f) = go(&mut s, "ro");
-    assert_ne!(
-        f & TFLAG_CAN_MULTI_CONN,
-        0,
-        "default policy: multi-conn for read-only"
-    );
+    assert_ne!(f & TFLAG_CAN_MULTI_CONN, 0, "default policy: multi-conn for read-only");
     assert_ne!(f & TFLAG_READ_ONLY, 0);
 
     // A checkpoint export appears while the server runs...
-    reg.0.lock().unwrap().insert(
-        "ckpt-1".into(),
-        Arc::new(MemDisk::from_vec(vec![7; 4096], true)),
-    );
+    reg.0.lock().unwrap().insert("ckpt-1".into(), Arc::new(MemDisk::from_vec(vec![7; 4096], true)));
     let mut s = ts.connect();
     assert_eq!(go(&mut s, "ckpt-1").0, 4096);
     send_req(&mut s, 0, CMD_READ, 1, 0, 2);

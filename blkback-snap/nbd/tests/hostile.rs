@@ -19,11 +19,7 @@ fn rw_server() -> (TestServer, Arc<MemDisk>) {
     let disk = Arc::new(MemDisk::new(SIZE));
     let mut ex = StaticExports::new();
     ex.insert("disk", disk.clone(), "a test disk");
-    ex.insert(
-        "ro",
-        Arc::new(MemDisk::from_vec(vec![0x42; SIZE], true)),
-        "",
-    );
+    ex.insert("ro", Arc::new(MemDisk::from_vec(vec![0x42; SIZE], true)), "");
     (TestServer::tcp(Arc::new(ex)), disk)
 }
 
@@ -91,10 +87,7 @@ fn huge_option_length_is_refused_without_reading_it() {
         m.extend_from_slice(&len.to_be_bytes());
         s.write_all(&m).unwrap();
         let t = Instant::now();
-        assert!(
-            closed(&mut s),
-            "server should hang up on a {len}-byte option"
-        );
+        assert!(closed(&mut s), "server should hang up on a {len}-byte option");
         assert!(t.elapsed() < Duration::from_secs(5));
     }
     good_client_roundtrip(&ts, "disk");
@@ -165,20 +158,10 @@ fn option_haggling_errors_then_success() {
             String::from_utf8(data[4 + n..].to_vec()).unwrap(),
         ));
     }
-    assert_eq!(
-        names,
-        vec![
-            ("disk".into(), "a test disk".into()),
-            ("ro".into(), String::new())
-        ]
-    );
+    assert_eq!(names, vec![("disk".into(), "a test disk".into()), ("ro".into(), String::new())]);
 
     // INFO with every info type (and an unknown one, which is ignored).
-    send_opt(
-        &mut s,
-        OPT_INFO,
-        &go_data("disk", &[INFO_NAME, INFO_DESCRIPTION, INFO_BLOCK_SIZE, 77]),
-    );
+    send_opt(&mut s, OPT_INFO, &go_data("disk", &[INFO_NAME, INFO_DESCRIPTION, INFO_BLOCK_SIZE, 77]));
     let mut got = Vec::new();
     loop {
         let (o, typ, data) = recv_opt_reply(&mut s);
@@ -189,11 +172,7 @@ fn option_haggling_errors_then_success() {
         assert_eq!(typ, REP_INFO);
         got.push(data);
     }
-    let find = |t: u16| {
-        got.iter()
-            .find(|d| u16::from_be_bytes([d[0], d[1]]) == t)
-            .cloned()
-    };
+    let find = |t: u16| got.iter().find(|d| u16::from_be_bytes([d[0], d[1]]) == t).cloned();
     let e = find(INFO_EXPORT).expect("NBD_INFO_EXPORT");
     assert_eq!(be64(&e[2..10]), SIZE as u64);
     let flags = u16::from_be_bytes([e[10], e[11]]);
@@ -207,10 +186,7 @@ fn option_haggling_errors_then_success() {
     assert_eq!(&find(INFO_NAME).unwrap()[2..], b"disk");
     assert_eq!(&find(INFO_DESCRIPTION).unwrap()[2..], b"a test disk");
     let bs = find(INFO_BLOCK_SIZE).unwrap();
-    assert_eq!(
-        (be32(&bs[2..]), be32(&bs[6..]), be32(&bs[10..])),
-        (1, 4096, MAX_PAYLOAD)
-    );
+    assert_eq!((be32(&bs[2..]), be32(&bs[6..]), be32(&bs[10..])), (1, 4096, MAX_PAYLOAD));
 
     // GO still works after all that.
     send_opt(&mut s, OPT_GO, &go_data("disk", &[]));
@@ -254,10 +230,7 @@ fn export_name_option() {
     assert_eq!(be64(&r), SIZE as u64);
     let f = u16::from_be_bytes([r[8], r[9]]);
     assert_eq!(f & TFLAG_READ_ONLY, TFLAG_READ_ONLY);
-    assert_eq!(
-        f & (TFLAG_SEND_TRIM | TFLAG_SEND_WRITE_ZEROES | TFLAG_SEND_FUA),
-        0
-    );
+    assert_eq!(f & (TFLAG_SEND_TRIM | TFLAG_SEND_WRITE_ZEROES | TFLAG_SEND_FUA), 0);
     assert!(r[10..].iter().all(|&b| b == 0));
     send_req(&mut s, 0, CMD_READ, 5, 0, 8);
     assert_eq!(recv_reply(&mut s), (0, 5));
@@ -283,68 +256,19 @@ fn transmission_errors_keep_the_connection() {
     let end = SIZE as u64;
     let cases: &[(u16, u16, u64, u32, u32, &str)] = &[
         (0, CMD_READ, 0, 1 << 30, EINVAL, "read of 1 GiB"),
-        (
-            0,
-            CMD_READ,
-            0,
-            MAX_PAYLOAD + 1,
-            EINVAL,
-            "read over the payload cap",
-        ),
+        (0, CMD_READ, 0, MAX_PAYLOAD + 1, EINVAL, "read over the payload cap"),
         (0, CMD_READ, end, 1, EINVAL, "read past the end"),
         (0, CMD_READ, end - 1, 2, EINVAL, "read straddling the end"),
-        (
-            0,
-            CMD_READ,
-            u64::MAX,
-            1,
-            EINVAL,
-            "read at u64::MAX (offset+len overflows)",
-        ),
+        (0, CMD_READ, u64::MAX, 1, EINVAL, "read at u64::MAX (offset+len overflows)"),
         (0, CMD_TRIM, end - 4096, 8192, EINVAL, "trim past the end"),
-        (
-            0,
-            CMD_WRITE_ZEROES,
-            end,
-            1,
-            ENOSPC,
-            "write zeroes past the end",
-        ),
-        (
-            0,
-            CMD_WRITE_ZEROES,
-            u64::MAX - 1,
-            4,
-            ENOSPC,
-            "write zeroes overflowing",
-        ),
+        (0, CMD_WRITE_ZEROES, end, 1, ENOSPC, "write zeroes past the end"),
+        (0, CMD_WRITE_ZEROES, u64::MAX - 1, 4, ENOSPC, "write zeroes overflowing"),
         (0, 99, 0, 0, EINVAL, "unknown command"),
         (0, CMD_CACHE, 0, 512, EINVAL, "CACHE (not advertised)"),
-        (
-            0,
-            CMD_BLOCK_STATUS,
-            0,
-            512,
-            EINVAL,
-            "BLOCK_STATUS without meta context",
-        ),
+        (0, CMD_BLOCK_STATUS, 0, 512, EINVAL, "BLOCK_STATUS without meta context"),
         (0, CMD_RESIZE, 0, 0, EINVAL, "RESIZE (not advertised)"),
-        (
-            CMD_FLAG_DF,
-            CMD_READ,
-            0,
-            512,
-            EINVAL,
-            "DF without structured replies",
-        ),
-        (
-            CMD_FLAG_FAST_ZERO,
-            CMD_WRITE_ZEROES,
-            0,
-            512,
-            EINVAL,
-            "FAST_ZERO not advertised",
-        ),
+        (CMD_FLAG_DF, CMD_READ, 0, 512, EINVAL, "DF without structured replies"),
+        (CMD_FLAG_FAST_ZERO, CMD_WRITE_ZEROES, 0, 512, EINVAL, "FAST_ZERO not advertised"),
         (0x8000, CMD_FLUSH, 0, 0, EINVAL, "unknown command flag"),
         (0, CMD_READ, 0, 0, 0, "zero-length read"),
         (0, CMD_READ, end, 0, 0, "zero-length read at the end"),
@@ -363,10 +287,7 @@ fn transmission_errors_keep_the_connection() {
     send_req(&mut s, CMD_FLAG_NO_HOLE, CMD_WRITE, 2, 0, 4);
     s.write_all(&[9, 9, 9, 9]).unwrap();
     assert_eq!(recv_reply(&mut s), (EINVAL, 2));
-    assert!(
-        disk.snapshot().iter().all(|&b| b == 0),
-        "nothing was written"
-    );
+    assert!(disk.snapshot().iter().all(|&b| b == 0), "nothing was written");
     // Pipelined requests are answered in order.
     send_req(&mut s, 0, CMD_WRITE, 10, 0, 2);
     s.write_all(&[7, 8]).unwrap();
@@ -540,18 +461,12 @@ fn handle_connection_reports_errors_and_shutdown() {
         m.extend_from_slice(&[0, 0, 0, 7, 0xff, 0xff, 0xff, 0xff]);
         a.write_all(&m).unwrap();
     });
-    assert!(
-        matches!(r, Err(NbdError::OptionTooLong { len: u32::MAX, .. })),
-        "{r:?}"
-    );
+    assert!(matches!(r, Err(NbdError::OptionTooLong { len: u32::MAX, .. })), "{r:?}");
     let r = run(|a| {
         greet(a, 1);
         send_opt(a, OPT_EXPORT_NAME, b"zzz");
     });
-    assert!(
-        matches!(r, Err(NbdError::UnknownExport(ref n)) if n == "zzz"),
-        "{r:?}"
-    );
+    assert!(matches!(r, Err(NbdError::UnknownExport(ref n)) if n == "zzz"), "{r:?}");
     let r = run(|a| {
         go(a, "disk");
         send_req(a, 0, CMD_WRITE, 1, 0, 1 << 30);
@@ -658,11 +573,7 @@ fn random_garbage_never_panics() {
                 }
                 _ => {
                     let cmd = rng.below(10) as u16;
-                    let flags = if rng.below(4) == 0 {
-                        rng.next() as u16
-                    } else {
-                        0
-                    };
+                    let flags = if rng.below(4) == 0 { rng.next() as u16 } else { 0 };
                     let off = match rng.below(4) {
                         0 => rng.next(),
                         _ => rng.below(70 * 1024),
@@ -681,10 +592,7 @@ fn random_garbage_never_panics() {
                 }
             }
         }
-        let mut d = Duplex {
-            input: Cursor::new(input),
-            output: Vec::new(),
-        };
+        let mut d = Duplex { input: Cursor::new(input), output: Vec::new() };
         let _ = server.handle_connection(&mut d);
         assert!(d.output.len() < 16 << 20, "output bounded");
     }

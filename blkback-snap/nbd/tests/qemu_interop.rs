@@ -33,21 +33,14 @@ fn qemu_io(url: &str, extra: &[&str], cmds: &[&str]) -> Output {
 }
 
 fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
 }
 
 /// qemu-io exits 0 even when a pattern check fails; it prints "Pattern verification failed".
 fn assert_qemu_io_ok(o: &Output) {
     let t = text(o);
     assert!(o.status.success(), "qemu-io failed: {t}");
-    assert!(
-        !t.contains("failed") && !t.contains("error"),
-        "qemu-io reported a failure: {t}"
-    );
+    assert!(!t.contains("failed") && !t.contains("error"), "qemu-io reported a failure: {t}");
 }
 
 #[test]
@@ -107,28 +100,14 @@ fn qemu_io_zeroes_discard_flush_fua() {
     let ops = disk.ops();
     eprintln!("device ops: {ops:?}");
     // `write -z` without -u: NBD_CMD_FLAG_NO_HOLE => may_unmap = false.
-    assert!(ops.contains(&Op::WriteZeroes {
-        offset: 4096,
-        len: 8192,
-        may_unmap: false
-    }));
+    assert!(ops.contains(&Op::WriteZeroes { offset: 4096, len: 8192, may_unmap: false }));
     // `write -z -u`: may unmap.
-    assert!(ops.contains(&Op::WriteZeroes {
-        offset: 65536,
-        len: 65536,
-        may_unmap: true
-    }));
+    assert!(ops.contains(&Op::WriteZeroes { offset: 65536, len: 65536, may_unmap: true }));
     assert!(ops.contains(&Op::Discard(131072, 4096)));
     // FUA write is followed by a flush before the reply.
-    let w = ops
-        .iter()
-        .position(|o| *o == Op::Write(MIB as u64, 4096))
-        .expect("FUA write");
+    let w = ops.iter().position(|o| *o == Op::Write(MIB as u64, 4096)).expect("FUA write");
     assert_eq!(ops.get(w + 1), Some(&Op::Flush), "FUA write must flush");
-    assert!(
-        ops[..w].contains(&Op::Flush),
-        "explicit flush reached the device"
-    );
+    assert!(ops[..w].contains(&Op::Flush), "explicit flush reached the device");
     let snap = disk.inner.snapshot();
     assert!(snap[4096..4096 + 8192].iter().all(|&b| b == 0));
     assert!(snap[131072..131072 + 4096].iter().all(|&b| b == 0));
@@ -143,9 +122,7 @@ fn qemu_img_convert_over_unix_socket() {
         return;
     }
     let size = 3 * MIB + 4096;
-    let data: Vec<u8> = (0..size)
-        .map(|i| ((i * 7 + i / 4096) % 251) as u8)
-        .collect();
+    let data: Vec<u8> = (0..size).map(|i| ((i * 7 + i / 4096) % 251) as u8).collect();
     let disk = Arc::new(MemDisk::from_vec(data.clone(), false));
     let ts = TestServer::unix(single("name", disk.clone()));
     let dir = tempfile::tempdir().unwrap();
@@ -168,10 +145,7 @@ fn qemu_img_convert_over_unix_socket() {
         .arg(&inp)
         .arg(ts.url("name")));
     assert!(o.status.success(), "{}", text(&o));
-    assert!(
-        disk.snapshot() == src,
-        "export contents differ after qemu-img convert into it"
-    );
+    assert!(disk.snapshot() == src, "export contents differ after qemu-img convert into it");
 
     // qemu-img compare agrees too
     let o = run(Command::new("timeout")
@@ -189,9 +163,7 @@ fn qemu_img_info_reports_size() {
     }
     let size = 5 * MIB + 512;
     let ts = TestServer::tcp(single("info", Arc::new(MemDisk::new(size))));
-    let o = run(Command::new("timeout")
-        .args(["60", "qemu-img", "info", "--output=json"])
-        .arg(ts.url("info")));
+    let o = run(Command::new("timeout").args(["60", "qemu-img", "info", "--output=json"]).arg(ts.url("info")));
     assert!(o.status.success(), "{}", text(&o));
     let t = String::from_utf8_lossy(&o.stdout);
     assert!(t.contains(&format!("\"virtual-size\": {size}")), "{t}");
@@ -206,18 +178,11 @@ fn read_only_export_reads_and_refuses_writes() {
     let disk = Arc::new(MemDisk::from_vec(data.clone(), true));
     let ts = TestServer::tcp(single("ro", disk.clone()));
     // Read-only client: reads work, a write is refused.
-    let o = qemu_io(
-        &ts.url("ro"),
-        &["-r"],
-        &["read -P 0x42 0 1m", "write -P 1 0 4k"],
-    );
+    let o = qemu_io(&ts.url("ro"), &["-r"], &["read -P 0x42 0 1m", "write -P 1 0 4k"]);
     let t = text(&o);
     assert!(t.contains("read 1048576/1048576 bytes"), "{t}");
     assert!(!t.contains("Pattern verification failed"), "{t}");
-    assert!(
-        t.contains("read-only"),
-        "write should fail as read-only: {t}"
-    );
+    assert!(t.contains("read-only"), "write should fail as read-only: {t}");
     assert!(!t.contains("wrote"), "{t}");
     // Read-write client: qemu sees NBD_FLAG_READ_ONLY and refuses to open.
     let o = qemu_io(&ts.url("ro"), &[], &["write -P 1 0 4k"]);
@@ -235,10 +200,7 @@ fn qemu_unknown_export_is_reported() {
     let o = qemu_io(&ts.url("elsewhere"), &["-r"], &["read 0 512"]);
     assert!(!o.status.success());
     let t = text(&o);
-    assert!(
-        t.contains("export not available") || t.contains("elsewhere"),
-        "{t}"
-    );
+    assert!(t.contains("export not available") || t.contains("elsewhere"), "{t}");
     // The server is still fine.
     let o = qemu_io(&ts.url("here"), &["-r"], &["read -P 0 0 512"]);
     assert_qemu_io_ok(&o);
@@ -255,11 +217,7 @@ fn default_export_and_several_exports() {
     ex.insert("", a.clone(), "the default");
     ex.insert("b", b.clone(), "second");
     let ts = TestServer::tcp(Arc::new(ex));
-    assert_qemu_io_ok(&qemu_io(
-        &format!("nbd://127.0.0.1:{}", ts.port),
-        &["-r"],
-        &["read -P 0xaa 0 1m"],
-    ));
+    assert_qemu_io_ok(&qemu_io(&format!("nbd://127.0.0.1:{}", ts.port), &["-r"], &["read -P 0xaa 0 1m"]));
     assert_qemu_io_ok(&qemu_io(&ts.url("b"), &["-r"], &["read -P 0xbb 1m 1m"]));
 }
 
@@ -270,11 +228,7 @@ fn nbdinfo_list_and_nbdcopy() {
     }
     let data: Vec<u8> = (0..4 * MIB).map(|i| (i % 241) as u8).collect();
     let mut ex = StaticExports::new();
-    ex.insert(
-        "alpha",
-        Arc::new(MemDisk::from_vec(data.clone(), false)),
-        "first disk",
-    );
+    ex.insert("alpha", Arc::new(MemDisk::from_vec(data.clone(), false)), "first disk");
     ex.insert("beta", Arc::new(MemDisk::new(MIB)), "");
     let ts = TestServer::unix(Arc::new(ex));
     let sock = ts.socket.clone().unwrap();
@@ -288,9 +242,7 @@ fn nbdinfo_list_and_nbdcopy() {
     assert!(t.contains("first disk"), "{t}");
     assert!(t.contains("4194304"), "{t}");
 
-    let o = run(Command::new("timeout")
-        .args(["60", "nbdinfo", "--json"])
-        .arg(ts.url("alpha")));
+    let o = run(Command::new("timeout").args(["60", "nbdinfo", "--json"]).arg(ts.url("alpha")));
     assert!(o.status.success(), "{}", text(&o));
     let t = String::from_utf8_lossy(&o.stdout);
     assert!(t.contains("\"can_multi_conn\": true"), "{t}");
@@ -300,15 +252,9 @@ fn nbdinfo_list_and_nbdcopy() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("copy.raw");
     std::fs::write(&out, b"").unwrap();
-    let o = run(Command::new("timeout")
-        .args(["60", "nbdcopy"])
-        .arg(ts.url("alpha"))
-        .arg(&out));
+    let o = run(Command::new("timeout").args(["60", "nbdcopy"]).arg(ts.url("alpha")).arg(&out));
     assert!(o.status.success(), "{}", text(&o));
-    assert!(
-        std::fs::read(&out).unwrap() == data,
-        "nbdcopy output differs"
-    );
+    assert!(std::fs::read(&out).unwrap() == data, "nbdcopy output differs");
 }
 
 #[test]
@@ -321,9 +267,7 @@ fn qemu_img_bench_smoke() {
     let ts = TestServer::tcp(single("bench", disk.clone()));
     for w in [false, true] {
         let mut c = Command::new("timeout");
-        c.args([
-            "60", "qemu-img", "bench", "-f", "raw", "-c", "2000", "-d", "8", "-s", "4k",
-        ]);
+        c.args(["60", "qemu-img", "bench", "-f", "raw", "-c", "2000", "-d", "8", "-s", "4k"]);
         if w {
             c.args(["-w", "--pattern", "0x77"]);
         }

@@ -1,9 +1,9 @@
 //! Adapters to the [`BlockDevice`] seam: the active disk (read-write) and a checkpoint
 //! (read-only).
 
+use crate::durable::DurableStep;
 use crate::error::Error;
 use crate::image::Qcow2;
-use crate::durable::DurableStep;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use xensnap_blockdev::{BlockDevice, BlockError, BlockResult, DataBuf};
@@ -305,8 +305,11 @@ mod tests {
 
     #[test]
     fn guest_requests_are_counted_and_background_steps_are_not() {
-        let img = Qcow2::create(Box::new(MemIo::new()), &CreateOptions { size: 1 << 20, cluster_bits: 12, refcount_order: 4 })
-            .expect("create");
+        let img = Qcow2::create(
+            Box::new(MemIo::new()),
+            &CreateOptions { size: 1 << 20, cluster_bits: 12, refcount_order: 4 },
+        )
+        .expect("create");
         let shared = SharedImage::new(img);
         shared.write_at(0, &[1u8; 8192]).expect("write");
         lock(&shared.0).checkpoint_take("t").expect("take");

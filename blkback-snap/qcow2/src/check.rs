@@ -39,7 +39,11 @@ pub struct CheckReport {
 impl CheckReport {
     /// No errors, no leaks, no refcount or COPIED mismatches.
     pub fn is_clean(&self) -> bool {
-        self.errors.is_empty() && self.leaks == 0 && self.corruptions == 0 && self.copied_flag_errors == 0 && self.overlaps == 0
+        self.errors.is_empty()
+            && self.leaks == 0
+            && self.corruptions == 0
+            && self.copied_flag_errors == 0
+            && self.overlaps == 0
     }
 }
 
@@ -91,10 +95,10 @@ impl Counter {
                     *k = kind;
                 } else if *k != kind {
                     rep.overlaps += 1;
-                    note(rep, format!(
-                        "ERROR overlap: cluster {:#x} is used as {k:?} and as {kind:?} ({what})",
-                        c * self.cs
-                    ));
+                    note(
+                        rep,
+                        format!("ERROR overlap: cluster {:#x} is used as {k:?} and as {kind:?} ({what})", c * self.cs),
+                    );
                 }
             }
         }
@@ -136,9 +140,7 @@ impl Qcow2 {
                 let rc = self.refcount(l2 / cs).unwrap_or(0);
                 if (e & COPIED != 0) != (rc == 1) {
                     rep.copied_flag_errors += 1;
-                    note(rep, format!(
-                        "ERROR OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={e:#x} refcount={rc}"
-                    ));
+                    note(rep, format!("ERROR OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={e:#x} refcount={rc}"));
                 }
             }
             if let Err(er) = self.load_l2(l2) {
@@ -169,7 +171,13 @@ impl Qcow2 {
                     Ok(Cluster::Compressed { offset, len }) => {
                         let start = offset & !511;
                         let end = offset + len;
-                        ctr.inc(rep, start, end - start, Kind::Compressed, &format!("compressed cluster (L2 {l2:#x} entry {j})"));
+                        ctr.inc(
+                            rep,
+                            start,
+                            end - start,
+                            Kind::Compressed,
+                            &format!("compressed cluster (L2 {l2:#x} entry {j})"),
+                        );
                     }
                     Ok(_) => {}
                 }
@@ -183,7 +191,8 @@ impl Qcow2 {
         let cs = self.cs;
         let flen = self.file_len()?;
         let nclusters = flen.div_ceil(cs);
-        let mut ctr = Counter { cs, refs: vec![0; nclusters as usize], kinds: vec![Kind::None; nclusters as usize], nclusters };
+        let mut ctr =
+            Counter { cs, refs: vec![0; nclusters as usize], kinds: vec![Kind::None; nclusters as usize], nclusters };
         ctr.inc(rep, 0, cs, Kind::Header, "header");
         ctr.inc(rep, self.h.l1_table_offset, u64::from(self.h.l1_size) * 8, Kind::L1, "active L1 table");
         self.walk_tree(Tree::Active, &mut ctr, rep, true)?;
@@ -194,13 +203,22 @@ impl Qcow2 {
                 self.walk_tree(Tree::Snap(s.l1_offset), &mut ctr, rep, false)?;
             }
             if self.h.version >= 3 && s.extra.len() < 16 {
-                note(rep, format!("ERROR snapshot table entry {} is incomplete (extra data {} bytes)", s.id, s.extra.len()));
+                note(
+                    rep,
+                    format!("ERROR snapshot table entry {} is incomplete (extra data {} bytes)", s.id, s.extra.len()),
+                );
                 rep.corruptions += 1;
             }
         }
         ctr.inc(rep, self.h.snapshots_offset, self.snapshot_table_bytes, Kind::SnapTable, "snapshot table");
         if with_rc {
-            ctr.inc(rep, self.h.refcount_table_offset, u64::from(self.h.refcount_table_clusters) * cs, Kind::Reftable, "refcount table");
+            ctr.inc(
+                rep,
+                self.h.refcount_table_offset,
+                u64::from(self.h.refcount_table_clusters) * cs,
+                Kind::Reftable,
+                "refcount table",
+            );
             for rt in 0..self.reftable.len() as u64 {
                 match self.refblock_offset(rt) {
                     Ok(0) => {}
@@ -392,7 +410,9 @@ impl Qcow2 {
             }
         }
         info!(refblocks = nb, reftable_clusters = nt, at = rt_off, "rebuilding the refcount structure");
-        self.io.write_at(&table, rt_off).map_err(|er| Error::io(format!("writing rebuilt refcount table at {rt_off:#x}"), er))?;
+        self.io
+            .write_at(&table, rt_off)
+            .map_err(|er| Error::io(format!("writing rebuilt refcount table at {rt_off:#x}"), er))?;
         self.io
             .write_at(&blocks, rb_first * cs)
             .map_err(|er| Error::io(format!("writing rebuilt refcount blocks at {:#x}", rb_first * cs), er))?;
@@ -400,7 +420,9 @@ impl Qcow2 {
         let mut hb = [0u8; 12];
         put_be64(&mut hb, 0, rt_off);
         put_be32(&mut hb, 8, nt as u32);
-        self.io.write_at(&hb, header::OFF_REFTABLE).map_err(|er| Error::io("switching the refcount table in the header", er))?;
+        self.io
+            .write_at(&hb, header::OFF_REFTABLE)
+            .map_err(|er| Error::io("switching the refcount table in the header", er))?;
         self.io.flush().map_err(|er| Error::io("flushing header", er))?;
         self.h.refcount_table_offset = rt_off;
         self.h.refcount_table_clusters = nt as u32;

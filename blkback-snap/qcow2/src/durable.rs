@@ -424,7 +424,13 @@ impl Qcow2 {
         self.l1_unpublished = true;
         self.h.size = size;
         self.decomp = None;
-        self.jobs.push_back(Job::Link { pred: tree, succ: Tree::Active, cursor: 0, then: Then::Switch, stage: Stage::default() });
+        self.jobs.push_back(Job::Link {
+            pred: tree,
+            succ: Tree::Active,
+            cursor: 0,
+            then: Then::Switch,
+            stage: Stage::default(),
+        });
         self.jobs.push_back(Job::Drop {
             what: DropWhat::OldActive,
             tree: Some(Tree::Mem(d)),
@@ -870,7 +876,9 @@ impl Qcow2 {
                 }
                 let ca = geom.classify(*a, 0, &|| format!("L2 table at {tf:#x} entry {j}"))?;
                 let same = match ca {
-                    Cluster::Normal { host, .. } => b & crate::l2::OFFSET_MASK == host && b & crate::l2::COMPRESSED == 0,
+                    Cluster::Normal { host, .. } => {
+                        b & crate::l2::OFFSET_MASK == host && b & crate::l2::COMPRESSED == 0
+                    }
                     Cluster::Compressed { .. } => *a & !COPIED == *b & !COPIED,
                     _ => false,
                 };
@@ -1315,7 +1323,10 @@ impl Qcow2 {
                     let m = self.new_mem(l1);
                     self.rename_tree(Tree::Snap(sn.l1_offset), Tree::Mem(m));
                     info!(id = %sn.id, name = %sn.name, "checkpoint removed from the table");
-                    return Ok(Some((Tree::Mem(m), vec![(sn.l1_offset, u64::from(sn.l1_size) * 8), (old_off, old_len)])));
+                    return Ok(Some((
+                        Tree::Mem(m),
+                        vec![(sn.l1_offset, u64::from(sn.l1_size) * 8), (old_off, old_len)],
+                    )));
                 }
             }
         }
@@ -1325,7 +1336,9 @@ impl Qcow2 {
     /// when nothing else happened since the take: the job must be the only one.
     pub(crate) fn abort_only_take(&mut self) -> Result<()> {
         let (pred, cursor) = match self.jobs.front() {
-            Some(Job::Link { pred, succ: Tree::Active, cursor, then: Then::Commit { .. }, .. }) if self.jobs.len() == 1 => {
+            Some(Job::Link { pred, succ: Tree::Active, cursor, then: Then::Commit { .. }, .. })
+                if self.jobs.len() == 1 =>
+            {
                 (*pred, *cursor)
             }
             _ => return Err(Error::invalid("no single pending take to abort")),
@@ -1468,7 +1481,9 @@ impl Qcow2 {
                 if let Cluster::Normal { host, .. } = geom.classify(*w, 0, &String::new)? {
                     let p = pt.get(j).copied().unwrap_or(0);
                     if !self.fresh.contains(&(host / cs)) && p & crate::l2::OFFSET_MASK != host {
-                        errs.push(format!("active cluster {host:#x} at ({i},{j}) is not fresh but not shared with {pred:?}"));
+                        errs.push(format!(
+                            "active cluster {host:#x} at ({i},{j}) is not fresh but not shared with {pred:?}"
+                        ));
                     }
                 }
             }

@@ -237,10 +237,7 @@ impl Header {
             )));
         }
         if h.crypt_method != 0 {
-            return Err(Error::unsupported(format!(
-                "encrypted image (crypt_method {} at offset 32)",
-                h.crypt_method
-            )));
+            return Err(Error::unsupported(format!("encrypted image (crypt_method {} at offset 32)", h.crypt_method)));
         }
         if h.backing_file_offset != 0 {
             return Err(Error::unsupported(
@@ -261,15 +258,11 @@ impl Header {
             h.compression = match buf.get(104).copied() {
                 Some(0) => CompressionType::Zlib,
                 Some(1) => CompressionType::Zstd,
-                Some(t) => {
-                    return Err(Error::unsupported(format!("compression_type {t} at offset 104")))
-                }
+                Some(t) => return Err(Error::unsupported(format!("compression_type {t} at offset 104"))),
                 None => return Err(Error::corrupt("header truncated before compression_type")),
             };
         } else if h.header_length >= 105 && buf.get(104).copied().unwrap_or(0) != 0 {
-            return Err(Error::corrupt(
-                "compression_type at offset 104 is non-zero but incompatible bit 3 is not set",
-            ));
+            return Err(Error::corrupt("compression_type at offset 104 is non-zero but incompatible bit 3 is not set"));
         }
         // sizes and table placement
         if h.size > (1u64 << 62) {

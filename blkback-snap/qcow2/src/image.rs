@@ -3,7 +3,9 @@
 
 use crate::compress::decompress;
 use crate::error::{Error, Result};
-use crate::header::{self, build_header, put_be32, put_be64, CompressionType, Header, INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
+use crate::header::{
+    self, build_header, put_be32, put_be64, CompressionType, Header, INCOMPAT_CORRUPT, INCOMPAT_DIRTY,
+};
 use crate::io::{FileIo, ImageIo};
 use crate::l2::{l1_to_l2, Cluster, L2Geom, COPIED, OFFSET_MASK, ZERO};
 use crate::refcount::rb_set;
@@ -238,8 +240,7 @@ impl Qcow2 {
         io.write_at(&table, cs).map_err(ioe("writing the refcount table"))?;
         io.write_at(&blocks, (1 + rt) * cs).map_err(ioe("writing the refcount blocks"))?;
         if l1c > 0 {
-            io.write_at(&vec![0u8; (l1c * cs) as usize], h.l1_table_offset)
-                .map_err(ioe("writing the L1 table"))?;
+            io.write_at(&vec![0u8; (l1c * cs) as usize], h.l1_table_offset).map_err(ioe("writing the L1 table"))?;
         }
         io.flush().map_err(ioe("flushing the new image"))?;
         io.write_at(&build_header(&h), 0).map_err(ioe("writing the header"))?;
@@ -311,8 +312,7 @@ impl Qcow2 {
         io.read_at(&mut rtb, h.refcount_table_offset)
             .map_err(ioe(format!("reading the refcount table at {:#x}", h.refcount_table_offset)))?;
         let reftable: Vec<u64> = rtb.chunks_exact(8).map(|c| header::get_be64(c, 0)).collect();
-        let (snapshots, st_bytes) =
-            crate::snapshot::read_table(io.as_ref(), &h, len)?;
+        let (snapshots, st_bytes) = crate::snapshot::read_table(io.as_ref(), &h, len)?;
         check_fixed_overlaps(&h, &snapshots, st_bytes)?;
         let mut img = Qcow2 {
             io,
@@ -537,7 +537,10 @@ impl Qcow2 {
     pub(crate) fn l2_get(&mut self, off: u64, i: u64) -> Result<(u64, u64)> {
         self.load_l2(off)?;
         let ext = self.h.extended_l2();
-        let t = self.l2_cache.get(&off).ok_or_else(|| Error::corrupt(format!("L2 table at {off:#x} vanished from cache")))?;
+        let t = self
+            .l2_cache
+            .get(&off)
+            .ok_or_else(|| Error::corrupt(format!("L2 table at {off:#x} vanished from cache")))?;
         if ext {
             let w = (i * 2) as usize;
             Ok((t.get(w).copied().unwrap_or(0), t.get(w + 1).copied().unwrap_or(0)))
@@ -1041,9 +1044,7 @@ impl Qcow2 {
         while k < max {
             let (d, bm) = self.l2_get(l2, l2i + k)?;
             let needs_new = match geom.classify(d, bm, &|| format!("L2 table at {l2:#x} entry {}", l2i + k))? {
-                Cluster::Normal { host, .. } => {
-                    self.refcount(host / cs)? != 1 || self.uncounted_share(l1i, host / cs)
-                }
+                Cluster::Normal { host, .. } => self.refcount(host / cs)? != 1 || self.uncounted_share(l1i, host / cs),
                 _ => true,
             };
             if !needs_new {
@@ -1062,7 +1063,10 @@ impl Qcow2 {
         // one L2 range update (the allocation may have evicted the table: reload it)
         self.load_l2(l2)?;
         let (a, b) = (l2i as usize, (l2i + k) as usize);
-        let t = self.l2_cache.get_mut(&l2).ok_or_else(|| Error::corrupt(format!("L2 table at {l2:#x} vanished from cache")))?;
+        let t = self
+            .l2_cache
+            .get_mut(&l2)
+            .ok_or_else(|| Error::corrupt(format!("L2 table at {l2:#x} vanished from cache")))?;
         let slots = t.get_mut(a..b).ok_or_else(|| Error::corrupt(format!("L2 table at {l2:#x} too short")))?;
         let old: Vec<u64> = slots.to_vec();
         for (i, slot) in slots.iter_mut().enumerate() {
@@ -1144,7 +1148,8 @@ impl Qcow2 {
                 self.set_whole_cluster(pos / cs, unmap, zero_flag)?;
             } else {
                 let (_, c, _) = self.lookup(Tree::Active, pos / cs)?;
-                let already_zero = matches!(c, Cluster::Unallocated | Cluster::Zero | Cluster::Normal { zero: true, .. });
+                let already_zero =
+                    matches!(c, Cluster::Unallocated | Cluster::Zero | Cluster::Normal { zero: true, .. });
                 if !already_zero {
                     let z = vec![0u8; n as usize];
                     self.write_cluster(pos / cs, co, &z)?;
@@ -1344,7 +1349,17 @@ impl Qcow2 {
         while gc < nclusters {
             if gc / l2e >= l1_len {
                 // past the L1 table: unallocated to the end
-                push_run(&mut out, MapEntry { guest_offset: gc * cs, length: size - gc * cs, host_offset: None, kind: "unallocated", refcount: 0, shared: false });
+                push_run(
+                    &mut out,
+                    MapEntry {
+                        guest_offset: gc * cs,
+                        length: size - gc * cs,
+                        host_offset: None,
+                        kind: "unallocated",
+                        refcount: 0,
+                        shared: false,
+                    },
+                );
                 break;
             }
             // whole L2 ranges without a table are one unallocated run
@@ -1352,7 +1367,17 @@ impl Qcow2 {
             if e & OFFSET_MASK == 0 && e & crate::l2::L1_RESERVED == 0 {
                 let end = ((gc / l2e + 1) * l2e).min(nclusters);
                 let length = (end * cs).min(size) - gc * cs;
-                push_run(&mut out, MapEntry { guest_offset: gc * cs, length, host_offset: None, kind: "unallocated", refcount: 0, shared: false });
+                push_run(
+                    &mut out,
+                    MapEntry {
+                        guest_offset: gc * cs,
+                        length,
+                        host_offset: None,
+                        kind: "unallocated",
+                        refcount: 0,
+                        shared: false,
+                    },
+                );
                 gc = end;
                 continue;
             }
@@ -1369,7 +1394,10 @@ impl Qcow2 {
                 None => 0,
             };
             let length = cs.min(size - gc * cs);
-            push_run(&mut out, MapEntry { guest_offset: gc * cs, length, host_offset: host, kind, refcount, shared: refcount > 1 });
+            push_run(
+                &mut out,
+                MapEntry { guest_offset: gc * cs, length, host_offset: host, kind, refcount, shared: refcount > 1 },
+            );
             gc += 1;
         }
         Ok(out)
@@ -1405,10 +1433,7 @@ fn check_fixed_overlaps(h: &Header, snaps: &[Snapshot], st_bytes: u64) -> Result
     for w in regions.windows(2) {
         if let [a, b] = w {
             if a.0.saturating_add(a.1) > b.0 {
-                return Err(Error::corrupt(format!(
-                    "{} at {:#x} overlaps {} at {:#x}",
-                    a.2, a.0, b.2, b.0
-                )));
+                return Err(Error::corrupt(format!("{} at {:#x} overlaps {} at {:#x}", a.2, a.0, b.2, b.0)));
             }
         }
     }

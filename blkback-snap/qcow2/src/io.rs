@@ -74,8 +74,7 @@ fn eof(off: u64, len: usize, size: u64) -> io::Error {
 }
 
 fn mem_range(off: u64, len: usize) -> io::Result<(usize, usize)> {
-    let start = usize::try_from(off)
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset too large"))?;
+    let start = usize::try_from(off).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset too large"))?;
     let end = start
         .checked_add(len)
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "offset + length overflows"))?;
@@ -242,8 +241,13 @@ fn dsync_ranges(file: &File, ranges: &[(u64, u64)]) -> io::Result<bool> {
         let mut done = 0usize;
         while done < n {
             let rest = buf.get(done..).unwrap_or(&[]);
-            let w = rustix::io::pwritev2(file, &[io::IoSlice::new(rest)], off + done as u64, rustix::io::ReadWriteFlags::DSYNC)
-                .map_err(io::Error::from)?;
+            let w = rustix::io::pwritev2(
+                file,
+                &[io::IoSlice::new(rest)],
+                off + done as u64,
+                rustix::io::ReadWriteFlags::DSYNC,
+            )
+            .map_err(io::Error::from)?;
             if w == 0 {
                 return Err(io::Error::new(io::ErrorKind::WriteZero, "RWF_DSYNC write wrote nothing"));
             }
@@ -448,8 +452,7 @@ fn vec_write(data: &mut Vec<u8>, buf: &[u8], off: u64) -> io::Result<()> {
 }
 
 fn vec_set_len(data: &mut Vec<u8>, len: u64) -> io::Result<()> {
-    let l = usize::try_from(len)
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "length too large"))?;
+    let l = usize::try_from(len).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "length too large"))?;
     data.resize(l, 0);
     Ok(())
 }
@@ -898,7 +901,8 @@ mod tests {
     fn fileio_ranged_sync_keeps_the_bytes_and_records_only_while_on() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("img");
-        let mut f = FileIo::new(File::options().read(true).write(true).create(true).truncate(true).open(&path).unwrap());
+        let mut f =
+            FileIo::new(File::options().read(true).write(true).create(true).truncate(true).open(&path).unwrap());
         f.write_at(&[1; 4096], 0).unwrap(); // not recorded
         f.record_writes(true);
         f.write_at(&[2; 100], 8192).unwrap();

@@ -78,11 +78,11 @@ mod refcount;
 mod snapshot;
 
 pub use blockdev::{
-    durable_pause, CheckpointDevice, DurableProgress, Pacer, SharedImage, DURABLE_BUDGET, DURABLE_PACE, DURABLE_PACE_IDLE,
-    GUEST_BUSY_WINDOW,
+    durable_pause, CheckpointDevice, DurableProgress, Pacer, SharedImage, DURABLE_BUDGET, DURABLE_PACE,
+    DURABLE_PACE_IDLE, GUEST_BUSY_WINDOW,
 };
-pub use durable::{DurableBarrier, DurableStep, SyncedBarrier};
 pub use check::CheckReport;
+pub use durable::{DurableBarrier, DurableStep, SyncedBarrier};
 pub use error::{Error, Result};
 pub use header::CompressionType;
 pub use image::{CreateOptions, ImageInfo, MapEntry, OpenOptions, Qcow2};

@@ -4,8 +4,8 @@
 use crate::error::{Error, Result};
 use crate::header::{self, put_be64};
 use crate::image::Qcow2;
-use std::collections::BTreeSet;
 use crate::l2::REFT_RESERVED;
+use std::collections::BTreeSet;
 use tracing::{debug, info};
 
 /// Read refcount `i` of a refblock with the given order.
@@ -68,9 +68,7 @@ impl Qcow2 {
     pub(crate) fn refblock_offset(&self, rt: u64) -> Result<u64> {
         let Some(&e) = self.reftable.get(rt as usize) else { return Ok(0) };
         if e & REFT_RESERVED != 0 {
-            return Err(Error::corrupt(format!(
-                "refcount table entry {rt} ({e:#x}) has reserved bits set"
-            )));
+            return Err(Error::corrupt(format!("refcount table entry {rt} ({e:#x}) has reserved bits set")));
         }
         if e != 0 && e % self.cs != 0 {
             return Err(Error::corrupt(format!(
@@ -92,9 +90,7 @@ impl Qcow2 {
             )));
         }
         let mut b = vec![0u8; self.cs as usize];
-        self.io
-            .read_at(&mut b, off)
-            .map_err(|e| Error::io(format!("reading refcount block at {off:#x}"), e))?;
+        self.io.read_at(&mut b, off).map_err(|e| Error::io(format!("reading refcount block at {off:#x}"), e))?;
         self.rb_cache.insert(off, b);
         Ok(())
     }
@@ -124,9 +120,7 @@ impl Qcow2 {
             return Ok(rb_get(b, order, idx % e));
         }
         let mut b = vec![0u8; self.cs as usize];
-        self.io
-            .read_at(&mut b, rb)
-            .map_err(|e| Error::io(format!("reading refcount block at {rb:#x}"), e))?;
+        self.io.read_at(&mut b, rb).map_err(|e| Error::io(format!("reading refcount block at {rb:#x}"), e))?;
         Ok(rb_get(&b, order, idx % e))
     }
 
@@ -165,10 +159,8 @@ impl Qcow2 {
     pub(crate) fn add_refcount(&mut self, idx: u64, delta: i64) -> Result<u64> {
         let rc = self.refcount(idx)?;
         let nv = if delta >= 0 {
-            rc.checked_add(delta as u64).filter(|v| *v <= self.rc_max()).ok_or_else(|| {
-                Error::RefcountOverflow {
-                    what: format!("cluster at {:#x} has refcount {rc}, cannot add {delta}", idx * self.cs),
-                }
+            rc.checked_add(delta as u64).filter(|v| *v <= self.rc_max()).ok_or_else(|| Error::RefcountOverflow {
+                what: format!("cluster at {:#x} has refcount {rc}, cannot add {delta}", idx * self.cs),
             })?
         } else {
             rc.checked_sub(delta.unsigned_abs()).ok_or_else(|| {
@@ -345,7 +337,10 @@ impl Qcow2 {
                     continue;
                 }
                 self.load_refblock(rb)?;
-                let blk = self.rb_cache.get(&rb).ok_or_else(|| Error::corrupt(format!("refcount block at {rb:#x} vanished from cache")))?;
+                let blk = self
+                    .rb_cache
+                    .get(&rb)
+                    .ok_or_else(|| Error::corrupt(format!("refcount block at {rb:#x} vanished from cache")))?;
                 let mut found = false;
                 while idx < end {
                     if rb_get(blk, order, idx % e) != 0 {
@@ -384,7 +379,10 @@ impl Qcow2 {
                 let end = ((i / e + 1) * e).min(run_start + n);
                 let rb = self.refblock_offset(i / e)?;
                 self.load_refblock(rb)?;
-                let blk = self.rb_cache.get_mut(&rb).ok_or_else(|| Error::corrupt(format!("refcount block at {rb:#x} vanished from cache")))?;
+                let blk = self
+                    .rb_cache
+                    .get_mut(&rb)
+                    .ok_or_else(|| Error::corrupt(format!("refcount block at {rb:#x} vanished from cache")))?;
                 for j in i..end {
                     rb_set(blk, order, j % e, 1);
                 }
@@ -603,7 +601,9 @@ impl Qcow2 {
             let mut ent = [0u8; 8];
             put_be64(&mut ent, 0, self.reftable.get(*rt as usize).copied().unwrap_or(0));
             let at = self.h.refcount_table_offset + rt * 8;
-            self.io.write_at(&ent, at).map_err(|er| Error::io(format!("writing reftable entry {rt} at {at:#x}"), er))?;
+            self.io
+                .write_at(&ent, at)
+                .map_err(|er| Error::io(format!("writing reftable entry {rt} at {at:#x}"), er))?;
             self.rt_new.remove(rt);
         }
         Ok(())

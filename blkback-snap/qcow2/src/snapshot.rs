@@ -103,7 +103,11 @@ pub(crate) fn read_table(io: &dyn ImageIo, h: &Header, flen: u64) -> Result<(Vec
             return Err(corrupt_entry(i, pos, "snapshot table exceeds 64 MiB"));
         }
         if end > flen {
-            return Err(corrupt_entry(i, pos, &format!("entry ends at {end:#x}, past the end of the image ({flen} bytes)")));
+            return Err(corrupt_entry(
+                i,
+                pos,
+                &format!("entry ends at {end:#x}, past the end of the image ({flen} bytes)"),
+            ));
         }
         let mut vb = vec![0u8; var as usize];
         io.read_at(&mut vb, pos + 40).map_err(|_| corrupt_entry(i, pos, "runs past the end of the image"))?;
@@ -247,7 +251,9 @@ impl Qcow2 {
             self.load_l2(l2)?;
             let t = self.l2_table(l2)?;
             for (j, w) in t.iter().enumerate() {
-                if let Cluster::Normal { host, .. } = geom.classify(*w, 0, &|| format!("L2 table at {l2:#x} entry {j}"))? {
+                if let Cluster::Normal { host, .. } =
+                    geom.classify(*w, 0, &|| format!("L2 table at {l2:#x} entry {j}"))?
+                {
                     let nv = if self.refcount(host / cs)? == 1 { w | COPIED } else { w & !COPIED };
                     if nv != *w {
                         self.l2_set(l2, j as u64, nv)?;

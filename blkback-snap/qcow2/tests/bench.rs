@@ -10,7 +10,8 @@ fn checkpoint_timing_1g_allocated() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("b.qcow2");
     let gib = 1u64 << 30;
-    let mut img = Qcow2::create_file(&p, &CreateOptions { size: 4 * gib, cluster_bits: 16, refcount_order: 4 }).unwrap();
+    let mut img =
+        Qcow2::create_file(&p, &CreateOptions { size: 4 * gib, cluster_bits: 16, refcount_order: 4 }).unwrap();
     let buf = vec![0x5au8; 4 << 20];
     let t = Instant::now();
     let mut off = 0;

@@ -7,7 +7,8 @@ use xensnap_qcow2::{CreateOptions, Error, OpenOptions, Qcow2};
 
 fn make(dir: &std::path::Path, snapshot: bool) -> (std::path::PathBuf, Vec<u8>) {
     let p = dir.join("c.qcow2");
-    let mut img = Qcow2::create_file(&p, &CreateOptions { size: 4 << 20, cluster_bits: 16, refcount_order: 4 }).unwrap();
+    let mut img =
+        Qcow2::create_file(&p, &CreateOptions { size: 4 << 20, cluster_bits: 16, refcount_order: 4 }).unwrap();
     let mut model = vec![0u8; 4 << 20];
     let mut rng = Rng(5);
     rng.fill(&mut model[..300_000]);
@@ -170,10 +171,28 @@ fn set_and_expect_unsupported(mutate: impl Fn(&mut Vec<u8>), what: &str) {
 
 #[test]
 fn refuses_unsupported_features() {
-    set_and_expect_unsupported(|b| { let v = be64(b, 72); put64(b, 72, v | (1 << 20)) }, "unknown incompatible bit");
-    set_and_expect_unsupported(|b| { let v = be64(b, 72); put64(b, 72, v | 4) }, "external data file");
+    set_and_expect_unsupported(
+        |b| {
+            let v = be64(b, 72);
+            put64(b, 72, v | (1 << 20))
+        },
+        "unknown incompatible bit",
+    );
+    set_and_expect_unsupported(
+        |b| {
+            let v = be64(b, 72);
+            put64(b, 72, v | 4)
+        },
+        "external data file",
+    );
     set_and_expect_unsupported(|b| put32(b, 32, 2), "encryption");
-    set_and_expect_unsupported(|b| { put64(b, 8, 4000); put32(b, 16, 3) }, "backing file");
+    set_and_expect_unsupported(
+        |b| {
+            put64(b, 8, 4000);
+            put32(b, 16, 3)
+        },
+        "backing file",
+    );
 }
 
 #[test]
@@ -185,7 +204,18 @@ fn extended_l2_is_read_only() {
     let p = dir.path().join("x.qcow2");
     let ps = p.to_str().unwrap();
     run(&["qemu-img", "create", "-q", "-f", "qcow2", "-o", "extended_l2=on,cluster_size=128k", ps, "8M"]);
-    run(&["qemu-io", "-f", "qcow2", "-c", "write -P 0x77 4k 8k", "-c", "write -P 0x66 1M 300k", "-c", "write -z 1100k 8k", ps]);
+    run(&[
+        "qemu-io",
+        "-f",
+        "qcow2",
+        "-c",
+        "write -P 0x77 4k 8k",
+        "-c",
+        "write -P 0x66 1M 300k",
+        "-c",
+        "write -z 1100k 8k",
+        ps,
+    ]);
     let mut img = Qcow2::open_file(&p, &OpenOptions::default()).unwrap();
     assert!(img.info().read_only && img.info().extended_l2);
     assert!(matches!(img.write(0, &[1]), Err(Error::ReadOnly)));

@@ -85,7 +85,8 @@ fn reftable_grows() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("g.qcow2");
     let size = 24usize << 20;
-    let mut img = Qcow2::create_file(&p, &CreateOptions { size: size as u64, cluster_bits: 9, refcount_order: 4 }).unwrap();
+    let mut img =
+        Qcow2::create_file(&p, &CreateOptions { size: size as u64, cluster_bits: 9, refcount_order: 4 }).unwrap();
     let mut model = vec![0u8; size];
     let mut rng = Rng(11);
     for i in 0..12 {
@@ -118,7 +119,17 @@ fn qemu_images_with_other_refcount_orders() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("r.qcow2");
         let ps = p.to_str().unwrap();
-        run(&["qemu-img", "create", "-q", "-f", "qcow2", "-o", &format!("refcount_bits={bits},cluster_size=4096"), ps, "4M"]);
+        run(&[
+            "qemu-img",
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            &format!("refcount_bits={bits},cluster_size=4096"),
+            ps,
+            "4M",
+        ]);
         run(&["qemu-io", "-f", "qcow2", "-c", "write -P 0x42 8k 100k", ps]);
         if bits > 1 {
             run(&["qemu-img", "snapshot", "-c", "q", ps]);
@@ -141,7 +152,8 @@ fn qemu_images_with_other_refcount_orders() {
 fn refcount_order_zero_refuses_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("o.qcow2");
-    let mut img = Qcow2::create_file(&p, &CreateOptions { size: 1 << 20, cluster_bits: 12, refcount_order: 0 }).unwrap();
+    let mut img =
+        Qcow2::create_file(&p, &CreateOptions { size: 1 << 20, cluster_bits: 12, refcount_order: 0 }).unwrap();
     img.write(0, &[1u8; 10000]).unwrap();
     img.flush().unwrap();
     let before = std::fs::read(&p).unwrap();

@@ -93,7 +93,9 @@ fn crash_sweep(base: &[u8], ex: &Expect, name: &str, op: &dyn Fn(&mut Qcow2) -> 
 
 fn base_image() -> (Vec<u8>, Vec<u8>, Vec<u8>) {
     let f = FaultIo::new();
-    let mut img = Qcow2::create(Box::new(f.clone()), &CreateOptions { size: SIZE as u64, cluster_bits: 12, refcount_order: 4 }).unwrap();
+    let mut img =
+        Qcow2::create(Box::new(f.clone()), &CreateOptions { size: SIZE as u64, cluster_bits: 12, refcount_order: 4 })
+            .unwrap();
     let mut rng = Rng(99);
     let mut model = vec![0u8; SIZE];
     for _ in 0..20 {
@@ -156,7 +158,8 @@ fn crash_during_delete() {
 fn crash_during_cow_writes() {
     let (base, snap, model) = base_image();
     let mut new = model.clone();
-    let writes: Vec<(usize, Vec<u8>)> = (0..6).map(|i| (i * 150_001 % (SIZE - 9000), vec![0xE0 + i as u8; 9000])).collect();
+    let writes: Vec<(usize, Vec<u8>)> =
+        (0..6).map(|i| (i * 150_001 % (SIZE - 9000), vec![0xE0 + i as u8; 9000])).collect();
     for (o, b) in &writes {
         new[*o..*o + b.len()].copy_from_slice(b);
     }
@@ -214,7 +217,8 @@ fn f_len_unused() -> u64 {
 fn crash_during_reftable_growth() {
     let size = 16u64 << 20;
     let f = FaultIo::new();
-    let mut img = Qcow2::create(Box::new(f.clone()), &CreateOptions { size, cluster_bits: 9, refcount_order: 4 }).unwrap();
+    let mut img =
+        Qcow2::create(Box::new(f.clone()), &CreateOptions { size, cluster_bits: 9, refcount_order: 4 }).unwrap();
     let mut rng = Rng(5);
     let mut old = vec![0u8; 7 << 20];
     rng.fill(&mut old);
@@ -401,7 +405,13 @@ fn abandoned_taken_checkpoint_is_dropped_unpublished() {
     assert!(img.check().unwrap().is_clean());
     let (w1, f1) = f.op_counts();
     drop(img);
-    assert_eq!(Qcow2::open(Box::new(MemIo::from_bytes((*f.durable()).clone())), &OpenOptions { read_only: true }).unwrap().checkpoint_list().len(), 1);
+    assert_eq!(
+        Qcow2::open(Box::new(MemIo::from_bytes((*f.durable()).clone())), &OpenOptions { read_only: true })
+            .unwrap()
+            .checkpoint_list()
+            .len(),
+        1
+    );
     let total = (w1 - w0) + (f1 - f0);
     for k in 1..=total + 1 {
         let (f, mut img) = open_fault(&base);
@@ -549,11 +559,19 @@ fn abandoned_checkpoint_walk_flushed_before_its_drop_keeps_dirty_bit() {
         img.wait_durable()?;
         img.flush()
     };
-    sweep_no_leak_with_bit_clear("abandoned walk", &base, 12, 17, op, |_| {}, |c, im| {
-        let names: Vec<String> = im.checkpoint_list().into_iter().map(|s| s.name).collect();
-        assert_eq!(names, vec!["base".to_string()], "{c}");
-        assert!(read_all(im, Some("base")) == snap, "{c}: base changed");
-    });
+    sweep_no_leak_with_bit_clear(
+        "abandoned walk",
+        &base,
+        12,
+        17,
+        op,
+        |_| {},
+        |c, im| {
+            let names: Vec<String> = im.checkpoint_list().into_iter().map(|s| s.name).collect();
+            assert_eq!(names, vec!["base".to_string()], "{c}");
+            assert!(read_all(im, Some("base")) == snap, "{c}: base changed");
+        },
+    );
 }
 
 /// Run `op` once on `base` (it must succeed and leave a clean image; `first` looks at it),
@@ -658,7 +676,10 @@ fn ranged_barriers_keep_data_written_before_the_take() {
                 assert!(names.iter().any(|n| n == "new"), "{ctx}: durable checkpoint lost");
             }
             if names.iter().any(|n| n == "new") {
-                assert!(read_all(&mut im, Some("new")) == at_take, "{ctx}: checkpoint lost data written before the take");
+                assert!(
+                    read_all(&mut im, Some("new")) == at_take,
+                    "{ctx}: checkpoint lost data written before the take"
+                );
             }
             drop(im);
             assert_repairs(bytes, &ctx);

@@ -150,7 +150,10 @@ fn twin_run(cluster_bits: u32, seed: u64) {
             }
         }
     }
-    assert!(direct_reads > 0 && direct_writes > 0, "the direct paths were never taken ({direct_reads} reads, {direct_writes} writes)");
+    assert!(
+        direct_reads > 0 && direct_writes > 0,
+        "the direct paths were never taken ({direct_reads} reads, {direct_writes} writes)"
+    );
     // whole disk, and every checkpoint, through both paths
     let mut w = Win::new(size as usize, true);
     b.read_into(0, &mut w).unwrap();
@@ -308,7 +311,19 @@ fn compressed_clusters_through_read_into_and_write_from() {
         }
     }
     std::fs::write(&raw, &model).unwrap();
-    common::run(&["qemu-img", "convert", "-c", "-f", "raw", "-O", "qcow2", "-o", "cluster_size=65536", raw.to_str().unwrap(), path.to_str().unwrap()]);
+    common::run(&[
+        "qemu-img",
+        "convert",
+        "-c",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        "-o",
+        "cluster_size=65536",
+        raw.to_str().unwrap(),
+        path.to_str().unwrap(),
+    ]);
     let mut img = Qcow2::open_file(&path, &OpenOptions { read_only: false }).unwrap();
     let mut w = Win::new(size, true);
     img.read_into(0, &mut w).unwrap();

@@ -10,7 +10,8 @@ const SIZE: u64 = 1 << 20;
 /// A small valid image: 4 KiB clusters, some data, one checkpoint, more data.
 fn base() -> Vec<u8> {
     let f = FaultIo::new();
-    let mut img = Qcow2::create(Box::new(f.clone()), &CreateOptions { size: SIZE, cluster_bits: 12, refcount_order: 4 }).unwrap();
+    let mut img =
+        Qcow2::create(Box::new(f.clone()), &CreateOptions { size: SIZE, cluster_bits: 12, refcount_order: 4 }).unwrap();
     let mut rng = Rng(1);
     let mut b = vec![0u8; 60_000];
     rng.fill(&mut b);
@@ -71,7 +72,13 @@ fn header_fields() {
     expect_open_err(&mutate(|b| put64(b, 40, len + (1 << 20))), "L1 offset past EOF");
     expect_open_err(&mutate(|b| put64(b, 40, 4096 + 512)), "L1 offset unaligned");
     expect_open_err(&mutate(|b| put32(b, 36, 5_000_000)), "L1 size absurd");
-    expect_open_err(&mutate(|b| { let r = be64(b, 48); put64(b, 40, r) }), "L1 overlaps reftable");
+    expect_open_err(
+        &mutate(|b| {
+            let r = be64(b, 48);
+            put64(b, 40, r)
+        }),
+        "L1 overlaps reftable",
+    );
     expect_open_err(&mutate(|b| put64(b, 40, 0)), "L1 overlaps header");
     expect_open_err(&mutate(|b| put32(b, 100, 0x1000_0000)), "header_length absurd");
     expect_open_err(&mutate(|b| put32(b, 100, 100)), "header_length too small");
@@ -89,7 +96,13 @@ fn header_fields() {
     expect_open_err(&[], "empty");
     expect_open_err(&mutate(|b| b.truncate(100)), "truncated after header");
     // header extension that runs past the first cluster
-    expect_open_err(&mutate(|b| { put32(b, 112, 0x1234); put32(b, 116, 0xffff_0000) }), "header extension length");
+    expect_open_err(
+        &mutate(|b| {
+            put32(b, 112, 0x1234);
+            put32(b, 116, 0xffff_0000)
+        }),
+        "header extension length",
+    );
 }
 
 #[test]
@@ -99,37 +112,117 @@ fn snapshot_table() {
     expect_open_err(&mutate(|b| put64(b, 64, 4096 * 3 + 8)), "snapshot table unaligned");
     expect_open_err(&mutate(|b| put32(b, 60, 1_000_000)), "nb_snapshots absurd");
     expect_open_err(&mutate(|b| put32(b, 60, 60_000)), "nb_snapshots past table");
-    expect_open_err(&mutate(|b| { let t = be64(b, 64) as usize; put32(b, t + 36, 5000) }), "extra data too large");
-    let b = mutate(|b| { let t = be64(b, 64) as usize; b[t + 12..t + 16].copy_from_slice(&[0xff; 4]) });
+    expect_open_err(
+        &mutate(|b| {
+            let t = be64(b, 64) as usize;
+            put32(b, t + 36, 5000)
+        }),
+        "extra data too large",
+    );
+    let b = mutate(|b| {
+        let t = be64(b, 64) as usize;
+        b[t + 12..t + 16].copy_from_slice(&[0xff; 4])
+    });
     assert!(be64(&b, 64) + 40 + 2 * 65535 > b.len() as u64, "test precondition");
     expect_open_err(&b, "id/name lengths run past the end");
-    expect_open_err(&mutate(|b| { let t = be64(b, 64) as usize; put64(b, t, len + 4096) }), "snapshot L1 past EOF");
-    expect_open_err(&mutate(|b| { let t = be64(b, 64) as usize; put32(b, t + 8, 10_000_000) }), "snapshot L1 size absurd");
-    expect_open_err(&mutate(|b| { let t = be64(b, 64) as usize; let l = be64(b, 40); put64(b, t, l) }), "snapshot L1 = active L1");
+    expect_open_err(
+        &mutate(|b| {
+            let t = be64(b, 64) as usize;
+            put64(b, t, len + 4096)
+        }),
+        "snapshot L1 past EOF",
+    );
+    expect_open_err(
+        &mutate(|b| {
+            let t = be64(b, 64) as usize;
+            put32(b, t + 8, 10_000_000)
+        }),
+        "snapshot L1 size absurd",
+    );
+    expect_open_err(
+        &mutate(|b| {
+            let t = be64(b, 64) as usize;
+            let l = be64(b, 40);
+            put64(b, t, l)
+        }),
+        "snapshot L1 = active L1",
+    );
 }
 
 #[test]
 fn l1_l2_entries() {
     let len = base().len() as u64;
-    expect_read_err(&mutate(|b| { let l2 = first_l2(b); let e = be64(b, l2); put64(b, l2, (e & (1 << 63)) | (len + (1 << 24))) }), "L2 entry past EOF");
-    expect_read_err(&mutate(|b| { let l2 = first_l2(b); let e = be64(b, l2); put64(b, l2, e | 0x200) }), "L2 entry unaligned");
-    expect_read_err(&mutate(|b| { let l2 = first_l2(b); let e = be64(b, l2); put64(b, l2, e | 0x2) }), "L2 reserved bits");
-    expect_read_err(&mutate(|b| { let l1 = be64(b, 40) as usize; let e = be64(b, l1); put64(b, l1, e | 1) }), "L1 reserved bits");
-    expect_read_err(&mutate(|b| { let l1 = be64(b, 40) as usize; put64(b, l1, len + (1 << 24)) }), "L1 entry past EOF");
-    expect_read_err(&mutate(|b| { let l1 = be64(b, 40) as usize; put64(b, l1, 4096 * 1000 + 512) }), "L1 entry unaligned");
     expect_read_err(
-        &mutate(|b| { let l2 = first_l2(b); put64(b, l2, (1 << 62) | (len + 4096)) }),
+        &mutate(|b| {
+            let l2 = first_l2(b);
+            let e = be64(b, l2);
+            put64(b, l2, (e & (1 << 63)) | (len + (1 << 24)))
+        }),
+        "L2 entry past EOF",
+    );
+    expect_read_err(
+        &mutate(|b| {
+            let l2 = first_l2(b);
+            let e = be64(b, l2);
+            put64(b, l2, e | 0x200)
+        }),
+        "L2 entry unaligned",
+    );
+    expect_read_err(
+        &mutate(|b| {
+            let l2 = first_l2(b);
+            let e = be64(b, l2);
+            put64(b, l2, e | 0x2)
+        }),
+        "L2 reserved bits",
+    );
+    expect_read_err(
+        &mutate(|b| {
+            let l1 = be64(b, 40) as usize;
+            let e = be64(b, l1);
+            put64(b, l1, e | 1)
+        }),
+        "L1 reserved bits",
+    );
+    expect_read_err(
+        &mutate(|b| {
+            let l1 = be64(b, 40) as usize;
+            put64(b, l1, len + (1 << 24))
+        }),
+        "L1 entry past EOF",
+    );
+    expect_read_err(
+        &mutate(|b| {
+            let l1 = be64(b, 40) as usize;
+            put64(b, l1, 4096 * 1000 + 512)
+        }),
+        "L1 entry unaligned",
+    );
+    expect_read_err(
+        &mutate(|b| {
+            let l2 = first_l2(b);
+            put64(b, l2, (1 << 62) | (len + 4096))
+        }),
         "compressed past EOF",
     );
     expect_read_err(
-        &mutate(|b| { let l2 = first_l2(b); let e = be64(b, l2) & 0x00ff_ffff_ffff_fe00; put64(b, l2, (1 << 62) | e) }),
+        &mutate(|b| {
+            let l2 = first_l2(b);
+            let e = be64(b, l2) & 0x00ff_ffff_ffff_fe00;
+            put64(b, l2, (1 << 62) | e)
+        }),
         "compressed garbage",
     );
 }
 
 #[test]
 fn same_l2_twice_and_refblock_garbage() {
-    let b = mutate(|b| { let l1 = be64(b, 40) as usize; let e = be64(b, l1); put64(b, l1 + 8, e); put32(b, 36, 2) });
+    let b = mutate(|b| {
+        let l1 = be64(b, 40) as usize;
+        let e = be64(b, l1);
+        put64(b, l1 + 8, e);
+        put32(b, 36, 2)
+    });
     let (m, r) = open_mem(&b, false);
     let mut img = r.unwrap();
     let rep = img.check().unwrap();
@@ -138,7 +231,10 @@ fn same_l2_twice_and_refblock_garbage() {
     drop(img);
     assert!(m.bytes() == b, "modified");
     // reftable entry pointing at garbage
-    let b = mutate(|b| { let r = be64(b, 48) as usize; put64(b, r, 4096 * 9999 + 512) });
+    let b = mutate(|b| {
+        let r = be64(b, 48) as usize;
+        put64(b, r, 4096 * 9999 + 512)
+    });
     let (m, r) = open_mem(&b, false);
     let mut img = r.unwrap();
     let rep = img.check().unwrap();
@@ -192,11 +288,17 @@ fn random_mutations_never_panic() {
 #[test]
 fn snapshot_disk_size_absurd() {
     expect_open_err(
-        &mutate(|b| { let t = be64(b, 64) as usize; put64(b, t + 40 + 8, u64::MAX / 2) }),
+        &mutate(|b| {
+            let t = be64(b, 64) as usize;
+            put64(b, t + 40 + 8, u64::MAX / 2)
+        }),
         "snapshot disk size absurd",
     );
     // large but plausible: map stays fast
-    let b = mutate(|b| { let t = be64(b, 64) as usize; put64(b, t + 40 + 8, 1u64 << 50) });
+    let b = mutate(|b| {
+        let t = be64(b, 64) as usize;
+        put64(b, t + 40 + 8, 1u64 << 50)
+    });
     let (_, r) = open_mem(&b, true);
     let mut img = r.unwrap();
     let t = std::time::Instant::now();

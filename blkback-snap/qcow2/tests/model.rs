@@ -11,7 +11,8 @@ use xensnap_qcow2::{CheckpointDevice, CreateOptions, MemIo, OpenOptions, Qcow2, 
 
 fn run_model(seed: u64, cluster_bits: u32, size: u64, cache: usize, steps: usize) {
     let io = MemIo::new();
-    let mut img = Qcow2::create(Box::new(io.clone()), &CreateOptions { size, cluster_bits, refcount_order: 4 }).unwrap();
+    let mut img =
+        Qcow2::create(Box::new(io.clone()), &CreateOptions { size, cluster_bits, refcount_order: 4 }).unwrap();
     img.set_cache_limit(cache);
     let mut rng = Rng(seed);
     let mut model = vec![0u8; size as usize];
@@ -114,7 +115,9 @@ fn model_64k_clusters_big_cache() {
 
 #[test]
 fn blockdev_adapters() {
-    let img = Qcow2::create(Box::new(MemIo::new()), &CreateOptions { size: 1 << 20, cluster_bits: 12, refcount_order: 4 }).unwrap();
+    let img =
+        Qcow2::create(Box::new(MemIo::new()), &CreateOptions { size: 1 << 20, cluster_bits: 12, refcount_order: 4 })
+            .unwrap();
     let dev = SharedImage::new(img);
     assert_eq!(dev.size(), 1 << 20);
     assert!(!dev.read_only());
@@ -131,7 +134,9 @@ fn blockdev_adapters() {
     cp.read_at(4096, &mut b).unwrap();
     assert!(b.iter().all(|x| *x == 7));
     dev.read_at(4096, &mut b).unwrap();
-    assert!(b[..100].iter().all(|x| *x == 9) && b[100..4096].iter().all(|x| *x == 7) && b[4096..].iter().all(|x| *x == 0));
+    assert!(
+        b[..100].iter().all(|x| *x == 9) && b[100..4096].iter().all(|x| *x == 7) && b[4096..].iter().all(|x| *x == 0)
+    );
     assert!(matches!(cp.write_at(0, &[1]), Err(BlockError::ReadOnly)));
     assert!(matches!(dev.read_at((1 << 20) - 1, &mut b), Err(BlockError::OutOfRange { .. })));
     assert!(CheckpointDevice::new(shared.clone(), "nope").is_err());

@@ -4,13 +4,16 @@
 //! guest flush nor a checkpoint may ever be reported done after a failed sync, whichever
 //! path saw it, until the image is reopened.
 
-use xensnap_qcow2::{CheckpointState, CreateOptions, DurableStep, Error, FaultIo, MemIo, OpenOptions, Qcow2, SharedImage};
+use xensnap_qcow2::{
+    CheckpointState, CreateOptions, DurableStep, Error, FaultIo, MemIo, OpenOptions, Qcow2, SharedImage,
+};
 
 const SIZE: u64 = 1 << 20;
 
 fn base() -> Vec<u8> {
     let f = FaultIo::new();
-    let mut img = Qcow2::create(Box::new(f.clone()), &CreateOptions { size: SIZE, cluster_bits: 12, refcount_order: 4 }).unwrap();
+    let mut img =
+        Qcow2::create(Box::new(f.clone()), &CreateOptions { size: SIZE, cluster_bits: 12, refcount_order: 4 }).unwrap();
     img.write(0, &[0x11; 64 * 1024]).unwrap();
     img.checkpoint_create("base").unwrap();
     img.close().unwrap();

@@ -78,7 +78,16 @@ fn cluster_sizes_and_refcount_orders() {
     if !have_qemu() {
         return;
     }
-    for (cb, ro, size) in [(9u32, 4u32, 2u64 << 20), (12, 4, 8 << 20), (21, 4, 16 << 20), (16, 0, 4 << 20), (12, 3, 4 << 20), (12, 5, 4 << 20), (12, 6, 4 << 20), (10, 1, 2 << 20)] {
+    for (cb, ro, size) in [
+        (9u32, 4u32, 2u64 << 20),
+        (12, 4, 8 << 20),
+        (21, 4, 16 << 20),
+        (16, 0, 4 << 20),
+        (12, 3, 4 << 20),
+        (12, 5, 4 << 20),
+        (12, 6, 4 << 20),
+        (10, 1, 2 << 20),
+    ] {
         check_roundtrip(cb, ro, size, u64::from(cb * 31 + ro) + 7);
     }
 }
@@ -92,7 +101,18 @@ fn qemu_written_is_read_by_us() {
     let p = dir.path().join("q.qcow2");
     let ps = p.to_str().unwrap();
     run(&["qemu-img", "create", "-q", "-f", "qcow2", ps, "16M"]);
-    run(&["qemu-io", "-f", "qcow2", "-c", "write -P 0xab 0 1M", "-c", "write -P 0xcd 3M 70k", "-c", "write -z 512k 64k", ps]);
+    run(&[
+        "qemu-io",
+        "-f",
+        "qcow2",
+        "-c",
+        "write -P 0xab 0 1M",
+        "-c",
+        "write -P 0xcd 3M 70k",
+        "-c",
+        "write -z 512k 64k",
+        ps,
+    ]);
     let mut img = Qcow2::open_file(&p, &OpenOptions::default()).unwrap();
     let mut model = vec![0u8; 16 << 20];
     model[..1 << 20].fill(0xab);
@@ -120,7 +140,17 @@ fn qemu_io_reads_our_pattern() {
     let mut img = Qcow2::create_file(&p, &CreateOptions { size: 8 << 20, ..Default::default() }).unwrap();
     img.write(4096, &vec![0x5a; 8192]).unwrap();
     img.close().unwrap();
-    let out = run(&["qemu-io", "-f", "qcow2", "-r", "-c", "read -P 0x5a 4096 8192", "-c", "read -P 0 0 4096", p.to_str().unwrap()]);
+    let out = run(&[
+        "qemu-io",
+        "-f",
+        "qcow2",
+        "-r",
+        "-c",
+        "read -P 0x5a 4096 8192",
+        "-c",
+        "read -P 0 0 4096",
+        p.to_str().unwrap(),
+    ]);
     assert!(!out.contains("Pattern verification failed"), "{out}");
 }
 
@@ -142,7 +172,9 @@ fn qemu_write_after_crash_keeps_durable_checkpoint() {
     use xensnap_qcow2::FaultIo;
     let size = 1usize << 20;
     let f = FaultIo::new();
-    let mut img = Qcow2::create(Box::new(f.clone()), &CreateOptions { size: size as u64, cluster_bits: 12, refcount_order: 4 }).unwrap();
+    let mut img =
+        Qcow2::create(Box::new(f.clone()), &CreateOptions { size: size as u64, cluster_bits: 12, refcount_order: 4 })
+            .unwrap();
     img.write(0, &vec![0x11; 64 * 1024]).unwrap();
     img.close().unwrap();
     let base = (*f.durable()).clone();

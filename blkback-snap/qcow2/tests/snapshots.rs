@@ -38,7 +38,8 @@ fn create_revert_delete_with_qemu() {
     let size = 24usize << 20;
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("s.qcow2");
-    let mut img = Qcow2::create_file(&p, &CreateOptions { size: size as u64, cluster_bits: 16, refcount_order: 4 }).unwrap();
+    let mut img =
+        Qcow2::create_file(&p, &CreateOptions { size: size as u64, cluster_bits: 16, refcount_order: 4 }).unwrap();
     let mut rng = Rng(42);
     let mut model = vec![0u8; size];
     write_random(&mut img, &mut model, &mut rng, 40);
@@ -148,7 +149,8 @@ fn small_clusters_many_checkpoints() {
     let size = 4usize << 20;
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("s.qcow2");
-    let mut img = Qcow2::create_file(&p, &CreateOptions { size: size as u64, cluster_bits: 9, refcount_order: 4 }).unwrap();
+    let mut img =
+        Qcow2::create_file(&p, &CreateOptions { size: size as u64, cluster_bits: 9, refcount_order: 4 }).unwrap();
     let mut rng = Rng(7);
     let mut model = vec![0u8; size];
     let mut models = Vec::new();

@@ -44,7 +44,10 @@ fn fill_take_steps_cow_growth_and_contents() {
         assert!(buf == model, "active content");
         let grown = img.info().file_length - before;
         let alloc = img.info().allocated_clusters;
-        assert!(grown >= n * 4096 / 2 || alloc * (1 << cluster_bits) > size + n * 4096 / 2, "cluster_bits {cluster_bits}: only {grown} bytes grown for {n} COW writes, {alloc} clusters allocated");
+        assert!(
+            grown >= n * 4096 / 2 || alloc * (1 << cluster_bits) > size + n * 4096 / 2,
+            "cluster_bits {cluster_bits}: only {grown} bytes grown for {n} COW writes, {alloc} clusters allocated"
+        );
         assert!(img.check().unwrap().is_clean());
         img.close().unwrap();
         if have_qemu() {
@@ -67,7 +70,8 @@ fn staged_commit_retried_after_a_read_error_at_every_step() {
     let size = 4u64 << 20;
     let build = || {
         let f = FaultIo::new();
-        let mut img = Qcow2::create(Box::new(f.clone()), &CreateOptions { size, cluster_bits: 9, refcount_order: 4 }).unwrap();
+        let mut img =
+            Qcow2::create(Box::new(f.clone()), &CreateOptions { size, cluster_bits: 9, refcount_order: 4 }).unwrap();
         for i in 0..64u64 {
             img.write(i * 65536, &[0x11; 4096]).unwrap();
         }
@@ -147,7 +151,8 @@ fn staged_commit_retried_after_a_read_error_at_every_step() {
         assert_eq!(u64::from_be_bytes(bytes[72..80].try_into().unwrap()) & 1, 0, "{ctx}: dirty bit still set");
         let mut img = Qcow2::open(Box::new(MemIo::from_bytes(bytes)), &OpenOptions { read_only: true }).unwrap();
         assert!(img.check().unwrap().is_clean(), "{ctx}: image on disk not clean");
-        let mut img = Qcow2::open(Box::new(MemIo::from_bytes((*f.durable()).clone())), &OpenOptions { read_only: true }).unwrap();
+        let mut img =
+            Qcow2::open(Box::new(MemIo::from_bytes((*f.durable()).clone())), &OpenOptions { read_only: true }).unwrap();
         let names: Vec<String> = img.checkpoint_list().into_iter().map(|s| s.name).collect();
         assert_eq!(names, ["base", "cp"], "{ctx}: checkpoints after reopening");
         assert!(read_all(&mut img, "base") == want_base, "{ctx}: base differs after reopening");
@@ -199,7 +204,8 @@ fn drop_and_switch_walks_retried_after_a_read_error_count_once() {
     let size = 2u64 << 20;
     let build = || {
         let f = FaultIo::new();
-        let mut img = Qcow2::create(Box::new(f.clone()), &CreateOptions { size, cluster_bits: 9, refcount_order: 4 }).unwrap();
+        let mut img =
+            Qcow2::create(Box::new(f.clone()), &CreateOptions { size, cluster_bits: 9, refcount_order: 4 }).unwrap();
         for i in 0..32u64 {
             img.write(i * 65536, &[0x11; 4096]).unwrap();
         }

@@ -41,9 +41,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use xensnap_tests::bench::{q, sh, median, ms, us, R};
 use xensnap_blockdev::BlockDevice;
 use xensnap_qcow2::{CreateOptions, DurableProgress, OpenOptions, Pacer, Qcow2, SharedImage, GUEST_BUSY_WINDOW};
+use xensnap_tests::bench::{median, ms, q, sh, us, R};
 
 const GIB: u64 = 1 << 30;
 static CPU_U: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -157,7 +157,15 @@ fn part1(a: &Args, cs: u64) -> R<()> {
     println!("\n## checkpoint critical path and durability, 64 GiB virtual, {} KiB clusters", cs >> 10);
     println!(
         "{:>6} {:>10} {:>11} {:>10} {:>11} {:>10} {:>12} {:>12} {:>12} {:>13}",
-        "alloc", "taken µs", "durable ms", "switch µs", "revert ms", "create ms", "qemu -c ms", "qemu -a ms", "qemu-c/taken",
+        "alloc",
+        "taken µs",
+        "durable ms",
+        "switch µs",
+        "revert ms",
+        "create ms",
+        "qemu -c ms",
+        "qemu -a ms",
+        "qemu-c/taken",
         "durable/qemu"
     );
     let mut iops_rows = Vec::new();
@@ -206,7 +214,8 @@ fn part1(a: &Args, cs: u64) -> R<()> {
             }
         }
         sh("qemu-img", &["check", &p]).map_err(|e| format!("qemu-img check not clean: {e}"))?;
-        let (take, dur, sw, rev, cre, qc, qa) = (median(take), median(dur), median(sw), median(rev), median(cre), median(qc), median(qa));
+        let (take, dur, sw, rev, cre, qc, qa) =
+            (median(take), median(dur), median(sw), median(rev), median(cre), median(qc), median(qa));
         println!(
             "{:>4} G {:>10.1} {:>11.2} {:>10.1} {:>11.2} {:>10.2} {:>12.2} {:>12.2} {:>11.0}x {:>12.2}x",
             gib,
@@ -221,20 +230,43 @@ fn part1(a: &Args, cs: u64) -> R<()> {
             dur.as_secs_f64() / qc.as_secs_f64(),
         );
     }
-    println!("(taken/switch: in-process critical path, no I/O; durable/revert: background work run to completion, unloaded;");
+    println!(
+        "(taken/switch: in-process critical path, no I/O; durable/revert: background work run to completion, unloaded;"
+    );
     println!(" create: the blocking checkpoint_create; qemu: whole `qemu-img snapshot` process incl. ~6 ms start)");
     let driver = if a.locked_driver {
         format!("lock().durable_step({}), every barrier under the lock", a.budget)
     } else {
         format!("SharedImage::durable_work({}), barriers outside the lock", a.budget)
     };
-    let pacing = format!("Pacer: pause {}x its lock time (>= 50 µs) while the guest is busy, {}x while idle", a.pace, a.idle_pace);
-    println!("\n### guest 4 KiB random-write IOPS while a checkpoint becomes durable vs steady state ({} KiB clusters)", cs >> 10);
+    let pacing = format!(
+        "Pacer: pause {}x its lock time (>= 50 µs) while the guest is busy, {}x while idle",
+        a.pace, a.idle_pace
+    );
+    println!(
+        "\n### guest 4 KiB random-write IOPS while a checkpoint becomes durable vs steady state ({} KiB clusters)",
+        cs >> 10
+    );
     println!("(guest thread through SharedImage; durability thread: {driver}; {pacing})");
     println!(
         "{:>6} {:>12} {:>12} {:>12} {:>7} {:>11} {:>9} {:>7} {:>9} {:>10} {:>9} {:>8} {:>8} {:>9} {:>9} {:>14} {:>6}",
-        "alloc", "guest flush", "IOPS steady", "IOPS durab.", "ratio", "round min", "max", "rounds", "ctl ratio", "durable ms",
-        "lock max", "lock %", "sync %", "1st sync", "guest max", "flush % s/d/c", "busy %"
+        "alloc",
+        "guest flush",
+        "IOPS steady",
+        "IOPS durab.",
+        "ratio",
+        "round min",
+        "max",
+        "rounds",
+        "ctl ratio",
+        "durable ms",
+        "lock max",
+        "lock %",
+        "sync %",
+        "1st sync",
+        "guest max",
+        "flush % s/d/c",
+        "busy %"
     );
     for (gib, fe, r) in &iops_rows {
         println!(
@@ -262,9 +294,15 @@ fn part1(a: &Args, cs: u64) -> R<()> {
     }
     println!("(ratio = IOPS during durable windows / steady IOPS, totals over all rounds; round min/max: the same per");
     println!(" round; each round runs one window of each kind, in rotating order, each starting after a guest flush;");
-    println!(" steady and ctl windows last as long as the durable ones (median so far); ctl ratio = IOPS right after a");
-    println!(" take with no durability thread / steady (the cost of the durable phase's write path alone); durable ms =");
-    println!(" median time from take to durable under load; lock max (ms) / lock % = the durability thread's lock hold");
+    println!(
+        " steady and ctl windows last as long as the durable ones (median so far); ctl ratio = IOPS right after a"
+    );
+    println!(
+        " take with no durability thread / steady (the cost of the durable phase's write path alone); durable ms ="
+    );
+    println!(
+        " median time from take to durable under load; lock max (ms) / lock % = the durability thread's lock hold"
+    );
     println!(" per call and its share of the durable windows; sync % = share spent in its fdatasyncs (no lock); 1st");
     println!(" sync = median ms of a window's first barrier (whole file); guest max = slowest guest request, ms;");
     println!(" flush % s/d/c = share of the steady / durable / ctl windows the guest spent in its own flushes;");
@@ -316,7 +354,13 @@ pub fn thread_cpu() -> (u64, u64) {
     (f.get(11).copied().unwrap_or(0), f.get(12).copied().unwrap_or(0))
 }
 
-fn guest(img: &SharedImage, off: &mut impl FnMut() -> u64, buf: &[u8], flush_every: u64, stop: &dyn Fn() -> bool) -> R<(u64, Duration, Duration)> {
+fn guest(
+    img: &SharedImage,
+    off: &mut impl FnMut() -> u64,
+    buf: &[u8],
+    flush_every: u64,
+    stop: &dyn Fn() -> bool,
+) -> R<(u64, Duration, Duration)> {
     let c0 = thread_cpu();
     mark("xsg begin");
     let mut n = 0u64;
@@ -413,52 +457,53 @@ fn iops_during(path: &Path, region: u64, a: &Args, flush_every: u64) -> R<Iops> 
         (vec![], vec![], Duration::ZERO, Duration::ZERO, Duration::ZERO, Duration::ZERO);
     let mut seq = 0u64;
     // one window of a kind: (writes, time); a durable one also records its length
-    let mut window = |kind: Win, len: Duration, count: bool, wins: &mut Vec<Duration>| -> R<(u64, Duration, Duration)> {
-        seq += 1;
-        let name = format!("w{seq}");
-        // every window starts with the guest's writes so far flushed (nothing dirty)
-        img.flush().map_err(q("flush"))?;
-        let r = match kind {
-            Win::Steady => {
-                lock(&img).checkpoint_create(&name).map_err(q("create"))?;
-                let t = Instant::now();
-                let (n, _, f) = guest(&img, &mut off, &buf, flush_every, &|| t.elapsed() >= len)?;
-                (n, t.elapsed(), f)
-            }
-            Win::Control => {
-                lock(&img).checkpoint_take(&name).map_err(q("take"))?;
-                let t = Instant::now();
-                let (n, _, f) = guest(&img, &mut off, &buf, flush_every, &|| t.elapsed() >= len)?;
-                let el = t.elapsed();
-                lock(&img).wait_durable().map_err(q("durable"))?;
-                (n, el, f)
-            }
-            Win::Durable => {
-                lock(&img).checkpoint_take(&name).map_err(q("take"))?;
-                let t = Instant::now();
-                let done = Arc::new(AtomicBool::new(false));
-                let (d2, i2, locked, budget) = (done.clone(), img.clone(), a.locked_driver, a.budget);
-                let mut pacer = Pacer::new(a.pace, a.idle_pace, GUEST_BUSY_WINDOW);
-                let driver = std::thread::spawn(move || drive(&i2, locked, &mut pacer, budget, &d2));
-                let (n, worst, f) = guest(&img, &mut off, &buf, flush_every, &|| done.load(Ordering::SeqCst))?;
-                let el = t.elapsed();
-                let s = driver.join().map_err(|_| "driver panicked".to_string())??;
-                if count {
-                    wins.push(el);
-                    firsts.push(s.first_sync);
-                    max_hold = max_hold.max(s.max);
-                    held += s.held;
-                    synced += s.synced;
-                    steps += s.steps;
-                    busy_steps += s.busy_steps;
-                    guest_max = guest_max.max(worst);
+    let mut window =
+        |kind: Win, len: Duration, count: bool, wins: &mut Vec<Duration>| -> R<(u64, Duration, Duration)> {
+            seq += 1;
+            let name = format!("w{seq}");
+            // every window starts with the guest's writes so far flushed (nothing dirty)
+            img.flush().map_err(q("flush"))?;
+            let r = match kind {
+                Win::Steady => {
+                    lock(&img).checkpoint_create(&name).map_err(q("create"))?;
+                    let t = Instant::now();
+                    let (n, _, f) = guest(&img, &mut off, &buf, flush_every, &|| t.elapsed() >= len)?;
+                    (n, t.elapsed(), f)
                 }
-                (n, el, f)
-            }
+                Win::Control => {
+                    lock(&img).checkpoint_take(&name).map_err(q("take"))?;
+                    let t = Instant::now();
+                    let (n, _, f) = guest(&img, &mut off, &buf, flush_every, &|| t.elapsed() >= len)?;
+                    let el = t.elapsed();
+                    lock(&img).wait_durable().map_err(q("durable"))?;
+                    (n, el, f)
+                }
+                Win::Durable => {
+                    lock(&img).checkpoint_take(&name).map_err(q("take"))?;
+                    let t = Instant::now();
+                    let done = Arc::new(AtomicBool::new(false));
+                    let (d2, i2, locked, budget) = (done.clone(), img.clone(), a.locked_driver, a.budget);
+                    let mut pacer = Pacer::new(a.pace, a.idle_pace, GUEST_BUSY_WINDOW);
+                    let driver = std::thread::spawn(move || drive(&i2, locked, &mut pacer, budget, &d2));
+                    let (n, worst, f) = guest(&img, &mut off, &buf, flush_every, &|| done.load(Ordering::SeqCst))?;
+                    let el = t.elapsed();
+                    let s = driver.join().map_err(|_| "driver panicked".to_string())??;
+                    if count {
+                        wins.push(el);
+                        firsts.push(s.first_sync);
+                        max_hold = max_hold.max(s.max);
+                        held += s.held;
+                        synced += s.synced;
+                        steps += s.steps;
+                        busy_steps += s.busy_steps;
+                        guest_max = guest_max.max(worst);
+                    }
+                    (n, el, f)
+                }
+            };
+            lock(&img).checkpoint_delete(&name).map_err(q("delete"))?;
+            Ok(r)
         };
-        lock(&img).checkpoint_delete(&name).map_err(q("delete"))?;
-        Ok(r)
-    };
     // a durable window not counted: warms the caches and gives the first window length
     let (_, first, _) = window(Win::Durable, Duration::ZERO, false, &mut wins)?;
     let mut lens = vec![first];
@@ -526,8 +571,9 @@ fn iops_during(path: &Path, region: u64, a: &Args, flush_every: u64) -> R<Iops> 
 
 fn fill(path: &Path, size: u64, cs: u64) -> R<f64> {
     let _ = std::fs::remove_file(path);
-    let mut img = Qcow2::create_file(path, &CreateOptions { size, cluster_bits: cs.trailing_zeros(), ..Default::default() })
-        .map_err(q("create"))?;
+    let mut img =
+        Qcow2::create_file(path, &CreateOptions { size, cluster_bits: cs.trailing_zeros(), ..Default::default() })
+            .map_err(q("create"))?;
     let mut buf = vec![0u8; 1 << 20];
     let t = Instant::now();
     let mut off = 0;
@@ -650,7 +696,9 @@ fn part2(a: &Args) -> R<()> {
     );
     let _ = std::fs::remove_file(&qp);
     println!("(xensnap rows: the engine in-process, random offsets for the IOPS columns; qemu row: qemu-img bench's");
-    println!(" scattered step {SCATTER_STEP} (every request a different 4 KiB block), its own process; growth = allocated");
+    println!(
+        " scattered step {SCATTER_STEP} (every request a different 4 KiB block), its own process; growth = allocated"
+    );
     println!(" clusters (xensnap) or file length (qemu) grown / 64 MiB written after a checkpoint)");
     Ok(())
 }

@@ -19,8 +19,8 @@ use rand::{Rng, SeedableRng};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
-use xensnap_tests::bench::{q, sh, median, ms, R};
 use xensnap_qcow2::{CreateOptions, OpenOptions, Qcow2};
+use xensnap_tests::bench::{median, ms, q, sh, R};
 
 const GIB: u64 = 1 << 30;
 const CLUSTER: u64 = 64 << 10;
@@ -80,8 +80,11 @@ fn qemu_version() -> String {
 fn fill(path: &Path, virt: u64, alloc: u64) -> R<Duration> {
     let _ = std::fs::remove_file(path);
     let t = Instant::now();
-    let mut img = Qcow2::create_file(path, &CreateOptions { size: virt, cluster_bits: CLUSTER.trailing_zeros(), ..Default::default() })
-        .map_err(q("create"))?;
+    let mut img = Qcow2::create_file(
+        path,
+        &CreateOptions { size: virt, cluster_bits: CLUSTER.trailing_zeros(), ..Default::default() },
+    )
+    .map_err(q("create"))?;
     let mut buf = vec![0u8; 2 << 20];
     let mut off = 0;
     while off < alloc {
@@ -108,7 +111,11 @@ fn bench_size(a: &Args, gib: u64) -> R<()> {
     let xl = a.xl_snap.to_str().ok_or("xl-snap path")?.to_owned();
     println!("\n## {gib} GiB allocated (virtual {} GiB)", virt / GIB);
     let tf = fill(&path, virt, alloc)?;
-    println!("fill: {:.1} s ({:.0} MiB/s, xensnap engine)", tf.as_secs_f64(), alloc as f64 / (1 << 20) as f64 / tf.as_secs_f64());
+    println!(
+        "fill: {:.1} s ({:.0} MiB/s, xensnap engine)",
+        tf.as_secs_f64(),
+        alloc as f64 / (1 << 20) as f64 / tf.as_secs_f64()
+    );
 
     // Checkpoint operations.
     let (mut ic, mut ir, mut id) = (vec![], vec![], vec![]);
@@ -136,7 +143,10 @@ fn bench_size(a: &Args, gib: u64) -> R<()> {
         qd.push(sh("qemu-img", &["snapshot", "-d", "bench", &p])?.0);
     }
     qemu_check_clean(&path)?;
-    println!("{:<28} {:>14} {:>16} {:>14} {:>22}", "checkpoint op (median ms)", "xensnap engine", "xl-snap process", "qemu-img", "qemu-img / xl-snap");
+    println!(
+        "{:<28} {:>14} {:>16} {:>14} {:>22}",
+        "checkpoint op (median ms)", "xensnap engine", "xl-snap process", "qemu-img", "qemu-img / xl-snap"
+    );
     for (name, i, pp, qq) in [("create", ic, pc, qc), ("revert", ir, pr, qr), ("delete", id, pd, qd)] {
         let (i, pp, qq) = (median(i), median(pp), median(qq));
         println!("{name:<28} {:>14.2} {:>16.2} {:>14.2} {:>21.2}x", ms(i), ms(pp), ms(qq), ms(qq) / ms(pp));
@@ -267,9 +277,7 @@ fn nbd_iops(xl: &str, path: &Path, dir: &Path, n: u64) -> R<Vec<f64>> {
     }
     let uri = format!("nbd+unix:///?socket={}", sock.display());
     let p = path.to_str().ok_or("path")?;
-    let r = bench_sequence(&uri, "raw", n, &mut |op| {
-        sh(xl, &["image", "checkpoint", op, p, "iops"]).map(|_| ())
-    });
+    let r = bench_sequence(&uri, "raw", n, &mut |op| sh(xl, &["image", "checkpoint", op, p, "iops"]).map(|_| ()));
     let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
     let _ = child.wait();
     r
@@ -323,7 +331,12 @@ fn space(a: &Args) -> R<()> {
     let qemu_growth = (len(&theirs)? - before) as f64;
     println!("\n## space: 64 MiB of 4 KiB random writes into 1 GiB of data right after a checkpoint (64 KiB clusters)");
     println!("{:<24} {:>14} {:>14}", "", "xensnap", "qemu");
-    println!("{:<24} {:>14.1} {:>14.1}", "file growth (MiB)", ours_growth / (1 << 20) as f64, qemu_growth / (1 << 20) as f64);
+    println!(
+        "{:<24} {:>14.1} {:>14.1}",
+        "file growth (MiB)",
+        ours_growth / (1 << 20) as f64,
+        qemu_growth / (1 << 20) as f64
+    );
     println!("{:<24} {:>13.1}x {:>13.1}x", "growth / bytes written", ours_growth / written, qemu_growth / written);
     let _ = std::fs::remove_file(&ours);
     let _ = std::fs::remove_file(&theirs);

@@ -5,8 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use xensnap_blkif::abi::*;
-use xensnap_blkif::sim::*;
 pub use xensnap_blkif::sim::pattern;
+use xensnap_blkif::sim::*;
 use xensnap_blkif::*;
 use xensnap_blockdev::{BlockDevice, MemDisk};
 
@@ -45,7 +45,14 @@ impl H {
         Self::build(abi, order, Arc::new(MemDisk::new(0)), served, features, true)
     }
 
-    fn build(abi: Abi, order: u32, disk: Arc<MemDisk>, served: Arc<dyn BlockDevice>, features: Features, persistent: bool) -> H {
+    fn build(
+        abi: Abi,
+        order: u32,
+        disk: Arc<MemDisk>,
+        served: Arc<dyn BlockDevice>,
+        features: Features,
+        persistent: bool,
+    ) -> H {
         let guest = TestGuest::new(DOMID);
         let (be_evt, fe_evt) = evtchn_pair();
         let mut front = TestFront::new(guest.clone(), abi, order, fe_evt);
@@ -118,7 +125,6 @@ impl H {
     }
 }
 
-
 pub const SHORT: Duration = Duration::from_secs(5);
 
 /// Features with persistent grants bounded at `max` and no I/O threads.
@@ -148,7 +154,12 @@ pub struct RandomRequest {
     pub data: Vec<u8>,
 }
 
-pub fn random_request(next: &mut impl FnMut(u64) -> u64, layouts: &[Vec<(u8, u8)>], sectors: u64, step: u64) -> RandomRequest {
+pub fn random_request(
+    next: &mut impl FnMut(u64) -> u64,
+    layouts: &[Vec<(u8, u8)>],
+    sectors: u64,
+    step: u64,
+) -> RandomRequest {
     let slot = next(layouts.len() as u64) as usize;
     let layout = layouts[slot].clone();
     let nsect: u64 = layout.iter().map(|&(f, l)| u64::from(l - f) + 1).sum();

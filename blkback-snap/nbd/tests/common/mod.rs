@@ -32,11 +32,7 @@ pub enum Op {
     Write(u64, u64),
     Flush,
     Discard(u64, u64),
-    WriteZeroes {
-        offset: u64,
-        len: u64,
-        may_unmap: bool,
-    },
+    WriteZeroes { offset: u64, len: u64, may_unmap: bool },
 }
 
 /// A MemDisk that records every call made to it.
@@ -47,16 +43,10 @@ pub struct RecordingDisk {
 
 impl RecordingDisk {
     pub fn new(size: usize) -> Self {
-        RecordingDisk {
-            inner: MemDisk::new(size),
-            ops: Mutex::new(Vec::new()),
-        }
+        RecordingDisk { inner: MemDisk::new(size), ops: Mutex::new(Vec::new()) }
     }
     pub fn from_vec(data: Vec<u8>, ro: bool) -> Self {
-        RecordingDisk {
-            inner: MemDisk::from_vec(data, ro),
-            ops: Mutex::new(Vec::new()),
-        }
+        RecordingDisk { inner: MemDisk::from_vec(data, ro), ops: Mutex::new(Vec::new()) }
     }
     pub fn ops(&self) -> Vec<Op> {
         self.ops.lock().unwrap().clone()
@@ -93,11 +83,7 @@ impl BlockDevice for RecordingDisk {
         self.inner.discard(offset, len)
     }
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> BlockResult<()> {
-        self.rec(Op::WriteZeroes {
-            offset,
-            len,
-            may_unmap,
-        });
+        self.rec(Op::WriteZeroes { offset, len, may_unmap });
         self.inner.write_zeroes(offset, len, may_unmap)
     }
 }
@@ -124,14 +110,7 @@ impl TestServer {
         let stop = server.stop_handle();
         let s = server.clone();
         let join = std::thread::spawn(move || s.serve_tcp(listener));
-        TestServer {
-            server,
-            stop,
-            join: Some(join),
-            port,
-            socket: None,
-            _dir: None,
-        }
+        TestServer { server, stop, join: Some(join), port, socket: None, _dir: None }
     }
 
     pub fn unix(registry: Arc<dyn ExportRegistry>) -> Self {
@@ -143,14 +122,7 @@ impl TestServer {
         let stop = server.stop_handle();
         let s = server.clone();
         let join = std::thread::spawn(move || s.serve_unix(listener));
-        TestServer {
-            server,
-            stop,
-            join: Some(join),
-            port: 0,
-            socket: Some(path),
-            _dir: Some(dir),
-        }
+        TestServer { server, stop, join: Some(join), port: 0, socket: Some(path), _dir: Some(dir) }
     }
 
     pub fn url(&self, export: &str) -> String {
@@ -169,11 +141,7 @@ impl TestServer {
     /// Stop and return what the accept loop returned.
     pub fn shutdown(mut self) -> std::io::Result<()> {
         self.stop.stop();
-        self.join
-            .take()
-            .unwrap()
-            .join()
-            .expect("accept loop panicked")
+        self.join.take().unwrap().join().expect("accept loop panicked")
     }
 }
 
@@ -273,10 +241,7 @@ pub fn go<S: Read + Write>(s: &mut S, name: &str) -> (u64, u16) {
                 }
             }
             REP_ACK => return export.expect("no NBD_INFO_EXPORT before ACK"),
-            other => panic!(
-                "GO failed with reply {other:#x}: {}",
-                String::from_utf8_lossy(&data)
-            ),
+            other => panic!("GO failed with reply {other:#x}: {}", String::from_utf8_lossy(&data)),
         }
     }
 }
@@ -305,10 +270,7 @@ pub fn closed<R: Read>(r: &mut R) -> bool {
     match r.read(&mut b) {
         Ok(0) => true,
         Ok(_) => false,
-        Err(e) => matches!(
-            e.kind(),
-            std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
-        ),
+        Err(e) => matches!(e.kind(), std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe),
     }
 }
 
