@@ -66,6 +66,15 @@ fn first_l2(b: &[u8]) -> usize {
     (be64(b, be64(b, 40) as usize) & 0x00ff_ffff_ffff_fe00) as usize
 }
 
+/// The base image with its first L2 entry replaced by `f(entry)`.
+fn with_first_l2_entry(f: impl Fn(u64) -> u64) -> Vec<u8> {
+    mutate(|b| {
+        let l2 = first_l2(b);
+        let e = be64(b, l2);
+        put64(b, l2, f(e))
+    })
+}
+
 #[test]
 fn header_fields() {
     let len = base().len() as u64;
@@ -152,30 +161,9 @@ fn snapshot_table() {
 #[test]
 fn l1_l2_entries() {
     let len = base().len() as u64;
-    expect_read_err(
-        &mutate(|b| {
-            let l2 = first_l2(b);
-            let e = be64(b, l2);
-            put64(b, l2, (e & (1 << 63)) | (len + (1 << 24)))
-        }),
-        "L2 entry past EOF",
-    );
-    expect_read_err(
-        &mutate(|b| {
-            let l2 = first_l2(b);
-            let e = be64(b, l2);
-            put64(b, l2, e | 0x200)
-        }),
-        "L2 entry unaligned",
-    );
-    expect_read_err(
-        &mutate(|b| {
-            let l2 = first_l2(b);
-            let e = be64(b, l2);
-            put64(b, l2, e | 0x2)
-        }),
-        "L2 reserved bits",
-    );
+    expect_read_err(&with_first_l2_entry(|e| (e & (1 << 63)) | (len + (1 << 24))), "L2 entry past EOF");
+    expect_read_err(&with_first_l2_entry(|e| e | 0x200), "L2 entry unaligned");
+    expect_read_err(&with_first_l2_entry(|e| e | 0x2), "L2 reserved bits");
     expect_read_err(
         &mutate(|b| {
             let l1 = be64(b, 40) as usize;
@@ -198,21 +186,8 @@ fn l1_l2_entries() {
         }),
         "L1 entry unaligned",
     );
-    expect_read_err(
-        &mutate(|b| {
-            let l2 = first_l2(b);
-            put64(b, l2, (1 << 62) | (len + 4096))
-        }),
-        "compressed past EOF",
-    );
-    expect_read_err(
-        &mutate(|b| {
-            let l2 = first_l2(b);
-            let e = be64(b, l2) & 0x00ff_ffff_ffff_fe00;
-            put64(b, l2, (1 << 62) | e)
-        }),
-        "compressed garbage",
-    );
+    expect_read_err(&with_first_l2_entry(|_| (1 << 62) | (len + 4096)), "compressed past EOF");
+    expect_read_err(&with_first_l2_entry(|e| (1 << 62) | (e & 0x00ff_ffff_ffff_fe00)), "compressed garbage");
 }
 
 #[test]
