@@ -46,8 +46,6 @@ use xensnap_qcow2::{CreateOptions, DurableProgress, OpenOptions, Pacer, Qcow2, S
 use xensnap_tests::bench::{median, ms, q, sh, us, R};
 
 const GIB: u64 = 1 << 30;
-static CPU_U: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-static CPU_S: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 const IO: usize = 4096;
 const SCATTER_STEP: u64 = 4096 * 40503;
 
@@ -336,8 +334,6 @@ struct Iops {
     busy_share: f64,
 }
 
-/// Guest writes (a flush every `flush_every`, 0 = none) until `stop` says so; returns the
-/// number of writes and the slowest request.
 /// With XENSNAP_BENCH_MARK set, a line on stderr with the CLOCK_MONOTONIC time (to cut a
 /// `perf record -k CLOCK_MONOTONIC` profile into windows).
 fn mark(s: &str) {
@@ -346,21 +342,34 @@ fn mark(s: &str) {
     }
 }
 
-/// This thread's user and system CPU time so far (clock ticks of /proc/thread-self/stat).
-pub fn thread_cpu() -> (u64, u64) {
+/// This thread's user and system CPU time so far (clock ticks of /proc/thread-self/stat,
+/// 10 ms each).
+fn thread_cpu() -> (u64, u64) {
     let s = std::fs::read_to_string("/proc/thread-self/stat").unwrap_or_default();
     let rest = s.rsplit_once(')').map(|x| x.1).unwrap_or("");
     let f: Vec<u64> = rest.split_whitespace().map(|x| x.parse().unwrap_or(0)).collect();
     (f.get(11).copied().unwrap_or(0), f.get(12).copied().unwrap_or(0))
 }
 
+/// What one run of guest writes did.
+struct GuestRun {
+    writes: u64,
+    /// The slowest request (a write, or a write and the flush after it).
+    worst: Duration,
+    /// Time in the guest's own flushes.
+    flushing: Duration,
+    /// The guest thread's user and system CPU time, in clock ticks.
+    cpu: (u64, u64),
+}
+
+/// Guest writes (a flush every `flush_every`, 0 = none) until `stop` says so.
 fn guest(
     img: &SharedImage,
     off: &mut impl FnMut() -> u64,
     buf: &[u8],
     flush_every: u64,
     stop: &dyn Fn() -> bool,
-) -> R<(u64, Duration, Duration)> {
+) -> R<GuestRun> {
     let c0 = thread_cpu();
     mark("xsg begin");
     let mut n = 0u64;
@@ -379,9 +388,7 @@ fn guest(
     }
     mark("xsg end");
     let c1 = thread_cpu();
-    CPU_U.fetch_add(c1.0 - c0.0, Ordering::Relaxed);
-    CPU_S.fetch_add(c1.1 - c0.1, Ordering::Relaxed);
-    Ok((n, worst, flushing))
+    Ok(GuestRun { writes: n, worst, flushing, cpu: (c1.0 - c0.0, c1.1 - c0.1) })
 }
 
 /// The kinds of measurement window (see the module docs).
@@ -456,56 +463,56 @@ fn iops_during(path: &Path, region: u64, a: &Args, flush_every: u64) -> R<Iops> 
     let (mut wins, mut firsts, mut max_hold, mut held, mut synced, mut guest_max) =
         (vec![], vec![], Duration::ZERO, Duration::ZERO, Duration::ZERO, Duration::ZERO);
     let mut seq = 0u64;
-    // one window of a kind: (writes, time); a durable one also records its length
-    let mut window =
-        |kind: Win, len: Duration, count: bool, wins: &mut Vec<Duration>| -> R<(u64, Duration, Duration)> {
-            seq += 1;
-            let name = format!("w{seq}");
-            // every window starts with the guest's writes so far flushed (nothing dirty)
-            img.flush().map_err(q("flush"))?;
-            let r = match kind {
-                Win::Steady => {
-                    lock(&img).checkpoint_create(&name).map_err(q("create"))?;
-                    let t = Instant::now();
-                    let (n, _, f) = guest(&img, &mut off, &buf, flush_every, &|| t.elapsed() >= len)?;
-                    (n, t.elapsed(), f)
+    // one window of a kind: what the guest did, and the window's time; a durable one also
+    // records its length
+    let mut window = |kind: Win, len: Duration, count: bool, wins: &mut Vec<Duration>| -> R<(GuestRun, Duration)> {
+        seq += 1;
+        let name = format!("w{seq}");
+        // every window starts with the guest's writes so far flushed (nothing dirty)
+        img.flush().map_err(q("flush"))?;
+        let r = match kind {
+            Win::Steady => {
+                lock(&img).checkpoint_create(&name).map_err(q("create"))?;
+                let t = Instant::now();
+                let g = guest(&img, &mut off, &buf, flush_every, &|| t.elapsed() >= len)?;
+                (g, t.elapsed())
+            }
+            Win::Control => {
+                lock(&img).checkpoint_take(&name).map_err(q("take"))?;
+                let t = Instant::now();
+                let g = guest(&img, &mut off, &buf, flush_every, &|| t.elapsed() >= len)?;
+                let el = t.elapsed();
+                lock(&img).wait_durable().map_err(q("durable"))?;
+                (g, el)
+            }
+            Win::Durable => {
+                lock(&img).checkpoint_take(&name).map_err(q("take"))?;
+                let t = Instant::now();
+                let done = Arc::new(AtomicBool::new(false));
+                let (d2, i2, locked, budget) = (done.clone(), img.clone(), a.locked_driver, a.budget);
+                let mut pacer = Pacer::new(a.pace, a.idle_pace, GUEST_BUSY_WINDOW);
+                let driver = std::thread::spawn(move || drive(&i2, locked, &mut pacer, budget, &d2));
+                let g = guest(&img, &mut off, &buf, flush_every, &|| done.load(Ordering::SeqCst))?;
+                let el = t.elapsed();
+                let s = driver.join().map_err(|_| "driver panicked".to_string())??;
+                if count {
+                    wins.push(el);
+                    firsts.push(s.first_sync);
+                    max_hold = max_hold.max(s.max);
+                    held += s.held;
+                    synced += s.synced;
+                    steps += s.steps;
+                    busy_steps += s.busy_steps;
+                    guest_max = guest_max.max(g.worst);
                 }
-                Win::Control => {
-                    lock(&img).checkpoint_take(&name).map_err(q("take"))?;
-                    let t = Instant::now();
-                    let (n, _, f) = guest(&img, &mut off, &buf, flush_every, &|| t.elapsed() >= len)?;
-                    let el = t.elapsed();
-                    lock(&img).wait_durable().map_err(q("durable"))?;
-                    (n, el, f)
-                }
-                Win::Durable => {
-                    lock(&img).checkpoint_take(&name).map_err(q("take"))?;
-                    let t = Instant::now();
-                    let done = Arc::new(AtomicBool::new(false));
-                    let (d2, i2, locked, budget) = (done.clone(), img.clone(), a.locked_driver, a.budget);
-                    let mut pacer = Pacer::new(a.pace, a.idle_pace, GUEST_BUSY_WINDOW);
-                    let driver = std::thread::spawn(move || drive(&i2, locked, &mut pacer, budget, &d2));
-                    let (n, worst, f) = guest(&img, &mut off, &buf, flush_every, &|| done.load(Ordering::SeqCst))?;
-                    let el = t.elapsed();
-                    let s = driver.join().map_err(|_| "driver panicked".to_string())??;
-                    if count {
-                        wins.push(el);
-                        firsts.push(s.first_sync);
-                        max_hold = max_hold.max(s.max);
-                        held += s.held;
-                        synced += s.synced;
-                        steps += s.steps;
-                        busy_steps += s.busy_steps;
-                        guest_max = guest_max.max(worst);
-                    }
-                    (n, el, f)
-                }
-            };
-            lock(&img).checkpoint_delete(&name).map_err(q("delete"))?;
-            Ok(r)
+                (g, el)
+            }
         };
+        lock(&img).checkpoint_delete(&name).map_err(q("delete"))?;
+        Ok(r)
+    };
     // a durable window not counted: warms the caches and gives the first window length
-    let (_, first, _) = window(Win::Durable, Duration::ZERO, false, &mut wins)?;
+    let (_, first) = window(Win::Durable, Duration::ZERO, false, &mut wins)?;
     let mut lens = vec![first];
     let order = [Win::Durable, Win::Steady, Win::Control];
     let min = Duration::from_millis(1500);
@@ -517,20 +524,19 @@ fn iops_during(path: &Path, region: u64, a: &Args, flush_every: u64) -> R<Iops> 
             let kind = order[(k + j) % 3];
             // steady and control windows last as long as the durable ones so far (median)
             let len = median(lens.clone()).max(Duration::from_millis(20));
-            let (u0, s0) = (CPU_U.load(Ordering::Relaxed), CPU_S.load(Ordering::Relaxed));
             mark(&format!("xsw begin {}", kind as usize));
-            let (wn, wt, wf) = window(kind, len, true, &mut wins)?;
+            let (g, wt) = window(kind, len, true, &mut wins)?;
             mark(&format!("xsw end {}", kind as usize));
-            cu[kind as usize] += CPU_U.load(Ordering::Relaxed) - u0;
-            cs[kind as usize] += CPU_S.load(Ordering::Relaxed) - s0;
             let i = kind as usize;
             if kind == Win::Durable {
                 lens.push(wt);
             }
-            n[i] += wn;
+            n[i] += g.writes;
             t[i] += wt;
-            fl[i] += wf;
-            round[i] = wn as f64 / wt.as_secs_f64();
+            fl[i] += g.flushing;
+            cu[i] += g.cpu.0;
+            cs[i] += g.cpu.1;
+            round[i] = g.writes as f64 / wt.as_secs_f64();
         }
         rounds.push(round);
         k += 1;
