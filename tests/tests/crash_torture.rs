@@ -147,6 +147,8 @@ impl Expect {
 
 struct Trial {
     cluster_bits: u32,
+    /// L2 entries per step of a background walk (small: walks stop inside tables).
+    walk_chunk: u64,
     size: usize,
     ops: Vec<Op>,
 }
@@ -229,6 +231,7 @@ fn run_until_failure(t: &Trial, io: &FaultIo, lying: bool) -> Outcome {
     io.fail_after(None);
     let boxed: Box<dyn ImageIo> = if lying { Box::new(LyingIo(io.clone())) } else { Box::new(io.clone()) };
     let mut img = Qcow2::create(boxed, &opts).expect("create");
+    img.set_walk_chunk(t.walk_chunk);
     img.flush().expect("flush after create");
     if lying {
         // The lie starts after creation, so that an image exists on "disk".
@@ -406,7 +409,12 @@ thread_local! {
 }
 
 fn verify(trial_no: usize, t: &Trial, o: &Outcome, crashed: Vec<u8>, qemu_check: bool) -> Result<(), String> {
-    let ctx = |what: &str| format!("trial {trial_no} (cluster_bits {}, ops {:?}): {what}", t.cluster_bits, t.ops);
+    let ctx = |what: &str| {
+        format!(
+            "trial {trial_no} (cluster_bits {}, walk chunk {}, ops {:?}): {what}",
+            t.cluster_bits, t.walk_chunk, t.ops
+        )
+    };
     // With the dirty bit clear, QEMU trusts COPIED flags: none may sit on a shared cluster.
     let harmful = copied::harmful_copied_flags(&crashed);
     ensure(harmful.is_empty(), || ctx(&format!("dirty bit clear with COPIED on shared clusters: {harmful:?}")))?;
@@ -502,7 +510,9 @@ fn crash_torture() {
         let cluster_bits = [9, 12, 16][rng.gen_range(0..3)];
         let size = [256 << 10, 1 << 20][rng.gen_range(0..2)];
         let n = rng.gen_range(3..25);
-        let t = Trial { cluster_bits, size, ops: gen_ops(&mut rng, size / SECTOR, n) };
+        // (its own generator, so the ops and crash points of a seed stay what they were)
+        let walk_chunk = [1, 5, 64, u64::MAX][StdRng::seed_from_u64(seed ^ 0x5eed).gen_range(0..4)];
+        let t = Trial { cluster_bits, walk_chunk, size, ops: gen_ops(&mut rng, size / SECTOR, n) };
         // Dry run: how many writes+flushes does the workload issue?
         let io = FaultIo::new();
         ARM.with(|a| a.set(None));
@@ -550,7 +560,7 @@ fn crash_torture_catches_an_engine_that_loses_flushed_writes() {
     let trials = 60;
     for trial_no in 0..trials {
         let mut rng = StdRng::seed_from_u64(0xbad + trial_no as u64);
-        let t = Trial { cluster_bits: 12, size: 256 << 10, ops: gen_ops(&mut rng, 512, 12) };
+        let t = Trial { cluster_bits: 12, walk_chunk: 64, size: 256 << 10, ops: gen_ops(&mut rng, 512, 12) };
         let io = FaultIo::new();
         ARM.with(|a| a.set(None));
         let o = run_until_failure(&t, &io, true);

@@ -114,8 +114,8 @@ impl SharedImage {
     }
 }
 
-/// The budget of one step of the durability driver ([`SharedImage::durable_work`]): L2
-/// tables walked per lock hold.
+/// The budget of one step of the durability driver ([`SharedImage::durable_work`]): chunks
+/// of an L2 table (up to 256 entries each) walked per lock hold.
 pub const DURABLE_BUDGET: usize = 1;
 
 /// How many times the image lock's hold time a durability driver pauses after a step

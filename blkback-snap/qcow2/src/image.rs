@@ -146,6 +146,8 @@ pub struct Qcow2 {
     /// Eviction is held off while a background step loads what it will read (see
     /// `Qcow2::prefetch_step`): the step then runs on cached tables only.
     pub(crate) hold_cache: bool,
+    /// L2 entries one step of a background walk covers (see `durable.rs`, `Job`).
+    pub(crate) walk_chunk: u64,
     /// Guest requests served through [`crate::SharedImage`] (wrapping count), which a
     /// durability driver reads to tell a busy guest from an idle one ([`crate::Pacer`]).
     pub(crate) guest_ops: u64,
@@ -348,6 +350,7 @@ impl Qcow2 {
             leak_window: false,
             dirty_unsynced: None,
             hold_cache: false,
+            walk_chunk: crate::durable::WALK_CHUNK,
             guest_ops: 0,
             next_ticket: 0,
             failed: None,
@@ -398,6 +401,13 @@ impl Qcow2 {
     /// The default is 256 MiB worth of clusters.
     pub fn set_cache_limit(&mut self, clusters: usize) {
         self.cache_limit = clusters.max(4);
+    }
+    /// Test hook: L2 entries per chunk of a background walk (default
+    /// [`crate::durable::WALK_CHUNK`]; at least 1), so that tests with small tables stop
+    /// walks in the middle of a table.
+    #[doc(hidden)]
+    pub fn set_walk_chunk(&mut self, entries: u64) {
+        self.walk_chunk = entries.max(1);
     }
 
     pub(crate) fn file_len(&self) -> Result<u64> {
@@ -778,7 +788,7 @@ impl Qcow2 {
         let old = l1_to_l2(e, self.cs, &|| format!("active L1 entry {l1i}"))?;
         if old != 0 {
             let rc = self.refcount(old / self.cs)?;
-            if rc == 1 && !self.uncounted_share(l1i, old / self.cs) {
+            if rc == 1 && !self.uncounted_share(l1i, 0, old / self.cs) {
                 if e & COPIED == 0 {
                     self.set_l1(l1i, old | COPIED);
                 }
@@ -802,6 +812,19 @@ impl Qcow2 {
             for w in t.iter_mut() {
                 *w &= !COPIED;
             }
+            // entries a drop walk in the middle of this index gave back may be the copy's
+            // alone now (see `Qcow2::dropped_below`): COPIED exactly where the count is 1
+            let geom = self.geom();
+            let given_back = self.dropped_below(l1i).min(t.len() as u64) as usize;
+            for (j, w) in t.iter_mut().enumerate().take(given_back) {
+                if let Cluster::Normal { host, .. } =
+                    geom.classify(*w, 0, &|| format!("L2 table at {old:#x} entry {j}"))?
+                {
+                    if self.refcount(host / self.cs)? == 1 && !self.uncounted_share(l1i, j as u64, host / self.cs) {
+                        *w |= COPIED;
+                    }
+                }
+            }
             t
         } else {
             vec![0u64; (self.cs / 8) as usize]
@@ -812,7 +835,7 @@ impl Qcow2 {
         self.set_l1(l1i, new | COPIED);
         if old != 0 {
             debug!(old, new, "COW of shared L2 table");
-            if self.uncounted_share(l1i, old / self.cs) {
+            if self.uncounted_share(l1i, 0, old / self.cs) {
                 self.hand_over(old / self.cs, 1)?;
             }
             self.pending_free.push((old, self.cs));
@@ -831,13 +854,13 @@ impl Qcow2 {
     /// once the pointer removal is durable. If the reference was never counted apart from
     /// the frozen tree's (a checkpoint taken but not yet durable shares it, see
     /// [`Qcow2::hand_over`]), the frozen tree gets its own count first.
-    fn drop_ref(&mut self, l1i: u64, c: Cluster) -> Result<()> {
+    fn drop_ref(&mut self, l1i: u64, l2i: u64, c: Cluster) -> Result<()> {
         let (first, last) = match c {
             Cluster::Normal { host, .. } => (host / self.cs, host / self.cs),
             Cluster::Compressed { offset, len } => (offset / self.cs, (offset + len.max(1) - 1) / self.cs),
             _ => return Ok(()),
         };
-        if self.uncounted_share(l1i, first) {
+        if self.uncounted_share(l1i, l2i, first) {
             for idx in first..=last {
                 self.hand_over(idx, 1)?;
             }
@@ -885,7 +908,7 @@ impl Qcow2 {
                     "data cluster at {host:#x} (L2 {l2:#x} entry {l2i}) has refcount 0"
                 )));
             }
-            if rc == 1 && !self.uncounted_share(l1i, host / cs) {
+            if rc == 1 && !self.uncounted_share(l1i, l2i, host / cs) {
                 if zero && data.len() as u64 != cs {
                     let mut full = vec![0u8; cs as usize];
                     if let Some(dst) = full.get_mut(co as usize..co as usize + data.len()) {
@@ -925,7 +948,7 @@ impl Qcow2 {
             self.decomp = None;
         }
         self.l2_set(l2, l2i, new | COPIED)?;
-        self.drop_ref(l1i, c)?;
+        self.drop_ref(l1i, l2i, c)?;
         Ok(())
     }
 
@@ -1012,7 +1035,7 @@ impl Qcow2 {
             };
             if first.is_some_and(|f| host != f + k * cs)
                 || self.refcount(host / cs)? != 1
-                || self.uncounted_share(l1i, host / cs)
+                || self.uncounted_share(l1i, l2i + k, host / cs)
             {
                 break;
             }
@@ -1044,7 +1067,9 @@ impl Qcow2 {
         while k < max {
             let (d, bm) = self.l2_get(l2, l2i + k)?;
             let needs_new = match geom.classify(d, bm, &|| format!("L2 table at {l2:#x} entry {}", l2i + k))? {
-                Cluster::Normal { host, .. } => self.refcount(host / cs)? != 1 || self.uncounted_share(l1i, host / cs),
+                Cluster::Normal { host, .. } => {
+                    self.refcount(host / cs)? != 1 || self.uncounted_share(l1i, l2i + k, host / cs)
+                }
                 _ => true,
             };
             if !needs_new {
@@ -1081,7 +1106,7 @@ impl Qcow2 {
             if matches!(c, Cluster::Compressed { .. }) {
                 self.decomp = None;
             }
-            self.drop_ref(l1i, c)?;
+            self.drop_ref(l1i, l2i + i as u64, c)?;
         }
         Ok(k as usize)
     }
@@ -1104,7 +1129,7 @@ impl Qcow2 {
             Cluster::Zero if want_zero => return Ok(()),
             Cluster::Normal { host, .. } if !unmap => {
                 let rc = self.refcount(host / self.cs)?;
-                if rc == 1 && !self.uncounted_share(l1i, host / self.cs) {
+                if rc == 1 && !self.uncounted_share(l1i, l2i, host / self.cs) {
                     host | ZERO | COPIED
                 } else if want_zero {
                     ZERO
@@ -1126,7 +1151,7 @@ impl Qcow2 {
         let l2 = self.l2_for_write(l1i)?;
         self.l2_set(l2, l2i, new_desc)?;
         if new_desc & OFFSET_MASK == 0 {
-            self.drop_ref(l1i, c)?;
+            self.drop_ref(l1i, l2i, c)?;
             if matches!(c, Cluster::Compressed { .. }) {
                 self.decomp = None;
             }

@@ -313,3 +313,130 @@ fn reads_per_staged_call(
         }
     }
 }
+
+/// A background walk stops inside an L2 table (one chunk per budget unit) and guest writes
+/// land around its cursor: behind it (counted: ordinary copy-on-write), right at it and
+/// ahead of it (uncounted: hand-over), and the table itself copied while the walk is in the
+/// middle of it (its own reference already counted, the rest of the index compared entry by
+/// entry). The exact accounting holds after every step and write; contents and checks at
+/// the end.
+#[test]
+fn walk_chunks_stop_inside_a_table_and_writes_around_the_cursor_stay_exact() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("t.qcow2");
+    let cluster_bits = 12u32; // 512 entries per L2 table, 2 MiB per table
+    let size = 8u64 << 20;
+    let mut img = Qcow2::create_file(&p, &CreateOptions { size, cluster_bits, ..Default::default() }).unwrap();
+    let mut model = vec![0u8; size as usize];
+    let mut rng = Rng(11);
+    let mut b = vec![0u8; size as usize];
+    rng.fill(&mut b);
+    img.write(0, &b).unwrap();
+    model.copy_from_slice(&b);
+    img.flush().unwrap();
+    let snap = model.clone();
+    img.checkpoint_take("a").unwrap();
+    let chunk = 64u64;
+    img.set_walk_chunk(chunk);
+    assert_eq!(img.durable_position(), Some((0, 0)));
+    img.durable_step(1).unwrap();
+    // (the commit's preparation comes first and costs nothing; then one chunk)
+    assert_eq!(img.durable_position(), Some((0, chunk)), "one budget unit walks one chunk");
+    let entries = 512u64;
+    let cs = 1u64 << cluster_bits;
+    let write = |img: &mut Qcow2, model: &mut Vec<u8>, gc: u64, v: u8| {
+        let off = gc * cs + 512;
+        let d = vec![v; 1024];
+        img.write(off, &d).unwrap();
+        model[off as usize..off as usize + d.len()].copy_from_slice(&d);
+        let acc = img.verify_accounting().unwrap();
+        assert!(acc.is_empty(), "after a write to guest cluster {gc}: {acc:#?}");
+    };
+    // table 0 is shared and its own reference counted: the first write copies it
+    write(&mut img, &mut model, chunk - 1, 1); // behind the cursor
+    write(&mut img, &mut model, chunk, 2); // at the cursor
+    write(&mut img, &mut model, chunk + 5, 3); // ahead
+    let mut v = 4u8;
+    while let Some((i, j)) = img.durable_position().filter(|p| p.0 < 4) {
+        // around the cursor: one behind, one at, one ahead (within the disk)
+        for gc in [i * entries + j.saturating_sub(1), i * entries + j, i * entries + j + chunk / 2] {
+            if gc < size / cs {
+                write(&mut img, &mut model, gc, v);
+                v = v.wrapping_add(1) | 1;
+            }
+        }
+        img.durable_step(1).unwrap();
+        let acc = img.verify_accounting().unwrap();
+        assert!(acc.is_empty(), "after a step to {:?}: {acc:#?}", img.durable_position());
+    }
+    img.wait_durable().unwrap();
+    assert!(img.verify_accounting().unwrap().is_empty());
+    let mut buf = vec![0u8; size as usize];
+    img.read_checkpoint("a", 0, &mut buf).unwrap();
+    assert!(buf == snap, "checkpoint content");
+    img.read(0, &mut buf).unwrap();
+    assert!(buf == model, "active content");
+    img.flush().unwrap();
+    assert!(img.check().unwrap().is_clean());
+    img.close().unwrap();
+    if have_qemu() {
+        assert_qemu_clean(&p);
+    }
+}
+
+/// The default chunk: one budget unit of a walk is at most 256 L2 entries, so a
+/// durability driver holds the image lock for a fraction of a table at 16 KiB clusters.
+#[test]
+fn one_budget_unit_walks_one_default_chunk() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("t.qcow2");
+    let size = 64u64 << 20; // 16 KiB clusters: 2048 entries (32 MiB) per table
+    let mut img = Qcow2::create_file(&p, &CreateOptions { size, cluster_bits: 14, ..Default::default() }).unwrap();
+    img.write(0, &vec![7u8; 8 << 20]).unwrap();
+    img.checkpoint_take("a").unwrap();
+    let mut seen = vec![];
+    while let Some(pos) = img.durable_position() {
+        seen.push(pos);
+        img.durable_step(1).unwrap();
+        assert!(img.verify_accounting().unwrap().is_empty());
+    }
+    // index 0 in 8 chunks, index 1 (no table) skipped, then the commit
+    let want: Vec<(u64, u64)> = (0..8).map(|k| (0, k * 256)).collect();
+    assert_eq!(&seen[..8], &want[..], "positions: {seen:?}");
+    assert!(seen[8..].iter().all(|p| p.0 >= 1), "positions: {seen:?}");
+    assert_eq!(img.checkpoint_list()[0].state, CheckpointState::Durable);
+}
+
+/// A drop walk (here the old active tree of a revert) gives an L2 table's own reference
+/// back with the table's last chunk, not its first: freed earlier, the table could be
+/// reallocated (here for the guest's next write) while the walk still reads it.
+#[test]
+fn a_drop_walk_keeps_its_table_until_its_last_chunk() {
+    for chunk in [1u64, 7, 512] {
+        let opts = CreateOptions { size: 1 << 20, cluster_bits: 12, ..Default::default() };
+        let mut img = Qcow2::create(Box::new(xensnap_qcow2::MemIo::new()), &opts).unwrap();
+        img.set_walk_chunk(chunk);
+        img.write(0, &[1u8; 512]).unwrap();
+        img.checkpoint_create("a").unwrap();
+        img.write(0, &[2u8; 512]).unwrap(); // the active tree gets a table of its own
+        img.checkpoint_revert_switch("a").unwrap();
+        // the switch's walk and commit, then into the old active tree's drop
+        while img.durable_position().is_some_and(|p| p == (0, 0)) {
+            img.durable_step(1).unwrap();
+        }
+        while img.durable_position().is_some_and(|p| p.1 == 0) {
+            img.durable_step(1).unwrap();
+        }
+        assert!(img.verify_accounting().unwrap().is_empty(), "chunk {chunk}");
+        let d = vec![3u8; 276 * 512];
+        img.write(229 * 512, &d).unwrap();
+        let acc = img.verify_accounting().unwrap();
+        assert!(acc.is_empty(), "chunk {chunk}, position {:?}: {acc:#?}", img.durable_position());
+        img.wait_durable().unwrap();
+        let mut buf = vec![0u8; 1 << 20];
+        img.read(0, &mut buf).unwrap();
+        assert!(buf[..512].iter().all(|b| *b == 1) && buf[229 * 512..505 * 512] == d[..]);
+        img.flush().unwrap();
+        assert!(img.check().unwrap().is_clean(), "chunk {chunk}");
+    }
+}

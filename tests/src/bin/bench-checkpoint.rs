@@ -33,7 +33,8 @@
 //! is a first touch), with `qemu-img bench` on 64 KiB clusters as the anchor.
 //!
 //! Usage: bench-checkpoint [--sizes 0,1,16,64] [--dir DIR] [--reps 5] [--clusters 4k,8k,16k,32k,64k]
-//!        [--pace 3] [--idle-pace 1] [--budget 1] [--flush-every 256] [--locked-driver] [--no-table] [--part1-clusters 16k,64k]
+//!        [--pace 3] [--idle-pace 1] [--budget 1] [--walk-chunk 256] [--flush-every 256] [--locked-driver] [--no-table]
+//!        [--part1-clusters 16k,64k]
 
 use clap::Parser;
 use rand::{Rng, SeedableRng};
@@ -79,9 +80,13 @@ struct Args {
     /// The same while the guest is idle (no request for GUEST_BUSY_WINDOW).
     #[arg(long, default_value_t = xensnap_qcow2::DURABLE_PACE_IDLE)]
     idle_pace: u32,
-    /// Budget of each durability step (L2 tables per lock hold).
+    /// Budget of each durability step (chunks of L2 tables per lock hold).
     #[arg(long, default_value_t = xensnap_qcow2::DURABLE_BUDGET)]
     budget: usize,
+    /// L2 entries per chunk of the background walks (0: the engine's default, 256; a whole
+    /// table, e.g. 2048 at 16 KiB clusters, walks a table per lock hold as before chunks).
+    #[arg(long, default_value_t = 0)]
+    walk_chunk: u64,
     /// The flushing guest's variant: a flush after every this many writes (0: no variant).
     #[arg(long, default_value_t = 256)]
     flush_every: u64,
@@ -142,6 +147,15 @@ fn open(path: &Path) -> R<Qcow2> {
     Qcow2::open_file(path, &OpenOptions { read_only: false }).map_err(q("open"))
 }
 
+/// [`open`] with the walk chunk of `--walk-chunk`.
+fn open_chunked(path: &Path, a: &Args) -> R<Qcow2> {
+    let mut img = open(path)?;
+    if a.walk_chunk > 0 {
+        img.set_walk_chunk(a.walk_chunk);
+    }
+    Ok(img)
+}
+
 /// Deletes a scratch image when dropped (also when a step fails).
 struct RemoveOnDrop(PathBuf);
 
@@ -175,7 +189,7 @@ fn part1(a: &Args, cs: u64) -> R<()> {
         let p = path.to_str().ok_or("path")?.to_owned();
         let (mut take, mut dur, mut sw, mut rev, mut cre) = (vec![], vec![], vec![], vec![], vec![]);
         for r in 0..a.reps {
-            let mut img = open(&path)?;
+            let mut img = open_chunked(&path, a)?;
             // warm the metadata the walk reads (a served image has it cached)
             img.checkpoint_create("warm").map_err(q("create"))?;
             img.checkpoint_delete("warm").map_err(q("delete"))?;
@@ -238,8 +252,10 @@ fn part1(a: &Args, cs: u64) -> R<()> {
         format!("SharedImage::durable_work({}), barriers outside the lock", a.budget)
     };
     let pacing = format!(
-        "Pacer: pause {}x its lock time (>= 50 µs) while the guest is busy, {}x while idle",
-        a.pace, a.idle_pace
+        "Pacer: pause {}x its lock time (>= 50 µs) while the guest is busy, {}x while idle; walk chunk {}",
+        a.pace,
+        a.idle_pace,
+        if a.walk_chunk > 0 { format!("{} L2 entries", a.walk_chunk) } else { "default (256 L2 entries)".into() }
     );
     println!(
         "\n### guest 4 KiB random-write IOPS while a checkpoint becomes durable vs steady state ({} KiB clusters)",
@@ -450,7 +466,7 @@ fn drive(img: &SharedImage, locked: bool, pacer: &mut Pacer, budget: usize, done
 /// made durable in the background, and after a take with nothing made durable (see the
 /// module docs).
 fn iops_during(path: &Path, region: u64, a: &Args, flush_every: u64) -> R<Iops> {
-    let img = SharedImage::new(open(path)?);
+    let img = SharedImage::new(open_chunked(path, a)?);
     let mut rng = rand::rngs::StdRng::seed_from_u64(3 + flush_every);
     let buf = vec![0x5au8; IO];
     let mut off = move || rng.gen_range(0..region / IO as u64) * IO as u64;
