@@ -4,7 +4,8 @@
 use crate::durable::DurableStep;
 use crate::error::Error;
 use crate::image::Qcow2;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::time::{Duration, Instant};
 use xensnap_blockdev::{BlockDevice, BlockError, BlockResult, DataBuf};
 
@@ -21,10 +22,61 @@ fn lock(m: &Mutex<Qcow2>) -> MutexGuard<'_, Qcow2> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// The image lock for a guest request, counted (see [`Pacer`]).
+/// The image lock for a guest request, counted (see [`Pacer`]). If a durability driver is
+/// waiting for the lock ([`SharedImage::durable_work_handed`]), the request lets it in
+/// first: it releases the lock and takes it again once the driver's step is over (spinning
+/// with `sched_yield`, at most [`HANDOFF_MAX`]). Without this, a guest with requests back to
+/// back re-takes the lock before the woken driver runs, again and again: the driver waits
+/// for milliseconds, and every request of the guest meanwhile pays a futex wake-up of a
+/// driver that finds the lock taken again (measured: ~9 µs more system time per 4 KiB
+/// write in the guest thread, 16 GiB durable phase).
 fn guest_lock(m: &Mutex<Qcow2>) -> MutexGuard<'_, Qcow2> {
     let mut g = lock(m);
+    if g.driver_waiting.load(Ordering::Acquire) {
+        let waiting = Arc::clone(&g.driver_waiting);
+        drop(g);
+        let t = Instant::now();
+        g = loop {
+            if !waiting.load(Ordering::Acquire) {
+                match m.try_lock() {
+                    Ok(g) => break g,
+                    Err(TryLockError::Poisoned(e)) => break e.into_inner(),
+                    Err(TryLockError::WouldBlock) => {}
+                }
+            }
+            if t.elapsed() >= HANDOFF_MAX {
+                break lock(m);
+            }
+            std::thread::yield_now();
+        };
+    }
     g.guest_ops = g.guest_ops.wrapping_add(1);
+    g
+}
+
+/// The longest a guest request waits (spinning) for a durability driver to take and release
+/// the image lock it handed over; then it queues for the lock like anyone.
+pub const HANDOFF_MAX: Duration = Duration::from_millis(1);
+
+/// The image lock for a durability driver that raises `waiting` meanwhile (see
+/// [`guest_lock`]): it polls the lock (with `sched_yield`), so the guest request that hands
+/// it over needs no futex wake-up, and falls back to queueing after 5 ms.
+fn driver_lock<'a>(m: &'a Mutex<Qcow2>, waiting: Option<&AtomicBool>) -> MutexGuard<'a, Qcow2> {
+    let Some(w) = waiting else { return lock(m) };
+    w.store(true, Ordering::Release);
+    let t = Instant::now();
+    let g = loop {
+        match m.try_lock() {
+            Ok(g) => break g,
+            Err(TryLockError::Poisoned(e)) => break e.into_inner(),
+            Err(TryLockError::WouldBlock) => {}
+        }
+        if t.elapsed() >= Duration::from_millis(5) {
+            break lock(m);
+        }
+        std::thread::yield_now();
+    };
+    w.store(false, Ordering::Release);
     g
 }
 
@@ -44,7 +96,21 @@ impl SharedImage {
     /// are served during the fdatasync. Returns whether everything is durable, and how long
     /// the lock was held (for pacing).
     pub fn durable_work(&self, budget: usize) -> crate::Result<DurableProgress> {
-        let mut g = lock(&self.0);
+        self.durable_work_handed(budget, None)
+    }
+
+    /// The flag through which a durability driver of this image asks guest requests for
+    /// the lock ([`SharedImage::durable_work_handed`]); takes the image lock once.
+    pub fn handoff_flag(&self) -> Arc<AtomicBool> {
+        Arc::clone(&lock(&self.0).driver_waiting)
+    }
+
+    /// [`SharedImage::durable_work`] for a driver thread that waits for the image lock with
+    /// `waiting` ([`SharedImage::handoff_flag`]) raised: a guest request holding the lock
+    /// hands it over at its end, so the step runs between two requests instead of after
+    /// however many the guest manages to start first.
+    pub fn durable_work_handed(&self, budget: usize, waiting: Option<&AtomicBool>) -> crate::Result<DurableProgress> {
+        let mut g = driver_lock(&self.0, waiting);
         let t = Instant::now();
         let r = g.durable_step_staged(budget);
         let mut locked = t.elapsed();
@@ -58,7 +124,7 @@ impl SharedImage {
                 // barrier was for): every later step, flush and write is refused
                 let s = b.sync()?;
                 let synced = t.elapsed();
-                let mut g = lock(&self.0);
+                let mut g = driver_lock(&self.0, waiting);
                 let t = Instant::now();
                 g.durable_barrier_done(s);
                 locked += t.elapsed();
@@ -68,7 +134,8 @@ impl SharedImage {
     }
 
     /// The background durability driver of a served image (run it on its own thread):
-    /// [`SharedImage::durable_work`]`(`[`DURABLE_BUDGET`]`)` at a time, each followed by the
+    /// [`SharedImage::durable_work_handed`]`(`[`DURABLE_BUDGET`]`)` at a time (guest requests
+    /// hand it the lock), each followed by the
     /// pause a [`Pacer`] picks: while the guest is doing I/O, [`DURABLE_PACE`] times the
     /// time the step held the image lock (at least 50 µs, see [`durable_pause`]), so the
     /// guest's requests find the lock free almost all the time; while it is idle,
@@ -81,19 +148,37 @@ impl SharedImage {
     /// image's mutex was poisoned by a panic.
     pub fn drive_durability(&self, idle_poll: Option<Duration>) {
         let mut pacer = Pacer::default();
+        let waiting = self.handoff_flag();
+        // whether work is queued: known from the last step, or asked (under the lock, handed
+        // over like a step) after a step that found everything durable, an error or a pause
+        let mut known: Option<bool> = None;
         loop {
-            let pending = match self.0.lock() {
-                Err(_) => return,
-                Ok(g) => g.durable_pending(),
+            let pending = match known {
+                Some(p) => p,
+                None => {
+                    waiting.store(true, Ordering::Release);
+                    let r = self.0.lock().map(|g| g.durable_pending());
+                    waiting.store(false, Ordering::Release);
+                    match r {
+                        Err(_) => return,
+                        Ok(p) => p,
+                    }
+                }
             };
+            known = None;
             let pause = if !pending {
                 match idle_poll {
                     None => return,
                     Some(d) => d,
                 }
             } else {
-                match self.durable_work(DURABLE_BUDGET) {
-                    Ok(p) => pacer.pause(&p),
+                match self.durable_work_handed(DURABLE_BUDGET, Some(&waiting)) {
+                    Ok(p) => {
+                        if !p.done {
+                            known = Some(true);
+                        }
+                        pacer.pause(&p)
+                    }
                     Err(e @ Error::Poisoned { .. }) => {
                         tracing::error!("background checkpoint work stopped: {e}");
                         return;
@@ -333,5 +418,57 @@ mod tests {
         let step = shared.durable_work(1).expect("step");
         p.pause(&step);
         assert!(p.guest_busy(), "a write between two steps did not make the pacer see a busy guest");
+    }
+
+    /// A guest with requests back to back hands the lock to a waiting durability driver at
+    /// the end of the request under way: the driver's step runs after at most one or two
+    /// more guest requests (a timing test only in that a request the driver is not
+    /// scheduled for within `HANDOFF_MAX` goes ahead; the median is asserted).
+    #[test]
+    fn a_busy_guest_hands_the_lock_to_a_waiting_driver() {
+        let img = Qcow2::create(
+            Box::new(MemIo::new()),
+            &CreateOptions { size: 64 << 20, cluster_bits: 12, refcount_order: 4 },
+        )
+        .expect("create");
+        let shared = SharedImage::new(img);
+        shared.write_at(0, &vec![1u8; 64 << 20]).expect("fill");
+        lock(&shared.0).set_walk_chunk(8);
+        lock(&shared.0).checkpoint_take("t").expect("take");
+        let stop = Arc::new(AtomicBool::new(false));
+        // guest requests completed (the fill counts as one, like in guest_ops)
+        let done = Arc::new(std::sync::atomic::AtomicU64::new(1));
+        let guest = {
+            let (shared, stop, done) = (shared.clone(), stop.clone(), done.clone());
+            std::thread::spawn(move || {
+                let mut k = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    k = (k + 7919) % 16384;
+                    shared.write_at(k * 4096, &[2u8; 4096]).expect("guest write");
+                    done.fetch_add(1, Ordering::Release);
+                }
+            })
+        };
+        while done.load(Ordering::Acquire) < 101 {
+            std::thread::yield_now();
+        }
+        let waiting = shared.handoff_flag();
+        let mut ahead = vec![];
+        for _ in 0..100 {
+            // paced like a driver: the guest has the lock to itself meanwhile
+            std::thread::sleep(Duration::from_micros(200));
+            let before = done.load(Ordering::Acquire);
+            let p = shared.durable_work_handed(1, Some(&waiting)).expect("step");
+            // guest requests that took the lock after this step asked for it
+            ahead.push(p.guest_ops.wrapping_sub(before));
+            if p.done {
+                break;
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        guest.join().expect("guest");
+        ahead.sort_unstable();
+        let median = ahead[ahead.len() / 2];
+        assert!(median <= 2, "guest requests ahead of the waiting driver: {ahead:?}");
     }
 }

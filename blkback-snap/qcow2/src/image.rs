@@ -151,6 +151,9 @@ pub struct Qcow2 {
     /// Guest requests served through [`crate::SharedImage`] (wrapping count), which a
     /// durability driver reads to tell a busy guest from an idle one ([`crate::Pacer`]).
     pub(crate) guest_ops: u64,
+    /// Set by a durability driver while it waits for the image lock: a guest request that
+    /// holds the lock then lets it in first (see `SharedImage::durable_work`).
+    pub(crate) driver_waiting: std::sync::Arc<std::sync::atomic::AtomicBool>,
     /// Last barrier ticket handed out by a staged commit (see `durable.rs`).
     pub(crate) next_ticket: u64,
     /// The first failed flush or write of this engine (for an [`ImageIo`] that does not
@@ -352,6 +355,7 @@ impl Qcow2 {
             hold_cache: false,
             walk_chunk: crate::durable::WALK_CHUNK,
             guest_ops: 0,
+            driver_waiting: Default::default(),
             next_ticket: 0,
             failed: None,
             h,

@@ -33,8 +33,8 @@
 //! is a first touch), with `qemu-img bench` on 64 KiB clusters as the anchor.
 //!
 //! Usage: bench-checkpoint [--sizes 0,1,16,64] [--dir DIR] [--reps 5] [--clusters 4k,8k,16k,32k,64k]
-//!        [--pace 3] [--idle-pace 1] [--budget 1] [--walk-chunk 256] [--flush-every 256] [--locked-driver] [--no-table]
-//!        [--part1-clusters 16k,64k]
+//!        [--pace 3] [--idle-pace 1] [--budget 1] [--walk-chunk 256] [--flush-every 256] [--locked-driver] [--no-handoff] [--no-table]
+//!        [--rounds 6] [--part1-clusters 16k,64k]
 
 use clap::Parser;
 use rand::{Rng, SeedableRng};
@@ -87,6 +87,14 @@ struct Args {
     /// table, e.g. 2048 at 16 KiB clusters, walks a table per lock hold as before chunks).
     #[arg(long, default_value_t = 0)]
     walk_chunk: u64,
+    /// The durability thread waits for the image lock without asking guest requests to hand
+    /// it over (as before the hand-over), for comparison.
+    #[arg(long)]
+    no_handoff: bool,
+    /// Rounds of the durable-phase IOPS measurement at least (whole rotations of 3; more
+    /// while the durable windows add up to less than 1.5 s).
+    #[arg(long, default_value_t = 6)]
+    rounds: usize,
     /// The flushing guest's variant: a flush after every this many writes (0: no variant).
     #[arg(long, default_value_t = 256)]
     flush_every: u64,
@@ -249,7 +257,11 @@ fn part1(a: &Args, cs: u64) -> R<()> {
     let driver = if a.locked_driver {
         format!("lock().durable_step({}), every barrier under the lock", a.budget)
     } else {
-        format!("SharedImage::durable_work({}), barriers outside the lock", a.budget)
+        format!(
+            "SharedImage::durable_work_handed({}), barriers outside the lock, {}",
+            a.budget,
+            if a.no_handoff { "no hand-over by guest requests" } else { "guest requests hand the lock over" }
+        )
     };
     let pacing = format!(
         "Pacer: pause {}x its lock time (>= 50 µs) while the guest is busy, {}x while idle; walk chunk {}",
@@ -263,12 +275,13 @@ fn part1(a: &Args, cs: u64) -> R<()> {
     );
     println!("(guest thread through SharedImage; durability thread: {driver}; {pacing})");
     println!(
-        "{:>6} {:>12} {:>12} {:>12} {:>7} {:>11} {:>9} {:>7} {:>9} {:>10} {:>9} {:>8} {:>8} {:>9} {:>9} {:>14} {:>6}",
+        "{:>6} {:>12} {:>12} {:>12} {:>7} {:>7} {:>11} {:>9} {:>7} {:>9} {:>10} {:>9} {:>8} {:>8} {:>9} {:>9} {:>14} {:>6} {:>14}",
         "alloc",
         "guest flush",
         "IOPS steady",
         "IOPS durab.",
         "ratio",
+        "median",
         "round min",
         "max",
         "rounds",
@@ -280,16 +293,18 @@ fn part1(a: &Args, cs: u64) -> R<()> {
         "1st sync",
         "guest max",
         "flush % s/d/c",
-        "busy %"
+        "busy %",
+        "host busy s/d/c"
     );
     for (gib, fe, r) in &iops_rows {
         println!(
-            "{:>4} G {:>12} {:>12.0} {:>12.0} {:>7.2} {:>11.2} {:>9.2} {:>7} {:>9.2} {:>10.1} {:>9.2} {:>7.1}% {:>7.1}% {:>9.2} {:>9.2} {:>6.0}/{:.0}/{:.0} {:>5.0}%",
+            "{:>4} G {:>12} {:>12.0} {:>12.0} {:>7.2} {:>7.2} {:>11.2} {:>9.2} {:>7} {:>9.2} {:>10.1} {:>9.2} {:>7.1}% {:>7.1}% {:>9.2} {:>9.2} {:>6.0}/{:.0}/{:.0} {:>5.0}% {:>6.2}/{:.2}/{:.2}",
             gib,
             if *fe == 0 { "none".to_string() } else { format!("every {fe}") },
             r.steady,
             r.during,
             r.during / r.steady,
+            r.round_median,
             r.round_min,
             r.round_max,
             r.rounds,
@@ -304,10 +319,13 @@ fn part1(a: &Args, cs: u64) -> R<()> {
             r.flush_share[1] * 100.0,
             r.flush_share[2] * 100.0,
             r.busy_share * 100.0,
+            r.host_busy[0],
+            r.host_busy[1],
+            r.host_busy[2],
         );
     }
-    println!("(ratio = IOPS during durable windows / steady IOPS, totals over all rounds; round min/max: the same per");
-    println!(" round; each round runs one window of each kind, in rotating order, each starting after a guest flush;");
+    println!("(ratio = IOPS during durable windows / steady IOPS, totals over all rounds; median, round min/max: the");
+    println!(" same per round; each round runs one window of each kind, in rotating order, each starting after a guest flush;");
     println!(
         " steady and ctl windows last as long as the durable ones (median so far); ctl ratio = IOPS right after a"
     );
@@ -320,7 +338,11 @@ fn part1(a: &Args, cs: u64) -> R<()> {
     println!(" per call and its share of the durable windows; sync % = share spent in its fdatasyncs (no lock); 1st");
     println!(" sync = median ms of a window's first barrier (whole file); guest max = slowest guest request, ms;");
     println!(" flush % s/d/c = share of the steady / durable / ctl windows the guest spent in its own flushes;");
-    println!(" busy % = share of the durability thread's steps paced as 'guest busy' (--pace) rather than idle)");
+    println!(" busy % = share of the durability thread's steps paced as 'guest busy' (--pace) rather than idle;");
+    println!(
+        " host busy s/d/c = CPUs busy on the whole machine outside this process in steady / durable / ctl windows,"
+    );
+    println!(" from /proc/stat: other load competing with the guest and driver threads on its cores)");
     Ok(())
 }
 
@@ -333,7 +355,8 @@ struct Iops {
     during: f64,
     /// Take with no durability thread, windows as long as the durable ones.
     control: f64,
-    /// Per round: durable / steady IOPS (min, max).
+    /// Per round: durable / steady IOPS (median, min, max).
+    round_median: f64,
     round_min: f64,
     round_max: f64,
     rounds: usize,
@@ -348,6 +371,21 @@ struct Iops {
     flush_share: [f64; 3],
     /// Share of the driver's steps after which its pacer saw the guest busy.
     busy_share: f64,
+    /// CPUs busy outside this process during each window kind (steady, durable, control).
+    host_busy: [f64; 3],
+}
+
+/// Busy clock ticks of the whole machine (all CPUs: everything but idle and iowait) and of
+/// this process (user + system), from /proc/stat and /proc/self/stat.
+fn busy_ticks() -> (u64, u64) {
+    let st = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let f: Vec<u64> =
+        st.lines().next().unwrap_or("").split_whitespace().skip(1).map(|x| x.parse().unwrap_or(0)).collect();
+    let all: u64 = f.iter().take(8).sum::<u64>() - f.get(3).copied().unwrap_or(0) - f.get(4).copied().unwrap_or(0);
+    let me = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let rest = me.rsplit_once(')').map(|x| x.1).unwrap_or("");
+    let g: Vec<u64> = rest.split_whitespace().map(|x| x.parse().unwrap_or(0)).collect();
+    (all, g.get(11).copied().unwrap_or(0) + g.get(12).copied().unwrap_or(0))
 }
 
 /// With XENSNAP_BENCH_MARK set, a line on stderr with the CLOCK_MONOTONIC time (to cut a
@@ -360,6 +398,9 @@ fn mark(s: &str) {
 
 /// This thread's user and system CPU time so far (clock ticks of /proc/thread-self/stat,
 /// 10 ms each).
+/// Clock ticks per second of /proc's CPU times (USER_HZ, 100 on Linux).
+const USER_HZ: f64 = 100.0;
+
 fn thread_cpu() -> (u64, u64) {
     let s = std::fs::read_to_string("/proc/thread-self/stat").unwrap_or_default();
     let rest = s.rsplit_once(')').map(|x| x.1).unwrap_or("");
@@ -432,21 +473,29 @@ struct DriverStats {
 
 /// The durability driver of blkback-snap ([`SharedImage::drive_durability`]'s loop and
 /// pacing), with its lock and sync times recorded; `locked`: every barrier under the lock.
-fn drive(img: &SharedImage, locked: bool, pacer: &mut Pacer, budget: usize, done: &AtomicBool) -> R<DriverStats> {
+fn drive(
+    img: &SharedImage,
+    locked: bool,
+    handoff: bool,
+    pacer: &mut Pacer,
+    budget: usize,
+    done: &AtomicBool,
+) -> R<DriverStats> {
     let mut s = DriverStats::default();
+    let waiting = handoff.then(|| img.handoff_flag());
     loop {
-        if !lock(img).durable_pending() {
-            done.store(true, Ordering::SeqCst);
-            return Ok(s);
-        }
         let p = if locked {
             let mut g = lock(img);
             let t = Instant::now();
             let done = g.durable_step(budget).map_err(q("durable step"))?;
             DurableProgress { done, locked: t.elapsed(), synced: Duration::ZERO, guest_ops: g.guest_ops() }
         } else {
-            img.durable_work(budget).map_err(q("durable step"))?
+            img.durable_work_handed(budget, waiting.as_deref()).map_err(q("durable step"))?
         };
+        if p.done {
+            done.store(true, Ordering::SeqCst);
+            return Ok(s);
+        }
         s.max = s.max.max(p.locked);
         s.held += p.locked;
         if s.first_sync.is_zero() {
@@ -476,6 +525,8 @@ fn iops_during(path: &Path, region: u64, a: &Args, flush_every: u64) -> R<Iops> 
     let (mut cu, mut cs) = ([0u64; 3], [0u64; 3]);
     let (mut steps, mut busy_steps) = (0u64, 0u64);
     let mut rounds: Vec<[f64; 3]> = vec![];
+    let mut other = [0u64; 3];
+    let mut other_wall = [Duration::ZERO; 3];
     let (mut wins, mut firsts, mut max_hold, mut held, mut synced, mut guest_max) =
         (vec![], vec![], Duration::ZERO, Duration::ZERO, Duration::ZERO, Duration::ZERO);
     let mut seq = 0u64;
@@ -506,8 +557,9 @@ fn iops_during(path: &Path, region: u64, a: &Args, flush_every: u64) -> R<Iops> 
                 let t = Instant::now();
                 let done = Arc::new(AtomicBool::new(false));
                 let (d2, i2, locked, budget) = (done.clone(), img.clone(), a.locked_driver, a.budget);
+                let handoff = !a.no_handoff;
                 let mut pacer = Pacer::new(a.pace, a.idle_pace, GUEST_BUSY_WINDOW);
-                let driver = std::thread::spawn(move || drive(&i2, locked, &mut pacer, budget, &d2));
+                let driver = std::thread::spawn(move || drive(&i2, locked, handoff, &mut pacer, budget, &d2));
                 let g = guest(&img, &mut off, &buf, flush_every, &|| done.load(Ordering::SeqCst))?;
                 let el = t.elapsed();
                 let s = driver.join().map_err(|_| "driver panicked".to_string())??;
@@ -534,16 +586,21 @@ fn iops_during(path: &Path, region: u64, a: &Args, flush_every: u64) -> R<Iops> 
     let min = Duration::from_millis(1500);
     let mut k = 0;
     // whole rotations of the order (each kind first, second and third equally often)
-    while (k < 3 || t[1] < min || k % 3 != 0) && k < 60 {
+    while (k < a.rounds.max(3) || t[1] < min || k % 3 != 0) && k < 60 {
         let mut round = [0f64; 3];
         for j in 0..3 {
             let kind = order[(k + j) % 3];
             // steady and control windows last as long as the durable ones so far (median)
             let len = median(lens.clone()).max(Duration::from_millis(20));
             mark(&format!("xsw begin {}", kind as usize));
+            let (b0, w0) = (busy_ticks(), Instant::now());
             let (g, wt) = window(kind, len, true, &mut wins)?;
+            let b1 = busy_ticks();
+            other_wall[kind as usize] += w0.elapsed();
             mark(&format!("xsw end {}", kind as usize));
             let i = kind as usize;
+            // (the window's flush, checkpoint and delete around the guest's writes included)
+            other[i] += (b1.0 - b0.0).saturating_sub(b1.1 - b0.1);
             if kind == Win::Durable {
                 lens.push(wt);
             }
@@ -566,8 +623,8 @@ fn iops_during(path: &Path, region: u64, a: &Args, flush_every: u64) -> R<Iops> 
         println!(
             "  guest CPU per write ({} GiB, flush every {flush_every}), {k} windows: user {:.2} µs, sys {:.2} µs, wall {:.2} µs",
             region / GIB,
-            cu[i] as f64 * 1e4 / w,
-            cs[i] as f64 * 1e4 / w,
+            cu[i] as f64 * 1e6 / USER_HZ / w,
+            cs[i] as f64 * 1e6 / USER_HZ / w,
             t[i].as_secs_f64() * 1e6 / w
         );
     }
@@ -575,6 +632,15 @@ fn iops_during(path: &Path, region: u64, a: &Args, flush_every: u64) -> R<Iops> 
         steady: rate(0),
         during: rate(1),
         control: rate(2),
+        round_median: {
+            let mut p = per.clone();
+            p.sort_by(f64::total_cmp);
+            match p.len() {
+                0 => 0.0,
+                n if n % 2 == 1 => p[n / 2],
+                n => (p[n / 2 - 1] + p[n / 2]) / 2.0,
+            }
+        },
         round_min: per.iter().cloned().fold(f64::INFINITY, f64::min),
         round_max: per.iter().cloned().fold(0.0, f64::max),
         rounds: k,
@@ -586,6 +652,7 @@ fn iops_during(path: &Path, region: u64, a: &Args, flush_every: u64) -> R<Iops> 
         guest_max,
         busy_share: busy_steps as f64 / steps.max(1) as f64,
         flush_share: [0, 1, 2].map(|i| fl[i].as_secs_f64() / t[i].as_secs_f64()),
+        host_busy: [0, 1, 2].map(|i| other[i] as f64 / USER_HZ / other_wall[i].as_secs_f64().max(1e-9)),
     })
 }
 
