@@ -211,7 +211,9 @@ pub const DURABLE_BUDGET: usize = 1;
 /// 0.67-0.80) but a guest flushing every 256 writes 0.73-0.77 (pace 3: 0.78-0.88), and it
 /// stretched the durable phase under load 4-5x (16 GiB: ~4 s never-flushing, ~10 s
 /// flushing), so far that the 64 GiB run filled the disk with the guest's copy-on-write
-/// data. So 3 stays.
+/// data. So 3 stays. Again with walks in chunks and the lock hand-over (9 rounds each):
+/// pace 8 0.88 | 0.76 (medians of the rounds), durable phase 3.3 s | 10.7 s; pace 3 0.81-0.82
+/// | 0.84-0.87, 1.4-1.6 s | 5.2 s.
 pub const DURABLE_PACE: u32 = 3;
 
 /// The same while the guest is idle (no request for [`GUEST_BUSY_WINDOW`]): nobody waits
