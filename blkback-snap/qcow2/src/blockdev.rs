@@ -22,6 +22,15 @@ fn lock(m: &Mutex<Qcow2>) -> MutexGuard<'_, Qcow2> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// The image lock if it is free (a poisoned one too, like [`lock`]).
+fn try_take(m: &Mutex<Qcow2>) -> Option<MutexGuard<'_, Qcow2>> {
+    match m.try_lock() {
+        Ok(g) => Some(g),
+        Err(TryLockError::Poisoned(e)) => Some(e.into_inner()),
+        Err(TryLockError::WouldBlock) => None,
+    }
+}
+
 /// The image lock for a guest request, counted (see [`Pacer`]). If a durability driver is
 /// waiting for the lock ([`SharedImage::durable_work_handed`]), the request lets it in
 /// first: it releases the lock and takes it again once the driver's step is over (spinning
@@ -38,10 +47,8 @@ fn guest_lock(m: &Mutex<Qcow2>) -> MutexGuard<'_, Qcow2> {
         let t = Instant::now();
         g = loop {
             if !waiting.load(Ordering::Acquire) {
-                match m.try_lock() {
-                    Ok(g) => break g,
-                    Err(TryLockError::Poisoned(e)) => break e.into_inner(),
-                    Err(TryLockError::WouldBlock) => {}
+                if let Some(g) = try_take(m) {
+                    break g;
                 }
             }
             if t.elapsed() >= HANDOFF_MAX {
@@ -66,10 +73,8 @@ fn driver_lock<'a>(m: &'a Mutex<Qcow2>, waiting: Option<&AtomicBool>) -> MutexGu
     w.store(true, Ordering::Release);
     let t = Instant::now();
     let g = loop {
-        match m.try_lock() {
-            Ok(g) => break g,
-            Err(TryLockError::Poisoned(e)) => break e.into_inner(),
-            Err(TryLockError::WouldBlock) => {}
+        if let Some(g) = try_take(m) {
+            break g;
         }
         if t.elapsed() >= Duration::from_millis(5) {
             break lock(m);
@@ -367,6 +372,12 @@ mod tests {
     use super::*;
     use crate::{CreateOptions, MemIo};
 
+    /// An image in memory, 4 KiB clusters.
+    fn mem_image(size: u64) -> SharedImage {
+        let opts = CreateOptions { size, cluster_bits: 12, refcount_order: 4 };
+        SharedImage::new(Qcow2::create(Box::new(MemIo::new()), &opts).expect("create"))
+    }
+
     fn progress(locked_us: u64, guest_ops: u64) -> DurableProgress {
         DurableProgress { done: false, locked: Duration::from_micros(locked_us), synced: Duration::ZERO, guest_ops }
     }
@@ -392,12 +403,7 @@ mod tests {
 
     #[test]
     fn guest_requests_are_counted_and_background_steps_are_not() {
-        let img = Qcow2::create(
-            Box::new(MemIo::new()),
-            &CreateOptions { size: 1 << 20, cluster_bits: 12, refcount_order: 4 },
-        )
-        .expect("create");
-        let shared = SharedImage::new(img);
+        let shared = mem_image(1 << 20);
         shared.write_at(0, &[1u8; 8192]).expect("write");
         lock(&shared.0).checkpoint_take("t").expect("take");
         let before = shared.durable_work(1).expect("step").guest_ops;
@@ -428,12 +434,7 @@ mod tests {
     /// scheduled for within `HANDOFF_MAX` goes ahead; the median is asserted).
     #[test]
     fn a_busy_guest_hands_the_lock_to_a_waiting_driver() {
-        let img = Qcow2::create(
-            Box::new(MemIo::new()),
-            &CreateOptions { size: 64 << 20, cluster_bits: 12, refcount_order: 4 },
-        )
-        .expect("create");
-        let shared = SharedImage::new(img);
+        let shared = mem_image(64 << 20);
         shared.write_at(0, &vec![1u8; 64 << 20]).expect("fill");
         lock(&shared.0).set_walk_chunk(8);
         lock(&shared.0).checkpoint_take("t").expect("take");
