@@ -152,7 +152,7 @@ pub struct Qcow2 {
     /// durability driver reads to tell a busy guest from an idle one ([`crate::Pacer`]).
     pub(crate) guest_ops: u64,
     /// Set by a durability driver while it waits for the image lock: a guest request that
-    /// holds the lock then lets it in first (see `SharedImage::durable_work`).
+    /// holds the lock then lets it in first (see `SharedImage::durable_work_handed`).
     pub(crate) driver_waiting: std::sync::Arc<std::sync::atomic::AtomicBool>,
     /// Last barrier ticket handed out by a staged commit (see `durable.rs`).
     pub(crate) next_ticket: u64,
