@@ -35,6 +35,17 @@ pub mod bench {
         v.get(v.len() / 2).copied().unwrap_or_default()
     }
 
+    /// The median of a list of numbers (the mean of the two middle ones of an even count;
+    /// 0 for none).
+    pub fn median_mean(mut v: Vec<f64>) -> f64 {
+        v.sort_by(f64::total_cmp);
+        match v.len() {
+            0 => 0.0,
+            n if n % 2 == 1 => v[n / 2],
+            n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+        }
+    }
+
     pub fn ms(d: Duration) -> f64 {
         d.as_secs_f64() * 1e3
     }
@@ -52,6 +63,9 @@ pub mod bench {
             let d = |n| Duration::from_millis(n);
             assert_eq!(median(vec![d(3), d(1), d(2)]), d(2));
             assert_eq!(median(vec![]), Duration::ZERO);
+            assert_eq!(median_mean(vec![3.0, 1.0, 2.0]), 2.0);
+            assert_eq!(median_mean(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
+            assert_eq!(median_mean(vec![]), 0.0);
             assert!(sh("true", &[]).is_ok());
             let e = sh("false", &[]).unwrap_err();
             assert!(e.starts_with("false"), "{e}");

@@ -798,16 +798,10 @@ impl Qcow2 {
                 // raises counts (given back by the drop that follows) and clears the active
                 // tree's COPIED flags in memory with no dirty bit made durable for them
                 let unprepared = matches!(then, Then::Commit { delete_requested: true, .. }) && stage.early < 3;
-                let n = self.l1_len(*pred)? as u64;
-                let (words, chunk) = self.walk_geometry();
-                while *cursor < n {
-                    if *left == 0 {
-                        return Ok(Run::Paused);
-                    }
-                    let to = (*sub + chunk).min(words);
-                    let worked = self.link_index(*pred, *succ, *cursor, *sub..to, unprepared)?;
-                    Self::advance(cursor, sub, worked, to, words);
-                    *left = left.saturating_sub(if worked { EMPTY_PER_UNIT } else { 1 });
+                let (p, s) = (*pred, *succ);
+                let n = self.l1_len(p)? as u64;
+                if !self.walk(n, cursor, sub, left, |this, i, r| this.link_index(p, s, i, r, unprepared))? {
+                    return Ok(Run::Paused);
                 }
                 if *left == 0 && !stage.begun() {
                     return Ok(Run::Paused);
@@ -863,15 +857,8 @@ impl Qcow2 {
                 }
                 let t = tree.ok_or_else(|| Error::corrupt("drop job without a tree"))?;
                 let n = self.l1_len(t)? as u64;
-                let (words, chunk) = self.walk_geometry();
-                while *cursor < n {
-                    if *left == 0 {
-                        return Ok(Run::Paused);
-                    }
-                    let to = (*sub + chunk).min(words);
-                    let worked = self.drop_index(t, *cursor, *sub..to)?;
-                    Self::advance(cursor, sub, worked, to, words);
-                    *left = left.saturating_sub(if worked { EMPTY_PER_UNIT } else { 1 });
+                if !self.walk(n, cursor, sub, left, |this, i, r| this.drop_index(t, i, r))? {
+                    return Ok(Run::Paused);
                 }
                 // The tree is durably unpublished (or never was): its decreases reach disk
                 // with the next write-back; nothing depends on them being durable.
@@ -902,15 +889,39 @@ impl Qcow2 {
         (words, chunk)
     }
 
-    /// Move a walk's position past the chunk that ended at entry `to` (`worked`: the tree
-    /// had an L2 table at this index; otherwise the whole index is done).
-    fn advance(cursor: &mut u64, sub: &mut u64, worked: bool, to: u64, words: u64) {
-        if worked && to < words {
-            *sub = to;
-        } else {
-            *cursor += 1;
-            *sub = 0;
+    /// Walk L1 indices `cursor..n` of a job, one chunk of L2 entries per `step(index,
+    /// entries)` (which returns whether the tree had an L2 table there; if not, the whole
+    /// index is done), from the job's position on, while the budget lasts: a chunk costs a
+    /// unit, an empty index 1/`EMPTY_PER_UNIT` of one. Returns false when out of budget.
+    fn walk(
+        &mut self,
+        n: u64,
+        cursor: &mut u64,
+        sub: &mut u64,
+        left: &mut u64,
+        mut step: impl FnMut(&mut Self, u64, Range<u64>) -> Result<bool>,
+    ) -> Result<bool> {
+        let (words, chunk) = self.walk_geometry();
+        while *cursor < n {
+            if *left == 0 {
+                return Ok(false);
+            }
+            let to = (*sub + chunk).min(words);
+            let worked = step(self, *cursor, *sub..to)?;
+            if worked && to < words {
+                *sub = to;
+            } else {
+                *cursor += 1;
+                *sub = 0;
+            }
+            *left = left.saturating_sub(if worked { EMPTY_PER_UNIT } else { 1 });
         }
+        Ok(true)
+    }
+
+    /// Words `r` of a table of `len` words, clipped to it.
+    fn clip(r: &Range<u64>, len: usize) -> Range<usize> {
+        r.start.min(len as u64) as usize..r.end.min(len as u64) as usize
     }
 
     /// Words `r` of the L2 table at `off` (clipped to the table).
@@ -920,8 +931,7 @@ impl Qcow2 {
             .l2_cache
             .get(&off)
             .ok_or_else(|| Error::corrupt(format!("L2 table at {off:#x} vanished from cache")))?;
-        let (a, b) = (r.start.min(t.len() as u64) as usize, r.end.min(t.len() as u64) as usize);
-        Ok(t.get(a..b).map(<[u64]>::to_vec).unwrap_or_default())
+        Ok(t.get(Self::clip(r, t.len())).map(<[u64]>::to_vec).unwrap_or_default())
     }
 
     /// Cluster references of one L2 entry.
@@ -1100,8 +1110,8 @@ impl Qcow2 {
         if all_shared {
             if let Some(t) = self.l2_cache.get_mut(&l2) {
                 let mut changed = false;
-                let (a, b) = (r.start.min(t.len() as u64) as usize, r.end.min(t.len() as u64) as usize);
-                for w in t.get_mut(a..b).unwrap_or_default() {
+                let range = Self::clip(&r, t.len());
+                for w in t.get_mut(range).unwrap_or_default() {
                     if *w & COPIED != 0 {
                         *w &= !COPIED;
                         changed = true;

@@ -44,7 +44,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use xensnap_blockdev::BlockDevice;
 use xensnap_qcow2::{CreateOptions, DurableProgress, OpenOptions, Pacer, Qcow2, SharedImage, GUEST_BUSY_WINDOW};
-use xensnap_tests::bench::{median, ms, q, sh, us, R};
+use xensnap_tests::bench::{median, median_mean, ms, q, sh, us, R};
 
 const GIB: u64 = 1 << 30;
 const IO: usize = 4096;
@@ -382,10 +382,8 @@ fn busy_ticks() -> (u64, u64) {
     let f: Vec<u64> =
         st.lines().next().unwrap_or("").split_whitespace().skip(1).map(|x| x.parse().unwrap_or(0)).collect();
     let all: u64 = f.iter().take(8).sum::<u64>() - f.get(3).copied().unwrap_or(0) - f.get(4).copied().unwrap_or(0);
-    let me = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let rest = me.rsplit_once(')').map(|x| x.1).unwrap_or("");
-    let g: Vec<u64> = rest.split_whitespace().map(|x| x.parse().unwrap_or(0)).collect();
-    (all, g.get(11).copied().unwrap_or(0) + g.get(12).copied().unwrap_or(0))
+    let (u, s) = proc_cpu("/proc/self/stat");
+    (all, u + s)
 }
 
 /// With XENSNAP_BENCH_MARK set, a line on stderr with the CLOCK_MONOTONIC time (to cut a
@@ -402,7 +400,12 @@ fn mark(s: &str) {
 const USER_HZ: f64 = 100.0;
 
 fn thread_cpu() -> (u64, u64) {
-    let s = std::fs::read_to_string("/proc/thread-self/stat").unwrap_or_default();
+    proc_cpu("/proc/thread-self/stat")
+}
+
+/// User and system CPU ticks (utime, stime) from a process or thread `stat` file.
+fn proc_cpu(path: &str) -> (u64, u64) {
+    let s = std::fs::read_to_string(path).unwrap_or_default();
     let rest = s.rsplit_once(')').map(|x| x.1).unwrap_or("");
     let f: Vec<u64> = rest.split_whitespace().map(|x| x.parse().unwrap_or(0)).collect();
     (f.get(11).copied().unwrap_or(0), f.get(12).copied().unwrap_or(0))
@@ -632,15 +635,7 @@ fn iops_during(path: &Path, region: u64, a: &Args, flush_every: u64) -> R<Iops> 
         steady: rate(0),
         during: rate(1),
         control: rate(2),
-        round_median: {
-            let mut p = per.clone();
-            p.sort_by(f64::total_cmp);
-            match p.len() {
-                0 => 0.0,
-                n if n % 2 == 1 => p[n / 2],
-                n => (p[n / 2 - 1] + p[n / 2]) / 2.0,
-            }
-        },
+        round_median: median_mean(per.clone()),
         round_min: per.iter().cloned().fold(f64::INFINITY, f64::min),
         round_max: per.iter().cloned().fold(0.0, f64::max),
         rounds: k,
