@@ -200,8 +200,15 @@ impl RangeGuard {
         if let Some(i) = g.writing.iter().position(|w| *w == (off, len)) {
             g.writing.swap_remove(i);
         }
+        // only a ranged sync under way can be waiting for a write to end (writers wait for
+        // syncs, never for each other), and it set `syncing` before it waited: without one,
+        // no wake-up is needed (std's `notify_all` is a futex system call even when nobody
+        // waits, one per image write)
+        let waiter = !g.syncing.is_empty();
         drop(g);
-        self.cv.notify_all();
+        if waiter {
+            self.cv.notify_all();
+        }
         r
     }
     fn sync<T>(&self, ranges: &[(u64, u64)], f: impl FnOnce() -> T) -> T {
@@ -924,6 +931,52 @@ mod tests {
         h.sync_ranges(&[(20_000, 10)]).unwrap();
         assert_eq!(f.len().unwrap(), 10_000);
         assert!(f.take_written().unwrap().is_empty());
+    }
+
+    /// A ranged sync that finds an overlapping write under way waits for it and is woken by
+    /// its end; a write overlapping the sync under way waits for the sync; writes elsewhere
+    /// never wait. (The write's end wakes only when a sync is under way: this fails by
+    /// timing out if that wake-up is lost.)
+    #[test]
+    fn range_guard_orders_overlapping_writes_and_syncs() {
+        use std::sync::mpsc;
+        use std::time::Duration;
+        let g = Arc::new(RangeGuard::default());
+        let log = Arc::new(Mutex::new(Vec::<&str>::new()));
+        let (started, wait_started) = mpsc::channel();
+        let (g1, l1) = (g.clone(), log.clone());
+        let writer = std::thread::spawn(move || {
+            g1.write(100, 10, || {
+                started.send(()).unwrap();
+                std::thread::sleep(Duration::from_millis(300));
+                l1.lock().unwrap().push("write end");
+            })
+        });
+        wait_started.recv().unwrap();
+        // a write elsewhere goes on at once
+        g.write(0, 10, || log.lock().unwrap().push("other write"));
+        let (done, wait_done) = mpsc::channel();
+        let (g2, l2) = (g.clone(), log.clone());
+        let syncer = std::thread::spawn(move || {
+            g2.sync(&[(105, 1)], || {
+                l2.lock().unwrap().push("sync");
+                std::thread::sleep(Duration::from_millis(100));
+            });
+            done.send(()).unwrap();
+        });
+        // wait until the sync has registered its ranges (it is then waiting for the writer)
+        while g.lock().syncing.is_empty() {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // an overlapping write waits for the sync, one elsewhere does not
+        let (g3, l3) = (g.clone(), log.clone());
+        let late = std::thread::spawn(move || g3.write(100, 10, || l3.lock().unwrap().push("late write")));
+        g.write(200, 10, || log.lock().unwrap().push("other write"));
+        wait_done.recv_timeout(Duration::from_secs(10)).expect("the sync was never woken by the write's end");
+        writer.join().unwrap();
+        syncer.join().unwrap();
+        late.join().unwrap();
+        assert_eq!(*log.lock().unwrap(), vec!["other write", "other write", "write end", "sync", "late write"]);
     }
 
     #[test]
