@@ -3,6 +3,7 @@
 //! requests executed inline (`--workers 0`, one at a time) or on a pool of I/O threads.
 //!
 //!     cargo run --release -p blkback-snap --example ring_bench -- [--secs 2] [--reps 3] [--dir /var/tmp] [--workers 4] [--cold] [--persistent]
+//!         [--only WORKLOAD] [--qd N] [--image qcow2|raw] [--cluster-kib 64]
 //!
 //! Prints IOPS / MiB/s per workload and queue depth for inline execution, the pool with the
 //! default adaptive hand-off, and the pool handing off everything it can, and their ratios.
@@ -160,11 +161,24 @@ fn main() {
     let cold = args.iter().any(|a| a == "--cold");
     let persistent = args.iter().any(|a| a == "--persistent");
     let reps: usize = arg("--reps").and_then(|s| s.parse().ok()).unwrap_or(3).max(1);
+    // run one workload / queue depth / image kind only (e.g. under a profiler)
+    let only = arg("--only");
+    let only_qd: Option<usize> = arg("--qd").and_then(|s| s.parse().ok());
+    let only_image = arg("--image");
+    let cluster_kib: u64 = arg("--cluster-kib").and_then(|s| s.parse().ok()).unwrap_or(64);
+    if !cluster_kib.is_power_of_two() || !(1..=2048).contains(&cluster_kib) {
+        eprintln!("ring_bench: --cluster-kib must be a power of two from 1 to 2048");
+        std::process::exit(2);
+    }
     let tmp = tempfile::tempdir_in(&dir).expect("temp dir");
     let qpath = tmp.path().join("bench.qcow2");
     xensnap_qcow2::Qcow2::create_file(
         &qpath,
-        &xensnap_qcow2::CreateOptions { size: DISK, cluster_bits: 16, ..Default::default() },
+        &xensnap_qcow2::CreateOptions {
+            size: DISK,
+            cluster_bits: (cluster_kib << 10).trailing_zeros(),
+            ..Default::default()
+        },
     )
     .expect("create qcow2")
     .close()
@@ -186,13 +200,16 @@ fn main() {
         Load { name: "randread 4K cold", op: BLKIF_OP_READ, bs: 4096, random: true, qd: 8, cold: true },
         Load { name: "randread 4K cold", op: BLKIF_OP_READ, bs: 4096, random: true, qd: 32, cold: true },
     ];
-    println!("ring_bench: {secs} s per run, median of {reps} alternating runs per mode, 256 MiB disk (filled), ring of 32 slots, pool = {pool} I/O threads, persistent grants {}, {} CPUs", if persistent { "on" } else { "off" }, std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    println!("ring_bench: {secs} s per run, median of {reps} alternating runs per mode, 256 MiB disk (filled, qcow2 clusters {cluster_kib} KiB), ring of 32 slots, pool = {pool} I/O threads, persistent grants {}, {} CPUs", if persistent { "on" } else { "off" }, std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
     println!(
         "{:<6} {:<17} {:>3} {:>11} {:>11} {:>11} {:>9} {:>9}   {:>8} {:>8} {:>8}",
         "image", "workload", "QD", "inline", "adaptive", "always", "adapt/in", "alws/in", "MiB/s in", "adapt", "always"
     );
     println!("(IOPS; adaptive = pool with the default adaptive hand-off, always = every request but the last visible one handed off)");
     for (kind, path) in [("qcow2", &qpath), ("raw", &rpath)] {
+        if only_image.as_deref().is_some_and(|k| k != kind) {
+            continue;
+        }
         let img = Image::open(Path::new(path), None, false, Duration::from_secs(1)).expect("open image");
         let dev: BlockDeviceArc = img.device.clone();
         // Fill: every cluster allocated, page cache warm.
@@ -200,7 +217,10 @@ fn main() {
         for off in (0..DISK).step_by(1 << 20) {
             dev.write_at(off, &chunk).expect("fill");
         }
-        for l in loads.into_iter().filter(|l| cold || !l.cold) {
+        let picked = |l: &Load| {
+            (cold || !l.cold) && only.as_deref().is_none_or(|o| l.name == o) && only_qd.is_none_or(|q| l.qd == q)
+        };
+        for l in loads.into_iter().filter(picked) {
             // Inline and pool alternate `reps` times; the medians are compared (the machine
             // is shared, so single runs drift).
             let (mut av, mut bv, mut cv) = (Vec::new(), Vec::new(), Vec::new());

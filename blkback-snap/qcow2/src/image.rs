@@ -161,9 +161,14 @@ pub struct Qcow2 {
     pub(crate) failed: Option<String>,
 }
 
-fn ioe(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
-    let w = what.into();
-    move |e| Error::io(w, e)
+fn ioe(what: &'static str) -> impl FnOnce(std::io::Error) -> Error {
+    move |e| Error::io(what, e)
+}
+
+/// [`ioe`] with the description formatted only if the I/O fails (for the request paths:
+/// a `format!` per read or write is an allocation and a formatting run per request).
+fn ioef(what: impl FnOnce() -> String) -> impl FnOnce(std::io::Error) -> Error {
+    move |e| Error::io(what(), e)
 }
 
 impl Qcow2 {
@@ -261,7 +266,7 @@ impl Qcow2 {
             .write(true)
             .create_new(true)
             .open(path)
-            .map_err(ioe(format!("creating {}", path.display())))?;
+            .map_err(ioef(|| format!("creating {}", path.display())))?;
         Self::create(Box::new(FileIo::new(f)), opts)
     }
 
@@ -271,7 +276,7 @@ impl Qcow2 {
             .read(true)
             .write(!opts.read_only)
             .open(path)
-            .map_err(ioe(format!("opening {}", path.display())))?;
+            .map_err(ioef(|| format!("opening {}", path.display())))?;
         Self::open(Box::new(FileIo::new(f)), opts)
     }
 
@@ -310,12 +315,12 @@ impl Qcow2 {
         // L1
         let mut l1b = vec![0u8; (u64::from(h.l1_size) * 8) as usize];
         io.read_at(&mut l1b, h.l1_table_offset)
-            .map_err(ioe(format!("reading the active L1 table at {:#x}", h.l1_table_offset)))?;
+            .map_err(ioef(|| format!("reading the active L1 table at {:#x}", h.l1_table_offset)))?;
         let l1: Vec<u64> = l1b.chunks_exact(8).map(|c| header::get_be64(c, 0)).collect();
         // reftable
         let mut rtb = vec![0u8; (u64::from(h.refcount_table_clusters) * cs) as usize];
         io.read_at(&mut rtb, h.refcount_table_offset)
-            .map_err(ioe(format!("reading the refcount table at {:#x}", h.refcount_table_offset)))?;
+            .map_err(ioef(|| format!("reading the refcount table at {:#x}", h.refcount_table_offset)))?;
         let reftable: Vec<u64> = rtb.chunks_exact(8).map(|c| header::get_be64(c, 0)).collect();
         let (snapshots, st_bytes) = crate::snapshot::read_table(io.as_ref(), &h, len)?;
         check_fixed_overlaps(&h, &snapshots, st_bytes)?;
@@ -532,7 +537,7 @@ impl Qcow2 {
             )));
         }
         let mut b = vec![0u8; self.cs as usize];
-        self.io.read_at(&mut b, off).map_err(ioe(format!("reading L2 table at {off:#x}")))?;
+        self.io.read_at(&mut b, off).map_err(ioef(|| format!("reading L2 table at {off:#x}")))?;
         let t: Vec<u64> = b.chunks_exact(8).map(|c| header::get_be64(c, 0)).collect();
         self.l2_cache.insert(off, t);
         Ok(())
@@ -697,11 +702,11 @@ impl Qcow2 {
             }
         }
         let what = || format!("reading data cluster at {host:#x}");
-        if self.io.read_into(dst, pos, len, host).map_err(ioe(what()))? {
+        if self.io.read_into(dst, pos, len, host).map_err(ioef(&what))? {
             return Ok(());
         }
         let mut tmp = vec![0u8; len];
-        self.io.read_at(&mut tmp, host).map_err(ioe(what()))?;
+        self.io.read_at(&mut tmp, host).map_err(ioef(&what))?;
         dst.copy_in(pos, &tmp).map_err(ioe("copying into the read buffer"))
     }
 
@@ -710,7 +715,7 @@ impl Qcow2 {
         let floor = self.len_floor.load(Relaxed);
         if host.checked_add(out.len() as u64).is_some_and(|end| end <= floor) {
             // wholly inside what the file is known to hold: no need to ask for its length
-            return self.io.read_at(out, host).map_err(ioe(format!("reading {what} at {host:#x}")));
+            return self.io.read_at(out, host).map_err(ioef(|| format!("reading {what} at {host:#x}")));
         }
         let flen = self.file_len()?;
         self.len_floor.fetch_max(flen, Relaxed);
@@ -720,7 +725,7 @@ impl Qcow2 {
         // the tail of the last data cluster may be missing from the file: reads as zero
         let avail = ((flen - host) as usize).min(out.len());
         let (a, b) = out.split_at_mut(avail);
-        self.io.read_at(a, host).map_err(ioe(format!("reading {what} at {host:#x}")))?;
+        self.io.read_at(a, host).map_err(ioef(|| format!("reading {what} at {host:#x}")))?;
         b.fill(0);
         Ok(())
     }
@@ -776,7 +781,7 @@ impl Qcow2 {
         }
         let l = len.min(flen - offset) as usize;
         let mut input = vec![0u8; l];
-        self.io.read_at(&mut input, offset).map_err(ioe(format!("reading compressed cluster at {offset:#x}")))?;
+        self.io.read_at(&mut input, offset).map_err(ioef(|| format!("reading compressed cluster at {offset:#x}")))?;
         let mut out = vec![0u8; self.cs as usize];
         decompress(self.h.compression, &input, &mut out, offset)?;
         self.decomp = Some((offset, out.clone()));
@@ -918,7 +923,7 @@ impl Qcow2 {
                     if let Some(dst) = full.get_mut(co as usize..co as usize + data.len()) {
                         data.copy_to(dst)?;
                     }
-                    self.io.write_at(&full, host).map_err(ioe(format!("writing data cluster at {host:#x}")))?;
+                    self.io.write_at(&full, host).map_err(ioef(|| format!("writing data cluster at {host:#x}")))?;
                 } else {
                     // the guest's bytes in place, as they are: straight from its memory if it can
                     self.write_src(data, host + co, || format!("writing data cluster at {host:#x}"))?;
@@ -946,7 +951,7 @@ impl Qcow2 {
             if let Some(dst) = full.get_mut(co as usize..co as usize + data.len()) {
                 data.copy_to(dst)?;
             }
-            self.io.write_at(&full, new).map_err(ioe(format!("writing data cluster at {new:#x}")))?;
+            self.io.write_at(&full, new).map_err(ioef(|| format!("writing data cluster at {new:#x}")))?;
         }
         if matches!(c, Cluster::Compressed { .. }) {
             self.decomp = None;
@@ -1002,14 +1007,14 @@ impl Qcow2 {
     /// Write `data` at host offset `off`: directly from a [`DataBuf`] when possible.
     fn write_src(&mut self, data: Src<'_>, off: u64, what: impl Fn() -> String) -> Result<()> {
         match data {
-            Src::Bytes(b) => self.io.write_at(b, off).map_err(ioe(what())),
+            Src::Bytes(b) => self.io.write_at(b, off).map_err(ioef(&what)),
             Src::Buf(buf, pos, len) => {
-                if self.io.write_from(buf, pos, len, off).map_err(ioe(what()))? {
+                if self.io.write_from(buf, pos, len, off).map_err(ioef(&what))? {
                     return Ok(());
                 }
                 let mut v = vec![0u8; len];
                 data.copy_to(&mut v)?;
-                self.io.write_at(&v, off).map_err(ioe(what()))
+                self.io.write_at(&v, off).map_err(ioef(&what))
             }
         }
     }
