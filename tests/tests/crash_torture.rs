@@ -64,6 +64,15 @@ enum Op {
     BarrierSync,
     /// Report the synced barrier back (under the lock).
     BarrierDone,
+    /// A guest write split around its data I/O (`cow_plan`, the data I/O, `steps`
+    /// background steps as a driver runs them meanwhile, `cow_finish`; the ordinary write
+    /// if there is no plan or it went stale), clipped to one cluster.
+    SplitWrite {
+        sector: usize,
+        sectors: usize,
+        seed: u8,
+        steps: usize,
+    },
 }
 
 fn h(data: &[u8]) -> u64 {
@@ -78,7 +87,8 @@ fn gen_ops(rng: &mut StdRng, sectors: usize, n: usize) -> Vec<Op> {
     for _ in 0..n {
         let s = rng.gen_range(0..sectors);
         let len = rng.gen_range(1..=(sectors - s).min(160));
-        ops.push(match rng.gen_range(0..38) {
+        ops.push(match rng.gen_range(0..42) {
+            38..=41 => Op::SplitWrite { sector: s, sectors: len, seed: rng.gen(), steps: rng.gen_range(0..4) },
             0..=8 | 26..=28 => Op::Write { sector: s, sectors: len, seed: rng.gen() },
             9 => Op::Discard { sector: s, sectors: len },
             10..=12 => Op::Flush,
@@ -321,6 +331,33 @@ fn run_until_failure(t: &Trial, io: &FaultIo, lying: bool) -> Outcome {
                 let r = img.durable_step(*n).is_ok();
                 staged_open &= !r;
                 r
+            }
+            Op::SplitWrite { sector, sectors, seed, steps } => {
+                let cs = 1usize << t.cluster_bits;
+                let off = sector * SECTOR;
+                let len = (sectors * SECTOR).min(cs - off % cs);
+                let data = pattern(*seed, *sector, len);
+                o.expect.apply(*sector, &data);
+                match img.cow_plan(off as u64, len) {
+                    Ok(Some(plan)) => {
+                        let ran = plan.run(&data);
+                        let mut ok = true;
+                        for _ in 0..*steps {
+                            ok = img.durable_step(1).is_ok();
+                            staged_open &= !ok;
+                            if !ok {
+                                break;
+                            }
+                        }
+                        ok && match img.cow_finish(plan, ran) {
+                            Ok(true) => true,
+                            Ok(false) => img.write(off as u64, &data).is_ok(),
+                            Err(_) => false,
+                        }
+                    }
+                    Ok(None) => img.write(off as u64, &data).is_ok(),
+                    Err(_) => false,
+                }
             }
             Op::Wait => {
                 let r = img.wait_durable().is_ok();

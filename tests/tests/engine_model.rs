@@ -12,7 +12,7 @@
 
 use proptest::prelude::*;
 use xensnap_qcow2::{
-    CheckpointState, CreateOptions, DurableBarrier, DurableStep, FaultIo, ImageIo, OpenOptions, Qcow2,
+    CheckpointState, CowPlan, CreateOptions, DurableBarrier, DurableStep, FaultIo, ImageIo, OpenOptions, Qcow2,
 };
 
 const SECTOR: u64 = 512;
@@ -56,6 +56,24 @@ enum Op {
     Staged(usize),
     /// Run the kept barrier through the I/O's sync handle and report it back.
     BarrierFinish,
+    /// The first half of a guest write split around its data I/O (`cow_plan` + the data
+    /// I/O, as `SharedImage` does with the lock released): the ops that follow run before
+    /// `SplitEnd` links it in (or, stale, makes it the ordinary way). Clipped to one
+    /// cluster; without a plan it is an ordinary write.
+    SplitBegin {
+        sector: u64,
+        sectors: u64,
+        seed: u8,
+    },
+    SplitEnd,
+    /// A whole split write with `steps` background steps in its gap (what a durability
+    /// driver does while a guest's data I/O runs).
+    SplitStepped {
+        sector: u64,
+        sectors: u64,
+        seed: u8,
+        steps: usize,
+    },
 }
 
 fn op(total_sectors: u64) -> impl Strategy<Value = Op> {
@@ -68,7 +86,7 @@ fn op(total_sectors: u64) -> impl Strategy<Value = Op> {
         2 => Just(Op::Create),
         1 => any::<usize>().prop_map(Op::Revert),
         1 => any::<usize>().prop_map(Op::Delete),
-        2 => (any::<usize>(), range).prop_map(|(which, (sector, sectors))| Op::ReadCheckpoint { which, sector, sectors }),
+        2 => (any::<usize>(), range.clone()).prop_map(|(which, (sector, sectors))| Op::ReadCheckpoint { which, sector, sectors }),
         1 => Just(Op::Reopen),
         3 => Just(Op::Take),
         3 => (1usize..4).prop_map(Op::Step),
@@ -77,6 +95,10 @@ fn op(total_sectors: u64) -> impl Strategy<Value = Op> {
         1 => Just(Op::Wait),
         3 => (1usize..4).prop_map(Op::Staged),
         2 => Just(Op::BarrierFinish),
+        3 => (range.clone(), any::<u8>()).prop_map(|((sector, sectors), seed)| Op::SplitBegin { sector, sectors, seed }),
+        2 => Just(Op::SplitEnd),
+        3 => (range, any::<u8>(), 0usize..4)
+            .prop_map(|((sector, sectors), seed, steps)| Op::SplitStepped { sector, sectors, seed, steps }),
     ]
 }
 
@@ -90,10 +112,25 @@ struct Model {
     next_name: u32,
 }
 
-fn assert_clean(img: &mut Qcow2, step: usize, op: &Op) {
+/// A split write under way: its plan, offset and bytes.
+type Split = (CowPlan, u64, Vec<u8>);
+
+/// Link in (or make) a split write under way, and apply it to the model.
+fn split_end(img: &mut Qcow2, m: &mut Model, split: &mut Option<Split>, ran: &mut Option<std::io::Result<()>>) {
+    if let Some((plan, off, data)) = split.take() {
+        let r = ran.take().unwrap_or(Ok(()));
+        if !img.cow_finish(plan, r).expect("cow finish") {
+            img.write(off, &data).expect("write after a stale plan");
+        }
+        m.active[off as usize..off as usize + data.len()].copy_from_slice(&data);
+    }
+}
+
+fn assert_clean(img: &mut Qcow2, step: usize, op: &Op, split_open: bool) {
     let acc = img.verify_accounting().unwrap_or_else(|e| panic!("step {step} {op:?}: verify_accounting failed: {e}"));
     assert!(acc.is_empty(), "step {step} {op:?}: in-memory accounting: {acc:#?}");
-    let pending = img.durable_pending();
+    // a split write's cluster is counted before anything points to it: a leak on disk
+    let pending = img.durable_pending() || split_open;
     let report = img.check().unwrap_or_else(|e| panic!("step {step} {op:?}: check failed: {e}"));
     if pending {
         // taken checkpoints hold references the published trees do not show: leaks only
@@ -119,6 +156,8 @@ fn run_with(cluster_bits: u32, size: u64, chunk: u64, ops: Vec<Op>, qemu: bool) 
     let mut img = Qcow2::create(Box::new(io.clone()) as Box<dyn ImageIo>, &opts).expect("create");
     img.set_walk_chunk(chunk);
     let mut m = Model { active: vec![0; size as usize], checkpoints: vec![], next_name: 0 };
+    let (mut split, mut ran): (Option<Split>, Option<std::io::Result<()>>) = (None, None);
+    let cs = 1u64 << cluster_bits;
     for (step, op) in ops.iter().enumerate() {
         match op {
             Op::Write { sector, sectors, seed } => {
@@ -176,6 +215,8 @@ fn run_with(cluster_bits: u32, size: u64, chunk: u64, ops: Vec<Op>, qemu: bool) 
                 assert!(buf == data[off as usize..off as usize + len], "step {step} {op:?}: checkpoint data differs");
             }
             Op::Reopen => {
+                // (a served image closes after its requests are done)
+                split_end(&mut img, &mut m, &mut split, &mut ran);
                 held = None;
                 img.close().expect("close");
                 img = Qcow2::open(Box::new(io.clone()), &OpenOptions { read_only: false }).expect("reopen");
@@ -223,12 +264,36 @@ fn run_with(cluster_bits: u32, size: u64, chunk: u64, ops: Vec<Op>, qemu: bool) 
                     img.durable_barrier_done(s);
                 }
             }
+            Op::SplitBegin { sector, sectors, seed } | Op::SplitStepped { sector, sectors, seed, .. } => {
+                split_end(&mut img, &mut m, &mut split, &mut ran);
+                let off = sector * SECTOR;
+                let len = (sectors * SECTOR).min(cs - off % cs) as usize;
+                let data = pattern(*seed, off, len);
+                match img.cow_plan(off, len).expect("cow plan") {
+                    Some(plan) => {
+                        ran = Some(plan.run(&data));
+                        split = Some((plan, off, data));
+                    }
+                    None => {
+                        img.write(off, &data).expect("write");
+                        m.active[off as usize..off as usize + len].copy_from_slice(&data);
+                    }
+                }
+                if let Op::SplitStepped { steps, .. } = op {
+                    for _ in 0..*steps {
+                        img.durable_step(1).expect("durable step in the gap");
+                    }
+                    split_end(&mut img, &mut m, &mut split, &mut ran);
+                }
+            }
+            Op::SplitEnd => split_end(&mut img, &mut m, &mut split, &mut ran),
         }
-        assert_clean(&mut img, step, op);
+        assert_clean(&mut img, step, op, split.is_some());
         let names: Vec<String> = img.checkpoint_list().into_iter().map(|s| s.name).collect();
         let want: Vec<String> = m.checkpoints.iter().map(|c| c.0.clone()).collect();
         assert_eq!(names, want, "step {step} {op:?}: checkpoint list");
     }
+    split_end(&mut img, &mut m, &mut split, &mut ran);
     // Full comparison at the end: the active disk and every checkpoint.
     let mut buf = vec![0; size as usize];
     img.read(0, &mut buf).expect("final read");

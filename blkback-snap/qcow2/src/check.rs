@@ -310,6 +310,7 @@ impl Qcow2 {
     /// refcount errors and COPIED flags. The refcount structure is rebuilt at the end of the
     /// image and switched in with one header write.
     pub fn repair(&mut self) -> Result<CheckReport> {
+        self.bump_gen();
         if !self.io_writable {
             warn!("repair needs the image opened read-write");
             return Err(Error::ReadOnly);

@@ -36,6 +36,13 @@
 //! * A new take (or switch) while a link still has the active tree as `succ` re-points that
 //!   link at the frozen copy: it had the same content at that instant.
 //!
+//! * A guest write split around its data I/O ([`Qcow2::cow_plan`], what
+//!   [`crate::SharedImage`] does while background work is pending) holds a new cluster
+//!   counted and not yet referenced until [`Qcow2::cow_finish`] links it in or frees it:
+//!   those count as one reference each (`cow_inflight`). A background step may run in that
+//!   gap (it changes refcounts and COPIED flags, never what the active disk maps or reads);
+//!   any other operation makes the plan stale and the write is made the ordinary way.
+//!
 //! Jobs run strictly in queue order, one at a time: a link walk, then its commit (append
 //! the snapshot table entry with a 12-byte header write, or publish the new active L1 with
 //! a 24-byte header write for a revert); drop jobs (the old active tree of a revert, a
@@ -369,6 +376,7 @@ impl Qcow2 {
     /// background work ([`Qcow2::durable_step`] / [`Qcow2::wait_durable`]). A crash before
     /// that loses it (and only leaks clusters).
     pub fn checkpoint_take(&mut self, name: &str) -> Result<SnapshotInfo> {
+        self.bump_gen();
         self.check_writable()?;
         if name.is_empty() || name.len() > 65535 {
             return Err(Error::invalid("checkpoint name must be 1..=65535 bytes"));
@@ -444,6 +452,7 @@ impl Qcow2 {
     /// the switch first (writes after a switch become durable with it), and so does a second
     /// switch.
     pub fn checkpoint_revert_switch(&mut self, id_or_name: &str) -> Result<()> {
+        self.bump_gen();
         self.check_writable()?;
         self.find_checkpoint(id_or_name)?;
         if self.l1_unpublished {
@@ -507,6 +516,7 @@ impl Qcow2 {
     /// ends in giving its references back, with no table write and no flush, and a crash at
     /// any point loses it. One whose commit is under way becomes durable, then is deleted.
     pub fn checkpoint_delete_begin(&mut self, id_or_name: &str) -> Result<()> {
+        self.bump_gen();
         self.check_writable()?;
         let (tree, sn, state) = self.find_checkpoint(id_or_name)?;
         let mut committing = state == CheckpointState::Durable;
@@ -1525,6 +1535,10 @@ impl Qcow2 {
             add(&mut exp, self.h.l1_table_offset, u64::from(self.h.l1_size) * 8, 1);
         }
         add(&mut exp, self.h.snapshots_offset, self.snapshot_table_bytes, 1);
+        // clusters of split writes not finished yet (see `Qcow2::cow_plan`)
+        for c in &self.cow_inflight {
+            *exp.entry(*c).or_default() += 1;
+        }
         let (words, _) = self.walk_geometry();
         // the references of tree `t` from position `from` (L1 index, L2 entry) on, with
         // every table's own (a drop gives it back with its last chunk)

@@ -156,6 +156,12 @@ pub struct Qcow2 {
     pub(crate) driver_waiting: std::sync::Arc<std::sync::atomic::AtomicBool>,
     /// Last barrier ticket handed out by a staged commit (see `durable.rs`).
     pub(crate) next_ticket: u64,
+    /// Bumped by every operation that may change what the active disk reads or how it maps
+    /// (guest writes, discards, flushes, checkpoint take / switch / delete, repair), not by
+    /// background steps: a [`CowPlan`] made before a bump is stale.
+    pub(crate) wgen: u64,
+    /// Clusters allocated by [`Qcow2::cow_plan`]s not finished yet (counted, not referenced).
+    pub(crate) cow_inflight: std::collections::HashSet<u64>,
     /// The first failed flush or write of this engine (for an [`ImageIo`] that does not
     /// track poisoning itself, see [`crate::io::Poison`]): everything is refused after it.
     pub(crate) failed: Option<String>,
@@ -362,6 +368,8 @@ impl Qcow2 {
             guest_ops: 0,
             driver_waiting: Default::default(),
             next_ticket: 0,
+            wgen: 0,
+            cow_inflight: std::collections::HashSet::new(),
             failed: None,
             h,
         };
@@ -852,6 +860,115 @@ impl Qcow2 {
         Ok(new)
     }
 
+    /// A change that can make a [`CowPlan`] stale (see [`Qcow2::wgen`]).
+    pub(crate) fn bump_gen(&mut self) {
+        self.wgen = self.wgen.wrapping_add(1);
+    }
+
+    /// First half of a guest write split around its data I/O, so that the data I/O can run
+    /// without the image lock (a durability driver's step meanwhile, see
+    /// [`crate::SharedImage`]): for a write of `len` bytes at `offset` inside one guest
+    /// cluster that must be copied on write — a data cluster the active disk shares with a
+    /// checkpoint, under an L2 table that exists, while background work is pending —
+    /// allocate the new cluster and return the plan; `None` for every other write (make it
+    /// with [`Qcow2::write`]). Nothing else changes: the new cluster is counted, not
+    /// referenced, until [`Qcow2::cow_finish`]. [`CowPlan::run`] then writes the old
+    /// cluster's bytes with the guest's merged in to the new cluster, with no access to the
+    /// engine; `cow_finish` links it in if nothing that could change the merge happened in
+    /// between (any guest write, discard, flush or checkpoint operation; background steps
+    /// do not count) and the position still maps the old cluster, and otherwise frees it
+    /// and reports that the write is still to be made.
+    pub fn cow_plan(&mut self, offset: u64, len: usize) -> Result<Option<CowPlan>> {
+        let cs = self.cs;
+        if self.jobs.is_empty()
+            || len == 0
+            || self.h.extended_l2()
+            || self.check_writable().is_err()
+            || self.check_range(offset, len as u64, self.h.size).is_err()
+            || offset % cs + len as u64 > cs
+        {
+            return Ok(None);
+        }
+        let Some(io) = self.io.data_io() else { return Ok(None) };
+        let gc = offset / cs;
+        let l2e = self.h.l2_entries();
+        let (l1i, l2i) = (gc / l2e, gc % l2e);
+        let Some(old) = self.mapped_host(l1i, l2i)? else { return Ok(None) };
+        let rc = self.refcount(old / cs)?;
+        if rc == 0 || (rc == 1 && !self.uncounted_share(l1i, l2i, old / cs)) {
+            // in place (or a corrupt count, which the ordinary path reports)
+            return Ok(None);
+        }
+        // the old cluster wholly inside what the file is known to hold (the tail of the last
+        // one may be missing: the ordinary path reads it as zeroes)
+        let within = |floor: u64| old.checked_add(cs).is_some_and(|end| end <= floor);
+        if !within(self.len_floor.load(std::sync::atomic::Ordering::Relaxed)) {
+            let flen = self.file_len()?;
+            self.len_floor.fetch_max(flen, std::sync::atomic::Ordering::Relaxed);
+            if !within(flen) {
+                return Ok(None);
+            }
+        }
+        let new = self.alloc_clusters(1)?;
+        // counted, not referenced: a crash before the finish leaks it, like a crash between
+        // the write-back of an allocation's count and of the pointer to it
+        self.cow_inflight.insert(new / cs);
+        Ok(Some(CowPlan { offset, len, old, new, cs, gen: self.wgen, io }))
+    }
+
+    /// The host cluster of an ordinary data cluster (no zero flag) at L1 index `l1i`, L2
+    /// entry `l2i` of the active disk, under an existing L2 table.
+    fn mapped_host(&mut self, l1i: u64, l2i: u64) -> Result<Option<u64>> {
+        if l1i as usize >= self.l1.len() {
+            return Ok(None);
+        }
+        let e = self.l1_entry(Tree::Active, l1i)?;
+        let l2 = l1_to_l2(e, self.cs, &|| format!("active L1 entry {l1i}"))?;
+        if l2 == 0 {
+            return Ok(None);
+        }
+        let (d, bm) = self.l2_get(l2, l2i)?;
+        Ok(match self.geom().classify(d, bm, &|| format!("L2 table at {l2:#x} entry {l2i}"))? {
+            Cluster::Normal { host, zero: false, .. } => Some(host),
+            _ => None,
+        })
+    }
+
+    /// Second half of a split write (see [`Qcow2::cow_plan`]): `ran` is what
+    /// [`CowPlan::run`] returned. `Ok(true)`: the write is made (the new cluster now holds
+    /// the position, the old one's reference is dropped as by an ordinary copy-on-write).
+    /// `Ok(false)`: the plan was stale or its I/O failed; the new cluster is freed and the
+    /// caller makes the write with [`Qcow2::write`] (which reports any error).
+    pub fn cow_finish(&mut self, plan: CowPlan, ran: std::io::Result<()>) -> Result<bool> {
+        let cs = self.cs;
+        let l2e = self.h.l2_entries();
+        let gc = plan.offset / cs;
+        let (l1i, l2i) = (gc / l2e, gc % l2e);
+        self.cow_inflight.remove(&(plan.new / cs));
+        let valid = ran.is_ok()
+            && plan.gen == self.wgen
+            && self.check_writable().is_ok()
+            && self.mapped_host(l1i, l2i)? == Some(plan.old);
+        Ok(if valid {
+            let l2 = self.l2_for_write(l1i)?;
+            let (d, bm) = self.l2_get(l2, l2i)?;
+            let c = self.geom().classify(d, bm, &|| format!("L2 table at {l2:#x} entry {l2i}"))?;
+            self.l2_set(l2, l2i, plan.new | COPIED)?;
+            self.io.note_written();
+            self.drop_ref(l1i, l2i, c)?;
+            self.bump_gen();
+            true
+        } else {
+            self.add_refcount(plan.new / cs, -1)?;
+            let idx = plan.new / cs;
+            if idx < self.free_cursor {
+                self.free_cursor = idx;
+            }
+            self.run_skip = (0, 0);
+            false
+        })
+    }
+
     /// Data of a cluster as it currently reads (for COW merges).
     fn cluster_contents(&mut self, c: Cluster) -> Result<Vec<u8>> {
         let mut v = vec![0u8; self.cs as usize];
@@ -978,6 +1095,7 @@ impl Qcow2 {
     fn write_any(&mut self, offset: u64, buf: Src<'_>) -> Result<()> {
         self.check_writable()?;
         self.check_range(offset, buf.len() as u64, self.h.size)?;
+        self.bump_gen();
         let cs = self.cs;
         let mut done = 0usize;
         while done < buf.len() {
@@ -1171,6 +1289,7 @@ impl Qcow2 {
     fn zero_range(&mut self, offset: u64, len: u64, unmap: bool, zero_flag: bool) -> Result<()> {
         self.check_writable()?;
         self.check_range(offset, len, self.h.size)?;
+        self.bump_gen();
         let cs = self.cs;
         let end = offset + len;
         let mut pos = offset;
@@ -1320,6 +1439,7 @@ impl Qcow2 {
             return Ok(());
         }
         self.check_poison()?;
+        self.bump_gen();
         if self.l1_unpublished {
             // writes after a revert switch become durable with the switch itself
             self.complete_switch()?;
@@ -1492,6 +1612,59 @@ fn push_run(out: &mut Vec<MapEntry>, ent: MapEntry) {
         }
     }
     out.push(ent);
+}
+
+/// A copy-on-write write of one guest cluster planned under the image lock, whose data I/O
+/// runs without it (see [`Qcow2::cow_plan`]).
+pub struct CowPlan {
+    offset: u64,
+    len: usize,
+    /// The host cluster the position mapped (its bytes are merged with the guest's).
+    old: u64,
+    /// The host cluster allocated for the copy.
+    new: u64,
+    cs: u64,
+    /// [`Qcow2::wgen`] when planned.
+    gen: u64,
+    io: std::sync::Arc<dyn crate::io::DataIo>,
+}
+
+impl CowPlan {
+    /// The data I/O of the write of `data` (the `len` bytes planned): the old cluster's
+    /// bytes with `data` merged in, written to the new cluster. Needs no access to the
+    /// engine; the write is made by [`Qcow2::cow_finish`].
+    pub fn run(&self, data: &[u8]) -> std::io::Result<()> {
+        self.run_src(Src::Bytes(data))
+    }
+
+    /// [`CowPlan::run`] from a [`DataBuf`] (e.g. guest pages): a whole cluster goes
+    /// straight from it when the file can.
+    pub fn run_from(&self, src: &dyn DataBuf) -> std::io::Result<()> {
+        self.run_src(Src::Buf(src, 0, src.len()))
+    }
+
+    fn run_src(&self, data: Src<'_>) -> std::io::Result<()> {
+        if data.len() != self.len {
+            return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "write length differs from the plan"));
+        }
+        if self.len as u64 == self.cs {
+            if let Src::Buf(buf, pos, len) = data {
+                if self.io.write_from(buf, pos, len, self.new)? {
+                    return Ok(());
+                }
+            }
+        }
+        let mut full = vec![0u8; self.cs as usize];
+        if (self.len as u64) < self.cs {
+            self.io.read_at(&mut full, self.old)?;
+        }
+        let co = (self.offset % self.cs) as usize;
+        let dst = full
+            .get_mut(co..co + self.len)
+            .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "write outside the cluster"))?;
+        data.copy_to(dst).map_err(|e| std::io::Error::other(e.to_string()))?;
+        self.io.write_at(&full, self.new)
+    }
 }
 
 /// The bytes of a guest write: a slice, or `len` bytes at `pos` of a [`DataBuf`].

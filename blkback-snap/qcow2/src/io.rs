@@ -46,6 +46,17 @@ pub trait ImageIo: Send {
     fn take_written(&mut self) -> Option<Vec<(u64, u64)>> {
         None
     }
+    /// A handle that reads and writes the same file without access to this object, for
+    /// guest data written outside the lock that serialises the image (see
+    /// `Qcow2::cow_plan`), or `None` if there is none. Its writes share this object's poison
+    /// and range guard; the engine calls [`ImageIo::note_written`] once they are part of
+    /// the image, so the next flush covers them.
+    fn data_io(&self) -> Option<Arc<dyn DataIo>> {
+        None
+    }
+    /// Writes through a [`ImageIo::data_io`] handle completed: the next flush must not be
+    /// skipped as a no-op.
+    fn note_written(&mut self) {}
     /// Whether the image is empty (length 0).
     fn is_empty(&self) -> io::Result<bool> {
         Ok(self.len()? == 0)
@@ -61,6 +72,22 @@ pub trait ImageIo: Send {
     /// ([`DataBuf::write_file`]), like [`ImageIo::write_at`] otherwise (same poisoning and
     /// recording). `Ok(false)`: nothing written, the caller copies and uses `write_at`.
     fn write_from(&mut self, src: &dyn DataBuf, pos: usize, len: usize, off: u64) -> io::Result<bool> {
+        let _ = (src, pos, len, off);
+        Ok(false)
+    }
+}
+
+/// Reads and writes of an image file through a handle of its own (see
+/// [`ImageIo::data_io`]): same poison (refused once poisoned, a failed write poisons), same
+/// range guard as the [`ImageIo`] it came from.
+pub trait DataIo: Send + Sync {
+    /// Read exactly `buf.len()` bytes at `off` (past the end: `UnexpectedEof`).
+    fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()>;
+    /// Write all of `buf` at `off`.
+    fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()>;
+    /// Write `len` bytes at `pos` of `src` at `off` straight from `src`, like
+    /// [`ImageIo::write_from`] (`Ok(false)`: nothing written, copy and use `write_at`).
+    fn write_from(&self, src: &dyn DataBuf, pos: usize, len: usize, off: u64) -> io::Result<bool> {
         let _ = (src, pos, len, off);
         Ok(false)
     }
@@ -308,8 +335,42 @@ impl SyncHandle {
     }
 }
 
+/// A [`FileIo`]'s [`DataIo`] handle: a duplicate descriptor of the same file.
+struct FileData {
+    file: File,
+    poison: Poison,
+    guard: Arc<RangeGuard>,
+}
+
+impl FileData {
+    fn write_with(&self, off: u64, len: usize, w: impl FnOnce(&File) -> io::Result<bool>) -> io::Result<bool> {
+        self.poison.check()?;
+        let r = self.guard.write(off, len as u64, || w(&self.file));
+        if let Err(e) = &r {
+            if write_poisons(e) {
+                self.poison.set(format!("write of {len} bytes at {off:#x} failed: {e}"));
+            }
+        }
+        r
+    }
+}
+
+impl DataIo for FileData {
+    fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
+        self.file.read_exact_at(buf, off)
+    }
+    fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
+        self.write_with(off, buf.len(), |f| f.write_all_at(buf, off).map(|()| true)).map(drop)
+    }
+    fn write_from(&self, src: &dyn DataBuf, pos: usize, len: usize, off: u64) -> io::Result<bool> {
+        self.write_with(off, len, |f| src.write_file(f.as_fd(), off, pos, len))
+    }
+}
+
 /// An image on a real file.
 pub struct FileIo {
+    /// The [`DataIo`] handle, made on first use (a `dup` of the descriptor).
+    data: std::sync::OnceLock<Option<Arc<dyn DataIo>>>,
     file: File,
     /// Written (or resized) since the last successful `fdatasync` through this object: a
     /// flush with nothing written since the previous one is skipped (it would be a no-op).
@@ -324,6 +385,7 @@ pub struct FileIo {
 impl FileIo {
     pub fn new(file: File) -> Self {
         FileIo {
+            data: std::sync::OnceLock::new(),
             file,
             unsynced: true,
             poison: Poison::default(),
@@ -396,6 +458,18 @@ impl ImageIo for FileIo {
     }
     fn sync_handle(&self) -> Option<SyncHandle> {
         self.file.try_clone().ok().map(|f| SyncHandle(SyncTarget::File(f, self.guard.clone()), self.poison.clone()))
+    }
+    fn data_io(&self) -> Option<Arc<dyn DataIo>> {
+        self.data
+            .get_or_init(|| {
+                let file = self.file.try_clone().ok()?;
+                Some(Arc::new(FileData { file, poison: self.poison.clone(), guard: self.guard.clone() })
+                    as Arc<dyn DataIo>)
+            })
+            .clone()
+    }
+    fn note_written(&mut self) {
+        self.unsynced = true;
     }
     fn poisoned(&self) -> Option<String> {
         self.poison.get()
@@ -484,6 +558,21 @@ impl ImageIo for MemIo {
     }
     fn poisoned(&self) -> Option<String> {
         self.poison.get()
+    }
+    fn data_io(&self) -> Option<Arc<dyn DataIo>> {
+        Some(Arc::new(MemData(self.clone())))
+    }
+}
+
+/// A [`MemIo`]'s [`DataIo`] handle (a clone: the same bytes).
+struct MemData(MemIo);
+
+impl DataIo for MemData {
+    fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
+        ImageIo::read_at(&self.0, buf, off)
+    }
+    fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
+        ImageIo::write_at(&mut self.0.clone(), buf, off)
     }
 }
 
@@ -831,6 +920,22 @@ impl ImageIo for FaultIo {
     }
     fn poisoned(&self) -> Option<String> {
         FaultIo::poisoned(self)
+    }
+    fn data_io(&self) -> Option<Arc<dyn DataIo>> {
+        Some(Arc::new(FaultData(self.clone())))
+    }
+}
+
+/// A [`FaultIo`]'s [`DataIo`] handle: a clone of the same state, so its writes go through
+/// the same volatile cache (and fault injection) as the engine's own.
+struct FaultData(FaultIo);
+
+impl DataIo for FaultData {
+    fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
+        ImageIo::read_at(&self.0, buf, off)
+    }
+    fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
+        ImageIo::write_at(&mut self.0.clone(), buf, off)
     }
 }
 

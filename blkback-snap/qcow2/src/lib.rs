@@ -85,8 +85,8 @@ pub use check::CheckReport;
 pub use durable::{DurableBarrier, DurableStep, SyncedBarrier};
 pub use error::{Error, Result};
 pub use header::CompressionType;
-pub use image::{CreateOptions, ImageInfo, MapEntry, OpenOptions, Qcow2};
-pub use io::{FaultIo, FileIo, ImageIo, MemIo, Poison, SyncHandle};
+pub use image::{CowPlan, CreateOptions, ImageInfo, MapEntry, OpenOptions, Qcow2};
+pub use io::{DataIo, FaultIo, FileIo, ImageIo, MemIo, Poison, SyncHandle};
 pub use snapshot::{CheckpointState, SnapshotInfo};
 
 /// Fuzzing entry point: open `data` read-only, check it, read every cluster of the active
