@@ -430,6 +430,7 @@ impl Qcow2 {
         self.reftable = table.chunks_exact(8).map(|c| header::get_be64(c, 0)).collect();
         self.rb_cache.clear();
         self.rb_dirty.clear();
+        self.rb_early.clear();
         self.rt_new.clear();
         self.pending_free.clear();
         self.free_cursor = 1;

@@ -96,6 +96,12 @@ pub struct Qcow2 {
     pub(crate) reftable: Vec<u64>,
     pub(crate) rb_cache: HashMap<u64, Vec<u8>>,
     pub(crate) rb_dirty: BTreeSet<u64>,
+    /// Dirty refblocks holding an allocation (a count raised from 0): they must be durable
+    /// before a write-back of the L2/L1 tables that may point to it. The other dirty ones
+    /// (raises of counted clusters — hand-overs, background walks — and decreases) only ever
+    /// make a count exceed its on-disk references, so a flush writes them after the tables,
+    /// with the deferred decreases of the same blocks (see [`Qcow2::writeback`]).
+    pub(crate) rb_early: BTreeSet<u64>,
     /// Refcount table indices whose (new) refblock is only in memory: the block is written
     /// and flushed before the table entry, at the next write of dirty refblocks.
     pub(crate) rt_new: BTreeSet<u64>,
@@ -341,6 +347,7 @@ impl Qcow2 {
             reftable,
             rb_cache: HashMap::new(),
             rb_dirty: BTreeSet::new(),
+            rb_early: BTreeSet::new(),
             rt_new: BTreeSet::new(),
             l2_cache: HashMap::new(),
             l2_dirty: BTreeSet::new(),
@@ -1399,7 +1406,8 @@ impl Qcow2 {
         // checkpoint that is not durable yet): have a crash repaired on open
         self.dirty_before_leaks()?;
         let mut synced = false;
-        if self.write_dirty_refblocks()? {
+        // allocations before the pointers to them; other count changes after (below)
+        if self.write_early_refblocks()? {
             self.sync("refcount blocks")?;
             synced = true;
         }
@@ -1426,9 +1434,11 @@ impl Qcow2 {
                     self.add_refcount(c, -1)?;
                 }
             }
-            if self.write_dirty_refblocks()? {
-                self.sync("refcount decreases")?;
-            }
+        }
+        // the decreases, with the raises of the same blocks (a hand-over's +1 and the
+        // deferred -1 of the pointer it replaced land in one block write)
+        if self.write_dirty_refblocks()? {
+            self.sync("refcount decreases")?;
         }
         Ok(())
     }

@@ -143,6 +143,9 @@ impl Qcow2 {
         self.load_refblock(rb)?;
         let order = self.h.refcount_order;
         if let Some(b) = self.rb_cache.get_mut(&rb) {
+            if v > 0 && rb_get(b, order, idx % e) == 0 {
+                self.rb_early.insert(rb);
+            }
             rb_set(b, order, idx % e, v);
         }
         self.rb_dirty.insert(rb);
@@ -387,6 +390,7 @@ impl Qcow2 {
                     rb_set(blk, order, j % e, 1);
                 }
                 self.rb_dirty.insert(rb);
+                self.rb_early.insert(rb);
                 i = end;
             }
             if !self.jobs.is_empty() {
@@ -445,6 +449,7 @@ impl Qcow2 {
         }
         self.rb_cache.insert(off, b);
         self.rb_dirty.insert(off);
+        self.rb_early.insert(off);
         self.rt_new.insert(rt);
         self.note_end(idx + 1);
         Ok(off)
@@ -548,10 +553,23 @@ impl Qcow2 {
     /// [`Qcow2::create_refblock`]) are flushed before their reftable entries are written;
     /// the caller's barrier makes the entries durable with the refcounts.
     pub(crate) fn write_dirty_refblocks(&mut self) -> Result<bool> {
+        self.write_refblocks(false)
+    }
+
+    /// [`Qcow2::write_dirty_refblocks`] for the blocks that hold allocations
+    /// ([`Qcow2::rb_early`]) only: what must be durable before the L2/L1 tables are written.
+    pub(crate) fn write_early_refblocks(&mut self) -> Result<bool> {
+        self.write_refblocks(true)
+    }
+
+    fn write_refblocks(&mut self, early_only: bool) -> Result<bool> {
         if self.rb_dirty.is_empty() && self.rt_new.is_empty() {
             return Ok(false);
         }
-        let dirty = self.write_rb_dirty()?;
+        if early_only && self.rb_early.is_empty() && self.rt_new.is_empty() {
+            return Ok(false);
+        }
+        let dirty = self.write_rb_dirty(early_only)?;
         if !self.rt_new.is_empty() {
             if let Err(er) = self.io.flush() {
                 self.rb_dirty.extend(dirty);
@@ -568,25 +586,41 @@ impl Qcow2 {
     /// [`Qcow2::write_reftable_entries`] after a barrier. (The staged form of
     /// `write_dirty_refblocks`, whose barrier runs outside the image lock.)
     pub(crate) fn write_refblocks_only(&mut self) -> Result<Vec<u64>> {
-        self.write_rb_dirty()?;
+        self.write_rb_dirty(false)?;
         Ok(self.rt_new.iter().copied().collect())
     }
 
     /// Write the dirty refblocks from the cache; returns the set written (still dirty
     /// again if a write fails).
-    fn write_rb_dirty(&mut self) -> Result<BTreeSet<u64>> {
+    fn write_rb_dirty(&mut self, early_only: bool) -> Result<BTreeSet<u64>> {
         // every refblock write, on every path (guest write-back, a commit, a deletion's
         // table rewrite, a reftable growth): handed-over counts only reach disk behind a
         // durable dirty bit
         self.dirty_before_leaks()?;
-        let dirty = std::mem::take(&mut self.rb_dirty);
+        let dirty = if early_only {
+            // the early ones (and new refblocks, whose reftable entries follow them)
+            let new: BTreeSet<u64> =
+                self.rt_new.iter().filter_map(|rt| self.reftable.get(*rt as usize).copied()).collect();
+            let mut pick: BTreeSet<u64> =
+                self.rb_early.iter().chain(new.iter()).copied().filter(|b| self.rb_dirty.contains(b)).collect();
+            pick.extend(new.iter().copied().filter(|b| *b != 0));
+            for b in &pick {
+                self.rb_dirty.remove(b);
+            }
+            pick
+        } else {
+            std::mem::take(&mut self.rb_dirty)
+        };
         for off in &dirty {
             if let Some(b) = self.rb_cache.get(off) {
                 if let Err(er) = self.io.write_at(b, *off) {
-                    self.rb_dirty = dirty.clone();
+                    self.rb_dirty.extend(dirty.iter().copied());
                     return Err(Error::io(format!("writing refcount block at {off:#x}"), er));
                 }
             }
+        }
+        for b in &dirty {
+            self.rb_early.remove(b);
         }
         Ok(dirty)
     }
