@@ -956,24 +956,41 @@ impl Qcow2 {
             && plan.gen == self.wgen
             && self.check_writable().is_ok()
             && self.mapped_host(l1i, l2i)? == Some(plan.old);
-        Ok(if valid {
-            let l2 = self.l2_for_write(l1i)?;
-            let (d, bm) = self.l2_get(l2, l2i)?;
-            let c = self.geom().classify(d, bm, &|| format!("L2 table at {l2:#x} entry {l2i}"))?;
-            self.l2_set(l2, l2i, plan.new | COPIED)?;
-            self.io.note_written();
-            self.drop_ref(l1i, l2i, c)?;
-            self.bump_gen();
-            true
-        } else {
-            self.add_refcount(plan.new / cs, -1)?;
-            let idx = plan.new / cs;
-            if idx < self.free_cursor {
-                self.free_cursor = idx;
+        if valid {
+            // the table to write into (copied if shared) and the entry: a failure here
+            // links nothing, so the copy is freed like a stale plan's
+            let found = self.l2_for_write(l1i).and_then(|l2| {
+                let (d, bm) = self.l2_get(l2, l2i)?;
+                Ok((l2, self.geom().classify(d, bm, &|| format!("L2 table at {l2:#x} entry {l2i}"))?))
+            });
+            match found {
+                Ok((l2, c)) => {
+                    self.l2_set(l2, l2i, plan.new | COPIED)?;
+                    self.io.note_written();
+                    self.drop_ref(l1i, l2i, c)?;
+                    self.bump_gen();
+                    return Ok(true);
+                }
+                Err(e) => {
+                    self.free_planned(plan.new)?;
+                    return Err(e);
+                }
             }
-            self.run_skip = (0, 0);
-            false
-        })
+        }
+        self.free_planned(plan.new)?;
+        Ok(false)
+    }
+
+    /// Give back the cluster a split write allocated and did not link in (nothing refers
+    /// to it: it is free again at once).
+    fn free_planned(&mut self, new: u64) -> Result<()> {
+        let idx = new / self.cs;
+        self.add_refcount(idx, -1)?;
+        if idx < self.free_cursor {
+            self.free_cursor = idx;
+        }
+        self.run_skip = (0, 0);
+        Ok(())
     }
 
     /// Data of a cluster as it currently reads (for COW merges).
