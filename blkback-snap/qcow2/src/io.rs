@@ -560,19 +560,20 @@ impl ImageIo for MemIo {
         self.poison.get()
     }
     fn data_io(&self) -> Option<Arc<dyn DataIo>> {
-        Some(Arc::new(MemData(self.clone())))
+        Some(Arc::new(CloneData(self.clone())))
     }
 }
 
-/// A [`MemIo`]'s [`DataIo`] handle (a clone: the same bytes).
-struct MemData(MemIo);
+/// The [`DataIo`] handle of an in-memory image ([`MemIo`], [`FaultIo`]): a clone, which
+/// shares its bytes (and a `FaultIo`'s volatile cache and fault injection).
+struct CloneData<T>(T);
 
-impl DataIo for MemData {
+impl<T: ImageIo + Clone + Sync> DataIo for CloneData<T> {
     fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
-        ImageIo::read_at(&self.0, buf, off)
+        self.0.read_at(buf, off)
     }
     fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
-        ImageIo::write_at(&mut self.0.clone(), buf, off)
+        self.0.clone().write_at(buf, off)
     }
 }
 
@@ -922,20 +923,7 @@ impl ImageIo for FaultIo {
         FaultIo::poisoned(self)
     }
     fn data_io(&self) -> Option<Arc<dyn DataIo>> {
-        Some(Arc::new(FaultData(self.clone())))
-    }
-}
-
-/// A [`FaultIo`]'s [`DataIo`] handle: a clone of the same state, so its writes go through
-/// the same volatile cache (and fault injection) as the engine's own.
-struct FaultData(FaultIo);
-
-impl DataIo for FaultData {
-    fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
-        ImageIo::read_at(&self.0, buf, off)
-    }
-    fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
-        ImageIo::write_at(&mut self.0.clone(), buf, off)
+        Some(Arc::new(CloneData(self.clone())))
     }
 }
 
