@@ -342,16 +342,30 @@ struct FileData {
     guard: Arc<RangeGuard>,
 }
 
+/// One write of `len` bytes at `off` of `file` by `w` (`Ok(false)`: it wrote nothing):
+/// refused once poisoned, run under the range guard; a failure that can have lost data
+/// poisons the file.
+fn guarded_write(
+    poison: &Poison,
+    guard: &RangeGuard,
+    file: &File,
+    off: u64,
+    len: usize,
+    w: impl FnOnce(&File) -> io::Result<bool>,
+) -> io::Result<bool> {
+    poison.check()?;
+    let r = guard.write(off, len as u64, || w(file));
+    if let Err(e) = &r {
+        if write_poisons(e) {
+            poison.set(format!("write of {len} bytes at {off:#x} failed: {e}"));
+        }
+    }
+    r
+}
+
 impl FileData {
     fn write_with(&self, off: u64, len: usize, w: impl FnOnce(&File) -> io::Result<bool>) -> io::Result<bool> {
-        self.poison.check()?;
-        let r = self.guard.write(off, len as u64, || w(&self.file));
-        if let Err(e) = &r {
-            if write_poisons(e) {
-                self.poison.set(format!("write of {len} bytes at {off:#x} failed: {e}"));
-            }
-        }
-        r
+        guarded_write(&self.poison, &self.guard, &self.file, off, len, w)
     }
 }
 
@@ -401,17 +415,11 @@ impl FileIo {
     /// have lost data poisons the file.
     fn write_with(&mut self, off: u64, len: usize, w: impl FnOnce(&File) -> io::Result<bool>) -> io::Result<bool> {
         self.poison.check()?;
-        let file = &self.file;
-        let r = self.guard.write(off, len as u64, || w(file));
+        let r = guarded_write(&self.poison, &self.guard, &self.file, off, len, w);
         if !matches!(r, Ok(false)) {
             self.unsynced = true;
             if self.recording {
                 self.written.push((off, len as u64));
-            }
-        }
-        if let Err(e) = &r {
-            if write_poisons(e) {
-                self.poison.set(format!("write of {len} bytes at {off:#x} failed: {e}"));
             }
         }
         r
