@@ -96,11 +96,13 @@ pub struct Qcow2 {
     pub(crate) reftable: Vec<u64>,
     pub(crate) rb_cache: HashMap<u64, Vec<u8>>,
     pub(crate) rb_dirty: BTreeSet<u64>,
-    /// Dirty refblocks holding an allocation (a count raised from 0): they must be durable
-    /// before a write-back of the L2/L1 tables that may point to it. The other dirty ones
-    /// (raises of counted clusters — hand-overs, background walks — and decreases) only ever
-    /// make a count exceed its on-disk references, so a flush writes them after the tables,
-    /// with the deferred decreases of the same blocks (see [`Qcow2::writeback`]).
+    /// Dirty refblocks that must be durable before a write-back of the L2/L1 tables: every
+    /// change but a raise of a counted cluster — an allocation (the tables may point to
+    /// it), a decrease (a drop walk's: the tables may carry COPIED flags set because of
+    /// it). Raises of counted clusters (hand-overs, link walks) only make a count exceed its
+    /// on-disk references (and clear COPIED flags, the safe direction), so a flush writes
+    /// those blocks after the tables, with the deferred decreases of the same blocks (see
+    /// [`Qcow2::writeback`]).
     pub(crate) rb_early: BTreeSet<u64>,
     /// Refcount table indices whose (new) refblock is only in memory: the block is written
     /// and flushed before the table entry, at the next write of dirty refblocks.
@@ -1423,7 +1425,7 @@ impl Qcow2 {
         // checkpoint that is not durable yet): have a crash repaired on open
         self.dirty_before_leaks()?;
         let mut synced = false;
-        // allocations before the pointers to them; other count changes after (below)
+        // allocations and decreases before the tables; raises of counted clusters after
         if self.write_early_refblocks()? {
             self.sync("refcount blocks")?;
             synced = true;

@@ -143,7 +143,8 @@ impl Qcow2 {
         self.load_refblock(rb)?;
         let order = self.h.refcount_order;
         if let Some(b) = self.rb_cache.get_mut(&rb) {
-            if v > 0 && rb_get(b, order, idx % e) == 0 {
+            let old = rb_get(b, order, idx % e);
+            if !(old > 0 && v > old) {
                 self.rb_early.insert(rb);
             }
             rb_set(b, order, idx % e, v);
@@ -209,6 +210,10 @@ impl Qcow2 {
                     }
                 }
                 self.rb_dirty.insert(rb);
+                if !increase {
+                    // a drop walk's decreases: COPIED flags set on their strength
+                    self.rb_early.insert(rb);
+                }
                 if let Some(f) = freed {
                     self.run_skip = (0, 0);
                     if f < self.free_cursor {
@@ -556,7 +561,7 @@ impl Qcow2 {
         self.write_refblocks(false)
     }
 
-    /// [`Qcow2::write_dirty_refblocks`] for the blocks that hold allocations
+    /// [`Qcow2::write_dirty_refblocks`] for the blocks with allocations or decreases
     /// ([`Qcow2::rb_early`]) only: what must be durable before the L2/L1 tables are written.
     pub(crate) fn write_early_refblocks(&mut self) -> Result<bool> {
         self.write_refblocks(true)

@@ -154,6 +154,24 @@ fn crash_during_delete() {
     crash_sweep(&base, &ex, "delete", &|img| img.checkpoint_delete("base"));
 }
 
+/// The flush after a deletion writes back what its drop walk changed: the decreased counts
+/// and the COPIED flags set on their strength. The counts must reach disk first: a crash in
+/// between would leave COPIED on clusters the on-disk counts still call shared, with the
+/// dirty bit clear (a deletion does not set it).
+#[test]
+fn crash_during_delete_and_the_flush_after_it() {
+    let (base, snap, model) = base_image();
+    let ex = Expect {
+        actives: vec![model],
+        snaps: [("base".to_string(), snap)].into_iter().collect(),
+        snap_sets: vec![vec!["base".into()], vec![]],
+    };
+    crash_sweep(&base, &ex, "delete + flush", &|img| {
+        img.checkpoint_delete("base")?;
+        img.flush()
+    });
+}
+
 #[test]
 fn crash_during_cow_writes() {
     let (base, snap, model) = base_image();
