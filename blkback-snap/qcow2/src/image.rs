@@ -698,25 +698,32 @@ impl Qcow2 {
 
     /// Read `len` bytes of data clusters at `host` into `dst` at `pos` (one run of
     /// [`Qcow2::read_into`]), with [`Qcow2::read_host`]'s checks against the file length.
-    fn read_run_into(&self, (host, pos, len): (u64, usize, usize), dst: &mut dyn DataBuf) -> Result<()> {
+    /// Are the `len` bytes at `host` wholly inside the file? Asks for the file's length
+    /// (and remembers it) only when they reach past the length already seen.
+    fn in_file(&self, host: u64, len: usize) -> Result<bool> {
         use std::sync::atomic::Ordering::Relaxed;
         let within = |floor: u64| host.checked_add(len as u64).is_some_and(|end| end <= floor);
-        if !within(self.len_floor.load(Relaxed)) {
-            let flen = self.file_len()?;
-            self.len_floor.fetch_max(flen, Relaxed);
-            if !within(flen) {
-                // the run reaches the end of the file: cluster by cluster, as `read` does
-                let mut p = 0usize;
-                while p < len {
-                    let h = host + p as u64;
-                    let n = ((self.cs - h % self.cs) as usize).min(len - p);
-                    let mut tmp = vec![0u8; n];
-                    self.read_host(h, &mut tmp, "data cluster")?;
-                    dst.copy_in(pos + p, &tmp).map_err(ioe("copying into the read buffer"))?;
-                    p += n;
-                }
-                return Ok(());
+        if within(self.len_floor.load(Relaxed)) {
+            return Ok(true);
+        }
+        let flen = self.file_len()?;
+        self.len_floor.fetch_max(flen, Relaxed);
+        Ok(within(flen))
+    }
+
+    fn read_run_into(&self, (host, pos, len): (u64, usize, usize), dst: &mut dyn DataBuf) -> Result<()> {
+        if !self.in_file(host, len)? {
+            // the run reaches the end of the file: cluster by cluster, as `read` does
+            let mut p = 0usize;
+            while p < len {
+                let h = host + p as u64;
+                let n = ((self.cs - h % self.cs) as usize).min(len - p);
+                let mut tmp = vec![0u8; n];
+                self.read_host(h, &mut tmp, "data cluster")?;
+                dst.copy_in(pos + p, &tmp).map_err(ioe("copying into the read buffer"))?;
+                p += n;
             }
+            return Ok(());
         }
         let what = || format!("reading data cluster at {host:#x}");
         if self.io.read_into(dst, pos, len, host).map_err(ioef(&what))? {
@@ -902,21 +909,16 @@ impl Qcow2 {
         let gc = offset / cs;
         let l2e = self.h.l2_entries();
         let (l1i, l2i) = (gc / l2e, gc % l2e);
-        let Some(old) = self.mapped_host(l1i, l2i)? else { return Ok(None) };
+        let Some(old) = self.mapped_host(gc)? else { return Ok(None) };
         let rc = self.refcount(old / cs)?;
         if rc == 0 || (rc == 1 && !self.uncounted_share(l1i, l2i, old / cs)) {
             // in place (or a corrupt count, which the ordinary path reports)
             return Ok(None);
         }
-        // the old cluster wholly inside what the file is known to hold (the tail of the last
-        // one may be missing: the ordinary path reads it as zeroes)
-        let within = |floor: u64| old.checked_add(cs).is_some_and(|end| end <= floor);
-        if !within(self.len_floor.load(std::sync::atomic::Ordering::Relaxed)) {
-            let flen = self.file_len()?;
-            self.len_floor.fetch_max(flen, std::sync::atomic::Ordering::Relaxed);
-            if !within(flen) {
-                return Ok(None);
-            }
+        // the old cluster wholly in the file (the tail of the last one may be missing: the
+        // ordinary path reads it as zeroes)
+        if !self.in_file(old, cs as usize)? {
+            return Ok(None);
         }
         let new = self.alloc_clusters(1)?;
         // counted, not referenced: a crash before the finish leaks it, like a crash between
@@ -925,19 +927,10 @@ impl Qcow2 {
         Ok(Some(CowPlan { offset, len, old, new, cs, gen: self.wgen, io }))
     }
 
-    /// The host cluster of an ordinary data cluster (no zero flag) at L1 index `l1i`, L2
-    /// entry `l2i` of the active disk, under an existing L2 table.
-    fn mapped_host(&mut self, l1i: u64, l2i: u64) -> Result<Option<u64>> {
-        if l1i as usize >= self.l1.len() {
-            return Ok(None);
-        }
-        let e = self.l1_entry(Tree::Active, l1i)?;
-        let l2 = l1_to_l2(e, self.cs, &|| format!("active L1 entry {l1i}"))?;
-        if l2 == 0 {
-            return Ok(None);
-        }
-        let (d, bm) = self.l2_get(l2, l2i)?;
-        Ok(match self.geom().classify(d, bm, &|| format!("L2 table at {l2:#x} entry {l2i}"))? {
+    /// The host cluster of guest cluster `gc` of the active disk if it is an ordinary data
+    /// cluster (no zero flag).
+    fn mapped_host(&mut self, gc: u64) -> Result<Option<u64>> {
+        Ok(match self.lookup(Tree::Active, gc)?.1 {
             Cluster::Normal { host, zero: false, .. } => Some(host),
             _ => None,
         })
@@ -957,7 +950,7 @@ impl Qcow2 {
         let valid = ran.is_ok()
             && plan.gen == self.wgen
             && self.check_writable().is_ok()
-            && self.mapped_host(l1i, l2i)? == Some(plan.old);
+            && self.mapped_host(gc)? == Some(plan.old);
         if valid {
             // the table to write into (copied if shared) and the entry: a failure here
             // links nothing, so the copy is freed like a stale plan's

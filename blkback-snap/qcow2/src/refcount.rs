@@ -603,12 +603,9 @@ impl Qcow2 {
         // durable dirty bit
         self.dirty_before_leaks()?;
         let dirty = if early_only {
-            // the early ones (and new refblocks, whose reftable entries follow them)
-            let new: BTreeSet<u64> =
-                self.rt_new.iter().filter_map(|rt| self.reftable.get(*rt as usize).copied()).collect();
-            let mut pick: BTreeSet<u64> =
-                self.rb_early.iter().chain(new.iter()).copied().filter(|b| self.rb_dirty.contains(b)).collect();
-            pick.extend(new.iter().copied().filter(|b| *b != 0));
+            // (every early block is dirty: both are marked together and the early mark goes
+            // only when the block is written; a new refblock is early until written)
+            let pick = self.rb_early.clone();
             for b in &pick {
                 self.rb_dirty.remove(b);
             }
