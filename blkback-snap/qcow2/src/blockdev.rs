@@ -533,10 +533,28 @@ mod tests {
     }
 
     /// A guest request that finds the image lock held for a short step (50 µs, as a
-    /// durability driver's is) polls it instead of sleeping on it: the guest thread hardly
-    /// ever sleeps.
+    /// durability driver's is) polls it instead of sleeping on it: the guest thread sleeps
+    /// far less often than with a plain lock. The two alternate in one run, so a busy host
+    /// (which deschedules the holder while it holds the lock, and then both sleep) affects
+    /// both alike; a run on a very busy host is tried again, up to five runs.
     #[test]
     fn a_guest_request_polls_a_briefly_held_lock_instead_of_sleeping() {
+        let mut seen = Vec::new();
+        for _ in 0..5 {
+            let (guest, plain) = sleeps_polling_and_plain();
+            seen.push((guest, plain));
+            // (quiet host: polling sleeps on a handful of 200, when the holder itself is
+            // descheduled; a plain lock on nearly all)
+            if guest * 2 < plain {
+                return;
+            }
+        }
+        panic!("of 200 contended acquisitions each, (guest lock, plain lock) slept on {seen:?}");
+    }
+
+    /// Sleeps in 200 contended acquisitions with `guest_lock` and 200 with a plain lock,
+    /// alternating, while another thread holds the lock 50 µs of every 70.
+    fn sleeps_polling_and_plain() -> (u64, u64) {
         let shared = mem_image(1 << 20);
         let stop = Arc::new(AtomicBool::new(false));
         let holder = {
@@ -556,20 +574,21 @@ mod tests {
                 }
             })
         };
-        let (mut contended, mut slept) = (0u32, 0u64);
-        while contended < 200 {
+        // (contended acquisitions, sleeps) with guest_lock, then with a plain lock
+        let mut n = [(0u32, 0u64); 2];
+        let mut turn = 0;
+        while n[0].0 < 200 || n[1].0 < 200 {
             if try_take(&shared.0).is_some() {
                 continue;
             }
-            contended += 1;
             let v = voluntary_switches();
-            drop(guest_lock(&shared.0));
-            slept += voluntary_switches() - v;
+            drop(if turn == 0 { guest_lock(&shared.0) } else { lock(&shared.0) });
+            n[turn].1 += voluntary_switches() - v;
+            n[turn].0 += 1;
+            turn = 1 - turn;
         }
         stop.store(true, Ordering::Relaxed);
         holder.join().expect("holder");
-        // (a plain lock() sleeps on more than all 200 here; polling on a handful, when the
-        // holder itself is descheduled)
-        assert!(slept < 60, "the guest slept on {slept} of {contended} contended acquisitions");
+        (n[0].1, n[1].1)
     }
 }
