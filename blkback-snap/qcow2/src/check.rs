@@ -431,6 +431,7 @@ impl Qcow2 {
         self.rb_cache.clear();
         self.rb_dirty.clear();
         self.rb_early.clear();
+        self.rb_disk.clear();
         self.rt_new.clear();
         self.pending_free.clear();
         self.free_cursor = 1;

@@ -104,6 +104,11 @@ pub struct Qcow2 {
     /// those blocks after the tables, with the deferred decreases of the same blocks (see
     /// [`Qcow2::writeback`]).
     pub(crate) rb_early: BTreeSet<u64>,
+    /// The bytes a dirty refblock had when it became dirty (what the file holds): a
+    /// write-back skips a block whose bytes came back to them, e.g. a hand-over's +1 and the
+    /// deferred -1 of the pointer it replaced. No entry (a new block, or after a failed
+    /// write): the block is written.
+    pub(crate) rb_disk: HashMap<u64, Vec<u8>>,
     /// Refcount table indices whose (new) refblock is only in memory: the block is written
     /// and flushed before the table entry, at the next write of dirty refblocks.
     pub(crate) rt_new: BTreeSet<u64>,
@@ -350,6 +355,7 @@ impl Qcow2 {
             rb_cache: HashMap::new(),
             rb_dirty: BTreeSet::new(),
             rb_early: BTreeSet::new(),
+            rb_disk: HashMap::new(),
             rt_new: BTreeSet::new(),
             l2_cache: HashMap::new(),
             l2_dirty: BTreeSet::new(),

@@ -95,6 +95,17 @@ impl Qcow2 {
         Ok(())
     }
 
+    /// Before the cached refblock at `off` changes: a clean block's bytes are what the file
+    /// holds, so keep them ([`Qcow2::rb_disk`]) for the write-back to compare with.
+    fn rb_before_change(&mut self, off: u64) {
+        if self.rb_dirty.contains(&off) || self.rb_disk.contains_key(&off) {
+            return;
+        }
+        if let Some(b) = self.rb_cache.get(&off) {
+            self.rb_disk.insert(off, b.clone());
+        }
+    }
+
     /// Refcount of the cluster with index `idx` (cluster offset / cluster size).
     pub(crate) fn refcount(&mut self, idx: u64) -> Result<u64> {
         let e = self.rb_entries();
@@ -141,6 +152,7 @@ impl Qcow2 {
             rb = self.create_refblock(idx / e)?;
         }
         self.load_refblock(rb)?;
+        self.rb_before_change(rb);
         let order = self.h.refcount_order;
         if let Some(b) = self.rb_cache.get_mut(&rb) {
             let old = rb_get(b, order, idx % e);
@@ -198,6 +210,7 @@ impl Qcow2 {
                 }
             } else {
                 self.load_refblock(rb)?;
+                self.rb_before_change(rb);
                 let mut freed = None;
                 if let Some(b) = self.rb_cache.get_mut(&rb) {
                     for &(idx, n) in &deltas[k..end] {
@@ -387,6 +400,7 @@ impl Qcow2 {
                 let end = ((i / e + 1) * e).min(run_start + n);
                 let rb = self.refblock_offset(i / e)?;
                 self.load_refblock(rb)?;
+                self.rb_before_change(rb);
                 let blk = self
                     .rb_cache
                     .get_mut(&rb)
@@ -453,6 +467,7 @@ impl Qcow2 {
             *slot = off;
         }
         self.rb_cache.insert(off, b);
+        self.rb_disk.remove(&off);
         self.rb_dirty.insert(off);
         self.rb_early.insert(off);
         self.rt_new.insert(rt);
@@ -544,6 +559,8 @@ impl Qcow2 {
         self.h.refcount_table_clusters = nc as u32;
         self.reftable = table;
         for (off, b) in blocks {
+            // written above: clean
+            self.rb_disk.remove(&off);
             self.rb_cache.insert(off, b);
         }
         self.note_end(start + nc + k);
@@ -574,7 +591,7 @@ impl Qcow2 {
         if early_only && self.rb_early.is_empty() && self.rt_new.is_empty() {
             return Ok(false);
         }
-        let dirty = self.write_rb_dirty(early_only)?;
+        let (dirty, wrote) = self.write_rb_dirty(early_only)?;
         if !self.rt_new.is_empty() {
             if let Err(er) = self.io.flush() {
                 self.rb_dirty.extend(dirty);
@@ -582,8 +599,9 @@ impl Qcow2 {
             }
             let new: Vec<u64> = self.rt_new.iter().copied().collect();
             self.write_reftable_entries(&new)?;
+            return Ok(true);
         }
-        Ok(true)
+        Ok(wrote)
     }
 
     /// Write the dirty refblocks, but not the reftable entries of new ones, which need
@@ -595,9 +613,10 @@ impl Qcow2 {
         Ok(self.rt_new.iter().copied().collect())
     }
 
-    /// Write the dirty refblocks from the cache; returns the set written (still dirty
-    /// again if a write fails).
-    fn write_rb_dirty(&mut self, early_only: bool) -> Result<BTreeSet<u64>> {
+    /// Write the dirty refblocks from the cache, but none whose bytes are those the file
+    /// holds ([`Qcow2::rb_disk`]); returns the set no longer dirty (dirty again if a write
+    /// fails) and whether anything was written.
+    fn write_rb_dirty(&mut self, early_only: bool) -> Result<(BTreeSet<u64>, bool)> {
         // every refblock write, on every path (guest write-back, a commit, a deletion's
         // table rewrite, a reftable growth): handed-over counts only reach disk behind a
         // durable dirty bit
@@ -613,18 +632,28 @@ impl Qcow2 {
         } else {
             std::mem::take(&mut self.rb_dirty)
         };
+        let mut wrote = false;
         for off in &dirty {
             if let Some(b) = self.rb_cache.get(off) {
+                if self.rb_disk.get(off).is_some_and(|d| d == b) {
+                    continue;
+                }
                 if let Err(er) = self.io.write_at(b, *off) {
                     self.rb_dirty.extend(dirty.iter().copied());
+                    // what the file holds is unknown now: write these blocks next time
+                    for d in &dirty {
+                        self.rb_disk.remove(d);
+                    }
                     return Err(Error::io(format!("writing refcount block at {off:#x}"), er));
                 }
+                wrote = true;
             }
         }
         for b in &dirty {
             self.rb_early.remove(b);
+            self.rb_disk.remove(b);
         }
-        Ok(dirty)
+        Ok((dirty, wrote))
     }
 
     /// Write the reftable entries of new refblocks that a barrier made durable (see
