@@ -86,6 +86,10 @@ fs_test() {
   $E2FSCK -fn $D > /tmp/fsck.out 2>&1; r=$?; ck fsck-final $r "$(tail -1 /tmp/fsck.out)"
 }
 
+# cpus: ticks of the guest's one CPU: busy idle steal
+cpus() { read -r _ u n sy i w q sq st _ < /proc/stat; echo "$((u + n + sy + q + sq)) $((i + w)) $st"; }
+cpu_delta() { set -- $1 $2; echo "busy=$(($4 - $1)) idle=$(($5 - $2)) steal=$(($6 - $3))"; }
+
 bench() {
   SPAN=64 list=$(echo "$DEVS" | tr ',' ' ')
   for ld in $list; do
@@ -101,7 +105,13 @@ bench() {
   for t in $TESTS; do
     set -- $(echo "$t" | tr ':' ' ')
     for ld in $list; do
-      xsbio ${ld#*:} $1 $2 $SPAN $SECS "${ld%%:*}-r$ROUND" $3 || ck "bench-$1-${ld%%:*}" 1
+      c0=$(cpus)
+      o=$(xsbio ${ld#*:} $1 $2 $SPAN $SECS "${ld%%:*}-r$ROUND" $3) || ck "bench-$1-${ld%%:*}" 1
+      echo "$o"
+      # where the time of the test went, seen from the guest (USER_HZ ticks): busy = the
+      # guest's own CPU (user, system, irq, softirq); away = idle + steal, which on the test
+      # bed's one physical CPU is dom0's and Xen's time (the backend's share of a request)
+      c1=$(cpus); echo "$o" | grep -q '^XSB-BENCH' && echo "XSB-CPU ${o#XSB-BENCH } $(cpu_delta "$c0" "$c1")"
     done
   done
   ck bench-ran 0

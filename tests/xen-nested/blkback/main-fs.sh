@@ -71,7 +71,7 @@ guest_checks() {
     echo "$1-$name $([ "$res" = ok ] && echo 0 || echo 1) $rest"
   done > /tmp/gc.txt
   while read -r name rc rest; do xtb_check "$name" "$rc" "$rest"; done < /tmp/gc.txt
-  grep -a 'XSB-BENCH' "$con" | tr -d '\r' >> "$XTB_OUT/bench.txt"
+  grep -a 'XSB-BENCH\|XSB-CPU' "$con" | tr -d '\r' >> "$XTB_OUT/bench.txt"
   grep -a 'XSB-BENCH\|XSB-GUEST-DISK\|XSB-GUEST-DATASET\|XSB-WRITER' "$con" | tr -d '\r' | sed 's/^/  guest: /'
 }
 # run_guest NAME CFG LIMIT: create, wait for XSB-GUEST-DONE

@@ -31,6 +31,14 @@ bench_table() {
       t = mode " " (v["bs"] >= 1048576 ? "1M" : v["bs"]/1024 "K") " QD" v["qd"]
       if (!(t in seen)) { seen[t] = 1; order[++nt] = t; unit[t] = (v["bs"] >= 1048576 ? "MiB/s" : "IOPS") }
       val = (v["bs"] >= 1048576 ? v["mibps"] : v["iops"]); vals[lab, t] = vals[lab, t] " " sprintf("%.1f", val); labs[lab] = 1 }
+    $1 == "XSB-CPU" { lab = $2; sub(/-r[0-9]+$/, "", lab); mode = $3; if (mode == "fill") next
+      delete v; for (i = 4; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
+      if (v["qd"] == "") v["qd"] = 1
+      if (v["ops"] + 0 == 0) next
+      t = mode " " (v["bs"] >= 1048576 ? "1M" : v["bs"]/1024 "K") " QD" v["qd"]
+      # USER_HZ ticks (10 ms) per request, in us
+      busy[lab, t] = busy[lab, t] " " sprintf("%.0f", v["busy"] * 10000 / v["ops"])
+      away[lab, t] = away[lab, t] " " sprintf("%.0f", (v["idle"] + v["steal"]) * 10000 / v["ops"]); cpu = 1 }
     END {
       z = ("snap0" in labs)
       printf "%-20s %-5s %9s %9s %9s %s %10s %11s %s  %s\n", "test", "unit", "snap", "qdisk", "kernel", (z ? sprintf("%9s", "snap0") : ""), "snap/qdisk", "snap/kernel", (z ? "snap0/qdisk snap0/kernel" : ""), "rounds: snap | qdisk | kernel" (z ? " | snap0" : "")
@@ -41,6 +49,15 @@ bench_table() {
           (z ? sprintf("%11s %12s", (q > 0 ? sprintf("%.2fx", s0/q) : "-"), (k > 0 ? sprintf("%.2fx", s0/k) : "-")) : ""),
           vals["snap", t], vals["qdisk", t], vals["kernel", t], (z ? " |" vals["snap0", t] : "") }
       print "goals: snap/qdisk >= 1.20x, snap/kernel >= 0.80x"
+      if (!cpu) exit
+      print ""
+      print "per request, seen from the guest (us, median of the rounds): busy = the guest'"'"'s own CPU, away = idle + steal"
+      print "(on the one physical CPU of the test bed: dom0 and Xen, i.e. the backend'"'"'s share); one request of 1M = 8 of 128K"
+      printf "%-20s %13s %13s %13s %s\n", "test", "snap", "qdisk", "kernel", (z ? sprintf("%13s", "snap0") : "")
+      printf "%-20s %13s %13s %13s %s\n", "", "busy/away", "busy/away", "busy/away", (z ? sprintf("%13s", "busy/away") : "")
+      for (i = 1; i <= nt; i++) { t = order[i]
+        printf "%-20s %13s %13s %13s %s\n", t, med(busy["snap", t]) "/" med(away["snap", t]), med(busy["qdisk", t]) "/" med(away["qdisk", t]),
+          med(busy["kernel", t]) "/" med(away["kernel", t]), (z ? sprintf("%13s", med(busy["snap0", t]) "/" med(away["snap0", t])) : "") }
     }' "$1"
 }
 # `run-fs-bench.sh --table bench.txt` prints the table of an earlier run's bench.txt.
