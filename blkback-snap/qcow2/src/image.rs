@@ -1453,6 +1453,14 @@ impl Qcow2 {
                 }
             }
         }
+        if !self.jobs.is_empty() && self.dirty_durable() {
+            // While background work is pending behind a durable dirty bit, refcounts on
+            // disk may lag (a crash is repaired on open, by us and by QEMU): the decreases
+            // just applied (marked early) go out with the next write-back's first stage,
+            // before its tables; raises with it or with the commit, which writes every
+            // dirty block. This saves a guest flush its fourth barrier in a durable phase.
+            return Ok(());
+        }
         // the decreases, with the raises of the same blocks (a hand-over's +1 and the
         // deferred -1 of the pointer it replaced land in one block write)
         if self.write_dirty_refblocks()? {

@@ -463,10 +463,11 @@ impl xensnap_qcow2::ImageIo for CountingIo {
     }
 }
 
-/// A guest flush while a taken checkpoint is pending writes no refcount block whose counts
+/// Guest flushes while a taken checkpoint is pending write no refcount block whose counts
 /// only moved through hand-overs: a copied cluster's old count gets the checkpoint's +1 at
-/// once and the -1 of the pointer it replaced after the tables, so the block ends as the
-/// file holds it and is not rewritten. Before, each such block was written once per flush
+/// once and the -1 of the pointer it replaced once the tables are durable (with the next
+/// write-back's first stage while the checkpoint is pending), so the block ends as the file
+/// holds it and is not rewritten. Before, each such block was written once per flush
 /// (and before that twice), which at 64 GiB made a flushing guest write ~256 extra 16 KiB
 /// blocks and run one more fdatasync per flush while a checkpoint became durable.
 #[test]
@@ -501,6 +502,11 @@ fn a_flush_after_handed_over_copies_writes_no_refcount_block_they_leave_unchange
     assert!(handed_only.len() >= 4, "old clusters' blocks {handed_only:x?}, copies' blocks {copies:x?}");
     log.lock().unwrap().clear();
     img.flush().unwrap();
+    let first = log.lock().unwrap().clone();
+    // (the decreases wait for the next write-back while the checkpoint is pending: one
+    // more write and flush)
+    img.write(4096 * 3, &[5u8; 512]).unwrap();
+    img.flush().unwrap();
     let writes = log.lock().unwrap().clone();
     let be64 = |b: &[u8]| u64::from_be_bytes(b.try_into().unwrap());
     let mut hdr = [0u8; 56];
@@ -512,11 +518,11 @@ fn a_flush_after_handed_over_copies_writes_no_refcount_block_they_leave_unchange
     let rewritten: Vec<_> = handed_only.iter().filter(|b| writes.contains(b)).collect();
     assert!(rewritten.is_empty(), "refcount blocks rewritten unchanged: {rewritten:x?}; all writes: {writes:x?}");
     let mut seen = std::collections::HashMap::new();
-    for off in &writes {
+    for off in &first {
         *seen.entry(*off).or_insert(0u32) += 1;
     }
     let twice: Vec<_> = seen.iter().filter(|(o, n)| **n > 1 && **o != 0).collect();
-    assert!(twice.len() <= 1, "written more than once in one flush (offset, times): {twice:?}; all: {writes:x?}");
+    assert!(twice.is_empty(), "written more than once in one flush (offset, times): {twice:?}; all: {first:x?}");
     // the counts on disk are right: the checkpoint keeps the old clusters
     img.wait_durable().unwrap();
     img.flush().unwrap();
@@ -527,4 +533,61 @@ fn a_flush_after_handed_over_copies_writes_no_refcount_block_they_leave_unchange
     let mut b = vec![0u8; 4096];
     img.read_checkpoint("a", 4096 * 7, &mut b).unwrap();
     assert!(b.iter().all(|x| *x == 3));
+}
+
+/// While a taken checkpoint is pending (its dirty bit durable), a guest flush after
+/// copy-on-write runs one barrier fewer than the same flush in steady state: the deferred
+/// decreases wait for the next write-back's first stage instead of a barrier of their own.
+/// A crash in between leaves counts above their references, which the dirty bit has
+/// repaired on open (the crash torture covers it); here: reopened after the lazy flush, the
+/// image checks clean once repaired and every flushed byte is there.
+#[test]
+fn a_flush_while_a_checkpoint_is_pending_defers_its_decreases_to_the_next_write_back() {
+    use xensnap_qcow2::{FaultIo, ImageIo};
+    let size = 64u64 << 20;
+    let opts = CreateOptions { size, cluster_bits: 12, ..Default::default() };
+    // barriers of one flush after one 512-byte write per 8 MiB (8 copies-on-write), at
+    // cluster `byte` of each 8 MiB
+    let flush_after_cow = |img: &mut Qcow2, f: &FaultIo, byte: u8| {
+        for k in 0..8u64 {
+            img.write(k * (8 << 20) + 4096 * u64::from(byte), &[byte; 512]).unwrap();
+        }
+        let before = f.op_counts().1;
+        img.flush().unwrap();
+        f.op_counts().1 - before
+    };
+    let setup = || {
+        let f = FaultIo::new();
+        let mut img = Qcow2::create(Box::new(f.clone()) as Box<dyn ImageIo>, &opts).unwrap();
+        img.write(0, &vec![3u8; size as usize]).unwrap();
+        img.flush().unwrap();
+        (f, img)
+    };
+    // steady: after a blocking checkpoint (the first flush also copies the L2 tables)
+    let (f, mut img) = setup();
+    img.checkpoint_create("a").unwrap();
+    flush_after_cow(&mut img, &f, 6);
+    let steady = flush_after_cow(&mut img, &f, 7);
+    // pending: after a take (the first flush also makes the dirty bit durable)
+    let (f, mut img) = setup();
+    img.checkpoint_take("a").unwrap();
+    flush_after_cow(&mut img, &f, 6);
+    assert!(img.info().dirty);
+    let pending = flush_after_cow(&mut img, &f, 7);
+    assert_eq!(
+        pending + 1,
+        steady,
+        "barriers per flush: {pending} with the checkpoint pending, {steady} in steady state"
+    );
+    // a crash now: the deferred decreases are lost, open repairs (the dirty bit is durable)
+    drop(img);
+    let mut img =
+        Qcow2::open(Box::new(FaultIo::from_bytes(f.crash(1))) as Box<dyn ImageIo>, &Default::default()).unwrap();
+    assert!(img.check().unwrap().is_clean());
+    assert!(!img.info().dirty, "open repairs and clears the dirty bit");
+    let mut b = vec![0u8; 512];
+    for k in 0..8u64 {
+        img.read(k * (8 << 20) + 4096 * 7, &mut b).unwrap();
+        assert!(b.iter().all(|x| *x == 7), "flushed write {k} lost");
+    }
 }

@@ -33,7 +33,7 @@
 //! is a first touch), with `qemu-img bench` on 64 KiB clusters as the anchor.
 //!
 //! Usage: bench-checkpoint [--sizes 0,1,16,64] [--dir DIR] [--reps 5] [--clusters 4k,8k,16k,32k,64k]
-//!        [--pace 3] [--idle-pace 1] [--budget 1] [--walk-chunk 256] [--flush-every 256] [--locked-driver] [--no-handoff] [--no-table]
+//!        [--pace 3] [--idle-pace 1] [--budget 1] [--walk-chunk 256] [--flush-every 256] [--flushing-only] [--locked-driver] [--no-handoff] [--no-table]
 //!        [--rounds 6] [--part1-clusters 16k,64k]
 
 use clap::Parser;
@@ -98,6 +98,9 @@ struct Args {
     /// The flushing guest's variant: a flush after every this many writes (0: no variant).
     #[arg(long, default_value_t = 256)]
     flush_every: u64,
+    /// Measure only the flushing guest's variant (skips the never-flushing one).
+    #[arg(long)]
+    flushing_only: bool,
 }
 
 fn parse_size(s: &str) -> R<u64> {
@@ -228,7 +231,11 @@ fn part1(a: &Args, cs: u64) -> R<()> {
             sh("qemu-img", &["snapshot", "-d", "q", &p])?;
         }
         if gib > 0 {
-            let variants = if a.flush_every > 0 { vec![0, a.flush_every] } else { vec![0] };
+            let variants = match (a.flush_every, a.flushing_only) {
+                (0, _) => vec![0],
+                (f, true) => vec![f],
+                (f, false) => vec![0, f],
+            };
             for fe in variants {
                 iops_rows.push((gib, fe, iops_during(&path, gib * GIB, a, fe)?));
             }
