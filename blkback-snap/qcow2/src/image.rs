@@ -1415,7 +1415,9 @@ impl Qcow2 {
     }
 
     /// Ordered write-back: refblocks, barrier, L2 tables, barrier, L1, barrier, then the
-    /// refcount decreases of clusters whose last pointer is now durably gone.
+    /// refcount decreases of clusters whose last pointer is now durably gone (written here,
+    /// or, while background work is pending behind a durable dirty bit, by the next
+    /// write-back's first stage or the commit).
     pub(crate) fn writeback(&mut self) -> Result<()> {
         if self.read_only {
             return Ok(());

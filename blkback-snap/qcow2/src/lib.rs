@@ -12,7 +12,10 @@
 //!   before a flush loses some or all unflushed writes (never flushed ones), and may leak.
 //! * `flush` writes back metadata in dependency order (refblocks, barrier, L2 tables,
 //!   barrier, L1, barrier, then deferred refcount decreases), so it costs up to four
-//!   fdatasyncs when metadata changed and one otherwise.
+//!   fdatasyncs when metadata changed and one otherwise. While background work is pending
+//!   behind a durable dirty bit the decreases wait for the next write-back's first stage
+//!   (up to three), and a refcount block whose bytes came back to what the file holds is
+//!   not rewritten.
 //! * `checkpoint_create`/`revert`/`delete` return only when durable (they are the two-phase
 //!   operations below run to completion, after any earlier background work); a completed
 //!   `checkpoint_create` also leaves every earlier write durable, as `qemu-img snapshot -c`.
