@@ -86,9 +86,19 @@ fs_test() {
   $E2FSCK -fn $D > /tmp/fsck.out 2>&1; r=$?; ck fsck-final $r "$(tail -1 /tmp/fsck.out)"
 }
 
-# cpus: ticks of the guest's one CPU: busy idle steal
-cpus() { read -r _ u n sy i w q sq st _ < /proc/stat; echo "$((u + n + sy + q + sq)) $((i + w)) $st"; }
-cpu_delta() { set -- $1 $2; echo "busy=$(($4 - $1)) idle=$(($5 - $2)) steal=$(($6 - $3))"; }
+# cpus: ticks of the guest's one CPU (busy idle steal), then its blkfront interrupts (the
+# event channels named blkif, all disks) and all its interrupts
+cpus() {
+  read -r _ u n sy i w q sq st _ < /proc/stat
+  b=0 a=0
+  while read -r irq c rest; do
+    case $irq in *:) ;; *) continue;; esac
+    case $c in *[!0-9]*|'') continue;; esac
+    a=$((a + c)); case $rest in *blkif*) b=$((b + c));; esac
+  done < /proc/interrupts
+  echo "$((u + n + sy + q + sq)) $((i + w)) $st $b $a"
+}
+cpu_delta() { set -- $1 $2; echo "busy=$(($6 - $1)) idle=$(($7 - $2)) steal=$(($8 - $3)) blkirq=$(($9 - $4)) irq=$((${10} - $5))"; }
 
 bench() {
   SPAN=64 list=$(echo "$DEVS" | tr ',' ' ')

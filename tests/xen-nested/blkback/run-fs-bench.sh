@@ -38,7 +38,8 @@ bench_table() {
       t = mode " " (v["bs"] >= 1048576 ? "1M" : v["bs"]/1024 "K") " QD" v["qd"]
       # USER_HZ ticks (10 ms) per request, in us
       busy[lab, t] = busy[lab, t] " " sprintf("%.0f", v["busy"] * 10000 / v["ops"])
-      away[lab, t] = away[lab, t] " " sprintf("%.0f", (v["idle"] + v["steal"]) * 10000 / v["ops"]); cpu = 1 }
+      away[lab, t] = away[lab, t] " " sprintf("%.0f", (v["idle"] + v["steal"]) * 10000 / v["ops"]); cpu = 1
+      if (v["blkirq"] != "") { birq[lab, t] = birq[lab, t] " " sprintf("%.2f", v["blkirq"] / v["ops"]); irqs = 1 } }
     END {
       z = ("snap0" in labs)
       printf "%-20s %-5s %9s %9s %9s %s %10s %11s %s  %s\n", "test", "unit", "snap", "qdisk", "kernel", (z ? sprintf("%9s", "snap0") : ""), "snap/qdisk", "snap/kernel", (z ? "snap0/qdisk snap0/kernel" : ""), "rounds: snap | qdisk | kernel" (z ? " | snap0" : "")
@@ -58,6 +59,12 @@ bench_table() {
       for (i = 1; i <= nt; i++) { t = order[i]
         printf "%-20s %13s %13s %13s %s\n", t, med(busy["snap", t]) "/" med(away["snap", t]), med(busy["qdisk", t]) "/" med(away["qdisk", t]),
           med(busy["kernel", t]) "/" med(away["kernel", t]), (z ? sprintf("%13s", med(busy["snap0", t]) "/" med(away["snap0", t])) : "") }
+      if (!irqs) exit
+      print ""
+      print "blkfront interrupts in the guest per request (all its disks; median of the rounds)"
+      printf "%-20s %13s %13s %13s %s\n", "test", "snap", "qdisk", "kernel", (z ? sprintf("%13s", "snap0") : "")
+      for (i = 1; i <= nt; i++) { t = order[i]
+        printf "%-20s %13s %13s %13s %s\n", t, med(birq["snap", t]), med(birq["qdisk", t]), med(birq["kernel", t]), (z ? sprintf("%13s", med(birq["snap0", t])) : "") }
     }' "$1"
 }
 # `run-fs-bench.sh --table bench.txt` prints the table of an earlier run's bench.txt.
