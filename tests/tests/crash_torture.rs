@@ -20,7 +20,8 @@
 //!   leaves the disk either as before the switch or as the checkpoint plus later writes;
 //! - the repaired image passes the real `qemu-img check` (every 20th trial) and keeps working.
 //!
-//! `XENSNAP_CRASH_POINTS` sets the number of trials (default 4000: 1000 missed a write-order bug that trial 1314 of the default seed catches; ~35 s),
+//! `XENSNAP_CRASH_POINTS` sets the number of trials (default 4000, ~35 s: 1000 missed a
+//! write-order bug that trial 1314 of the default seed catches),
 //! `XENSNAP_CRASH_SEED` the seed of the first (decimal; trial `i` uses seed + `i`), so a
 //! failing trial replays alone with its seed and `XENSNAP_CRASH_POINTS=1`.
 

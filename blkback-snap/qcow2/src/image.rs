@@ -101,8 +101,9 @@ pub struct Qcow2 {
     /// it), a decrease (a drop walk's: the tables may carry COPIED flags set because of
     /// it). Raises of counted clusters (hand-overs, link walks) only make a count exceed its
     /// on-disk references (and clear COPIED flags, the safe direction), so a flush writes
-    /// those blocks after the tables, with the deferred decreases of the same blocks (see
-    /// [`Qcow2::writeback`]).
+    /// those blocks after the tables, with the deferred decreases of the same blocks, or,
+    /// while background work is pending behind a durable dirty bit, leaves them to a later
+    /// write-back (see [`Qcow2::writeback`]).
     pub(crate) rb_early: BTreeSet<u64>,
     /// The bytes a dirty refblock had when it became dirty (what the file holds): a
     /// write-back skips a block whose bytes came back to them, e.g. a hand-over's +1 and the

@@ -145,13 +145,7 @@ fn crash_during_revert() {
 
 #[test]
 fn crash_during_delete() {
-    let (base, snap, model) = base_image();
-    let ex = Expect {
-        actives: vec![model],
-        snaps: [("base".to_string(), snap)].into_iter().collect(),
-        snap_sets: vec![vec!["base".into()], vec![]],
-    };
-    crash_sweep(&base, &ex, "delete", &|img| img.checkpoint_delete("base"));
+    sweep_delete("delete", &|img| img.checkpoint_delete("base"));
 }
 
 /// The flush after a deletion writes back what its drop walk changed: the decreased counts
@@ -160,16 +154,22 @@ fn crash_during_delete() {
 /// dirty bit clear (a deletion does not set it).
 #[test]
 fn crash_during_delete_and_the_flush_after_it() {
+    sweep_delete("delete + flush", &|img| {
+        img.checkpoint_delete("base")?;
+        img.flush()
+    });
+}
+
+/// Crash points through `op`, which deletes checkpoint "base": the active disk is unchanged
+/// and "base" is either intact or gone.
+fn sweep_delete(what: &str, op: &dyn Fn(&mut Qcow2) -> xensnap_qcow2::Result<()>) {
     let (base, snap, model) = base_image();
     let ex = Expect {
         actives: vec![model],
         snaps: [("base".to_string(), snap)].into_iter().collect(),
         snap_sets: vec![vec!["base".into()], vec![]],
     };
-    crash_sweep(&base, &ex, "delete + flush", &|img| {
-        img.checkpoint_delete("base")?;
-        img.flush()
-    });
+    crash_sweep(&base, &ex, what, op);
 }
 
 #[test]

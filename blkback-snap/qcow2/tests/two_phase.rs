@@ -463,6 +463,17 @@ impl xensnap_qcow2::ImageIo for CountingIo {
     }
 }
 
+/// A 64 MiB image of 4 KiB clusters on `io`, every cluster written (bytes 3) and flushed:
+/// 8 refcount blocks and 32 L2 tables of data.
+fn filled_64mib(io: Box<dyn xensnap_qcow2::ImageIo>) -> Qcow2 {
+    let size = 64u64 << 20;
+    let opts = CreateOptions { size, cluster_bits: 12, ..Default::default() };
+    let mut img = Qcow2::create(io, &opts).unwrap();
+    img.write(0, &vec![3u8; size as usize]).unwrap();
+    img.flush().unwrap();
+    img
+}
+
 /// Guest flushes while a taken checkpoint is pending write no refcount block whose counts
 /// only moved through hand-overs: a copied cluster's old count gets the checkpoint's +1 at
 /// once and the -1 of the pointer it replaced once the tables are durable (with the next
@@ -475,11 +486,7 @@ fn a_flush_after_handed_over_copies_writes_no_refcount_block_they_leave_unchange
     use xensnap_qcow2::{FaultIo, ImageIo};
     let f = FaultIo::new();
     let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let size = 64u64 << 20;
-    let opts = CreateOptions { size, cluster_bits: 12, ..Default::default() };
-    let mut img = Qcow2::create(Box::new(CountingIo(f.clone(), log.clone())) as Box<dyn ImageIo>, &opts).unwrap();
-    img.write(0, &vec![3u8; size as usize]).unwrap();
-    img.flush().unwrap();
+    let mut img = filled_64mib(Box::new(CountingIo(f.clone(), log.clone())));
     img.checkpoint_take("a").unwrap();
     // one 512-byte write per 8 MiB: old clusters in 8 different refcount blocks and 8
     // different L2 tables, all handed over (nothing walked)
@@ -544,8 +551,6 @@ fn a_flush_after_handed_over_copies_writes_no_refcount_block_they_leave_unchange
 #[test]
 fn a_flush_while_a_checkpoint_is_pending_defers_its_decreases_to_the_next_write_back() {
     use xensnap_qcow2::{FaultIo, ImageIo};
-    let size = 64u64 << 20;
-    let opts = CreateOptions { size, cluster_bits: 12, ..Default::default() };
     // barriers of one flush after one 512-byte write per 8 MiB (8 copies-on-write), at
     // cluster `byte` of each 8 MiB
     let flush_after_cow = |img: &mut Qcow2, f: &FaultIo, byte: u8| {
@@ -558,9 +563,7 @@ fn a_flush_while_a_checkpoint_is_pending_defers_its_decreases_to_the_next_write_
     };
     let setup = || {
         let f = FaultIo::new();
-        let mut img = Qcow2::create(Box::new(f.clone()) as Box<dyn ImageIo>, &opts).unwrap();
-        img.write(0, &vec![3u8; size as usize]).unwrap();
-        img.flush().unwrap();
+        let img = filled_64mib(Box::new(f.clone()));
         (f, img)
     };
     // steady: after a blocking checkpoint (the first flush also copies the L2 tables)
