@@ -54,8 +54,12 @@ fn spin_lock(m: &Mutex<Qcow2>) -> MutexGuard<'_, Qcow2> {
 }
 
 /// Take the image lock, polling it with `sched_yield` for up to `max` while it is taken,
-/// then queueing for it.
+/// then queueing for it. The clock is read only once the lock was found taken: in a PV
+/// dom0 whose Xen gives no stable TSC, `clock_gettime` is a system call, one per request.
 fn poll_lock(m: &Mutex<Qcow2>, max: Duration) -> MutexGuard<'_, Qcow2> {
+    if let Some(g) = try_take(m) {
+        return g;
+    }
     let t = Instant::now();
     loop {
         if let Some(g) = try_take(m) {

@@ -81,6 +81,8 @@ use crate::error::{Error, Result};
 use crate::header::{self, put_be32, put_be64, INCOMPAT_DIRTY};
 use crate::image::{Qcow2, Tree};
 use crate::l2::{l1_to_l2, Cluster, COPIED};
+use crate::offmap::OffSet;
+use crate::refcount::rb_get;
 use crate::snapshot::{CheckpointState, Snapshot, SnapshotInfo};
 use std::collections::{HashMap, HashSet};
 use std::ops::Range;
@@ -239,7 +241,10 @@ const EMPTY_PER_UNIT: u64 = 512;
 pub(crate) const WALK_CHUNK: u64 = 256;
 
 fn merge(mut v: Vec<u64>) -> Vec<(u64, u64)> {
-    v.sort_unstable();
+    // (a table's clusters are mostly allocated in order: often sorted already)
+    if !v.is_sorted() {
+        v.sort_unstable();
+    }
     let mut out: Vec<(u64, u64)> = Vec::with_capacity(v.len());
     for c in v {
         match out.last_mut() {
@@ -443,7 +448,7 @@ impl Qcow2 {
                 }
             }
         }
-        self.fresh = HashSet::new();
+        self.fresh = OffSet::default();
     }
 
     /// Switch the guest-visible disk to a checkpoint (taken or durable): O(L1) in memory
@@ -672,7 +677,7 @@ impl Qcow2 {
 
     fn all_durable(&mut self) -> Result<()> {
         self.mem_l1.clear();
-        self.fresh = HashSet::new();
+        self.fresh = OffSet::default();
         self.leak_window = false;
         // The dirty bit stays: the walks changed COPIED flags of the active tree in memory
         // only, and the on-disk flags are stale until a write-back that starts now
@@ -1133,15 +1138,50 @@ impl Qcow2 {
             }
             return Ok(());
         }
+        // Every entry asks for its cluster's count (the walk's path once the guest has
+        // copied the table): one refcount block lookup per run of entries in the same
+        // block, then the changed entries set together.
         let t = self.l2_words(l2, &r)?;
+        let mut hosts = Vec::with_capacity(t.len());
         for (k, w) in t.iter().enumerate() {
             let j = r.start + k as u64;
             if let Cluster::Normal { host, .. } = geom.classify(*w, 0, &|| format!("L2 table at {l2:#x} entry {j}"))? {
-                let nv = if self.refcount(host / cs)? == 1 { w | COPIED } else { w & !COPIED };
-                if nv != *w {
-                    self.l2_set(l2, j, nv)?;
+                hosts.push((k, host / cs));
+            }
+        }
+        let (e, order) = (self.rb_entries(), self.h.refcount_order);
+        let mut changes = Vec::new();
+        let mut s = 0;
+        while s < hosts.len() {
+            let rt = hosts[s].1 / e;
+            let mut end = s + 1;
+            while end < hosts.len() && hosts[end].1 / e == rt {
+                end += 1;
+            }
+            let rb = self.refblock_offset(rt)?;
+            if rb != 0 {
+                self.load_refblock(rb)?;
+            }
+            let block = if rb == 0 { None } else { self.rb_cache.get(&rb) };
+            for &(k, idx) in &hosts[s..end] {
+                let w = t[k];
+                let nv = if block.map_or(0, |b| rb_get(b, order, idx % e)) == 1 { w | COPIED } else { w & !COPIED };
+                if nv != w {
+                    changes.push((r.start as usize + k, nv));
                 }
             }
+            s = end;
+        }
+        if !changes.is_empty() {
+            self.load_l2(l2)?;
+            if let Some(tb) = self.l2_cache.get_mut(&l2) {
+                for (j, nv) in changes {
+                    if let Some(slot) = tb.get_mut(j) {
+                        *slot = nv;
+                    }
+                }
+            }
+            self.l2_dirty.insert(l2);
         }
         Ok(())
     }
@@ -1494,7 +1534,7 @@ impl Qcow2 {
         }
         self.jobs.clear();
         self.mem_l1.clear();
-        self.fresh = HashSet::new();
+        self.fresh = OffSet::default();
         if self.dirty_set_by_us {
             // the dirty bit set before the walk: clear it once the undone state is on disk
             self.writeback()?;

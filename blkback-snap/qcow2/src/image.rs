@@ -8,10 +8,11 @@ use crate::header::{
 };
 use crate::io::{FileIo, ImageIo};
 use crate::l2::{l1_to_l2, Cluster, L2Geom, COPIED, OFFSET_MASK, ZERO};
+use crate::offmap::{OffMap, OffSet};
 use crate::refcount::rb_set;
 use crate::snapshot::Snapshot;
 use serde::Serialize;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::path::Path;
 use tracing::{debug, info, warn};
 use xensnap_blockdev::DataBuf;
@@ -94,7 +95,7 @@ pub struct Qcow2 {
     /// Dirty 512-byte sectors of the active L1 (sector index within the table).
     pub(crate) l1_dirty: BTreeSet<u64>,
     pub(crate) reftable: Vec<u64>,
-    pub(crate) rb_cache: HashMap<u64, Vec<u8>>,
+    pub(crate) rb_cache: OffMap<Vec<u8>>,
     pub(crate) rb_dirty: BTreeSet<u64>,
     /// Dirty refblocks that must be durable before a write-back of the L2/L1 tables: every
     /// change but a raise of a counted cluster — an allocation (the tables may point to
@@ -109,17 +110,17 @@ pub struct Qcow2 {
     /// write-back skips a block whose bytes came back to them, e.g. a hand-over's +1 and the
     /// deferred -1 of the pointer it replaced. No entry (a new block, or after a failed
     /// write): the block is written.
-    pub(crate) rb_disk: HashMap<u64, Vec<u8>>,
+    pub(crate) rb_disk: OffMap<Vec<u8>>,
     /// Refcount table indices whose (new) refblock is only in memory: the block is written
     /// and flushed before the table entry, at the next write of dirty refblocks.
     pub(crate) rt_new: BTreeSet<u64>,
-    pub(crate) l2_cache: HashMap<u64, Vec<u64>>,
+    pub(crate) l2_cache: OffMap<Vec<u64>>,
     pub(crate) l2_dirty: BTreeSet<u64>,
     /// Byte ranges whose clusters lose one reference once the pointer removal is durable.
     pub(crate) pending_free: Vec<(u64, u64)>,
     pub(crate) snapshots: Vec<Snapshot>,
     pub(crate) snapshot_table_bytes: u64,
-    pub(crate) snap_l1: HashMap<u64, Vec<u64>>,
+    pub(crate) snap_l1: OffMap<Vec<u64>>,
     pub(crate) free_cursor: u64,
     /// Allocation search hint `(to, len)`: every free run of clusters starting in
     /// `[free_cursor, to)` is shorter than `len` clusters, so a search for `len` or more
@@ -135,11 +136,11 @@ pub struct Qcow2 {
     /// Background durability work, processed in order (see `durable.rs`).
     pub(crate) jobs: std::collections::VecDeque<crate::durable::Job>,
     /// In-memory L1 tables of [`Tree::Mem`] trees.
-    pub(crate) mem_l1: HashMap<u64, Vec<u64>>,
+    pub(crate) mem_l1: OffMap<Vec<u64>>,
     pub(crate) next_mem: u64,
     /// Clusters allocated since the last checkpoint take / revert switch (only tracked while
     /// jobs are queued): they are not shared with the tree the active one was copied from.
-    pub(crate) fresh: std::collections::HashSet<u64>,
+    pub(crate) fresh: OffSet,
     /// A revert switch is not committed yet: the active L1 has no home on disk, so it is not
     /// written back (flush completes the switch first).
     pub(crate) l1_unpublished: bool,
@@ -175,7 +176,7 @@ pub struct Qcow2 {
     /// background steps: a [`CowPlan`] made before a bump is stale.
     pub(crate) wgen: u64,
     /// Clusters allocated by [`Qcow2::cow_plan`]s not finished yet (counted, not referenced).
-    pub(crate) cow_inflight: std::collections::HashSet<u64>,
+    pub(crate) cow_inflight: OffSet,
     /// The first failed flush or write of this engine (for an [`ImageIo`] that does not
     /// track poisoning itself, see [`crate::io::Poison`]): everything is refused after it.
     pub(crate) failed: Option<String>,
@@ -353,17 +354,17 @@ impl Qcow2 {
             l1,
             l1_dirty: BTreeSet::new(),
             reftable,
-            rb_cache: HashMap::new(),
+            rb_cache: OffMap::default(),
             rb_dirty: BTreeSet::new(),
             rb_early: BTreeSet::new(),
-            rb_disk: HashMap::new(),
+            rb_disk: OffMap::default(),
             rt_new: BTreeSet::new(),
-            l2_cache: HashMap::new(),
+            l2_cache: OffMap::default(),
             l2_dirty: BTreeSet::new(),
             pending_free: Vec::new(),
             snapshots,
             snapshot_table_bytes: st_bytes,
-            snap_l1: HashMap::new(),
+            snap_l1: OffMap::default(),
             free_cursor: 1,
             run_skip: (0, 0),
             end_hint: 0,
@@ -372,9 +373,9 @@ impl Qcow2 {
             decomp: None,
             dirty_set_by_us: false,
             jobs: std::collections::VecDeque::new(),
-            mem_l1: HashMap::new(),
+            mem_l1: OffMap::default(),
             next_mem: 1,
-            fresh: std::collections::HashSet::new(),
+            fresh: OffSet::default(),
             l1_unpublished: false,
             old_l1_dirty: None,
             leak_window: false,
@@ -385,7 +386,7 @@ impl Qcow2 {
             driver_waiting: Default::default(),
             next_ticket: 0,
             wgen: 0,
-            cow_inflight: std::collections::HashSet::new(),
+            cow_inflight: OffSet::default(),
             failed: None,
             h,
         };

@@ -77,6 +77,7 @@ mod header;
 mod image;
 mod io;
 mod l2;
+mod offmap;
 mod refcount;
 mod snapshot;
 

@@ -479,6 +479,16 @@ struct DriverStats {
     steps: u64,
     /// Steps after which the pacer saw the guest busy.
     busy_steps: u64,
+    /// Lock holds by length: counts and total time per bucket of [`HOLD_BUCKETS`].
+    hist: [(u64, Duration); 5],
+}
+
+/// Upper bounds (µs) of the lock-hold histogram's buckets (the last is open).
+const HOLD_BUCKETS: [u64; 4] = [25, 100, 400, 1600];
+
+fn hold_bucket(d: Duration) -> usize {
+    let us = d.as_micros() as u64;
+    HOLD_BUCKETS.iter().position(|&b| us < b).unwrap_or(HOLD_BUCKETS.len())
 }
 
 /// The durability driver of blkback-snap ([`SharedImage::drive_durability`]'s loop and
@@ -508,6 +518,9 @@ fn drive(
         }
         s.max = s.max.max(p.locked);
         s.held += p.locked;
+        let b = &mut s.hist[hold_bucket(p.locked)];
+        b.0 += 1;
+        b.1 += p.locked;
         if s.first_sync.is_zero() {
             s.first_sync = p.synced;
         }
@@ -534,6 +547,7 @@ fn iops_during(path: &Path, region: u64, a: &Args, flush_every: u64) -> R<Iops> 
     let mut fl = [Duration::ZERO; 3];
     let (mut cu, mut cs) = ([0u64; 3], [0u64; 3]);
     let (mut steps, mut busy_steps) = (0u64, 0u64);
+    let mut hist = [(0u64, Duration::ZERO); 5];
     let mut rounds: Vec<[f64; 3]> = vec![];
     let mut other = [0u64; 3];
     let mut other_wall = [Duration::ZERO; 3];
@@ -581,6 +595,10 @@ fn iops_during(path: &Path, region: u64, a: &Args, flush_every: u64) -> R<Iops> 
                     synced += s.synced;
                     steps += s.steps;
                     busy_steps += s.busy_steps;
+                    for (h, x) in hist.iter_mut().zip(s.hist) {
+                        h.0 += x.0;
+                        h.1 += x.1;
+                    }
                     guest_max = guest_max.max(g.worst);
                 }
                 (g, el)
@@ -638,6 +656,21 @@ fn iops_during(path: &Path, region: u64, a: &Args, flush_every: u64) -> R<Iops> 
             t[i].as_secs_f64() * 1e6 / w
         );
     }
+    let mut line = format!(
+        "  driver lock holds ({} GiB, flush every {flush_every}), durable windows: {steps} steps, {:.1} µs mean, by length",
+        region / GIB,
+        held.as_secs_f64() * 1e6 / steps.max(1) as f64
+    );
+    let mut lo = 0;
+    for (i, (c, d)) in hist.iter().enumerate() {
+        let hi = HOLD_BUCKETS.get(i).map_or("".to_string(), |b| b.to_string());
+        line += &format!(
+            " | {lo}-{hi} µs: {c} steps, {:.1}% of the time held",
+            d.as_secs_f64() * 100.0 / held.as_secs_f64().max(1e-9)
+        );
+        lo = HOLD_BUCKETS.get(i).copied().unwrap_or(0);
+    }
+    println!("{line}");
     Ok(Iops {
         steady: rate(0),
         during: rate(1),
