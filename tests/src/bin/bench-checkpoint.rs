@@ -23,7 +23,7 @@
 //!   durable windows (their median so far; an uncounted durable window first), so that
 //!   page-cache writeback and the share of first-touch writes are alike. Rounds run one
 //!   window of each kind in rotating order, in whole rotations, until the durable windows
-//!   add up to 1.5 s and at least 3 rounds ran; the ratio is total durable-window IOPS /
+//!   add up to 3 s and at least 3 rounds ran; the ratio is total durable-window IOPS /
 //!   total steady IOPS, the per-round ratios' min and max show the spread.
 //!
 //! Part 2, the cluster-size trade-off on 1 GiB of data (virtual 1 GiB): sequential 1 MiB
@@ -92,7 +92,7 @@ struct Args {
     #[arg(long)]
     no_handoff: bool,
     /// Rounds of the durable-phase IOPS measurement at least (whole rotations of 3; more
-    /// while the durable windows add up to less than 1.5 s).
+    /// while the durable windows add up to less than 3 s).
     #[arg(long, default_value_t = 6)]
     rounds: usize,
     /// The flushing guest's variant: a flush after every this many writes (0: no variant).
@@ -611,7 +611,7 @@ fn iops_during(path: &Path, region: u64, a: &Args, flush_every: u64) -> R<Iops> 
     let (_, first) = window(Win::Durable, Duration::ZERO, false, &mut wins)?;
     let mut lens = vec![first];
     let order = [Win::Durable, Win::Steady, Win::Control];
-    let min = Duration::from_millis(1500);
+    let min = Duration::from_millis(3000);
     let mut k = 0;
     // whole rotations of the order (each kind first, second and third equally often)
     while (k < a.rounds.max(3) || t[1] < min || k % 3 != 0) && k < 60 {
