@@ -149,6 +149,7 @@ fn add_stats(a: &StatsSnapshot, b: &StatsSnapshot) -> StatsSnapshot {
         bytes_written: a.bytes_written + b.bytes_written,
         polls: a.polls + b.polls,
         offloaded: a.offloaded + b.offloaded,
+        merged: a.merged + b.merged,
         peak_in_flight: a.peak_in_flight.max(b.peak_in_flight),
         persistent_rings: a.persistent_rings + b.persistent_rings,
         // A gauge: what the newer ring holds mapped (an old ring unmapped everything).
@@ -163,7 +164,7 @@ fn stats_json(s: &StatsSnapshot) -> Value {
     json!({
         "requests": s.requests, "ok": s.ok, "errors": s.errors, "unsupported": s.unsupported,
         "notifications": s.notifications, "bytes_read": s.bytes_read, "bytes_written": s.bytes_written,
-        "polls": s.polls, "offloaded": s.offloaded, "peak_in_flight": s.peak_in_flight,
+        "polls": s.polls, "offloaded": s.offloaded, "merged": s.merged, "peak_in_flight": s.peak_in_flight,
         "persistent_rings": s.persistent_rings, "persistent_grants": s.persistent_grants,
         "persistent_hits": s.persistent_hits, "persistent_misses": s.persistent_misses,
         "persistent_fallbacks": s.persistent_fallbacks,

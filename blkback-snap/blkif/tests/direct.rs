@@ -244,3 +244,178 @@ fn mapped_requests_go_to_the_device_as_pages() {
     assert_ne!(io(&mut h, BLKIF_OP_WRITE, 0, &mut b, false), BLKIF_RSP_OKAY);
     assert!(disk.contents()[..4096] == src[..4096]);
 }
+
+/// A device that refuses any transfer longer than one 4 KiB request (a merged call fails,
+/// the requests one by one succeed).
+struct ShortOnly(Arc<FileDisk>);
+
+impl BlockDevice for ShortOnly {
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+    fn read_only(&self) -> bool {
+        false
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> BlockResult<()> {
+        self.0.read_at(offset, buf)
+    }
+    fn write_at(&self, offset: u64, buf: &[u8]) -> BlockResult<()> {
+        self.0.write_at(offset, buf)
+    }
+    fn flush(&self) -> BlockResult<()> {
+        Ok(())
+    }
+    fn discard(&self, offset: u64, len: u64) -> BlockResult<()> {
+        self.0.discard(offset, len)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> BlockResult<()> {
+        self.0.write_zeroes(offset, len, may_unmap)
+    }
+    fn read_into(&self, offset: u64, dst: &mut dyn DataBuf) -> BlockResult<()> {
+        if dst.len() > 4096 {
+            return Err(BlockError::Io("too long".into()));
+        }
+        self.0.read_into(offset, dst)
+    }
+    fn write_from(&self, offset: u64, src: &dyn DataBuf) -> BlockResult<()> {
+        if src.len() > 4096 {
+            return Err(BlockError::Io("too long".into()));
+        }
+        self.0.write_from(offset, src)
+    }
+    fn direct_io(&self) -> bool {
+        true
+    }
+}
+
+/// A burst the frontend queued at once: reads (and writes) whose sectors follow each other
+/// reach the device as one call; a request that breaks the run (another sector, the other
+/// direction, a flush, a hostile request) is served on its own, in ring order, and the run
+/// goes on after it. Every request gets its own response with its own id. If the merged
+/// call fails, the requests are repeated one by one and each gets its own status.
+#[test]
+fn adjacent_requests_of_a_burst_go_to_the_device_as_one_call() {
+    for short in [false, true] {
+        let disk = Arc::new(FileDisk::new(DISK));
+        let src = pattern(3, DISK);
+        disk.write_at(0, &src).unwrap();
+        let served: Arc<dyn BlockDevice> = if short { Arc::new(ShortOnly(disk.clone())) } else { disk.clone() };
+        let mut h = H::persistent_serving(Abi::X86_64, 0, served, pfeat(1056));
+        // (op, sector): 8 adjacent reads, one elsewhere, a write, 3 adjacent writes, a
+        // flush, 2 adjacent reads, a hostile read, then 2 more adjacent reads
+        let mut plan: Vec<(u8, u64)> = (0..8).map(|i| (BLKIF_OP_READ, 100 + 8 * i)).collect();
+        plan.extend([(BLKIF_OP_READ, 500), (BLKIF_OP_WRITE, 600)]);
+        plan.extend((0..3).map(|i| (BLKIF_OP_WRITE, 700 + 8 * i)));
+        plan.push((BLKIF_OP_FLUSH_DISKCACHE, 0));
+        plan.extend([(BLKIF_OP_READ, 0), (BLKIF_OP_READ, 8), (0xff, 16), (BLKIF_OP_READ, 16), (BLKIF_OP_READ, 24)]);
+        let mut queued = Vec::new();
+        for (k, &(op, sector)) in plan.iter().enumerate() {
+            match op {
+                BLKIF_OP_FLUSH_DISKCACHE => queued.push((h.front.queue_flush(op), op, sector, None)),
+                0xff => {
+                    // first sector after the last: refused before any I/O
+                    let id = h.front.next_id();
+                    h.front.put(&RawRequest::rw(
+                        BLKIF_OP_READ,
+                        id,
+                        sector,
+                        &[Segment { gref: 1, first_sect: 5, last_sect: 2 }],
+                    ));
+                    queued.push((id, op, sector, None));
+                }
+                _ => {
+                    let mut b = h.front.make_buf(&[(0, 7)], None, false);
+                    b.fill(&if op == BLKIF_OP_WRITE { pattern(100 + k as u64, 4096) } else { vec![0; 4096] });
+                    let id = h.front.queue_io(op, sector, &mut b, false);
+                    queued.push((id, op, sector, Some((b, k))));
+                }
+            }
+        }
+        let rsp = h.run();
+        assert_eq!(rsp.len(), queued.len());
+        // answered in ring order (everything ran in the ring's thread)
+        for (r, (id, op, sector, buf)) in rsp.iter().zip(&queued) {
+            assert_eq!(r.id, *id, "short {short}");
+            if *op == 0xff {
+                assert_eq!(r.status, BLKIF_RSP_ERROR);
+                continue;
+            }
+            assert_eq!((r.operation, r.status), (*op, BLKIF_RSP_OKAY), "sector {sector}, short {short}");
+            if let (BLKIF_OP_READ, Some((b, _))) = (*op, buf) {
+                assert!(b.gather() == src[*sector as usize * 512..][..4096], "read at sector {sector}");
+            }
+        }
+        let d = disk.contents();
+        for (_, op, sector, buf) in &queued {
+            if let (BLKIF_OP_WRITE, Some((_, k))) = (*op, buf) {
+                assert!(d[*sector as usize * 512..][..4096] == pattern(100 + *k as u64, 4096)[..], "write at {sector}");
+            }
+        }
+        assert!(d[..600 * 512] == src[..600 * 512] && d[724 * 512..] == src[724 * 512..]);
+        let s = h.ring.stats();
+        if short {
+            assert_eq!(s.merged, 0, "{s:?}");
+        } else {
+            // 8 + 3 + 2 + 2 requests in four calls; FileDisk splits each read call in two
+            assert_eq!(s.merged, 15, "{s:?}");
+            assert_eq!(disk.direct_reads.load(Ordering::Relaxed), 2 * 4);
+            assert_eq!(disk.direct_writes.load(Ordering::Relaxed), 2);
+        }
+        assert_eq!(s.errors, 1);
+        assert!(h.ring.broken().is_none());
+    }
+}
+
+/// Random bursts (runs of adjacent reads and writes, some elsewhere, both directions mixed)
+/// queued at once on a merging ring and on a grant-copy ring over a MemDisk: the same data
+/// read, the same disk, every request answered OK.
+#[test]
+fn random_bursts_read_and_write_what_requests_one_by_one_do() {
+    let mut a = H::new(Abi::X86_64, 0, DISK, Features { workers: 0, ..Features::default() });
+    let (mut b, disk) = direct_ring(1056);
+    let mut next = rng(0x9e37_79b9_7f4a_7c15);
+    for burst in 0..60u64 {
+        let n = 2 + next(14);
+        let mut reqs = Vec::new();
+        let mut sector = next(1500);
+        let mut write = next(2) == 0;
+        for k in 0..n {
+            let layout = if next(3) == 0 { simple_layout(8 + next(56), 0) } else { vec![(0, 7)] };
+            let len: usize = layout.iter().map(|(f, l)| usize::from(l - f + 1) * 512).sum();
+            if next(4) == 0 {
+                sector = next(1900);
+            }
+            if next(5) == 0 {
+                write = !write;
+            }
+            if sector * 512 + len as u64 > DISK as u64 {
+                sector = 0;
+            }
+            reqs.push((layout, sector, write, pattern(burst * 100 + k, len)));
+            sector += len as u64 / 512;
+        }
+        let mut outs: [Vec<Vec<u8>>; 2] = [vec![], vec![]];
+        for (i, h) in [&mut a, &mut b].into_iter().enumerate() {
+            let mut bufs = Vec::new();
+            for (layout, sector, write, data) in &reqs {
+                let mut buf = h.front.make_buf(layout, None, false);
+                buf.fill(&if *write { data.clone() } else { vec![0x55; data.len()] });
+                let op = if *write { BLKIF_OP_WRITE } else { BLKIF_OP_READ };
+                let id = h.front.queue_io(op, *sector, &mut buf, layout.len() > 11);
+                bufs.push((id, buf));
+            }
+            let rsp = h.run();
+            assert_eq!(rsp.len(), bufs.len(), "burst {burst}");
+            for (r, (id, buf)) in rsp.iter().zip(&bufs) {
+                assert_eq!((r.id, r.status), (*id, BLKIF_RSP_OKAY), "burst {burst}");
+                outs[i].push(buf.gather());
+                h.front.release(buf);
+            }
+        }
+        assert!(outs[0] == outs[1], "burst {burst}: reads differ");
+    }
+    assert!(a.disk.snapshot() == disk.contents(), "disks differ");
+    let s = b.ring.stats();
+    assert!(s.merged > 50, "{s:?}");
+    assert_eq!(a.ring.stats().merged, 0);
+}
