@@ -828,8 +828,15 @@ impl BlkifRing {
                 j += 1;
             }
             if j - i < 2 || !self.run_merged(&batch[i], &items[i..j]) {
+                // one by one, with the segments resolved above
                 for k in i..j {
-                    st[k] = self.execute(s, &batch[k], sectors);
+                    if let Some((sector, gs, total)) = &items[k] {
+                        let r = match batch[k] {
+                            Checked::Read { .. } => self.read_segs(s, *sector, gs, *total),
+                            _ => self.write_segs(s, *sector, gs, *total),
+                        };
+                        st[k] = r.err().unwrap_or(BLKIF_RSP_OKAY);
+                    }
                 }
             }
             i = j;
@@ -1050,14 +1057,7 @@ impl BlkifRing {
     }
 
     fn try_execute(&self, s: &mut Scratch, req: &Checked, sectors: u64) -> Result<(), i16> {
-        let dev_err = |e: BlockError| {
-            tracing::debug!(domid = self.domid, "device error: {e}");
-            block_status(&e)
-        };
-        let grant_err = |e| {
-            tracing::debug!(domid = self.domid, "grant copy: {e}");
-            BLKIF_RSP_ERROR
-        };
+        let dev_err = |e| self.dev_err(e);
         match *req {
             Checked::Flush { .. } => self.device.flush().map_err(dev_err),
             Checked::Discard { sector, nr_sectors, secure, .. } => {
@@ -1075,23 +1075,7 @@ impl BlkifRing {
             Checked::Read { sector, ref segs, .. } => {
                 let segs = self.resolve(s, segs, sector, sectors)?;
                 let (gs, total) = grant_segs(&segs);
-                let mapped = self.persistent_pages(&gs);
-                let r = if let Some(mut pages) = self.direct_pages(&gs, &mapped) {
-                    // every segment mapped: the device fills the guest pages itself
-                    self.device.read_into(sector * SECTOR_SIZE, &mut pages).map_err(dev_err)
-                } else {
-                    s.buffer(total);
-                    let Scratch { buf, copy_buf, .. } = s;
-                    let buf = &mut buf[..total];
-                    self.device
-                        .read_at(sector * SECTOR_SIZE, buf)
-                        .map_err(dev_err)
-                        .and_then(|()| self.scatter(&gs, &mapped, buf, copy_buf).map_err(grant_err))
-                };
-                if r.is_ok() {
-                    self.stats.bytes_read.fetch_add(total as u64, Ordering::Relaxed);
-                }
-                r
+                self.read_segs(s, sector, &gs, total)
             }
             Checked::Write { sector, ref segs, flush_before, flush_after, .. } => {
                 let segs = self.resolve(s, segs, sector, sectors)?;
@@ -1099,26 +1083,63 @@ impl BlkifRing {
                 if flush_before {
                     self.device.flush().map_err(dev_err)?;
                 }
-                let mapped = self.persistent_pages(&gs);
-                if let Some(pages) = self.direct_pages(&gs, &mapped) {
-                    // every segment mapped (no grant can fail): the device drains the pages
-                    self.device.write_from(sector * SECTOR_SIZE, &pages).map_err(dev_err)?;
-                } else {
-                    s.buffer(total);
-                    let Scratch { buf, copy_buf, .. } = s;
-                    let buf = &mut buf[..total];
-                    // Gather everything first: a bad grant fails the request before the disk is touched.
-                    self.gather(&gs, &mapped, buf, copy_buf)
-                        .map_err(grant_err)
-                        .and_then(|()| self.device.write_at(sector * SECTOR_SIZE, buf).map_err(dev_err))?;
-                }
-                self.stats.bytes_written.fetch_add(total as u64, Ordering::Relaxed);
+                self.write_segs(s, sector, &gs, total)?;
                 if flush_after {
                     self.device.flush().map_err(dev_err)?;
                 }
                 Ok(())
             }
         }
+    }
+
+    fn dev_err(&self, e: BlockError) -> i16 {
+        tracing::debug!(domid = self.domid, "device error: {e}");
+        block_status(&e)
+    }
+
+    fn grant_err(&self, e: GrantError) -> i16 {
+        tracing::debug!(domid = self.domid, "grant copy: {e}");
+        BLKIF_RSP_ERROR
+    }
+
+    /// Read into the resolved segments `gs` (`total` bytes) at `sector`.
+    fn read_segs(&self, s: &mut Scratch, sector: u64, gs: &[GrantSeg], total: usize) -> Result<(), i16> {
+        let mapped = self.persistent_pages(gs);
+        let r = if let Some(mut pages) = self.direct_pages(gs, &mapped) {
+            // every segment mapped: the device fills the guest pages itself
+            self.device.read_into(sector * SECTOR_SIZE, &mut pages).map_err(|e| self.dev_err(e))
+        } else {
+            s.buffer(total);
+            let Scratch { buf, copy_buf, .. } = s;
+            let buf = &mut buf[..total];
+            self.device
+                .read_at(sector * SECTOR_SIZE, buf)
+                .map_err(|e| self.dev_err(e))
+                .and_then(|()| self.scatter(gs, &mapped, buf, copy_buf).map_err(|e| self.grant_err(e)))
+        };
+        if r.is_ok() {
+            self.stats.bytes_read.fetch_add(total as u64, Ordering::Relaxed);
+        }
+        r
+    }
+
+    /// Write the resolved segments `gs` (`total` bytes) at `sector` (no flushes).
+    fn write_segs(&self, s: &mut Scratch, sector: u64, gs: &[GrantSeg], total: usize) -> Result<(), i16> {
+        let mapped = self.persistent_pages(gs);
+        if let Some(pages) = self.direct_pages(gs, &mapped) {
+            // every segment mapped (no grant can fail): the device drains the pages
+            self.device.write_from(sector * SECTOR_SIZE, &pages).map_err(|e| self.dev_err(e))?;
+        } else {
+            s.buffer(total);
+            let Scratch { buf, copy_buf, .. } = s;
+            let buf = &mut buf[..total];
+            // Gather everything first: a bad grant fails the request before the disk is touched.
+            self.gather(gs, &mapped, buf, copy_buf)
+                .map_err(|e| self.grant_err(e))
+                .and_then(|()| self.device.write_at(sector * SECTOR_SIZE, buf).map_err(|e| self.dev_err(e)))?;
+        }
+        self.stats.bytes_written.fetch_add(total as u64, Ordering::Relaxed);
+        Ok(())
     }
 }
 
