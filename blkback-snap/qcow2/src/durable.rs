@@ -82,7 +82,6 @@ use crate::header::{self, put_be32, put_be64, INCOMPAT_DIRTY};
 use crate::image::{Qcow2, Tree};
 use crate::l2::{l1_to_l2, Cluster, COPIED};
 use crate::offmap::OffSet;
-use crate::refcount::rb_get;
 use crate::snapshot::{CheckpointState, Snapshot, SnapshotInfo};
 use std::collections::{HashMap, HashSet};
 use std::ops::Range;
@@ -1149,29 +1148,19 @@ impl Qcow2 {
                 hosts.push((k, host / cs));
             }
         }
-        let (e, order) = (self.rb_entries(), self.h.refcount_order);
         let mut changes = Vec::new();
-        let mut s = 0;
-        while s < hosts.len() {
-            let rt = hosts[s].1 / e;
-            let mut end = s + 1;
-            while end < hosts.len() && hosts[end].1 / e == rt {
-                end += 1;
-            }
-            let rb = self.refblock_offset(rt)?;
-            if rb != 0 {
-                self.load_refblock(rb)?;
-            }
-            let block = if rb == 0 { None } else { self.rb_cache.get(&rb) };
-            for &(k, idx) in &hosts[s..end] {
+        self.each_refcount(
+            &hosts,
+            |h| h.1,
+            |&(k, _), rc| {
                 let w = t[k];
-                let nv = if block.map_or(0, |b| rb_get(b, order, idx % e)) == 1 { w | COPIED } else { w & !COPIED };
+                let nv = if rc == 1 { w | COPIED } else { w & !COPIED };
                 if nv != w {
                     changes.push((r.start as usize + k, nv));
                 }
-            }
-            s = end;
-        }
+                Ok(())
+            },
+        )?;
         if !changes.is_empty() {
             self.load_l2(l2)?;
             if let Some(tb) = self.l2_cache.get_mut(&l2) {

@@ -259,17 +259,23 @@ impl Qcow2 {
         Ok(())
     }
 
-    /// Check that deltas can be applied without overflow or underflow (in order, like
-    /// [`Qcow2::refcount`] of each; one block lookup per run of deltas in the same block).
-    pub(crate) fn check_deltas(&mut self, deltas: &[(u64, u64)], increase: bool) -> Result<()> {
-        let max = self.rc_max();
+    /// Call `f` with each of `items` in order and the refcount of its cluster (`key`: the
+    /// cluster index) — what [`Qcow2::refcount`] of each gives, loading the same blocks and
+    /// failing the same way — looking each refcount block up once per run of items in it.
+    /// Stops at the first error of `f`.
+    pub(crate) fn each_refcount<T>(
+        &mut self,
+        items: &[T],
+        key: impl Fn(&T) -> u64,
+        mut f: impl FnMut(&T, u64) -> Result<()>,
+    ) -> Result<()> {
         let e = self.rb_entries();
         let order = self.h.refcount_order;
         let mut k = 0;
-        while k < deltas.len() {
-            let rt = deltas[k].0 / e;
+        while k < items.len() {
+            let rt = key(&items[k]) / e;
             let mut end = k + 1;
-            while end < deltas.len() && deltas[end].0 / e == rt {
+            while end < items.len() && key(&items[end]) / e == rt {
                 end += 1;
             }
             let rb = self.refblock_offset(rt)?;
@@ -277,34 +283,40 @@ impl Qcow2 {
                 self.load_refblock(rb)?;
             }
             let block = if rb == 0 { None } else { self.rb_cache.get(&rb) };
-            for &(idx, n) in &deltas[k..end] {
-                let rc = block.map_or(0, |b| rb_get(b, order, idx % e));
-                if increase {
-                    if rc.checked_add(n).is_none_or(|v| v > max) {
-                        return Err(Error::RefcountOverflow {
-                            what: format!(
-                                "cluster at {:#x} has refcount {rc}; adding {n} exceeds the maximum {max} of {}-bit refcounts",
-                                idx * self.cs,
-                                self.h.refcount_bits()
-                            ),
-                        });
-                    }
-                    if rc == 0 {
-                        return Err(Error::corrupt(format!(
-                            "cluster at {:#x} is referenced but has refcount 0",
-                            idx * self.cs
-                        )));
-                    }
-                } else if rc < n {
-                    return Err(Error::corrupt(format!(
-                        "cluster at {:#x} has refcount {rc} but {n} references are being dropped",
-                        idx * self.cs
-                    )));
-                }
+            for it in &items[k..end] {
+                f(it, block.map_or(0, |b| rb_get(b, order, key(it) % e)))?;
             }
             k = end;
         }
         Ok(())
+    }
+
+    /// Check that deltas can be applied without overflow or underflow (in order, like
+    /// [`Qcow2::refcount`] of each; one block lookup per run of deltas in the same block).
+    pub(crate) fn check_deltas(&mut self, deltas: &[(u64, u64)], increase: bool) -> Result<()> {
+        let max = self.rc_max();
+        let (cs, bits) = (self.cs, self.h.refcount_bits());
+        self.each_refcount(deltas, |d| d.0, |&(idx, n), rc| {
+            if increase {
+                if rc.checked_add(n).is_none_or(|v| v > max) {
+                    return Err(Error::RefcountOverflow {
+                        what: format!(
+                            "cluster at {:#x} has refcount {rc}; adding {n} exceeds the maximum {max} of {bits}-bit refcounts",
+                            idx * cs
+                        ),
+                    });
+                }
+                if rc == 0 {
+                    return Err(Error::corrupt(format!("cluster at {:#x} is referenced but has refcount 0", idx * cs)));
+                }
+            } else if rc < n {
+                return Err(Error::corrupt(format!(
+                    "cluster at {:#x} has refcount {rc} but {n} references are being dropped",
+                    idx * cs
+                )));
+            }
+            Ok(())
+        })
     }
 
     /// Cluster index range of fixed metadata that an allocation must never hand out.
