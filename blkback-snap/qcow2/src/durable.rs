@@ -290,6 +290,12 @@ impl Qcow2 {
         self.guest_ops
     }
 
+    /// Nanoseconds guest requests through [`crate::SharedImage`] waited for the image lock
+    /// while it was taken, so far (a wrapping count, for [`crate::Pacer`]).
+    pub fn guest_wait_ns(&self) -> u64 {
+        self.guest_wait_ns
+    }
+
     /// Is there background work (taken checkpoints, revert or delete) not durable yet?
     pub fn durable_pending(&self) -> bool {
         !self.jobs.is_empty()

@@ -166,6 +166,10 @@ pub struct Qcow2 {
     /// Guest requests served through [`crate::SharedImage`] (wrapping count), which a
     /// durability driver reads to tell a busy guest from an idle one ([`crate::Pacer`]).
     pub(crate) guest_ops: u64,
+    /// Nanoseconds guest requests through [`crate::SharedImage`] waited for the image lock
+    /// while it was taken (wrapping), read by a durability driver's [`crate::Pacer`] (which
+    /// can bound what its steps cost the guest, see `Pacer::with_wait_share`).
+    pub(crate) guest_wait_ns: u64,
     /// Set by a durability driver while it waits for the image lock: a guest request that
     /// holds the lock then lets it in first (see `SharedImage::durable_work_handed`).
     pub(crate) driver_waiting: std::sync::Arc<std::sync::atomic::AtomicBool>,
@@ -383,6 +387,7 @@ impl Qcow2 {
             hold_cache: false,
             walk_chunk: crate::durable::WALK_CHUNK,
             guest_ops: 0,
+            guest_wait_ns: 0,
             driver_waiting: Default::default(),
             next_ticket: 0,
             wgen: 0,

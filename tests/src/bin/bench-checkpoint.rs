@@ -14,8 +14,9 @@
 //!   durability thread paced like blkback-snap's and `xl-snap image serve`'s makes a taken
 //!   checkpoint durable with `SharedImage::durable_work(1)` (a bounded step under the image
 //!   lock, every commit barrier run without it), paced by a `Pacer` (sleeping `--pace` times
-//!   the time it held the lock, at least 50 µs, while the guest is busy, `--idle-pace` times
-//!   while it is idle), checking first that work is pending, like
+//!   the time it held the lock, at least 50 µs, while the guest is busy — with
+//!   `--wait-share S` longer when the guest waited for the lock more than S of the time, up
+//!   to `MAX_PACE` times — and `--idle-pace` times while it is idle), checking first that work is pending, like
 //!   `SharedImage::drive_durability`. Steady state: the same writes right after a blocking
 //!   checkpoint. Control: the same writes right after a take with no durability thread (the
 //!   cost of the durable phase's write path alone, hand-overs included). Every window starts
@@ -33,7 +34,7 @@
 //! is a first touch), with `qemu-img bench` on 64 KiB clusters as the anchor.
 //!
 //! Usage: bench-checkpoint [--sizes 0,1,16,64] [--dir DIR] [--reps 5] [--clusters 4k,8k,16k,32k,64k]
-//!        [--pace 3] [--idle-pace 1] [--budget 1] [--walk-chunk 256] [--flush-every 256] [--flushing-only] [--locked-driver] [--no-handoff] [--no-table]
+//!        [--pace 6] [--wait-share 0] [--idle-pace 1] [--budget 1] [--walk-chunk 256] [--flush-every 256] [--flushing-only] [--locked-driver] [--no-handoff] [--no-table]
 //!        [--rounds 6] [--part1-clusters 16k,64k]
 
 use clap::Parser;
@@ -80,6 +81,10 @@ struct Args {
     /// The same while the guest is idle (no request for GUEST_BUSY_WINDOW).
     #[arg(long, default_value_t = xensnap_qcow2::DURABLE_PACE_IDLE)]
     idle_pace: u32,
+    /// The Pacer's bound on the busy guest's lock waits (share of the time, e.g. 0.05; 0,
+    /// the engine's default: the busy pace alone).
+    #[arg(long, default_value_t = 0.0)]
+    wait_share: f64,
     /// Budget of each durability step (chunks of L2 tables per lock hold).
     #[arg(long, default_value_t = xensnap_qcow2::DURABLE_BUDGET)]
     budget: usize,
@@ -271,8 +276,17 @@ fn part1(a: &Args, cs: u64) -> R<()> {
         )
     };
     let pacing = format!(
-        "Pacer: pause {}x its lock time (>= 50 µs) while the guest is busy, {}x while idle; walk chunk {}",
+        "Pacer: pause {}x its lock time (>= 50 µs) while the guest is busy{}, {}x while idle; walk chunk {}",
         a.pace,
+        if a.wait_share > 0.0 {
+            format!(
+                ", longer if the guest waited for the lock more than {:.0}% of the time (up to {}x)",
+                a.wait_share * 100.0,
+                xensnap_qcow2::MAX_PACE
+            )
+        } else {
+            String::new()
+        },
         a.idle_pace,
         if a.walk_chunk > 0 { format!("{} L2 entries", a.walk_chunk) } else { "default (256 L2 entries)".into() }
     );
@@ -508,7 +522,13 @@ fn drive(
             let mut g = lock(img);
             let t = Instant::now();
             let done = g.durable_step(budget).map_err(q("durable step"))?;
-            DurableProgress { done, locked: t.elapsed(), synced: Duration::ZERO, guest_ops: g.guest_ops() }
+            DurableProgress {
+                done,
+                locked: t.elapsed(),
+                synced: Duration::ZERO,
+                guest_ops: g.guest_ops(),
+                guest_wait_ns: g.guest_wait_ns(),
+            }
         } else {
             img.durable_work_handed(budget, waiting.as_deref()).map_err(q("durable step"))?
         };
@@ -548,6 +568,8 @@ fn iops_during(path: &Path, region: u64, a: &Args, flush_every: u64) -> R<Iops> 
     let (mut cu, mut cs) = ([0u64; 3], [0u64; 3]);
     let (mut steps, mut busy_steps) = (0u64, 0u64);
     let mut hist = [(0u64, Duration::ZERO); 5];
+    // nanoseconds the guest waited for the image lock in the counted durable windows
+    let mut waited = 0u64;
     let mut rounds: Vec<[f64; 3]> = vec![];
     let mut other = [0u64; 3];
     let mut other_wall = [Duration::ZERO; 3];
@@ -577,17 +599,19 @@ fn iops_during(path: &Path, region: u64, a: &Args, flush_every: u64) -> R<Iops> 
                 (g, el)
             }
             Win::Durable => {
+                let w0 = lock(&img).guest_wait_ns();
                 lock(&img).checkpoint_take(&name).map_err(q("take"))?;
                 let t = Instant::now();
                 let done = Arc::new(AtomicBool::new(false));
                 let (d2, i2, locked, budget) = (done.clone(), img.clone(), a.locked_driver, a.budget);
                 let handoff = !a.no_handoff;
-                let mut pacer = Pacer::new(a.pace, a.idle_pace, GUEST_BUSY_WINDOW);
+                let mut pacer = Pacer::new(a.pace, a.idle_pace, GUEST_BUSY_WINDOW).with_wait_share(a.wait_share);
                 let driver = std::thread::spawn(move || drive(&i2, locked, handoff, &mut pacer, budget, &d2));
                 let g = guest(&img, &mut off, &buf, flush_every, &|| done.load(Ordering::SeqCst))?;
                 let el = t.elapsed();
                 let s = driver.join().map_err(|_| "driver panicked".to_string())??;
                 if count {
+                    waited = waited.wrapping_add(lock(&img).guest_wait_ns().wrapping_sub(w0));
                     wins.push(el);
                     firsts.push(s.first_sync);
                     max_hold = max_hold.max(s.max);
@@ -657,8 +681,10 @@ fn iops_during(path: &Path, region: u64, a: &Args, flush_every: u64) -> R<Iops> 
         );
     }
     let mut line = format!(
-        "  driver lock holds ({} GiB, flush every {flush_every}), durable windows: {steps} steps, {:.1} µs mean, by length",
+        "  driver lock holds ({} GiB, flush every {flush_every}), durable windows (median {:.0} ms from take to durable): guest waited for the lock {:.1}% of the time; {steps} steps, {:.1} µs mean, by length",
         region / GIB,
+        ms(median(wins.clone())),
+        waited as f64 / 1e9 * 100.0 / t[1].as_secs_f64().max(1e-9),
         held.as_secs_f64() * 1e6 / steps.max(1) as f64
     );
     let mut lo = 0;
