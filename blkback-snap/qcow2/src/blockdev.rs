@@ -89,7 +89,9 @@ fn handing_lock(m: &Mutex<Qcow2>) -> MutexGuard<'_, Qcow2> {
     if g.driver_waiting.load(Ordering::Acquire) {
         let waiting = Arc::clone(&g.driver_waiting);
         drop(g);
-        let t = *since.get_or_insert_with(Instant::now);
+        // the hand-over's own time limit, whatever the request waited before
+        let t = Instant::now();
+        since.get_or_insert(t);
         g = loop {
             if !waiting.load(Ordering::Acquire) {
                 if let Some(g) = try_take(m) {
