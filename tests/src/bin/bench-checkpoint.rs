@@ -35,7 +35,7 @@
 //!
 //! Usage: bench-checkpoint [--sizes 0,1,16,64] [--dir DIR] [--reps 5] [--clusters 4k,8k,16k,32k,64k]
 //!        [--pace 6] [--wait-share 0] [--idle-pace 1] [--budget 1] [--walk-chunk 256] [--flush-every 256] [--flushing-only] [--locked-driver] [--no-handoff] [--no-table]
-//!        [--rounds 6] [--part1-clusters 16k,64k]
+//!        [--rounds 6] [--part1-clusters 16k,64k] [--prealloc metadata|full]
 
 use clap::Parser;
 use rand::{Rng, SeedableRng};
@@ -103,6 +103,11 @@ struct Args {
     /// The flushing guest's variant: a flush after every this many writes (0: no variant).
     #[arg(long, default_value_t = 256)]
     flush_every: u64,
+    /// Preallocation of part 1's images (`qemu-img create -o preallocation=`): `metadata`
+    /// (real L2 tables and refcounts, sparse data: a copy-on-write of a never-written
+    /// cluster reads a hole) or `full` (the data written as zeroes too).
+    #[arg(long, default_value = "metadata")]
+    prealloc: String,
     /// Measure only the flushing guest's variant (skips the never-flushing one).
     #[arg(long)]
     flushing_only: bool,
@@ -149,11 +154,18 @@ fn run(a: &Args) -> R<()> {
     Ok(())
 }
 
-/// 64 GiB virtual, `alloc` GiB of real metadata with sparse data.
-fn make_image(path: &Path, alloc_gib: u64, cs: u64) -> R<()> {
+/// 64 GiB virtual, `alloc` GiB of real metadata with sparse data (`prealloc` "metadata") or
+/// with the data written too ("full").
+fn make_image(path: &Path, alloc_gib: u64, cs: u64, prealloc: &str) -> R<()> {
+    if !matches!(prealloc, "metadata" | "full") {
+        return Err(format!("--prealloc {prealloc}: expected metadata or full"));
+    }
     let _ = std::fs::remove_file(path);
     let p = path.to_str().ok_or("path")?;
-    let o = format!("cluster_size={cs}{}", if alloc_gib > 0 { ",preallocation=metadata" } else { "" });
+    let o = format!(
+        "cluster_size={cs}{}",
+        if alloc_gib > 0 { format!(",preallocation={prealloc}") } else { String::new() }
+    );
     sh("qemu-img", &["create", "-q", "-f", "qcow2", "-o", &o, p, &format!("{}G", alloc_gib.max(1))])?;
     sh("qemu-img", &["resize", "-q", p, "64G"])?;
     Ok(())
@@ -201,7 +213,7 @@ fn part1(a: &Args, cs: u64) -> R<()> {
         let path = a.dir.join(format!("ckpt-{gib}g-{}k.qcow2", cs >> 10));
         // removed however this size ends: the IOPS windows can grow a 64 GiB image to tens of GB
         let _scratch = RemoveOnDrop(path.clone());
-        make_image(&path, gib, cs)?;
+        make_image(&path, gib, cs, &a.prealloc)?;
         let p = path.to_str().ok_or("path")?.to_owned();
         let (mut take, mut dur, mut sw, mut rev, mut cre) = (vec![], vec![], vec![], vec![], vec![]);
         for r in 0..a.reps {
@@ -805,7 +817,7 @@ fn part2(a: &Args) -> R<()> {
         sh("qemu-img", &["check", path.to_str().ok_or("path")?])?;
         // take on a 64 GiB virtual image of this cluster size (L1 copy cost)
         let big = a.dir.join(format!("cs-{cs}-64g.qcow2"));
-        make_image(&big, 1, cs)?;
+        make_image(&big, 1, cs, "metadata")?;
         let mut bi = open(&big)?;
         let mut takes = vec![];
         for i in 0..a.reps {
