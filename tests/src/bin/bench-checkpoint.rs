@@ -16,7 +16,8 @@
 //!   lock, every commit barrier run without it), paced by a `Pacer` (sleeping `--pace` times
 //!   the time it held the lock, at least 50 µs, while the guest is busy — with
 //!   `--wait-share S` longer when the guest waited for the lock more than S of the time, up
-//!   to `MAX_PACE` times — and `--idle-pace` times while it is idle), checking first that work is pending, like
+//!   to `MAX_PACE` times — and `--idle-pace` times while it is idle), checking first that
+//!   work is pending, like
 //!   `SharedImage::drive_durability`. Steady state: the same writes right after a blocking
 //!   checkpoint. Control: the same writes right after a take with no durability thread (the
 //!   cost of the durable phase's write path alone, hand-overs included). Every window starts
@@ -83,7 +84,7 @@ struct Args {
     idle_pace: u32,
     /// The Pacer's bound on the busy guest's lock waits (share of the time, e.g. 0.05; 0,
     /// the engine's default: the busy pace alone).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = parse_share)]
     wait_share: f64,
     /// Budget of each durability step (chunks of L2 tables per lock hold).
     #[arg(long, default_value_t = xensnap_qcow2::DURABLE_BUDGET)]
@@ -106,11 +107,19 @@ struct Args {
     /// Preallocation of part 1's images (`qemu-img create -o preallocation=`): `metadata`
     /// (real L2 tables and refcounts, sparse data: a copy-on-write of a never-written
     /// cluster reads a hole) or `full` (the data written as zeroes too).
-    #[arg(long, default_value = "metadata")]
+    #[arg(long, default_value = "metadata", value_parser = ["metadata", "full"])]
     prealloc: String,
     /// Measure only the flushing guest's variant (skips the never-flushing one).
     #[arg(long)]
     flushing_only: bool,
+}
+
+/// A share of the time: a number from 0 to 1.
+fn parse_share(s: &str) -> R<f64> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if (0.0..=1.0).contains(&v) => Ok(v),
+        _ => Err(format!("{s}: expected a share of the time from 0 to 1 (e.g. 0.05)")),
+    }
 }
 
 fn parse_size(s: &str) -> R<u64> {
@@ -157,9 +166,6 @@ fn run(a: &Args) -> R<()> {
 /// 64 GiB virtual, `alloc` GiB of real metadata with sparse data (`prealloc` "metadata") or
 /// with the data written too ("full").
 fn make_image(path: &Path, alloc_gib: u64, cs: u64, prealloc: &str) -> R<()> {
-    if !matches!(prealloc, "metadata" | "full") {
-        return Err(format!("--prealloc {prealloc}: expected metadata or full"));
-    }
     let _ = std::fs::remove_file(path);
     let p = path.to_str().ok_or("path")?;
     let o = format!(
