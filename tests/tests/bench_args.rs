@@ -7,7 +7,7 @@ fn bad_prealloc_and_wait_share_fail_before_any_work() {
     let dir = std::env::temp_dir().join(format!("xensnap-bench-args-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     for (args, want) in [
-        (&["--prealloc", "sparse"][..], "possible values: metadata, full"),
+        (&["--prealloc", "sparse"][..], "possible values: full, metadata"),
         (&["--wait-share", "2"][..], "expected a share of the time from 0 to 1"),
         (&["--wait-share", "nan"][..], "expected a share of the time from 0 to 1"),
         (&["--wait-share=-0.1"][..], "expected a share of the time from 0 to 1"),

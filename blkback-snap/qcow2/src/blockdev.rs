@@ -311,18 +311,13 @@ pub const GUEST_BUSY_WINDOW: Duration = Duration::from_millis(20);
 /// Picks the pause of a durability driver after each step ([`SharedImage::durable_work`]):
 /// [`durable_pause`] at the busy pace while guest requests have been served within the
 /// busy window (the count of guest requests in [`DurableProgress::guest_ops`] moved),
-/// the idle pace (no minimum) otherwise. With a wait share ([`Pacer::with_wait_share`], off
-/// by default) the busy pause is also long enough that the time guest requests spent
-/// waiting for the image lock since the last step ([`DurableProgress::guest_wait_ns`]) is at
-/// most that share of the step and its pause, up to [`MAX_PACE`] times the step's lock time:
-/// the driver slows down when its steps make the guest wait and keeps the busy pace when
-/// they do not (a guest waiting in its own flushes, or doing I/O without the lock). Off by
-/// default because it did not pay (bench-checkpoint, 16 KiB clusters, never-flushing guest,
-/// 2026-11-26/27, ratio without | with a 5 % share): the guest's lock waits halved (8.7–10.2
-/// % → 3.6–4.7 % of the time) and 1 GiB went 0.79 | 0.92 and 0.85 | 0.91, but 16 GiB went
-/// 0.99 | 0.98, 0.84 | 0.71 and 0.92 | 0.86 while the durable phase under load grew 2–2.5×
-/// (16 GiB 2.0–2.2 s → 3.9–5.4 s), and with it the copy-on-write space a pending checkpoint
-/// holds.
+/// the idle pace (no minimum) otherwise. With a wait share ([`Pacer::with_wait_share`];
+/// [`DURABLE_WAIT_SHARE`] in [`Pacer::default`], none in [`Pacer::new`]) the busy pause is
+/// also long enough that the time guest requests spent waiting for the image lock since the
+/// last step ([`DurableProgress::guest_wait_ns`]) is at most that share of the step and its
+/// pause, up to [`MAX_PACE`] times the step's lock time: the driver slows down when its
+/// steps make the guest wait and keeps the busy pace when they do not (a guest waiting in
+/// its own flushes, or doing I/O without the lock).
 #[derive(Debug, Clone)]
 pub struct Pacer {
     busy: u32,
@@ -335,18 +330,22 @@ pub struct Pacer {
 }
 
 impl Default for Pacer {
+    /// The engine's pacing: [`DURABLE_PACE`], [`DURABLE_PACE_IDLE`], [`GUEST_BUSY_WINDOW`]
+    /// and the guest's lock waits bounded to [`DURABLE_WAIT_SHARE`].
     fn default() -> Self {
-        Pacer::new(DURABLE_PACE, DURABLE_PACE_IDLE, GUEST_BUSY_WINDOW)
+        Pacer::new(DURABLE_PACE, DURABLE_PACE_IDLE, GUEST_BUSY_WINDOW).with_wait_share(DURABLE_WAIT_SHARE)
     }
 }
 
 impl Pacer {
+    /// A pacer with the given paces and busy window and no bound on the guest's lock waits
+    /// (add one with [`Pacer::with_wait_share`]).
     pub fn new(busy: u32, idle: u32, window: Duration) -> Self {
         Pacer { busy, idle, window, wait_share: 0.0, seen: None, seen_wait: None, active_at: None }
     }
 
     /// The same with a bound on the busy guest's lock waits: at most `share` of the time
-    /// (e.g. 0.05; 0, the default: the busy pace alone).
+    /// (e.g. 0.05; 0: the busy pace alone). Out of 0..=1 it is clamped, NaN means 0.
     pub fn with_wait_share(mut self, share: f64) -> Self {
         self.wait_share = if share.is_finite() { share.clamp(0.0, 1.0) } else { 0.0 };
         self
@@ -382,6 +381,22 @@ impl Pacer {
         self.active_at.is_some_and(|t| now.duration_since(t) < self.window)
     }
 }
+
+/// The share of the time a busy guest may spend waiting for the image lock while
+/// checkpoint work is pending, in [`Pacer::default`] (what blkback-snap and `xl-snap image
+/// serve` drive their images with). Measured with bench-checkpoint (16 KiB clusters, pace 6,
+/// 6 rounds; guest IOPS during the durable phase / steady IOPS, totals over the rounds; no
+/// bound | 5 %), on images whose data is written (`--prealloc full`, as a served disk's is),
+/// three runs each over two sessions (2026-11-27): a never-flushing guest waits 10-11 % of
+/// the durable windows without the bound, 4.4-4.9 % with it, and the ratio was 0.83, 0.81,
+/// 0.83 | 0.96, 0.86, 0.90 at 1 GiB and 0.80, 0.70, 0.72 | 0.93, 0.92, 0.81 at 16 GiB; a
+/// guest flushing every 256 writes 0.90-1.01 | 0.84-1.00 (two runs). The price is a longer
+/// durable phase under load, 2-3x (never flushing: 1 GiB 82-84 -> 224-227 ms, 16 GiB
+/// 2.6-2.8 -> 5.5-6.5 s; flushing 16 GiB 13.1-13.6 -> 22.8-26.3 s), and with it the
+/// copy-on-write space a pending checkpoint holds. On sparse data (a write into a hole costs
+/// the guest more, so it waits less) the bound measured 0.79 | 0.92, 0.85 | 0.91 at 1 GiB
+/// but 0.99 | 0.98, 0.84 | 0.71, 0.92 | 0.86 at 16 GiB (2026-11-26).
+pub const DURABLE_WAIT_SHARE: f64 = 0.05;
 
 /// The longest pause a [`Pacer`] makes for a busy guest, in times the step's lock time.
 pub const MAX_PACE: u32 = 24;
@@ -567,11 +582,17 @@ mod tests {
         let mut p = Pacer::new(6, 1, Duration::from_secs(30)).with_wait_share(0.05);
         p.pause(&DurableProgress { guest_wait_ns: u64::MAX - 49_999, ..waited(100, 1, 0) });
         assert_eq!(p.pause(&waited(100, 2, 50)), Duration::from_micros(1900));
-        // without a share (the default): the busy pace alone; idle: the idle pace whatever
+        // without a share (Pacer::new): the busy pace alone; idle: the idle pace whatever
         // the waits
         let mut p = Pacer::new(6, 1, Duration::from_secs(30));
         p.pause(&waited(100, 1, 0));
         assert_eq!(p.pause(&waited(100, 2, 1000)), Duration::from_micros(600));
+        // the engine's default bounds the waits to DURABLE_WAIT_SHARE
+        let mut p = Pacer::default();
+        p.pause(&waited(100, 1, 0));
+        let want = Duration::from_secs_f64(100e-6 / DURABLE_WAIT_SHARE) - Duration::from_micros(100);
+        let got = p.pause(&waited(100, 2, 100));
+        assert!(got.abs_diff(want) < Duration::from_micros(2), "default pacer paused {got:?}, want {want:?}");
         let mut p = Pacer::new(6, 1, Duration::from_secs(30)).with_wait_share(0.05);
         p.pause(&waited(100, 1, 0));
         assert_eq!(p.pause(&waited(100, 1, 1000)), Duration::from_micros(100));

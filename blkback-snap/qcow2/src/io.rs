@@ -309,7 +309,7 @@ impl SyncHandle {
     /// Make only `ranges` (offset, length) of the image file durable, not the rest of what
     /// was written (the guest's data since its last flush): a barrier for writes whose
     /// ranges the caller recorded ([`ImageIo::record_writes`]). On a real file each range's
-    /// current bytes are written back with `RWF_DSYNC` (see [`RangeGuard`]); if a range is
+    /// current bytes are written back with `RWF_DSYNC` (see the private `RangeGuard`); if a range is
     /// past the end of the file, the whole file is synced instead. Serialised with the
     /// other syncs, refused once the image is poisoned, and a failure poisons it, like
     /// [`SyncHandle::sync`]. (For a [`FaultIo`]: [`FaultIo::flush_ranges`].)

@@ -83,7 +83,7 @@ mod snapshot;
 
 pub use blockdev::{
     durable_pause, CheckpointDevice, DurableProgress, Pacer, SharedImage, DURABLE_BUDGET, DURABLE_PACE,
-    DURABLE_PACE_IDLE, GUEST_BUSY_WINDOW, HANDOFF_MAX, MAX_PACE,
+    DURABLE_PACE_IDLE, DURABLE_WAIT_SHARE, GUEST_BUSY_WINDOW, HANDOFF_MAX, MAX_PACE,
 };
 pub use check::CheckReport;
 pub use durable::{DurableBarrier, DurableStep, SyncedBarrier};

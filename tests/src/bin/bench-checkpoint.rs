@@ -1,22 +1,26 @@
 //! bench-checkpoint: two-phase checkpoint costs next to `qemu-img snapshot`, from one run.
 //!
 //! Part 1, for images of 64 GiB virtual size with 0, 1, 16 and 64 GiB allocated (made by
-//! `qemu-img create -o preallocation=metadata` + `qemu-img resize`: real L2 tables and
-//! refcount blocks, sparse data), at the engine's default cluster size and at 64 KiB:
+//! `qemu-img create -o preallocation=full` + `qemu-img resize`: real L2 tables, refcount
+//! blocks and data written as zeroes, like a served disk's; above `--full-max-gib` (16) with
+//! `preallocation=metadata`, sparse data, as the disk would not hold 64 GB of data plus the
+//! copy-on-write growth of the IOPS windows), at the engine's default cluster size and at 64 KiB:
 //! - *taken*: the critical-path time of `checkpoint_take` (the guest would be paused),
 //! - *durable*: `wait_durable` after it (background, unloaded),
 //! - *revert switch*: `checkpoint_revert_switch` (guest-visible), and its durable time,
 //! - the blocking `checkpoint_create` for reference,
 //! - `qemu-img snapshot -c` / `-a` on the same image (process time, the anchor),
-//! - guest IOPS while a checkpoint becomes durable: a guest thread does 4 KiB random
+//! - guest IOPS while a checkpoint becomes durable (sizes of `--iops-sizes`, default 1 and
+//!   16 GiB): a guest thread does 4 KiB random
 //!   writes into the allocated data through `SharedImage` (the `BlockDevice` a backend
 //!   serves), with no flushes, then again with a flush every `--flush-every` writes; a
 //!   durability thread paced like blkback-snap's and `xl-snap image serve`'s makes a taken
 //!   checkpoint durable with `SharedImage::durable_work(1)` (a bounded step under the image
 //!   lock, every commit barrier run without it), paced by a `Pacer` (sleeping `--pace` times
 //!   the time it held the lock, at least 50 µs, while the guest is busy — with
-//!   `--wait-share S` longer when the guest waited for the lock more than S of the time, up
-//!   to `MAX_PACE` times — and `--idle-pace` times while it is idle), checking first that
+//!   `--wait-share S` (default the engine's 0.05) longer when the guest waited for the
+//!   lock more than S of the time, up to `MAX_PACE` times — and `--idle-pace` times while
+//!   it is idle), checking first that
 //!   work is pending, like
 //!   `SharedImage::drive_durability`. Steady state: the same writes right after a blocking
 //!   checkpoint. Control: the same writes right after a take with no durability thread (the
@@ -35,8 +39,8 @@
 //! is a first touch), with `qemu-img bench` on 64 KiB clusters as the anchor.
 //!
 //! Usage: bench-checkpoint [--sizes 0,1,16,64] [--dir DIR] [--reps 5] [--clusters 4k,8k,16k,32k,64k]
-//!        [--pace 6] [--wait-share 0] [--idle-pace 1] [--budget 1] [--walk-chunk 256] [--flush-every 256] [--flushing-only] [--locked-driver] [--no-handoff] [--no-table]
-//!        [--rounds 6] [--part1-clusters 16k,64k] [--prealloc metadata|full]
+//!        [--pace 6] [--wait-share 0.05] [--idle-pace 1] [--budget 1] [--walk-chunk 256] [--flush-every 256] [--flushing-only] [--locked-driver] [--no-handoff] [--no-table]
+//!        [--rounds 6] [--part1-clusters 16k,64k] [--iops-sizes 1,16] [--prealloc full|metadata] [--full-max-gib 16]
 
 use clap::Parser;
 use rand::{Rng, SeedableRng};
@@ -82,9 +86,9 @@ struct Args {
     /// The same while the guest is idle (no request for GUEST_BUSY_WINDOW).
     #[arg(long, default_value_t = xensnap_qcow2::DURABLE_PACE_IDLE)]
     idle_pace: u32,
-    /// The Pacer's bound on the busy guest's lock waits (share of the time, e.g. 0.05; 0,
-    /// the engine's default: the busy pace alone).
-    #[arg(long, default_value_t = 0.0, value_parser = parse_share)]
+    /// The Pacer's bound on the busy guest's lock waits (share of the time; default the
+    /// engine's, DURABLE_WAIT_SHARE = 0.05; 0: the busy pace alone).
+    #[arg(long, default_value_t = xensnap_qcow2::DURABLE_WAIT_SHARE, value_parser = parse_share)]
     wait_share: f64,
     /// Budget of each durability step (chunks of L2 tables per lock hold).
     #[arg(long, default_value_t = xensnap_qcow2::DURABLE_BUDGET)]
@@ -104,11 +108,22 @@ struct Args {
     /// The flushing guest's variant: a flush after every this many writes (0: no variant).
     #[arg(long, default_value_t = 256)]
     flush_every: u64,
-    /// Preallocation of part 1's images (`qemu-img create -o preallocation=`): `metadata`
-    /// (real L2 tables and refcounts, sparse data: a copy-on-write of a never-written
-    /// cluster reads a hole) or `full` (the data written as zeroes too).
-    #[arg(long, default_value = "metadata", value_parser = ["metadata", "full"])]
+    /// Preallocation of part 1's images (`qemu-img create -o preallocation=`): `full` (the
+    /// data written as zeroes, as a served disk's data is real) or `metadata` (real L2
+    /// tables and refcounts, sparse data: a guest write into a hole allocates file blocks and
+    /// a copy-on-write of a never-written cluster reads a hole, which a served disk does not).
+    #[arg(long, default_value = "full", value_parser = ["full", "metadata"])]
     prealloc: String,
+    /// Allocated sizes (of `--sizes`) that also get the guest-IOPS windows. Not 64 by
+    /// default: with the engine's wait bound its windows take over half an hour and their
+    /// copies-on-write grew the scratch image to ~63 GB (ask for it with `--iops-sizes 1,16,64`).
+    #[arg(long, value_delimiter = ',', default_value = "1,16")]
+    iops_sizes: Vec<u64>,
+    /// Sizes above this many GiB get `preallocation=metadata` whatever `--prealloc` says
+    /// (disk space: a 64 GiB image with its data written, plus what the IOPS windows'
+    /// copies-on-write add, needs more than 100 GB).
+    #[arg(long, default_value_t = 16)]
+    full_max_gib: u64,
     /// Measure only the flushing guest's variant (skips the never-flushing one).
     #[arg(long)]
     flushing_only: bool,
@@ -177,6 +192,16 @@ fn make_image(path: &Path, alloc_gib: u64, cs: u64, prealloc: &str) -> R<()> {
     Ok(())
 }
 
+/// The preallocation part 1 uses for `gib` GiB allocated: `--prealloc`, or `metadata` above
+/// `--full-max-gib`.
+fn prealloc_for(a: &Args, gib: u64) -> &str {
+    if gib > a.full_max_gib {
+        "metadata"
+    } else {
+        &a.prealloc
+    }
+}
+
 fn open(path: &Path) -> R<Qcow2> {
     Qcow2::open_file(path, &OpenOptions { read_only: false }).map_err(q("open"))
 }
@@ -219,7 +244,7 @@ fn part1(a: &Args, cs: u64) -> R<()> {
         let path = a.dir.join(format!("ckpt-{gib}g-{}k.qcow2", cs >> 10));
         // removed however this size ends: the IOPS windows can grow a 64 GiB image to tens of GB
         let _scratch = RemoveOnDrop(path.clone());
-        make_image(&path, gib, cs, &a.prealloc)?;
+        make_image(&path, gib, cs, prealloc_for(a, gib))?;
         let p = path.to_str().ok_or("path")?.to_owned();
         let (mut take, mut dur, mut sw, mut rev, mut cre) = (vec![], vec![], vec![], vec![], vec![]);
         for r in 0..a.reps {
@@ -253,7 +278,7 @@ fn part1(a: &Args, cs: u64) -> R<()> {
             qa.push(sh("qemu-img", &["snapshot", "-a", "q", &p])?.0);
             sh("qemu-img", &["snapshot", "-d", "q", &p])?;
         }
-        if gib > 0 {
+        if gib > 0 && a.iops_sizes.contains(&gib) {
             let variants = match (a.flush_every, a.flushing_only) {
                 (0, _) => vec![0],
                 (f, true) => vec![f],
@@ -314,8 +339,9 @@ fn part1(a: &Args, cs: u64) -> R<()> {
     );
     println!("(guest thread through SharedImage; durability thread: {driver}; {pacing})");
     println!(
-        "{:>6} {:>12} {:>12} {:>12} {:>7} {:>7} {:>11} {:>9} {:>7} {:>9} {:>10} {:>9} {:>8} {:>8} {:>9} {:>9} {:>14} {:>6} {:>14}",
+        "{:>6} {:>7} {:>12} {:>12} {:>12} {:>7} {:>7} {:>11} {:>9} {:>7} {:>9} {:>10} {:>9} {:>8} {:>8} {:>9} {:>9} {:>14} {:>6} {:>14}",
         "alloc",
+        "data",
         "guest flush",
         "IOPS steady",
         "IOPS durab.",
@@ -337,8 +363,9 @@ fn part1(a: &Args, cs: u64) -> R<()> {
     );
     for (gib, fe, r) in &iops_rows {
         println!(
-            "{:>4} G {:>12} {:>12.0} {:>12.0} {:>7.2} {:>7.2} {:>11.2} {:>9.2} {:>7} {:>9.2} {:>10.1} {:>9.2} {:>7.1}% {:>7.1}% {:>9.2} {:>9.2} {:>6.0}/{:.0}/{:.0} {:>5.0}% {:>6.2}/{:.2}/{:.2}",
+            "{:>4} G {:>7} {:>12} {:>12.0} {:>12.0} {:>7.2} {:>7.2} {:>11.2} {:>9.2} {:>7} {:>9.2} {:>10.1} {:>9.2} {:>7.1}% {:>7.1}% {:>9.2} {:>9.2} {:>6.0}/{:.0}/{:.0} {:>5.0}% {:>6.2}/{:.2}/{:.2}",
             gib,
+            if prealloc_for(a, *gib) == "full" { "written" } else { "sparse" },
             if *fe == 0 { "none".to_string() } else { format!("every {fe}") },
             r.steady,
             r.during,
@@ -363,7 +390,10 @@ fn part1(a: &Args, cs: u64) -> R<()> {
             r.host_busy[2],
         );
     }
-    println!("(ratio = IOPS during durable windows / steady IOPS, totals over all rounds; median, round min/max: the");
+    println!(
+        "(data = the image's data written as zeroes before the windows (preallocation=full) or sparse (metadata);"
+    );
+    println!(" ratio = IOPS during durable windows / steady IOPS, totals over all rounds; median, round min/max: the");
     println!(" same per round; each round runs one window of each kind, in rotating order, each starting after a guest flush;");
     println!(
         " steady and ctl windows last as long as the durable ones (median so far); ctl ratio = IOPS right after a"
