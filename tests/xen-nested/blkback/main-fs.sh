@@ -22,12 +22,8 @@
 # After every bench guest: the persistent-grant negotiation of xvdb (backend and frontend
 # feature-persistent), blkback-snap's stats and CPU time, and the kernel blkback threads'
 # CPU time.
-#  P  (only if asked for in XSB_PHASES, and the host put a perf kit): dom0 profile (perf record
-#     -a, cpu-clock) of one test (XSB_PROFILE_TEST, default seqread:1048576:1) on blkback-snap
-#     and then on kernel blkback, one-disk guests xsbpsnap / xsbpkernel; reports by comm, dso
-#     and symbol (-> $XTB_OUT/perf-*.txt). Slows the test: not a benchmark.
 # Benchmark lines (XSB-BENCH) of all guests -> $XTB_OUT/bench.txt. Env: XSB_SECS (per test),
-# XSB_ROUNDS, XSB_PHASES (default "S B T"; P on request), XSB_SNAP_THREADS, XSB_SNAP0.
+# XSB_ROUNDS, XSB_PHASES (default "S B T"), XSB_SNAP_THREADS, XSB_SNAP0.
 # /xtb/put: xensnap (hook), guest-fs.sh, xsbio (static), xsb-guest-overlay.tgz (e2fsprogs),
 # fs.qcow2, bench-s.qcow2, bench-q.qcow2 (made on the host by qemu-img, same options).
 . "$XTB_LIB/xtb.sh"
@@ -208,42 +204,6 @@ T)
     watcher_stop
   else
     xtb_info "no strace kit in /xtb/put: phase T skipped"
-  fi
-  ;;
-P)
-  # dom0 profile of one test on blkback-snap and on kernel blkback: where dom0's time per
-  # request goes (perf record -a, cpu-clock; slows the test: not a benchmark)
-  PK=$P/perf-kit PT=${XSB_PROFILE_TEST:-seqread:1048576:1}
-  if [ -x "$PK/perf" ]; then
-    for be in snap kernel; do
-      xtb_section "profile: dom0 during $PT on $be (perf record -a -g, cpu-clock 999 Hz; slowed, not a benchmark)"
-      n=xsbp$be XARGS="xsb.tests=$PT"
-      if [ $be = snap ]; then
-        watcher_start "$SNAPT"
-        cfg=$(mkcfg $n bench "$be:/dev/xvdb" 1 "vdev=xvdb, access=rw, script=xensnap, target=$G/bench-s.qcow2")
-      else
-        modprobe xen-blkback; xtb_wait 10 test -e /sys/bus/xen-backend/drivers/vbd; xtb_check kernel-blkback-loaded $?
-        cfg=$(mkcfg $n bench "$be:/dev/xvdb" 1 "vdev=xvdb, access=rw, format=raw, target=$G/bench-k.raw")
-      fi
-      XARGS=; con=$(xtb_console $n); rm -f "$con"
-      if xtb_step $n-create 180 xl create "$cfg"; then
-        xtb_wait 600 grep -aq XSB-FILLED "$con"
-        LD_LIBRARY_PATH=$PK "$PK/perf" record -q -a -g -e cpu-clock -F 999 -o /tmp/perf-$be.data > /tmp/perf-rec-$be.txt 2>&1 & PRP=$!
-        t=$(xtb_now); xtb_wait $(( 300 + 10 * SECS )) grep -aq XSB-GUEST-DONE "$con"; rc=$?
-        kill -INT $PRP 2>/dev/null; wait $PRP; xtb_check profile-$be-guest-done $rc "recorded $(xtb_since "$t") s"
-        grep -a 'XSB-BENCH' "$con" | tr -d '\r' | grep -v fill | sed 's/^/  guest (profiled): /'
-        for srt in comm comm,dso comm,dso,sym; do
-          LD_LIBRARY_PATH=$PK "$PK/perf" report -i /tmp/perf-$be.data --stdio --no-children -g none --sort $srt --percent-limit 0.3 2>/dev/null \
-            | grep -v '^#' | grep -v '^$' > "$XTB_OUT/perf-$be-$srt.txt"
-          echo "  --- $be: samples by $srt"; head -${XSB_PROFILE_LINES:-45} "$XTB_OUT/perf-$be-$srt.txt" | sed 's/^/  /'
-        done
-        tail -3 /tmp/perf-rec-$be.txt | sed 's/^/  perf record: /'
-        xtb_step $n-destroy 60 xl destroy $n
-      fi
-      if [ $be = snap ]; then watcher_stop; else sleep 2; rmmod xen-blkback 2>/dev/null; fi
-    done
-  else
-    xtb_info "no perf kit in /xtb/put: phase P skipped"
   fi
   ;;
 esac; done

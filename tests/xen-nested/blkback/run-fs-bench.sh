@@ -93,20 +93,10 @@ if command -v strace > /dev/null; then
     for l in $(ldd "$(command -v strace)" | grep -o '/[^ ]*' | grep -v 'ld-linux\|/libc\.so'); do cp -L "$l" "$W/strace-kit/"; done &&
     PUTS+=(--put "$W/strace-kit")
 fi
-# perf and its libraries for dom0 (phase P of main-fs.sh, only when asked for)
-case " ${XSB_PHASES:-} " in *" P "*)
-  if command -v perf > /dev/null; then
-    mkdir -p "$W/perf-kit" && cp "$(command -v perf)" "$W/perf-kit/" &&
-      for l in $(ldd "$(command -v perf)" | grep -o '/[^ ]*' | grep -v 'ld-linux\|/libc\.so'); do cp -L "$l" "$W/perf-kit/"; done &&
-      PUTS+=(--put "$W/perf-kit")
-  else
-    echo "INFO phase P asked for but this host has no perf"
-  fi;;
-esac
 qemu-img create -q -f qcow2 "$W/fs.qcow2" 256M || exit 2
 # the two benchmark images: same qemu-img options (default 64 KiB clusters) for both backends
 qemu-img create -q -f qcow2 "$W/bench-s.qcow2" 128M && qemu-img create -q -f qcow2 "$W/bench-q.qcow2" 128M || exit 2
-ENV=(); for v in XSB_SECS XSB_ROUNDS XSB_PHASES XSB_SNAP_THREADS XSB_SNAP0 XSB_PROFILE_TEST XSB_PROFILE_LINES; do [ -n "${!v:-}" ] && ENV+=(--env "$v=${!v}"); done
+ENV=(); for v in XSB_SECS XSB_ROUNDS XSB_PHASES XSB_SNAP_THREADS XSB_SNAP0; do [ -n "${!v:-}" ] && ENV+=(--env "$v=${!v}"); done
 # one reported retry on the known TCG flakes (dom0 segfault, time limit; lib/boot-retry.sh)
 . "$XN/lib/boot-retry.sh"
 P=flake; [ "${XSB_RETRY:-1}" = 1 ] || P=none
