@@ -15,9 +15,11 @@
 //! more), takes the disk checkpoint and resumes. Then it checks that the domain is *still*
 //! suspended: a domain does not suspend twice within one `xl save`, so every quiesce and take
 //! happened while the guest's vCPUs were stopped (nothing the guest issued after its stop can
-//! be in the disk). The backends hold the new checkpoint's background work (walk, flushes)
-//! back until the driver sends `durable-release` after xl's exit, so their disk I/O stays out
-//! of the suspended window (they start it by themselves after [`DEFER_DURABLE_MS`]). With a
+//! be in the disk). The backends hold all background checkpoint work (walks, flushes) back
+//! from before xl starts (`durable-hold`, so an earlier checkpoint's or deletion's work that
+//! is still running stops too) until the driver sends `durable-release` after xl's exit, so
+//! their CPU and disk I/O stay out of the suspend and the memory copy (they start it by
+//! themselves after [`DEFER_DURABLE_MS`]). With a
 //! backend that lacks `checkpoint-barrier` the driver sends the steps one by one: quiesce
 //! every disk, check the domain is still suspended, take on every disk, resume every disk.
 //!
@@ -134,6 +136,11 @@ pub struct Disk {
     /// one request, the checkpoint's background work deferred until `durable-release`.
     #[serde(default, skip_serializing)]
     pub barrier_op: bool,
+    /// The backend serves `durable-hold`: all its background checkpoint work (an earlier
+    /// checkpoint's or deletion's included) is held from before `xl save` starts until
+    /// `durable-release`.
+    #[serde(default, skip_serializing)]
+    pub hold_op: bool,
 }
 
 /// The domain as the hypervisor reports it.
@@ -380,6 +387,22 @@ fn barrier(
     }
 }
 
+/// `durable-hold` to every disk that serves it, before `xl save` starts: no background
+/// checkpoint work (an earlier checkpoint's or deletion's, still running or queued) competes
+/// with the suspend and the memory copy for dom0's CPU and disk. The backends start it again
+/// at `durable-release` or by themselves after [`DEFER_DURABLE_MS`]. True if any disk holds.
+/// A failure only costs that protection, so it is logged, not fatal.
+fn hold_durable(env: &dyn Env, disks: &[Disk]) -> bool {
+    let mut any = false;
+    for d in disks.iter().filter(|d| d.hold_op) {
+        match env.backend(d, &json!({"op": "durable-hold", "max_ms": DEFER_DURABLE_MS})) {
+            Ok(v) => any |= v.get("held").and_then(Value::as_bool) == Some(true),
+            Err(e) => tracing::warn!("durable-hold on {}: {e}", d.vdev),
+        }
+    }
+    any
+}
+
 /// `durable-release` to every disk: their deferred background work may start (xl is done).
 /// Returns the sum of the process CPU (ns) the backends report, if every one did.
 fn release_durable(env: &dyn Env, disks: &[Disk]) -> Option<u64> {
@@ -590,9 +613,17 @@ pub fn snapshot(
     env.watch_changes();
     let own0 = env.cpu_ns(None);
     let t0 = env.now();
+    let held = hold_durable(env, disks);
     rep.xl_start_wall_us = epoch_us(env.wall());
-    let mut job =
-        env.start_save(domid, mem, mode).map_err(|e| StepError { step: "start-xl-save", msg: e, cleanup: vec![] })?;
+    let mut job = match env.start_save(domid, mem, mode) {
+        Ok(j) => j,
+        Err(e) => {
+            if held {
+                release_durable(env, disks);
+            }
+            return Err(StepError { step: "start-xl-save", msg: e, cleanup: vec![] });
+        }
+    };
     let mut outcome: Option<Result<(), StepError>> = None;
     // CPU marks at the suspend seen and the barrier's end. Inside the window only our own
     // process clock is read (one system call); backends that serve `checkpoint-barrier`
@@ -631,6 +662,7 @@ pub fn snapshot(
     };
     let end = env.now();
     rep.xl_save_us = us(end - t0);
+    let mut released = false;
     if let Some((m0, m1, wall0)) = marks {
         let mut m2 =
             if one_request { CpuMark { at: end, own: env.cpu_ns(None), backends: None } } else { cpu_mark(env, disks) };
@@ -639,8 +671,13 @@ pub fn snapshot(
             // checkpoint durable (after a failure there is nothing left, or a deletion to
             // finish)
             m2.backends = release_durable(env, disks);
+            released = true;
         }
         account(&mut rep, own0, m0, m1, m2, env.mtime(mem).map(|m| signed_us(m, wall0)), end);
+    }
+    if held && !released {
+        // no barrier request (never suspended, or older backends) but held: let it go
+        release_durable(env, disks);
     }
     let after_xl = |cleanup: &mut Vec<String>| {
         env.remove_file(mem);
@@ -1029,10 +1066,13 @@ mod real {
                     image: PathBuf::new(),
                     pid,
                     barrier_op: false,
+                    hold_op: false,
                 };
                 let st = self.backend(&disk, &json!({"op": "status"}))?;
                 disk.image = PathBuf::from(st["image"].as_str().unwrap_or_default());
-                disk.barrier_op = st["ops"].as_array().is_some_and(|o| o.iter().any(|x| x == "checkpoint-barrier"));
+                let has = |op: &str| st["ops"].as_array().is_some_and(|o| o.iter().any(|x| x == op));
+                disk.barrier_op = has("checkpoint-barrier");
+                disk.hold_op = has("durable-hold");
                 if st["format"].as_str() != Some("qcow2") {
                     return Err(format!("disk {vdev}: image {} is not qcow2", disk.image.display()));
                 }

@@ -152,6 +152,11 @@ impl Env for Fake {
                 w.checkpoints.retain(|(d, c)| !(d == &v && c == &n));
                 Ok(json!({}))
             }
+            "durable-hold" => {
+                assert_eq!(req["max_ms"], json!(DEFER_DURABLE_MS));
+                assert!(!w.started, "a hold sent after xl started");
+                Ok(json!({"held": true, "cpu_ns": 1, "pid": disk.pid}))
+            }
             "durable-release" => {
                 Ok(json!({"released": true, "cpu_ns": w.clock.as_nanos() as u64 / 4, "pid": disk.pid}))
             }
@@ -228,13 +233,14 @@ fn disks() -> Vec<Disk> {
             image: PathBuf::from(format!("/img/{v}.qcow2")),
             pid: None,
             barrier_op: true,
+            hold_op: true,
         })
         .collect()
 }
 
 /// Disks served by backends without `checkpoint-barrier`.
 fn old_disks() -> Vec<Disk> {
-    disks().into_iter().map(|d| Disk { barrier_op: false, ..d }).collect()
+    disks().into_iter().map(|d| Disk { barrier_op: false, hold_op: false, ..d }).collect()
 }
 
 fn world() -> Fake {
@@ -285,6 +291,8 @@ fn checkpoint_barrier_is_one_request_per_disk_inside_the_window_then_released() 
     assert_eq!(
         l,
         &[
+            "durable-hold(xvda)",
+            "durable-hold(xvdb)",
             "xl-save-start(Checkpoint)",
             "checkpoint-barrier(xvda)",
             "checkpoint-barrier(xvdb)",
@@ -448,6 +456,21 @@ fn never_suspended_is_a_failure_not_a_silent_memory_only_checkpoint() {
     assert_eq!(e.step, "suspend-window");
     assert_eq!(f.0.borrow().removed.len(), 1);
     assert!(!f.0.borrow().log.iter().any(|l| l.starts_with("quiesce")));
+    // the background work held before xl started is let go all the same
+    let w = f.0.borrow();
+    assert!(pos(&w.log, "durable-hold(xvdb)") < pos(&w.log, "xl-save-start(Checkpoint)"), "{:?}", w.log);
+    assert!(pos(&w.log, "xl-save-exit(ok)") < pos(&w.log, "durable-release(xvda)"), "{:?}", w.log);
+    assert!(w.log.contains(&"durable-release(xvdb)".into()), "{:?}", w.log);
+}
+
+#[test]
+fn a_failed_hold_is_not_fatal() {
+    let f = world();
+    f.0.borrow_mut().fail_op = Some(("durable-hold".into(), "xvda".into()));
+    run(&f, Mode::Checkpoint).unwrap();
+    let w = f.0.borrow();
+    assert_eq!(w.checkpoints.len(), 2);
+    assert!(pos(&w.log, "xl-save-exit(ok)") < pos(&w.log, "durable-release(xvda)"), "{:?}", w.log);
 }
 
 #[test]

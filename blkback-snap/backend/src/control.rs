@@ -14,7 +14,8 @@
 //! ```
 //! Ops: `status`, `stats`, `quiesce {timeout_ms?}`, `resume`, `flush`, and for qcow2 images
 //! `info`, `check {repair?}`, `checkpoint-create {name}`, `checkpoint-take {name}`,
-//! `checkpoint-barrier {name, timeout_ms?, defer_durable_ms?}`, `durable-release`,
+//! `checkpoint-barrier {name, timeout_ms?, defer_durable_ms?}`, `durable-hold {max_ms}`,
+//! `durable-release`,
 //! `checkpoint-list`, `checkpoint-delete {checkpoint}`, `checkpoint-revert {checkpoint}`,
 //! `map {checkpoint?}`.
 //!
@@ -79,7 +80,16 @@ pub enum Request {
         #[serde(default)]
         defer_durable_ms: Option<u64>,
     },
-    /// Start the background work held back by `checkpoint-barrier`'s `defer_durable_ms` now.
+    /// Hold *all* the image's background checkpoint work back (a driver already running
+    /// stops after its current step; work queued meanwhile waits too) until
+    /// `durable-release`, or `max_ms` at most (capped at [`MAX_DEFER_DURABLE_MS`]). A domain
+    /// checkpoint sends it before `xl save` starts, so no earlier checkpoint's or deletion's
+    /// work runs during the window; `checkpoint-barrier`'s deferral joins it.
+    DurableHold {
+        max_ms: u64,
+    },
+    /// Start the background work held back by `durable-hold` or `checkpoint-barrier`'s
+    /// `defer_durable_ms` now.
     DurableRelease,
     CheckpointList,
     CheckpointDelete {
@@ -150,6 +160,8 @@ mod tests {
         assert!(p(r#"{"op":"checkpoint-barrier"}"#).is_err());
         assert!(p(r#"{"op":"checkpoint-barrier","name":"b1","defer":true}"#).is_err());
         assert_eq!(p(r#"{"op":"durable-release"}"#).unwrap(), Request::DurableRelease);
+        assert_eq!(p(r#"{"op":"durable-hold","max_ms":60000}"#).unwrap(), Request::DurableHold { max_ms: 60000 });
+        assert!(p(r#"{"op":"durable-hold"}"#).is_err(), "a hold without a deadline");
         assert!(p(r#"{"op":"quiesce","bogus":1}"#).is_err());
         assert!(p(r#"{"op":"rm -rf"}"#).is_err());
         assert!(p("not json").is_err());

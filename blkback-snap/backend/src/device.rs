@@ -330,7 +330,7 @@ impl Device {
             "stats": stats_json(&self.stats()),
             // what a checkpoint driver may use beyond the basic ops
             "ops": if self.image.qcow2.is_some() {
-                json!(["checkpoint-barrier", "durable-release"])
+                json!(["checkpoint-barrier", "durable-hold", "durable-release"])
             } else {
                 json!([])
             },
@@ -419,6 +419,11 @@ impl Handler<Request> for Device {
                 timeout_ms.map(Duration::from_millis).unwrap_or(self.quiesce_timeout),
                 defer_durable_ms.map(|ms| Duration::from_millis(ms.min(MAX_DEFER_DURABLE_MS))),
             ),
+            Request::DurableHold { max_ms } => {
+                let cpu = process_cpu_ns();
+                let held = self.defer_durability(Duration::from_millis((*max_ms).min(MAX_DEFER_DURABLE_MS)));
+                Ok(json!({ "held": held, "cpu_ns": cpu, "pid": std::process::id() }))
+            }
             Request::DurableRelease => {
                 let cpu = process_cpu_ns();
                 Ok(json!({ "released": self.durable_release(), "cpu_ns": cpu, "pid": std::process::id() }))
@@ -728,7 +733,7 @@ mod tests {
         assert!(v["micros"].as_u64().is_some() && v["take_micros"].as_u64().is_some());
         assert!(v["cpu_ns"].as_u64().is_some_and(|n| n > 0), "{v}");
         assert!(!d.is_held(), "the barrier lifts its own quiesce");
-        assert_eq!(d.status()["ops"], json!(["checkpoint-barrier", "durable-release"]));
+        assert_eq!(d.status()["ops"], json!(["checkpoint-barrier", "durable-hold", "durable-release"]));
         // not deferred: durable without a release
         wait_durable(&d, "b1");
     }
@@ -781,14 +786,36 @@ mod tests {
         assert_eq!(d.qcow2().unwrap().checkpoint_list().len(), 1);
         // nothing left to release
         assert_eq!(d.handle(&Request::DurableRelease).unwrap()["released"], false);
-        // a later deferral waits again (once the released driver ran out of work: a driver
-        // that is still running takes new work too)
+        // a later deferral waits again (a driver still running would stop at the hold)
         wait_idle(&d);
         d.handle(&barrier("b3", Some(60_000))).unwrap();
         std::thread::sleep(Duration::from_millis(200));
         assert_eq!(state_of(&d, "b3"), CheckpointState::Taken);
         assert_eq!(d.handle(&Request::DurableRelease).unwrap()["released"], true);
         wait_durable(&d, "b3");
+    }
+
+    #[test]
+    fn durable_hold_holds_all_work_until_released() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = device(dir.path(), Format::Qcow2);
+        let v = d.handle(&Request::DurableHold { max_ms: 60_000 }).unwrap();
+        assert_eq!(v["held"], true);
+        assert!(v["cpu_ns"].as_u64().is_some() && v["pid"].as_u64().is_some(), "{v}");
+        // a take that would start its work at once waits as well; the barrier joins the hold
+        d.handle(&Request::CheckpointTake { name: "t1".into() }).unwrap();
+        let b = d.handle(&barrier("b1", Some(60_000))).unwrap();
+        assert_eq!(b["durable_deferred"], true);
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(state_of(&d, "t1"), CheckpointState::Taken);
+        assert_eq!(state_of(&d, "b1"), CheckpointState::Taken);
+        assert_eq!(d.handle(&Request::DurableRelease).unwrap()["released"], true);
+        wait_durable(&d, "t1");
+        wait_durable(&d, "b1");
+        // a raw image has no background work to hold
+        let dir2 = tempfile::tempdir().unwrap();
+        let r = device(dir2.path(), Format::Raw);
+        assert_eq!(r.handle(&Request::DurableHold { max_ms: 1000 }).unwrap()["held"], false);
     }
 
     /// Threads of this process (nextest runs every test in a process of its own).

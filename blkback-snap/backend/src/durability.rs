@@ -2,8 +2,10 @@
 //!
 //! One thread per image, started with the device (outside any suspended window) and idle on
 //! a condition variable until there is work: a take that is not deferred asks it to run at
-//! once ([`Durability::run_now`]); `checkpoint-barrier {defer_durable_ms}` holds the work back
-//! ([`Durability::defer`]) until `durable-release` ([`Durability::release`]) or the deadline.
+//! once ([`Durability::run_now`]); `durable-hold` and `checkpoint-barrier {defer_durable_ms}`
+//! hold *all* the work back ([`Durability::defer`]: a driver already running stops after its
+//! current step, work asked for meanwhile waits) until `durable-release`
+//! ([`Durability::release`]) or the deadline.
 //! Inside the window the barrier therefore only sets a field and wakes the sleeping thread —
 //! no thread is created there (a thread start is a dozen system calls and fresh stack pages,
 //! each a trap through Xen on a PV dom0).
@@ -69,9 +71,10 @@ impl Durability {
         self.shared.cv.notify_one();
     }
 
-    /// Hold the pending work back until [`Durability::release`] or `max` from now; a deferral
-    /// already waiting is joined (its deadline kept). False if it cannot be held (started at
-    /// once instead).
+    /// Hold all the work back until [`Durability::release`] or `max` from now: a driver
+    /// that is running stops after its current step, and [`Durability::run_now`] waits for
+    /// the release too. A deferral already waiting is joined (its deadline kept). False if
+    /// it cannot be held (started at once instead).
     pub fn defer(&self, max: Duration) -> bool {
         if self.image.is_some() {
             self.run_now();
@@ -126,10 +129,12 @@ fn worker(s: &Shared, img: &SharedImage) {
                 st.run = true;
             }
         }
-        if st.run {
+        if st.run && st.hold_until.is_none() {
             st.run = false;
             drop(st);
-            img.drive_durability(None);
+            // a hold placed meanwhile stops the driver after its current step; the work
+            // stays pending until the release (or the deadline) asks for it again
+            img.drive_durability_while(None, || lock(&s.st).hold_until.is_none());
             st = lock(&s.st);
             continue;
         }
@@ -184,6 +189,18 @@ mod tests {
         assert!(d.release());
         wait_for(&q, CheckpointState::Durable);
         assert!(!d.release(), "nothing left to release");
+    }
+
+    #[test]
+    fn work_asked_for_during_a_hold_waits_for_the_release() {
+        let (_dir, q, d) = taken();
+        assert!(d.defer(Duration::from_secs(60)));
+        // e.g. a take or a deletion that is not deferred itself
+        d.run_now();
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(state(&q), CheckpointState::Taken, "ran during the hold");
+        assert!(d.release());
+        wait_for(&q, CheckpointState::Durable);
     }
 
     #[test]

@@ -225,12 +225,23 @@ impl SharedImage {
     /// checkpoint durable over lost writes, and the engine refuses. It also returns if the
     /// image's mutex was poisoned by a panic.
     pub fn drive_durability(&self, idle_poll: Option<Duration>) {
+        self.drive_durability_while(idle_poll, || true);
+    }
+
+    /// [`SharedImage::drive_durability`] that also returns, with the work still pending,
+    /// as soon as `go_on` says false (asked before every step): a caller that holds all
+    /// background work back for a while (blkback-snap during a domain checkpoint's window)
+    /// stops a driver already running, not only one about to start.
+    pub fn drive_durability_while(&self, idle_poll: Option<Duration>, go_on: impl Fn() -> bool) {
         let mut pacer = Pacer::default();
         let waiting = self.handoff_flag();
         // whether work is queued: known from the last step, or asked (under the lock, handed
         // over like a step) after a step that found everything durable, an error or a pause
         let mut known: Option<bool> = None;
         loop {
+            if !go_on() {
+                return;
+            }
             let pending = match known {
                 Some(p) => p,
                 None => {
@@ -311,8 +322,8 @@ pub const GUEST_BUSY_WINDOW: Duration = Duration::from_millis(20);
 /// Picks the pause of a durability driver after each step ([`SharedImage::durable_work`]):
 /// [`durable_pause`] at the busy pace while guest requests have been served within the
 /// busy window (the count of guest requests in [`DurableProgress::guest_ops`] moved),
-/// the idle pace (no minimum) otherwise. With a wait share ([`Pacer::with_wait_share`], e.g.
-/// [`DURABLE_WAIT_SHARE`]; none in [`Pacer::default`] and [`Pacer::new`]) the busy pause is
+/// the idle pace (no minimum) otherwise. With a wait share ([`Pacer::with_wait_share`]:
+/// [`DURABLE_WAIT_SHARE`] in [`Pacer::default`], none in [`Pacer::new`]) the busy pause is
 /// also long enough that the time guest requests spent waiting for the image lock since the
 /// last step ([`DurableProgress::guest_wait_ns`]) is at most that share of the step and its
 /// pause, up to [`MAX_PACE`] times the step's lock time: the driver slows down when its
@@ -331,9 +342,9 @@ pub struct Pacer {
 
 impl Default for Pacer {
     /// The engine's pacing: [`DURABLE_PACE`], [`DURABLE_PACE_IDLE`], [`GUEST_BUSY_WINDOW`],
-    /// no bound on the guest's lock waits (see [`DURABLE_WAIT_SHARE`] for why).
+    /// and the guest's lock waits bounded to [`DURABLE_WAIT_SHARE`].
     fn default() -> Self {
-        Pacer::new(DURABLE_PACE, DURABLE_PACE_IDLE, GUEST_BUSY_WINDOW)
+        Pacer::new(DURABLE_PACE, DURABLE_PACE_IDLE, GUEST_BUSY_WINDOW).with_wait_share(DURABLE_WAIT_SHARE)
     }
 }
 
@@ -383,24 +394,22 @@ impl Pacer {
 }
 
 /// A bound on the share of the time a busy guest spends waiting for the image lock while
-/// checkpoint work is pending ([`Pacer::with_wait_share`]; bench-checkpoint `--wait-share`).
-/// Not in [`Pacer::default`] (what blkback-snap and `xl-snap image serve` use): with it on,
-/// the nested test bed's memory+disk checkpoints (CI, 5 pairs each, 2026-11-27 03:16 and
-/// 04:08) paused the guest 1.67-1.68x as long as `xl save -c` in the pairs whose xl-snap
-/// arm came first, against 0.85-1.05 in the four runs before it: the previous checkpoint's
-/// stretched durable phase still runs during the next checkpoint's memory copy, on dom0's
-/// one vCPU. Measured with bench-checkpoint (16 KiB clusters, pace 6,
-/// 6 rounds; guest IOPS during the durable phase / steady IOPS, totals over the rounds; no
-/// bound | 5 %), on images whose data is written (`--prealloc full`, as a served disk's is),
-/// three runs each over two sessions (2026-11-27): a never-flushing guest waits 10-11 % of
-/// the durable windows without the bound, 4.4-4.9 % with it, and the ratio was 0.83, 0.81,
-/// 0.83 | 0.96, 0.86, 0.90 at 1 GiB and 0.80, 0.70, 0.72 | 0.93, 0.92, 0.81 at 16 GiB; a
-/// guest flushing every 256 writes 0.90-1.01 | 0.84-1.00 (two runs). The price is a longer
-/// durable phase under load, 2-3x (never flushing: 1 GiB 82-84 -> 224-227 ms, 16 GiB
-/// 2.6-2.8 -> 5.5-6.5 s; flushing 16 GiB 13.1-13.6 -> 22.8-26.3 s), and with it the
-/// copy-on-write space a pending checkpoint holds. On sparse data (a write into a hole costs
-/// the guest more, so it waits less) the bound measured 0.79 | 0.92, 0.85 | 0.91 at 1 GiB
-/// but 0.99 | 0.98, 0.84 | 0.71, 0.92 | 0.86 at 16 GiB (2026-11-26).
+/// checkpoint work is pending ([`Pacer::with_wait_share`]; in [`Pacer::default`], which
+/// blkback-snap and `xl-snap image serve` use; bench-checkpoint `--wait-share`). Measured with
+/// bench-checkpoint (16 KiB clusters, pace 6, 6 rounds; guest IOPS during the durable phase /
+/// steady IOPS, totals over the rounds; no bound | 5 %), on images whose data is written
+/// (`--prealloc full`, as a served disk's is), three runs each over two sessions
+/// (2026-11-27): a never-flushing guest waits 10-11 % of the durable windows without the
+/// bound, 4.4-4.9 % with it, and the ratio was 0.83, 0.81, 0.83 | 0.96, 0.86, 0.90 at 1 GiB
+/// and 0.80, 0.70, 0.72 | 0.93, 0.92, 0.81 at 16 GiB; a guest flushing every 256 writes
+/// 0.90-1.01 | 0.84-1.00 (two runs). The price is a longer durable phase under load, 2-3x
+/// (never flushing: 1 GiB 82-84 -> 224-227 ms, 16 GiB 2.6-2.8 -> 5.5-6.5 s; flushing 16 GiB
+/// 13.1-13.6 -> 22.8-26.3 s), and with it the copy-on-write space a pending checkpoint holds.
+/// That longer phase once reached into the next memory+disk checkpoint of the nested test
+/// bed (CI 2026-11-27: the guest paused 1.67x as long as with `xl save -c` when the previous
+/// checkpoint's work still ran on dom0's one vCPU); blkback-snap now holds *all* background
+/// work, a driver already running included, for the whole window of a domain checkpoint
+/// (`durable-hold` .. `durable-release`).
 pub const DURABLE_WAIT_SHARE: f64 = 0.05;
 
 /// The longest pause a [`Pacer`] makes for a busy guest, in times the step's lock time.
@@ -572,6 +581,28 @@ mod tests {
     }
 
     #[test]
+    fn a_driver_told_to_stop_leaves_the_work_pending() {
+        // 64 MiB of 4 KiB clusters touched every 2 MiB: one L2 table each, many steps
+        let shared = mem_image(64 << 20);
+        for i in 0..32u64 {
+            shared.write_at(i << 21, &[1u8; 512]).expect("write");
+        }
+        lock(&shared.0).checkpoint_take("t").expect("take");
+        let asked = std::sync::atomic::AtomicUsize::new(0);
+        shared.drive_durability_while(None, || asked.fetch_add(1, Ordering::Relaxed) < 3);
+        assert_eq!(asked.load(Ordering::Relaxed), 4, "asked once per step, then stopped");
+        assert!(lock(&shared.0).durable_pending(), "three steps made everything durable");
+        assert_eq!(lock(&shared.0).checkpoint_list()[0].state, crate::CheckpointState::Taken);
+        // told to stop before the first step: nothing done
+        shared.drive_durability_while(None, || false);
+        assert!(lock(&shared.0).durable_pending());
+        // left to run: durable
+        shared.drive_durability(None);
+        assert!(!lock(&shared.0).durable_pending());
+        assert_eq!(lock(&shared.0).checkpoint_list()[0].state, crate::CheckpointState::Durable);
+    }
+
+    #[test]
     fn pacer_keeps_the_guest_wait_under_its_share() {
         let mut p = Pacer::new(6, 1, Duration::from_secs(30)).with_wait_share(0.05);
         p.pause(&waited(100, 1, 0));
@@ -592,11 +623,11 @@ mod tests {
         let mut p = Pacer::new(6, 1, Duration::from_secs(30));
         p.pause(&waited(100, 1, 0));
         assert_eq!(p.pause(&waited(100, 2, 1000)), Duration::from_micros(600));
-        // the engine's default has no bound either; DURABLE_WAIT_SHARE bounds when asked for
-        let mut p = Pacer::default();
+        // the engine's default bounds the waits to DURABLE_WAIT_SHARE
+        let mut p = Pacer::default().with_wait_share(0.0);
         p.pause(&waited(100, 1, 0));
-        assert_eq!(p.pause(&waited(100, 2, 1000)), Duration::from_micros(600));
-        let mut p = Pacer::default().with_wait_share(DURABLE_WAIT_SHARE);
+        assert_eq!(p.pause(&waited(100, 2, 1000)), durable_pause(Duration::from_micros(100), DURABLE_PACE));
+        let mut p = Pacer::default();
         p.pause(&waited(100, 1, 0));
         let want = Duration::from_secs_f64(100e-6 / DURABLE_WAIT_SHARE) - Duration::from_micros(100);
         let got = p.pause(&waited(100, 2, 100));

@@ -18,7 +18,7 @@
 //!   checkpoint durable with `SharedImage::durable_work(1)` (a bounded step under the image
 //!   lock, every commit barrier run without it), paced by a `Pacer` (sleeping `--pace` times
 //!   the time it held the lock, at least 50 µs, while the guest is busy — with
-//!   `--wait-share S` (default 0, off, as in the engine) longer when the guest waited for the
+//!   `--wait-share S` (default 0.05 = DURABLE_WAIT_SHARE, as in the engine; 0 turns it off) longer when the guest waited for the
 //!   lock more than S of the time, up to `MAX_PACE` times — and `--idle-pace` times while
 //!   it is idle), checking first that
 //!   work is pending, like
@@ -39,7 +39,7 @@
 //! is a first touch), with `qemu-img bench` on 64 KiB clusters as the anchor.
 //!
 //! Usage: bench-checkpoint [--sizes 0,1,16,64] [--dir DIR] [--reps 5] [--clusters 4k,8k,16k,32k,64k]
-//!        [--pace 6] [--wait-share 0] [--idle-pace 1] [--budget 1] [--walk-chunk 256] [--flush-every 256] [--flushing-only] [--locked-driver] [--no-handoff] [--no-table]
+//!        [--pace 6] [--wait-share 0.05] [--idle-pace 1] [--budget 1] [--walk-chunk 256] [--flush-every 256] [--flushing-only] [--locked-driver] [--no-handoff] [--no-table]
 //!        [--rounds 6] [--part1-clusters 16k,64k] [--iops-sizes 1,16] [--prealloc full|metadata] [--full-max-gib 16]
 
 use clap::Parser;
@@ -87,8 +87,8 @@ struct Args {
     #[arg(long, default_value_t = xensnap_qcow2::DURABLE_PACE_IDLE)]
     idle_pace: u32,
     /// The Pacer's bound on the busy guest's lock waits (share of the time, e.g. 0.05 =
-    /// DURABLE_WAIT_SHARE; 0, the engine's default: the busy pace alone).
-    #[arg(long, default_value_t = 0.0, value_parser = parse_share)]
+    /// DURABLE_WAIT_SHARE, the engine's default; 0: the busy pace alone).
+    #[arg(long, default_value_t = xensnap_qcow2::DURABLE_WAIT_SHARE, value_parser = parse_share)]
     wait_share: f64,
     /// Budget of each durability step (chunks of L2 tables per lock hold).
     #[arg(long, default_value_t = xensnap_qcow2::DURABLE_BUDGET)]
