@@ -328,6 +328,8 @@ impl Device {
             "broken": broken,
             "pid": std::process::id(),
             "stats": stats_json(&self.stats()),
+            // background checkpoint work not durable yet (qcow2; null for raw)
+            "durable_pending": self.image.qcow2.as_ref().map(|q| lock(q).durable_pending()),
             // what a checkpoint driver may use beyond the basic ops
             "ops": if self.image.qcow2.is_some() {
                 json!(["checkpoint-barrier", "durable-hold", "durable-release"])
@@ -799,6 +801,7 @@ mod tests {
     fn durable_hold_holds_all_work_until_released() {
         let dir = tempfile::tempdir().unwrap();
         let d = device(dir.path(), Format::Qcow2);
+        assert_eq!(d.status()["durable_pending"], false);
         let v = d.handle(&Request::DurableHold { max_ms: 60_000 }).unwrap();
         assert_eq!(v["held"], true);
         assert!(v["cpu_ns"].as_u64().is_some() && v["pid"].as_u64().is_some(), "{v}");
@@ -809,13 +812,17 @@ mod tests {
         std::thread::sleep(Duration::from_millis(300));
         assert_eq!(state_of(&d, "t1"), CheckpointState::Taken);
         assert_eq!(state_of(&d, "b1"), CheckpointState::Taken);
+        assert_eq!(d.status()["durable_pending"], true);
         assert_eq!(d.handle(&Request::DurableRelease).unwrap()["released"], true);
         wait_durable(&d, "t1");
         wait_durable(&d, "b1");
+        wait_idle(&d);
+        assert_eq!(d.status()["durable_pending"], false);
         // a raw image has no background work to hold
         let dir2 = tempfile::tempdir().unwrap();
         let r = device(dir2.path(), Format::Raw);
         assert_eq!(r.handle(&Request::DurableHold { max_ms: 1000 }).unwrap()["held"], false);
+        assert_eq!(r.status()["durable_pending"], Value::Null);
     }
 
     /// Threads of this process (nextest runs every test in a process of its own).

@@ -29,6 +29,7 @@ function ms(us) { return (us == "" || us == "nan") ? "-" : sprintf("%.1f", us / 
   g = val($0, "guest_gap_ms"); if (g == "") next
   gap[p, arm] = g + 0; if (!(p in seen)) { seen[p] = 1; order[++np] = p }
   v = val($0, "backend_cmd_cpu_us"); if (v != "") bcmd[p, arm] = v + 0
+  v = val($0, "bg_wait_ms"); if (v != "") { nbw[arm]++; BW[arm, nbw[arm]] = v + 0 }
   if (arm == "s") { for (k = 1; k <= nk; k++) { v = val($0, keys[k]); if (v != "") kv[p, keys[k]] = v + 0 } }
   # the pause on the dom0 clock: xl start -> guest stopped (A), xl exit - pause end (C), in µs
   # (guest and dom0 clocks may differ by a constant: compare the arms, not the values)
@@ -67,6 +68,8 @@ END {
     if (m == 0) { MED[key] = ""; MAX[key] = ""; MIN[key] = ""; cnt[key] = 0; continue }
     isort(V, m); MED[key] = med(V, m); MAX[key] = V[m]; MIN[key] = V[1]; cnt[key] = m }
   m = 0; for (i = 1; i <= n; i++) if (((P[i], "x") in bcmd) && ((P[i], "s") in bcmd)) { m++; BX[m] = bcmd[P[i], "x"]; BS[m] = bcmd[P[i], "s"]; BD[m] = BS[m] - BX[m] }
+  for (a = 1; a <= 2; a++) { arm = (a == 1) ? "x" : "s"; if (!nbw[arm]) continue; delete V; for (i = 1; i <= nbw[arm]; i++) V[i] = BW[arm, i]; isort(V, nbw[arm])
+    printf "  waited for blkback-snap background work before the %s arms (%d): median %s ms, max %s ms\n", (arm == "x") ? "xl save -c" : "xl-snap", nbw[arm], med(V, nbw[arm]), V[nbw[arm]] }
   if (m) printf "blkback-snap CPU over the whole command (%d pairs), median: xl save -c %s ms, xl-snap %s ms, per-pair difference %s ms\n", m, ms(med(BX, m)), ms(med(BS, m)), ms(med(BD, m))
   b = "added_bound_us"; ba = "added_bound_all_us"
   if (cnt[b]) {
