@@ -19,8 +19,8 @@
 #  T  (if the host put an strace kit): guest xsbt, xvdb = bench-s.qcow2 on blkback-snap with 0
 #     I/O threads, only 4 KiB randread QD1; `strace -c -f` on the serving process from the end
 #     of the fill to the end of the test: system calls per request (slows it: not a benchmark).
-#  F  dom0 kernel profile (ftrace's function profiler, a fixed list of functions, time with
-#     children, sleep excluded): guests xsbf-<backend>-<test> with only xvdb (blkback-snap at
+#  F  dom0 kernel profile (ftrace's function_graph tracer on a fixed list of functions, time
+#     with children, sleep excluded): guests xsbf-<backend>-<test> with only xvdb (blkback-snap at
 #     $XSB_SNAP_THREADS I/O threads on bench-s.qcow2, or kernel blkback on the raw file), one
 #     test each (1 MiB seqread, 1 MiB seqwrite, QD1), profiled from the end of the fill to the
 #     end of the test, with dom0's and the serving process's CPU over the same span: where
@@ -214,37 +214,38 @@ T)
   ;;
 F)
   TR=/sys/kernel/tracing
-  [ -e $TR/function_profile_enabled ] || mount -t tracefs nodev $TR 2>/dev/null
-  if [ -w $TR/function_profile_enabled ]; then
-    # the data path of both backends, their wake-ups and system calls, and Xen's PV MMU work
+  [ -e $TR/available_tracers ] || mount -t tracefs nodev $TR 2>/dev/null
+  xtb_info "tracers: $(cat $TR/available_tracers 2>/dev/null); function profiler: $([ -e $TR/function_profile_enabled ] && echo yes || echo no)"
+  if grep -qw function_graph $TR/available_tracers 2>/dev/null; then
+    # the data path of both backends, their wake-ups and system calls; function_graph with
+    # only these functions traced: each call's time with its children (sleep excluded)
     FNS="__x64_sys_preadv __x64_sys_pwritev __x64_sys_preadv2 __x64_sys_pwritev2 __x64_sys_ioctl
       __x64_sys_read __x64_sys_write __x64_sys_poll __x64_sys_ppoll __x64_sys_futex
-      do_iter_readv_writev vfs_iter_read vfs_iter_write ext4_file_read_iter ext4_file_write_iter
-      ext4_buffered_write_iter filemap_read filemap_get_pages copy_page_to_iter
+      ext4_file_read_iter ext4_file_write_iter filemap_read copy_page_to_iter
       copy_page_from_iter_atomic generic_perform_write ext4_da_write_begin ext4_da_write_end
-      fault_in_iov_iter_readable balance_dirty_pages balance_dirty_pages_ratelimited_flags
-      lo_rw_aio loop_process_work loop_queue_rq loop_workfn
-      xen_blkif_schedule do_block_io_op dispatch_rw_block_io xen_blkbk_map xen_blkbk_unmap
-      __end_block_io_op make_response submit_bio submit_bio_noacct blk_mq_submit_bio
-      gntdev_ioctl evtchn_read evtchn_write evtchn_ioctl evtchn_interrupt
-      xen_evtchn_do_upcall __xen_evtchn_do_upcall notify_remote_via_irq
-      exc_page_fault handle_mm_fault do_user_addr_fault xen_mc_flush xen_flush_tlb_multi
-      schedule __schedule finish_task_switch xen_send_IPI_one irq_exit_rcu __do_softirq
-      wb_workfn ext4_writepages"
-    prof_on() { echo 0 > $TR/function_profile_enabled; echo > $TR/set_ftrace_filter
+      balance_dirty_pages_ratelimited_flags lo_rw_aio loop_process_work loop_queue_rq
+      do_block_io_op dispatch_rw_block_io xen_blkbk_map __end_block_io_op xen_blkbk_unmap
+      make_response submit_bio gntdev_ioctl evtchn_read evtchn_write evtchn_ioctl
+      __xen_evtchn_do_upcall handle_mm_fault xen_mc_flush schedule __do_softirq"
+    prof_on() { echo 0 > $TR/tracing_on; echo nop > $TR/current_tracer; echo > $TR/set_ftrace_filter
       for f in $FNS; do echo "$f" >> $TR/set_ftrace_filter 2>/dev/null; done
-      echo 0 > $TR/options/sleep-time 2>/dev/null; echo 1 > $TR/options/graph-time 2>/dev/null
-      # an empty filter would profile every function
-      [ -s $TR/set_ftrace_filter ] && echo 1 > $TR/function_profile_enabled; }
-    prof_off() { echo 0 > $TR/function_profile_enabled; }
-    cpu_now() {  # dom0 CPU s (xl list), serving process utime+stime ticks, kernel threads' ticks
+      [ -s $TR/set_ftrace_filter ] || return 1   # an empty filter would trace every function
+      echo 65536 > $TR/buffer_size_kb; echo 0 > $TR/options/sleep-time 2>/dev/null
+      echo 1 > $TR/options/funcgraph-tail 2>/dev/null; echo 0 > $TR/options/funcgraph-irqs 2>/dev/null
+      echo function_graph > $TR/current_tracer; echo > $TR/trace; echo 1 > $TR/tracing_on; }
+    prof_off() { echo 0 > $TR/tracing_on; }
+    # "<us> <name>" per finished call, summed per function: total ms, calls, mean us
+    prof_sum() { sed -n 's/^.*[ !+#*@$]\([0-9][0-9]*\.[0-9][0-9]*\) us *| *\(.*\)$/\1 \2/p' $TR/trace |
+      awk '{ n = ""; if ($2 ~ /\(\);$/) n = $2; else if ($2 == "}" && $3 == "/*") n = $4; if (n == "") next; sub(/\(\);$/, "", n); t[n] += $1; c[n]++ }
+        END { for (k in t) printf "%10.1f ms %8d calls %9.1f us  %s\n", t[k] / 1000, c[k], t[k] / c[k], k }' | sort -rn | head -40
+      echo "lost events: $(grep -c 'LOST' $TR/trace) trace lines: $(wc -l < $TR/trace)"; }
+    cpu_now() {  # dom0 CPU s (xl list), serving process utime+stime ticks, blk/loop/kworker ticks
       local p=$1 b=0 k=0 t c
       [ -n "$p" ] && [ -r /proc/$p/stat ] && b=$(awk '{print $14 + $15}' /proc/$p/stat)
       for t in /proc/[0-9]*; do c=$(cat $t/comm 2>/dev/null); case $c in blkback-snap) ;; *blk*|loop[0-9]*|kworker*) k=$((k + $(awk '{print $14 + $15}' $t/stat 2>/dev/null || echo 0)));; esac; done
       echo "$(xl list 0 | awk 'NR==2{print $6}') $b $k"
     }
     xtb_section "profile: dom0 kernel functions per 1 MiB sequential transfer, blkback-snap vs kernel blkback"
-    echo "  functions profiled: $(wc -l < $TR/set_ftrace_filter 2>/dev/null) (of the list; missing ones skipped)"
     for be in snap kernel; do
       if [ $be = snap ]; then rmmod xen-blkback 2>/dev/null; watcher_start "$SNAPT"; disk="vdev=xvdb, access=rw, script=xensnap, target=$G/bench-s.qcow2"
       else watcher_stop; modprobe xen-blkback; xtb_wait 10 test -e /sys/bus/xen-backend/drivers/vbd; disk="vdev=xvdb, access=rw, format=raw, target=$G/bench-k.raw"; fi
@@ -256,7 +257,7 @@ F)
         [ $be = snap ] && pid=$(xenstore-read /local/domain/0/backend/vbd/$dom/51728/xensnap-pid 2>/dev/null)
         xtb_wait 600 grep -aq XSB-FILLED "$con"
         c0=$(cpu_now "$pid"); g0=$(xl list $n | awk 'NR==2{print $6}'); w0=$(xtb_now)
-        prof_on
+        prof_on || xtb_info "no function of the list can be traced"
         xtb_wait $(( 300 + 10 * SECS )) grep -aq XSB-GUEST-DONE "$con"; rc=$?
         prof_off
         c1=$(cpu_now "$pid"); g1=$(xl list $n | awk 'NR==2{print $6}')
@@ -264,16 +265,25 @@ F)
         grep -a 'XSB-BENCH' "$con" | tr -d '\r' | sed 's/^/  guest: /'
         read -r d0 b0 k0 <<< "$c0"; read -r d1 b1 k1 <<< "$c1"
         echo "  cpu $n over $(xtb_since "$w0") s: dom0 $(awk -v a="$d0" -v b="$d1" 'BEGIN{printf "%.1f", b - a}') s, guest $(awk -v a="$g0" -v b="$g1" 'BEGIN{printf "%.1f", b - a}') s, serving process $(( b1 - b0 )) ticks, blk/loop/kworker threads $(( k1 - k0 )) ticks"
-        [ -n "$pid" ] && echo "  serving process $n: $(awk '{print "utime=" $14 " stime=" $15}' /proc/$pid/stat 2>/dev/null)"
-        echo "  profile $n (per function, all CPUs; Time = with children, sleep excluded):"
-        for f in $TR/trace_stat/function*; do head -45 "$f"; done | sed 's/^/    /'
+        echo "  profile $n ($(wc -l < $TR/set_ftrace_filter) functions traced; time with children, sleep excluded):"
+        prof_sum | sed 's/^/    /'
+        echo nop > $TR/current_tracer
         xtb_step $n-destroy 60 xl destroy $n
         [ -n "$pid" ] && xtb_wait 60 eval "! kill -0 $pid"
       done
     done
-    rmmod xen-blkback 2>/dev/null
+    watcher_stop; rmmod xen-blkback 2>/dev/null
+    # the copy alone, in dom0: the raw file through the page cache into a user buffer (what a
+    # preadv does) and through a loop device into user pages by O_DIRECT (what loop does for
+    # kernel blkback), 64 MiB each, warm cache
+    cat "$G/bench-k.raw" > /dev/null
+    t=$(xtb_now); dd if="$G/bench-k.raw" of=/dev/null bs=1M count=64 2>/dev/null; echo "  copy: page cache -> user buffer (dd bs=1M, 64 MiB): $(xtb_since "$t") s"
+    ld=$(losetup -f --show "$G/bench-k.raw") && {
+      dd if="$ld" of=/dev/null bs=1M count=64 iflag=direct 2>/dev/null
+      t=$(xtb_now); dd if="$ld" of=/dev/null bs=1M count=64 iflag=direct 2>/dev/null; echo "  copy: loop device O_DIRECT (page cache -> user pages via bio, 64 MiB): $(xtb_since "$t") s"
+      losetup -d "$ld"; }
   else
-    xtb_info "no function profiler in this kernel (tracefs function_profile_enabled): phase F skipped"
+    xtb_info "no function_graph tracer in this kernel: phase F skipped"
   fi
   ;;
 esac; done
