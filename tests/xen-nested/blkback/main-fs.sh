@@ -19,6 +19,8 @@
 #  T  (if the host put an strace kit): guest xsbt, xvdb = bench-s.qcow2 on blkback-snap with 0
 #     I/O threads, only 4 KiB randread QD1; `strace -c -f` on the serving process from the end
 #     of the fill to the end of the test: system calls per request (slows it: not a benchmark).
+#  D  the benchmark of B with single-disk guests (xvdb only: blkback-snap, or kernel blkback on
+#     the raw file; no qdisk disk and no QEMU in dom0), XSB_ROUNDS rounds, order alternating.
 #  F  dom0 kernel profile (ftrace's function_graph tracer on a fixed list of functions, time
 #     with children, sleep excluded): guests xsbf-<backend>-<test> with only xvdb (blkback-snap at
 #     $XSB_SNAP_THREADS I/O threads on bench-s.qcow2, or kernel blkback on the raw file), one
@@ -29,7 +31,7 @@
 # feature-persistent), blkback-snap's stats and CPU time, and the kernel blkback threads'
 # CPU time.
 # Benchmark lines (XSB-BENCH) of all guests -> $XTB_OUT/bench.txt. Env: XSB_SECS (per test),
-# XSB_ROUNDS, XSB_PHASES (default "S B T"; F on request), XSB_SNAP_THREADS, XSB_SNAP0.
+# XSB_ROUNDS, XSB_PHASES (default "S B T"; D and F on request), XSB_SNAP_THREADS, XSB_SNAP0.
 # /xtb/put: xensnap (hook), guest-fs.sh, xsbio (static), xsb-guest-overlay.tgz (e2fsprogs),
 # fs.qcow2, bench-s.qcow2, bench-q.qcow2 (made on the host by qemu-img, same options).
 . "$XTB_LIB/xtb.sh"
@@ -183,6 +185,27 @@ B)
     r=$((r+1))
   done
   ;;
+D)
+  # the same benchmark with single-disk guests: blkback-snap or kernel blkback alone in the
+  # guest and in dom0 (no qdisk disk, no QEMU process), guests alternating every round
+  r=1; while [ $r -le $ROUNDS ]; do
+    steps="S K"; [ $((r % 2)) = 0 ] && steps="K S"
+    for st in $steps; do case $st in
+    S)
+      xtb_section "single-disk round $r: blkback-snap ($SNAPT I/O threads, qcow2) alone"
+      watcher_start "$SNAPT"
+      bench_guest xsbds$r "snap:/dev/xvdb" $r "vdev=xvdb, access=rw, script=xensnap, target=$G/bench-s.qcow2"
+      watcher_stop
+      ;;
+    K)
+      xtb_section "single-disk round $r: kernel xen-blkback (raw file via loop) alone"
+      modprobe xen-blkback; xtb_wait 10 test -e /sys/bus/xen-backend/drivers/vbd; xtb_check kernel-blkback-loaded $?
+      bench_guest xsbdk$r "kernel:/dev/xvdb" $r "vdev=xvdb, access=rw, format=raw, target=$G/bench-k.raw"
+      ;;
+    esac; done
+    r=$((r+1))
+  done
+  ;;
 T)
   ST=$P/strace-kit
   if [ -x "$ST/strace" ]; then
@@ -229,7 +252,8 @@ F)
       __xen_evtchn_do_upcall handle_mm_fault xen_mc_flush schedule __do_softirq"
     prof_on() { echo 0 > $TR/tracing_on; echo nop > $TR/current_tracer; echo > $TR/set_ftrace_filter
       for f in $FNS; do echo "$f" >> $TR/set_ftrace_filter 2>/dev/null; done
-      [ -s $TR/set_ftrace_filter ] || return 1   # an empty filter would trace every function
+      # an empty filter would trace every function (tracefs files report size 0: read it)
+      grep -q . $TR/set_ftrace_filter || return 1
       echo 65536 > $TR/buffer_size_kb; echo 0 > $TR/options/sleep-time 2>/dev/null
       echo 1 > $TR/options/funcgraph-tail 2>/dev/null; echo 0 > $TR/options/funcgraph-irqs 2>/dev/null
       echo function_graph > $TR/current_tracer; echo > $TR/trace; echo 1 > $TR/tracing_on; }
