@@ -227,16 +227,17 @@ BDIR=/tmp/ckbench; mkdir -p "$BDIR/state"
 # CPU time (ns, all threads) of process $1 so far -> $BBNS (bash builtins only)
 bbns() { local f s n=0; for f in /proc/$1/task/*/schedstat; do read -r s _ < "$f" 2>/dev/null && n=$((n + s)); done; BBNS=$n; }
 arm() { # ARM PAIR
-  local rc d t from bp b0 bcpu=none
+  local rc d t from bp b0 bcpu=none dom
+  dom=$(xl domid $G 2>/dev/null)
   # the blkback-snap process serving the disk: its CPU over the whole command, in both arms
   # (the xl save -c arm gives the backend's own rate while a domain is saved)
-  bp=$(xenstore-read "/local/domain/0/backend/vbd/$(xl domid $G 2>/dev/null)/51712/xensnap-pid" 2>/dev/null)
+  bp=$(xenstore-read "/local/domain/0/backend/vbd/$dom/51712/xensnap-pid" 2>/dev/null)
   # Both arms start with blkback-snap's background work done (the previous xl-snap arm's
   # checkpoint and deletion, paced while the guest writes), so neither arm pays for the other
   # arm's disk work: poll `status` up to 60 s; the wait goes into the BENCH line (bg_wait_ms).
   local bw0=${EPOCHREALTIME/./} _k
   for _k in $(seq 1 600); do
-    "$BS" ctl "$(xl domid $G 2>/dev/null)/51712" '{"op":"status"}' 2>/dev/null | tr -d ' \n' | grep -q '"durable_pending":true' || break
+    "$BS" ctl "$dom/51712" '{"op":"status"}' 2>/dev/null | tr -d ' \n' | grep -q '"durable_pending":true' || break
     bsleep 0.1
   done
   local bgw=$(( (${EPOCHREALTIME/./} - bw0) / 1000 ))
