@@ -96,9 +96,10 @@ cpus() {
     case $c in *[!0-9]*|'') continue;; esac
     a=$((a + c)); case $rest in *blkif*) b=$((b + c));; esac
   done < /proc/interrupts
-  echo "$((u + n + sy + q + sq)) $((i + w)) $st $b $a"
+  echo "$((u + n + sy + q + sq)) $((i + w)) $st $b $a $((u + n)) $sy $((q + sq))"
 }
-cpu_delta() { set -- $1 $2; echo "busy=$(($6 - $1)) idle=$(($7 - $2)) steal=$(($8 - $3)) blkirq=$(($9 - $4)) irq=$((${10} - $5))"; }
+# busy = usr + sys + sirq (user, system, irq + softirq ticks), as split after irq=
+cpu_delta() { set -- $1 $2; echo "busy=$(($9 - $1)) idle=$((${10} - $2)) steal=$((${11} - $3)) blkirq=$((${12} - $4)) irq=$((${13} - $5)) usr=$((${14} - $6)) sys=$((${15} - $7)) sirq=$((${16} - $8))"; }
 
 bench() {
   SPAN=64 list=$(echo "$DEVS" | tr ',' ' ')

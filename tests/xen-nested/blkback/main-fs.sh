@@ -21,17 +21,26 @@
 #     of the fill to the end of the test: system calls per request (slows it: not a benchmark).
 #  D  the benchmark of B with single-disk guests (xvdb only: blkback-snap, or kernel blkback on
 #     the raw file; no qdisk disk and no QEMU in dom0), XSB_ROUNDS rounds, order alternating.
-#  F  dom0 kernel profile (ftrace's function_graph tracer on a fixed list of functions, time
-#     with children, sleep excluded): guests xsbf-<backend>-<test> with only xvdb (blkback-snap at
-#     $XSB_SNAP_THREADS I/O threads on bench-s.qcow2, or kernel blkback on the raw file), one
-#     test each (1 MiB seqread, 1 MiB seqwrite, QD1), profiled from the end of the fill to the
-#     end of the test, with dom0's and the serving process's CPU over the same span: where
-#     dom0's extra time per MiB goes (the profiler slows what it counts: not a benchmark).
+#  C  copy costs in dom0 (copybench): 64 MiB of a cached file copied 1 MiB at a time by pread,
+#     preadv of 4 KiB iovecs, and from a mapping of the file by memcpy / rep movsb / rep movsq /
+#     8-byte loads: which copy is cheapest on this test bed.
+#  R  blkback-snap's in-process ring benchmark (examples/ring_bench: sim frontend, no guest, no
+#     Xen data path) in dom0, 1 MiB seqread / seqwrite and 4 KiB randread at QD1, persistent,
+#     inline, with its user and system time: the serving code's own cost under this test bed.
+#  F  dom0 event counts (ftrace hist triggers, counted in the kernel): guests
+#     xsbf-<backend>-<test> with only xvdb (blkback-snap at $XSB_SNAP_THREADS I/O threads on
+#     bench-s.qcow2, or kernel blkback on the raw file), one test each (1 MiB seqread, 1 MiB
+#     seqwrite, 4 KiB randread, QD1); from the end of the fill to the end of the test: system
+#     calls per task and call, context switches, wake-ups, interrupts, page-table switches
+#     (xen_mmu_write_cr3), multicall flushes, page faults, workqueue items, block requests,
+#     dom0's /proc/stat split and CPU (not a benchmark: the harness's own polling is in it).
 # After every bench guest: the persistent-grant negotiation of xvdb (backend and frontend
 # feature-persistent), blkback-snap's stats and CPU time, and the kernel blkback threads'
 # CPU time.
 # Benchmark lines (XSB-BENCH) of all guests -> $XTB_OUT/bench.txt. Env: XSB_SECS (per test),
-# XSB_ROUNDS, XSB_PHASES (default "S B T"; D and F on request), XSB_SNAP_THREADS, XSB_SNAP0.
+# XSB_ROUNDS, XSB_PHASES (default "S B T"; C, D, F and R on request), XSB_SNAP_THREADS, XSB_SNAP0,
+# XSB_F_BACKENDS (phase F: "snap kernel"), XSB_F_TESTS (phase F: the three tests above),
+# XSB_R_TESTS (phase R: "seqread_1M seqwrite_1M randread_4K").
 # /xtb/put: xensnap (hook), guest-fs.sh, xsbio (static), xsb-guest-overlay.tgz (e2fsprogs),
 # fs.qcow2, bench-s.qcow2, bench-q.qcow2 (made on the host by qemu-img, same options).
 . "$XTB_LIB/xtb.sh"
@@ -87,7 +96,7 @@ run_guest() {
   local n=$1 cfg=$2 lim=$3 con t; con=$(xtb_console "$n"); rm -f "$con"; t=$(xtb_now)
   DOM0T=$(xl list 0 | awk 'NR==2{print $6}'); GT=$t
   xtb_step "$n-create" 180 xl create "$cfg" || { tail -30 /var/log/xen/xl-$n.log 2>/dev/null; return 1; }
-  xtb_wait "$lim" grep -aq XSB-GUEST-DONE "$con"; local rc=$?
+  xtb_wait_text "$lim" "$con" XSB-GUEST-DONE; local rc=$?
   xtb_timing "$n-create-to-done" "$(xtb_since "$t")"
   xtb_check "$n-guest-done" $rc || tail -40 "$con"
   guest_checks "$n"
@@ -142,7 +151,7 @@ S)
     WF=$(grep -ao 'XSB-WRITER-DONE files=[0-9]*' "$con" | grep -o '[0-9]*$')
     [ -n "$WF" ] && [ "$WF" -gt "$W1" ]; xtb_check writer-continued-after-checkpoint $? "final file $WF > $W1"
     "$BS" ctl "$G/fs.qcow2.xensnap.sock" checkpoint-list | tr -d '\n ' | cut -c1-400; echo
-    xtb_wait 300 grep -aq XSB-GUEST-DONE "$con"; rc=$?
+    xtb_wait_text 300 "$con" XSB-GUEST-DONE; rc=$?
     xtb_timing $n-create-to-done "$(xtb_since "$t")"; xtb_check $n-guest-done $rc || tail -40 "$con"
     guest_checks $n
     echo "  stats fs disk: $("$BS" ctl "$G/fs.qcow2.xensnap.sock" stats | tr -d '\n ' | cut -c1-600)"
@@ -215,12 +224,12 @@ T)
     con=$(xtb_console $n); rm -f "$con"
     if xtb_step $n-create 180 xl create "$cfg"; then
       dom=$(xl domid $n); pid=$(xenstore-read /local/domain/0/backend/vbd/$dom/51728/xensnap-pid)
-      xtb_wait 600 grep -aq XSB-FILLED "$con"
+      xtb_wait_text 600 "$con" XSB-FILLED
       echo "  persistent grants $n xvdb: backend feature-persistent=$(xenstore-read /local/domain/0/backend/vbd/$dom/51728/feature-persistent 2>/dev/null) frontend feature-persistent=$(xenstore-read /local/domain/$dom/device/vbd/51728/feature-persistent 2>/dev/null)"
       req() { "$BS" ctl "$G/bench-s.qcow2.xensnap.sock" stats 2>/dev/null | tr -d '\n ' | grep -o '"requests":[0-9]*' | cut -d: -f2; }
       s0=$(req)
       LD_LIBRARY_PATH=$ST "$ST/strace" -c -f -o "$XTB_OUT/strace-c.txt" -p "$pid" & SPID=$!
-      xtb_wait $(( 300 + 10 * SECS )) grep -aq XSB-GUEST-DONE "$con"; rc=$?
+      xtb_wait_text $(( 300 + 10 * SECS )) "$con" XSB-GUEST-DONE; rc=$?
       kill -INT $SPID 2>/dev/null; wait $SPID; s1=$(req)
       xtb_check trace-guest-done $rc
       echo "  requests while traced: $(( ${s1:-0} - ${s0:-0} )) (stats requests $s0 -> $s1)"
@@ -235,63 +244,85 @@ T)
     xtb_info "no strace kit in /xtb/put: phase T skipped"
   fi
   ;;
+C)
+  xtb_section "copy costs in dom0: 64 MiB of a cached file, by each way of copying (copybench)"
+  if [ -x "$P/copybench" ]; then
+    dd if=/dev/urandom of=/tmp/xsb-copy.dat bs=1M count=64 2>/dev/null
+    timeout 600 "$P/copybench" /tmp/xsb-copy.dat 64 | sed 's/^/  /'; xtb_check copybench "${PIPESTATUS[0]}"
+    rm -f /tmp/xsb-copy.dat
+  else
+    xtb_info "no copybench in /xtb/put: phase C skipped"
+  fi
+  ;;
+R)
+  xtb_section "the in-process ring benchmark in dom0 (no guest: blkif's sim frontend, qcow2 and raw, persistent grants, inline)"
+  if [ -x "$P/ring_bench" ]; then
+    for t in ${XSB_R_TESTS:-seqread_1M seqwrite_1M randread_4K}; do
+      # bash's `time`: the process's wall, user and system time
+      { time timeout 600 "$P/ring_bench" --secs 5 --reps 1 --workers 0 --persistent --only "${t//_/ }" --qd 1 --dir /var/tmp; } 2>&1 | sed 's/^/  /'
+    done
+  else
+    xtb_info "no ring_bench in /xtb/put: phase R skipped"
+  fi
+  ;;
 F)
   TR=/sys/kernel/tracing
-  [ -e $TR/available_tracers ] || mount -t tracefs nodev $TR 2>/dev/null
-  xtb_info "tracers: $(cat $TR/available_tracers 2>/dev/null); function profiler: $([ -e $TR/function_profile_enabled ] && echo yes || echo no)"
-  if grep -qw function_graph $TR/available_tracers 2>/dev/null; then
-    # the data path of both backends, their wake-ups and system calls; function_graph with
-    # only these functions traced: each call's time with its children (sleep excluded)
-    FNS="__x64_sys_preadv __x64_sys_pwritev __x64_sys_preadv2 __x64_sys_pwritev2 __x64_sys_ioctl
-      __x64_sys_read __x64_sys_write __x64_sys_poll __x64_sys_ppoll __x64_sys_futex
-      ext4_file_read_iter ext4_file_write_iter filemap_read copy_page_to_iter
-      copy_page_from_iter_atomic generic_perform_write ext4_da_write_begin ext4_da_write_end
-      balance_dirty_pages_ratelimited_flags lo_rw_aio loop_process_work loop_queue_rq
-      do_block_io_op dispatch_rw_block_io xen_blkbk_map __end_block_io_op xen_blkbk_unmap
-      make_response submit_bio gntdev_ioctl evtchn_read evtchn_write evtchn_ioctl
-      __xen_evtchn_do_upcall handle_mm_fault xen_mc_flush schedule __do_softirq"
-    prof_on() { echo 0 > $TR/tracing_on; echo nop > $TR/current_tracer; echo > $TR/set_ftrace_filter
-      for f in $FNS; do echo "$f" >> $TR/set_ftrace_filter 2>/dev/null; done
-      # an empty filter would trace every function (tracefs files report size 0: read it)
-      grep -q . $TR/set_ftrace_filter || return 1
-      echo 65536 > $TR/buffer_size_kb; echo 0 > $TR/options/sleep-time 2>/dev/null
-      echo 1 > $TR/options/funcgraph-tail 2>/dev/null; echo 0 > $TR/options/funcgraph-irqs 2>/dev/null
-      echo function_graph > $TR/current_tracer; echo > $TR/trace; echo 1 > $TR/tracing_on; }
-    prof_off() { echo 0 > $TR/tracing_on; }
-    # "<us> <name>" per finished call, summed per function: total ms, calls, mean us
-    prof_sum() { sed -n 's/^.*[ !+#*@$]\([0-9][0-9]*\.[0-9][0-9]*\) us *| *\(.*\)$/\1 \2/p' $TR/trace |
-      awk '{ n = ""; if ($2 ~ /\(\);$/) n = $2; else if ($2 == "}" && $3 == "/*") n = $4; if (n == "") next; sub(/\(\);$/, "", n); t[n] += $1; c[n]++ }
-        END { for (k in t) printf "%10.1f ms %8d calls %9.1f us  %s\n", t[k] / 1000, c[k], t[k] / c[k], k }' | sort -rn | head -40
-      echo "lost events: $(grep -c 'LOST' $TR/trace) trace lines: $(wc -l < $TR/trace)"; }
-    cpu_now() {  # dom0 CPU s (xl list), serving process utime+stime ticks, blk/loop/kworker ticks
-      local p=$1 b=0 k=0 t c
-      [ -n "$p" ] && [ -r /proc/$p/stat ] && b=$(awk '{print $14 + $15}' /proc/$p/stat)
-      for t in /proc/[0-9]*; do c=$(cat $t/comm 2>/dev/null); case $c in blkback-snap) ;; *blk*|loop[0-9]*|kworker*) k=$((k + $(awk '{print $14 + $15}' $t/stat 2>/dev/null || echo 0)));; esac; done
-      echo "$(xl list 0 | awk 'NR==2{print $6}') $b $k"
-    }
-    xtb_section "profile: dom0 kernel functions per 1 MiB sequential transfer, blkback-snap vs kernel blkback"
-    for be in snap kernel; do
+  [ -e $TR/events ] || mount -t tracefs nodev $TR 2>/dev/null
+  # dom0 event counts per backend and test, by hist triggers (counted in the kernel, no trace
+  # buffer to overflow): which tasks run, make system calls, switch page tables, take which
+  # interrupts, what the workqueues run and what goes to dom0's own disk, per MiB moved
+  EVS="raw_syscalls/sys_enter:common_pid.execname,id.syscall sched/sched_switch:next_comm
+    sched/sched_wakeup:comm irq/irq_handler_entry:irq,name xen/xen_mmu_write_cr3:common_pid.execname
+    xen/xen_mc_flush:common_pid.execname xen/xen_mmu_flush_tlb_multi:common_pid.execname
+    exceptions/page_fault_user:common_pid.execname exceptions/page_fault_kernel:common_pid.execname
+    workqueue/workqueue_execute_start:function.sym block/block_rq_issue:dev,rwbs"
+  ev_on() { local e k; for e in $EVS; do k=${e#*:} e=${e%%:*}
+      [ -w $TR/events/$e/trigger ] && echo "hist:keys=$k:vals=hitcount:sort=hitcount.descending:size=4096" > $TR/events/$e/trigger 2>/dev/null; done; }
+  ev_off() { local e k; for e in $EVS; do k=${e#*:} e=${e%%:*}
+      [ -w $TR/events/$e/trigger ] && echo "!hist:keys=$k:vals=hitcount:sort=hitcount.descending:size=4096" > $TR/events/$e/trigger 2>/dev/null; done; }
+  ev_dump() {  # per event: total hits, then the 12 largest keys
+    local e; for e in $EVS; do e=${e%%:*}
+      if [ -r $TR/events/$e/hist ]; then
+        echo "  $e: $(sed -n 's/^ *Hits: *//p' $TR/events/$e/hist) hits"
+        grep '^{' $TR/events/$e/hist | head -12 | sed 's/  */ /g; s/^/      /'
+      else echo "  $e: not available"; fi; done; }
+  stat_now() { awk '/^cpu /{print $2, $3, $4, $5, $6, $7, $8, $9}' /proc/stat; }
+  vm_now() { awk '$1 ~ /^(pgfault|nr_dirtied|nr_written|pgpgout|pgpgin)$/ {printf "%s=%s ", $1, $2}' /proc/vmstat; }
+  cpu_now() {  # dom0 CPU s (xl list), serving process utime+stime ticks
+    local p=$1 b=0
+    [ -n "$p" ] && [ -r /proc/$p/stat ] && b=$(awk '{print $14 + $15}' /proc/$p/stat)
+    echo "$(xl list 0 | awk 'NR==2{print $6}') $b"
+  }
+  threads_now() {  # "<tid>:<comm>:<utime>:<stime>" per thread of the serving process
+    local p=$1 t; [ -n "$p" ] || return 0
+    for t in /proc/$p/task/*; do
+      awk -v c="$(cat $t/comm 2>/dev/null)" '{ print FILENAME ":" c ":" $14 ":" $15 }' $t/stat 2>/dev/null; done | sed 's|/proc/[0-9]*/task/||; s|/stat||'
+  }
+  if [ -w $TR/events/raw_syscalls/sys_enter/trigger ]; then
+    xtb_section "dom0 event counts per 1 MiB sequential transfer and 4 KiB read, blkback-snap vs kernel blkback"
+    for be in ${XSB_F_BACKENDS:-snap kernel}; do
       if [ $be = snap ]; then rmmod xen-blkback 2>/dev/null; watcher_start "$SNAPT"; disk="vdev=xvdb, access=rw, script=xensnap, target=$G/bench-s.qcow2"
       else watcher_stop; modprobe xen-blkback; xtb_wait 10 test -e /sys/bus/xen-backend/drivers/vbd; disk="vdev=xvdb, access=rw, format=raw, target=$G/bench-k.raw"; fi
-      for t in seqread:1048576:1 seqwrite:1048576:1; do
+      for t in ${XSB_F_TESTS:-seqread:1048576:1 seqwrite:1048576:1 randread:4096:1}; do
         n=xsbf-$be-${t%%:*}; XARGS="xsb.tests=$t"; cfg=$(mkcfg $n bench "$be:/dev/xvdb" 1 "$disk"); XARGS=
         con=$(xtb_console $n); rm -f "$con"
         xtb_step $n-create 180 xl create "$cfg" || continue
         dom=$(xl domid $n); pid=
         [ $be = snap ] && pid=$(xenstore-read /local/domain/0/backend/vbd/$dom/51728/xensnap-pid 2>/dev/null)
-        xtb_wait 600 grep -aq XSB-FILLED "$con"
-        c0=$(cpu_now "$pid"); g0=$(xl list $n | awk 'NR==2{print $6}'); w0=$(xtb_now)
-        prof_on || xtb_info "no function of the list can be traced"
-        xtb_wait $(( 300 + 10 * SECS )) grep -aq XSB-GUEST-DONE "$con"; rc=$?
-        prof_off
-        c1=$(cpu_now "$pid"); g1=$(xl list $n | awk 'NR==2{print $6}')
+        xtb_wait_text 600 "$con" XSB-FILLED
+        c0=$(cpu_now "$pid"); s0=$(stat_now); v0=$(vm_now); g0=$(xl list $n | awk 'NR==2{print $6}'); w0=$(xtb_now); th0=$(threads_now "$pid")
+        ev_on
+        xtb_wait_text $(( 300 + 10 * SECS )) "$con" XSB-GUEST-DONE; rc=$?
+        c1=$(cpu_now "$pid"); s1=$(stat_now); v1=$(vm_now); g1=$(xl list $n | awk 'NR==2{print $6}'); th1=$(threads_now "$pid")
         xtb_check $n-done $rc
-        grep -a 'XSB-BENCH' "$con" | tr -d '\r' | sed 's/^/  guest: /'
-        read -r d0 b0 k0 <<< "$c0"; read -r d1 b1 k1 <<< "$c1"
-        echo "  cpu $n over $(xtb_since "$w0") s: dom0 $(awk -v a="$d0" -v b="$d1" 'BEGIN{printf "%.1f", b - a}') s, guest $(awk -v a="$g0" -v b="$g1" 'BEGIN{printf "%.1f", b - a}') s, serving process $(( b1 - b0 )) ticks, blk/loop/kworker threads $(( k1 - k0 )) ticks"
-        echo "  profile $n ($(wc -l < $TR/set_ftrace_filter) functions traced; time with children, sleep excluded):"
-        prof_sum | sed 's/^/    /'
-        echo nop > $TR/current_tracer
+        grep -a 'XSB-BENCH\|XSB-CPU' "$con" | tr -d '\r' | sed 's/^/  guest: /'
+        read -r d0 b0 <<< "$c0"; read -r d1 b1 <<< "$c1"
+        echo "  cpu $n over $(xtb_since "$w0") s: dom0 $(awk -v a="$d0" -v b="$d1" 'BEGIN{printf "%.1f", b - a}') s, guest $(awk -v a="$g0" -v b="$g1" 'BEGIN{printf "%.1f", b - a}') s, serving process $(( b1 - b0 )) ticks"
+        [ -n "$pid" ] && echo "  serving threads, user/system ticks over the test: $(printf '%s\n%s\n' "$th0" "$th1" | awk -F: 'NF == 4 { if ($1 in u) { du = $3 - u[$1]; ds = $4 - s[$1]; if (du + ds > 0) printf "%s %d/%d  ", $2, du, ds } else { u[$1] = $3; s[$1] = $4 } }')"
+        echo "  dom0 /proc/stat ticks (user nice system idle iowait irq softirq steal): $(awk -v a="$s0" -v b="$s1" 'BEGIN{n = split(a, x, " "); split(b, y, " "); for (i = 1; i <= n; i++) printf "%d ", y[i] - x[i]}')"
+        echo "  dom0 vmstat: before $v0 / after $v1"
+        ev_dump
+        ev_off
         xtb_step $n-destroy 60 xl destroy $n
         [ -n "$pid" ] && xtb_wait 60 eval "! kill -0 $pid"
       done
@@ -307,7 +338,7 @@ F)
       t=$(xtb_now); dd if="$ld" of=/dev/null bs=1M count=64 iflag=direct 2>/dev/null; echo "  copy: loop device O_DIRECT (page cache -> user pages via bio, 64 MiB): $(xtb_since "$t") s"
       losetup -d "$ld"; }
   else
-    xtb_info "no function_graph tracer in this kernel: phase F skipped"
+    xtb_info "no hist trigger for raw_syscalls/sys_enter in this kernel: phase F skipped"
   fi
   ;;
 esac; done

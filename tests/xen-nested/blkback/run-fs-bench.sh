@@ -71,14 +71,17 @@ bench_table() {
 [ "${1:-}" = --table ] && { bench_table "$2"; exit 0; }
 BINS=${XSB_BINS:-}
 if [ -z "$BINS" ]; then
-  (cd "$ROOT" && cargo build --release -q -p blkback-snap -p xl-plugin --bins && cargo build --release -q -p libxc-ffi --example xen_probe) || exit 2
+  (cd "$ROOT" && cargo build --release -q -p blkback-snap -p xl-plugin --bins && cargo build --release -q -p libxc-ffi --example xen_probe && cargo build --release -q -p blkback-snap --example ring_bench) || exit 2
   BINS=$ROOT/target/release
 fi
 W=$(mktemp -d /tmp/xsbfs-run.XXXX); trap 'umount "$W/mnt" 2>/dev/null; rm -rf "$W"' EXIT
 mkdir -p "$W/bins" "$W/ov/usr/sbin" "$W/ov/etc" "$W/mnt"
+PUTS=()
 cp "$BINS/blkback-snap" "$W/bins/" || exit 2
 cp "$BINS/examples/xen_probe" "$W/bins/" 2>/dev/null || echo "INFO no xen_probe example in $BINS/examples"
+cp "$BINS/examples/ring_bench" "$W/" 2>/dev/null && PUTS+=(--put "$W/ring_bench") || echo "INFO no ring_bench example in $BINS/examples"
 gcc -O2 -static -pthread -o "$W/xsbio" "$HERE/xsbio.c" || exit 2
+gcc -O2 -static -o "$W/copybench" "$HERE/copybench.c" || exit 2
 # e2fsprogs for the guest (the busybox guest has mke2fs without ext4 journal support and no e2fsck)
 for b in mke2fs e2fsck; do
   cp /usr/sbin/$b "$W/ov/usr/sbin/" || exit 2
@@ -87,7 +90,6 @@ done
 cp /etc/mke2fs.conf "$W/ov/etc/"; ln -sf mke2fs "$W/ov/usr/sbin/mkfs.ext4"
 tar czf "$W/xsb-guest-overlay.tgz" -C "$W/ov" . || exit 2
 # strace and its libraries for dom0 (phase T of main-fs.sh), if this host has it
-PUTS=()
 if command -v strace > /dev/null; then
   mkdir -p "$W/strace-kit" && cp "$(command -v strace)" "$W/strace-kit/" &&
     for l in $(ldd "$(command -v strace)" | grep -o '/[^ ]*' | grep -v 'ld-linux\|/libc\.so'); do cp -L "$l" "$W/strace-kit/"; done &&
@@ -96,13 +98,13 @@ fi
 qemu-img create -q -f qcow2 "$W/fs.qcow2" 256M || exit 2
 # the two benchmark images: same qemu-img options (default 64 KiB clusters) for both backends
 qemu-img create -q -f qcow2 "$W/bench-s.qcow2" 128M && qemu-img create -q -f qcow2 "$W/bench-q.qcow2" 128M || exit 2
-ENV=(); for v in XSB_SECS XSB_ROUNDS XSB_PHASES XSB_SNAP_THREADS XSB_SNAP0; do [ -n "${!v:-}" ] && ENV+=(--env "$v=${!v}"); done
+ENV=(); for v in XSB_SECS XSB_ROUNDS XSB_PHASES XSB_SNAP_THREADS XSB_SNAP0 XSB_F_BACKENDS XSB_F_TESTS XSB_R_TESTS; do [ -n "${!v:-}" ] && ENV+=(--env "$v=${!v}"); done
 # one reported retry on the known TCG flakes (dom0 segfault, time limit; lib/boot-retry.sh)
 . "$XN/lib/boot-retry.sh"
 P=flake; [ "${XSB_RETRY:-1}" = 1 ] || P=none
 xtb_boot_retry xsbfs $P "$XN/boot.sh" \
   --timeout "${XSB_TIMEOUT:-2400}" --bins "$W/bins" "${ENV[@]}" \
-  --put "$ROOT/hooks/xensnap" --put "$HERE/guest-fs.sh" --put "$W/xsbio" --put "$W/xsb-guest-overlay.tgz" \
+  --put "$ROOT/hooks/xensnap" --put "$HERE/guest-fs.sh" --put "$W/xsbio" --put "$W/copybench" --put "$W/xsb-guest-overlay.tgz" \
   --put "$W/fs.qcow2" --put "$W/bench-s.qcow2" --put "$W/bench-q.qcow2" "${PUTS[@]}" "$@" "$HERE/main-fs.sh"
 OUT=$RUN/share/out
 hc() { echo "CHECK $([ "$2" = 0 ] && echo PASS || echo FAIL) host-$1${3:+ ($3)}"; [ "$2" = 0 ] || RC=$((RC+1)); }
