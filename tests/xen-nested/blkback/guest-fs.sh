@@ -3,6 +3,8 @@
 # test bed's guest initramfs with this as /init, plus e2fsprogs, ext4 modules and xsbio).
 # Kernel cmdline: xsb.phase=fs|bench  xsb.devs=LABEL:DEV,...  xsb.round=N  xsb.secs=N (per test)
 #   xsb.tests=MODE:BS:QD,... (bench: only these tests; default the six below)
+#   xsb.settle=N (bench: sleep N s before each test, so dom0 can write back what the fill and
+#   the earlier tests left dirty before the next test starts; default 0)
 #  fs:    on /dev/xvda: mkfs.ext4, mount, a data set with sha256 sums, sync, umount, e2fsck -fn,
 #         drop caches, remount, verify; fstrim; then a writer (files + fsync'd sum files) for
 #         XSB_WRITER_SECS during which dom0 takes a checkpoint; umount, e2fsck -fn.
@@ -16,11 +18,12 @@ PATH=/bin:/sbin:/usr/sbin:/usr/bin
 MKE2FS=/usr/sbin/mke2fs E2FSCK=/usr/sbin/e2fsck
 mount -t proc proc /proc; mount -t sysfs sysfs /sys; mount -t devtmpfs devtmpfs /dev 2>/dev/null
 for m in $(cat /modules.order); do insmod "/lib/modules/$m" 2>/dev/null; done
-PHASE=none DEVS= ROUND=1 SECS=10 WSECS=25
+PHASE=none DEVS= ROUND=1 SECS=10 WSECS=25 SETTLE=0
 TESTS="randread:4096:1 randread:4096:8 randwrite:4096:1 randwrite:4096:8 seqread:1048576:1 seqwrite:1048576:1"
 for w in $(cat /proc/cmdline); do case $w in
   xsb.phase=*) PHASE=${w#*=};; xsb.devs=*) DEVS=${w#*=};; xsb.secs=*) SECS=${w#*=};;
-  xsb.round=*) ROUND=${w#*=};; xsb.wsecs=*) WSECS=${w#*=};; xsb.tests=*) TESTS=$(echo "${w#*=}" | tr ',' ' ');; esac; done
+  xsb.round=*) ROUND=${w#*=};; xsb.wsecs=*) WSECS=${w#*=};; xsb.tests=*) TESTS=$(echo "${w#*=}" | tr ',' ' ');;
+  xsb.settle=*) SETTLE=${w#*=};; esac; done
 up() { cut -d' ' -f1 /proc/uptime; }
 upi() { cut -d. -f1 /proc/uptime; }
 ck() { if [ "$2" = 0 ]; then echo "XSB-GUEST-CHECK $1 ok${3:+ $3}"; else echo "XSB-GUEST-CHECK $1 bad (rc=$2)${3:+ $3}"; return 1; fi; }
@@ -116,6 +119,7 @@ bench() {
   for t in $TESTS; do
     set -- $(echo "$t" | tr ':' ' ')
     for ld in $list; do
+      [ "$SETTLE" -gt 0 ] 2>/dev/null && sleep "$SETTLE"
       c0=$(cpus)
       o=$(xsbio ${ld#*:} $1 $2 $SPAN $SECS "${ld%%:*}-r$ROUND" $3) || ck "bench-$1-${ld%%:*}" 1
       echo "$o"

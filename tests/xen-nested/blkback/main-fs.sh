@@ -40,7 +40,7 @@
 # Benchmark lines (XSB-BENCH) of all guests -> $XTB_OUT/bench.txt. Env: XSB_SECS (per test),
 # XSB_ROUNDS, XSB_PHASES (default "S B T"; C, D, F and R on request), XSB_SNAP_THREADS, XSB_SNAP0,
 # XSB_F_BACKENDS (phase F: "snap kernel"), XSB_F_TESTS (phase F: the three tests above),
-# XSB_R_TESTS (phase R: "seqread_1M seqwrite_1M randread_4K").
+# XSB_R_TESTS (phase R: "seqread_1M seqwrite_1M randread_4K"), XSB_SETTLE (see below).
 # /xtb/put: xensnap (hook), guest-fs.sh, xsbio (static), xsb-guest-overlay.tgz (e2fsprogs),
 # fs.qcow2, bench-s.qcow2, bench-q.qcow2 (made on the host by qemu-img, same options).
 . "$XTB_LIB/xtb.sh"
@@ -50,6 +50,13 @@ BS=$(command -v blkback-snap)
 SECS=${XSB_SECS:-10} ROUNDS=${XSB_ROUNDS:-2} PHASES=${XSB_PHASES:-S B T}
 XARGS=
 SNAPT=${XSB_SNAP_THREADS:-4}
+# XSB_SETTLE=N: bench guests sleep N s before each test, and dom0 writes dirty pages back after
+# 3 s instead of 30 (checked every 1 s), so each test starts with little left to write back
+SETTLE=${XSB_SETTLE:-0}
+if [ "$SETTLE" -gt 0 ] 2>/dev/null; then
+  echo 300 > /proc/sys/vm/dirty_expire_centisecs; echo 100 > /proc/sys/vm/dirty_writeback_centisecs
+  xtb_info "settle: $SETTLE s before each test; vm.dirty_expire_centisecs=$(cat /proc/sys/vm/dirty_expire_centisecs) vm.dirty_writeback_centisecs=$(cat /proc/sys/vm/dirty_writeback_centisecs)"
+fi
 : > "$XTB_OUT/bench.txt"
 
 if command -v xen_probe >/dev/null; then
@@ -76,7 +83,7 @@ mkcfg() {  # NAME PHASE DEVS ROUND DISK...
   local n=$1 ph=$2 dv=$3 rd=$4 d; shift 4
   {
     echo "name = \"$n\""; echo 'type = "pv"'; echo 'kernel = "/opt/xtb/guest/vmlinuz"'; echo "ramdisk = \"$INITRD\""
-    echo "extra = \"console=hvc0 loglevel=4 xsb.phase=$ph xsb.devs=$dv xsb.round=$rd xsb.secs=$SECS${XARGS:+ $XARGS}\""
+    echo "extra = \"console=hvc0 loglevel=4 xsb.phase=$ph xsb.devs=$dv xsb.round=$rd xsb.secs=$SECS xsb.settle=$SETTLE${XARGS:+ $XARGS}\""
     echo 'memory = 256'; echo 'vcpus = 1'; echo 'on_crash = "destroy"'
     printf 'disk = [ '; for d in "$@"; do printf "'%s', " "$d"; done; echo ']'
   } > "$G/$n.cfg"; echo "$G/$n.cfg"
@@ -118,7 +125,7 @@ bench_guest() {
   local n=$1 dv=$2 rd=$3 nd cfg pids; shift 3
   nd=$(echo "$dv" | tr ',' '\n' | wc -l)
   cfg=$(mkcfg $n bench "$dv" "$rd" "$@")
-  run_guest $n "$cfg" $(( 300 + 6 * SECS * nd * 3 ))
+  run_guest $n "$cfg" $(( 300 + 6 * (SECS + SETTLE) * nd * 3 ))
   dom=$(xl domid $n 2>/dev/null)
   pids=$(for d in 51728 51744; do xenstore-read /local/domain/0/backend/vbd/$dom/$d/xensnap-pid 2>/dev/null; done)
   echo "  persistent grants $n xvdb: backend feature-persistent=$(xenstore-read /local/domain/0/backend/vbd/$dom/51728/feature-persistent 2>/dev/null) frontend feature-persistent=$(xenstore-read /local/domain/$dom/device/vbd/51728/feature-persistent 2>/dev/null)"
