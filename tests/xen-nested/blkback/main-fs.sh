@@ -33,7 +33,8 @@
 #     seqwrite, 4 KiB randread, QD1); from the end of the fill to the end of the test: system
 #     calls per task and call, context switches, wake-ups, interrupts, page-table switches
 #     (xen_mmu_write_cr3), multicall flushes, page faults, workqueue items, block requests,
-#     dom0's /proc/stat split and CPU (not a benchmark: the harness's own polling is in it).
+#     dom0's /proc/stat split and CPU (not a benchmark: the window's edges include the harness's
+#     own xl calls).
 # After every bench guest: the persistent-grant negotiation of xvdb (backend and frontend
 # feature-persistent), blkback-snap's stats and CPU time, and the kernel blkback threads'
 # CPU time.
