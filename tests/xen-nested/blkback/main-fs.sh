@@ -155,7 +155,7 @@ S)
     W1=$(lastw $n)
     xtb_check checkpoint-create-while-writing $rc "writer at file $W0 before, $W1 after the call; $(tr -d '\n ' < /tmp/ck.json | cut -c1-200)"
     echo "$W0 $W1" > "$XTB_OUT/checkpoint-writer-index.txt"
-    xtb_wait 300 grep -aq XSB-WRITER-DONE "$con"
+    xtb_wait_text 300 "$con" XSB-WRITER-DONE
     WF=$(grep -ao 'XSB-WRITER-DONE files=[0-9]*' "$con" | grep -o '[0-9]*$')
     [ -n "$WF" ] && [ "$WF" -gt "$W1" ]; xtb_check writer-continued-after-checkpoint $? "final file $WF > $W1"
     "$BS" ctl "$G/fs.qcow2.xensnap.sock" checkpoint-list | tr -d '\n ' | cut -c1-400; echo
