@@ -41,7 +41,8 @@
 # Benchmark lines (XSB-BENCH) of all guests -> $XTB_OUT/bench.txt. Env: XSB_SECS (per test),
 # XSB_ROUNDS, XSB_PHASES (default "S B T"; C, D, F and R on request), XSB_SNAP_THREADS, XSB_SNAP0,
 # XSB_F_BACKENDS (phase F: "snap kernel"), XSB_F_TESTS (phase F: the three tests above),
-# XSB_R_TESTS (phase R: "seqread_1M seqwrite_1M randread_4K"), XSB_SETTLE (see below).
+# XSB_R_TESTS (phase R: "seqread_1M seqwrite_1M randread_4K"), XSB_D_TESTS (phase D: the guests'
+# tests, default all six), XSB_SETTLE (see below).
 # /xtb/put: xensnap (hook), guest-fs.sh, xsbio (static), xsb-guest-overlay.tgz (e2fsprogs),
 # fs.qcow2, bench-s.qcow2, bench-q.qcow2 (made on the host by qemu-img, same options).
 . "$XTB_LIB/xtb.sh"
@@ -205,19 +206,21 @@ B)
 D)
   # the same benchmark with single-disk guests: blkback-snap or kernel blkback alone in the
   # guest and in dom0 (no qdisk disk, no QEMU process), guests alternating every round
+  # XSB_D_TESTS: the guests' tests (default: all six), e.g. one test repeated
+  DXARGS=${XSB_D_TESTS:+xsb.tests=$(echo $XSB_D_TESTS | tr ' ' ,)}
   r=1; while [ $r -le $ROUNDS ]; do
     steps="S K"; [ $((r % 2)) = 0 ] && steps="K S"
     for st in $steps; do case $st in
     S)
       xtb_section "single-disk round $r: blkback-snap ($SNAPT I/O threads, qcow2) alone"
       watcher_start "$SNAPT"
-      bench_guest xsbds$r "snap:/dev/xvdb" $r "vdev=xvdb, access=rw, script=xensnap, target=$G/bench-s.qcow2"
+      XARGS=$DXARGS; bench_guest xsbds$r "snap:/dev/xvdb" $r "vdev=xvdb, access=rw, script=xensnap, target=$G/bench-s.qcow2"; XARGS=
       watcher_stop
       ;;
     K)
       xtb_section "single-disk round $r: kernel xen-blkback (raw file via loop) alone"
       modprobe xen-blkback; xtb_wait 10 test -e /sys/bus/xen-backend/drivers/vbd; xtb_check kernel-blkback-loaded $?
-      bench_guest xsbdk$r "kernel:/dev/xvdb" $r "vdev=xvdb, access=rw, format=raw, target=$G/bench-k.raw"
+      XARGS=$DXARGS; bench_guest xsbdk$r "kernel:/dev/xvdb" $r "vdev=xvdb, access=rw, format=raw, target=$G/bench-k.raw"; XARGS=
       ;;
     esac; done
     r=$((r+1))

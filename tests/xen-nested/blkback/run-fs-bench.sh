@@ -98,7 +98,7 @@ fi
 qemu-img create -q -f qcow2 "$W/fs.qcow2" 256M || exit 2
 # the two benchmark images: same qemu-img options (default 64 KiB clusters) for both backends
 qemu-img create -q -f qcow2 "$W/bench-s.qcow2" 128M && qemu-img create -q -f qcow2 "$W/bench-q.qcow2" 128M || exit 2
-ENV=(); for v in XSB_SECS XSB_ROUNDS XSB_PHASES XSB_SNAP_THREADS XSB_SNAP0 XSB_F_BACKENDS XSB_F_TESTS XSB_R_TESTS XSB_SETTLE; do [ -n "${!v:-}" ] && ENV+=(--env "$v=${!v}"); done
+ENV=(); for v in XSB_SECS XSB_ROUNDS XSB_PHASES XSB_SNAP_THREADS XSB_SNAP0 XSB_F_BACKENDS XSB_F_TESTS XSB_R_TESTS XSB_D_TESTS XSB_SETTLE; do [ -n "${!v:-}" ] && ENV+=(--env "$v=${!v}"); done
 # one reported retry on the known TCG flakes (dom0 segfault, time limit; lib/boot-retry.sh)
 . "$XN/lib/boot-retry.sh"
 P=flake; [ "${XSB_RETRY:-1}" = 1 ] || P=none
