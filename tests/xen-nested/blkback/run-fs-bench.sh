@@ -16,7 +16,8 @@
 #     and every round's value (see main-fs.sh for how the rounds alternate the backends).
 # Exit = failed checks (dom0 + host); 124/125 as boot.sh. Env: XSB_SECS, XSB_ROUNDS,
 # XSB_TIMEOUT, XSB_SNAP_THREADS (blkback-snap I/O threads, default 4), XSB_SNAP0=1 (also
-# measure blkback-snap with 0 I/O threads), XSB_PHASES.
+# measure blkback-snap with 0 I/O threads), XSB_PHASES, XSB_CLOCK / XSB_ICOUNT_SHIFT / XSB_ERMS
+# (below), and main-fs.sh's knobs (passed on).
 set -uo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd); ROOT=$(cd "$HERE/../../.." && pwd); XN=$(dirname "$HERE")
 # bench_table FILE: XSB-BENCH lines -> per test (mode, size, queue depth): median over rounds per
@@ -99,6 +100,32 @@ qemu-img create -q -f qcow2 "$W/fs.qcow2" 256M || exit 2
 # the two benchmark images: same qemu-img options (default 64 KiB clusters) for both backends
 qemu-img create -q -f qcow2 "$W/bench-s.qcow2" 128M && qemu-img create -q -f qcow2 "$W/bench-q.qcow2" 128M || exit 2
 ENV=(); for v in XSB_SECS XSB_ROUNDS XSB_PHASES XSB_SNAP_THREADS XSB_SNAP0 XSB_F_BACKENDS XSB_F_TESTS XSB_R_TESTS XSB_D_TESTS XSB_SETTLE; do [ -n "${!v:-}" ] && ENV+=(--env "$v=${!v}"); done
+# The benchmark's clock (XSB_CLOCK): `icount` (default) runs QEMU with `-icount shift=N,sleep=on`
+# (N = XSB_ICOUNT_SHIFT, default 3: every executed instruction is 8 ns of the test bed's time;
+# an idle CPU waits in real time). A test's IOPS then count the work done, not the emulator's
+# speed at that moment: in plain TCG the same 10 s test repeated in one guest swung up to 2x
+# while the split of its time did not change (RESULTS-fs-bench.md, run T); under icount it
+# repeats within ~1 % (run U). `wall` = plain multi-threaded TCG, the host's time.
+# icount needs a single TCG thread (one vCPU anyway) and a CPU model without x2APIC (QEMU 10.0
+# aborts with "Bad icount read" when Xen reads the x2APIC timer by MSR).
+# The CPU model also leaves out ERMS and FSRM (XSB_ERMS=1 keeps them): with them Linux copies
+# with `rep movsb`, which TCG runs one byte per step (phase C: 2.5-5.5 ms per MiB against
+# 0.44-0.75 for `rep movsq` in wall time), where hardware runs it at full speed. Copies then
+# weigh 4-7x more in the test bed than anything else, and more so on blkback-snap's path
+# (`preadv`/`pwritev` into and out of user pages) than on loop's: run V, 1 MiB reads 0.76x
+# with ERMS, 0.99x without. Both backends run on the same CPU model either way.
+CLOCK=${XSB_CLOCK:-icount}
+case $CLOCK in
+  icount) export XTB_TCG_THREAD=single
+          CPU=max,-smap,-x2apic
+          export XTB_QEMU_EXTRA="${XTB_QEMU_EXTRA:+$XTB_QEMU_EXTRA }-icount shift=${XSB_ICOUNT_SHIFT:-3},sleep=on";;
+  wall)   CPU=max,-smap;;
+  *) echo "XSB_CLOCK must be icount or wall, not '$CLOCK'" >&2; exit 2;;
+esac
+[ "${XSB_ERMS:-0}" = 1 ] || CPU=$CPU,-erms,-fsrm
+export XTB_CPU=${XTB_CPU:-$CPU}
+CLOCK_DESC="clock: $CLOCK${XTB_QEMU_EXTRA:+ ($XTB_QEMU_EXTRA)}, cpu $XTB_CPU"
+echo "run-fs-bench: $CLOCK_DESC"
 # one reported retry on the known TCG flakes (dom0 segfault, time limit; lib/boot-retry.sh)
 . "$XN/lib/boot-retry.sh"
 P=flake; [ "${XSB_RETRY:-1}" = 1 ] || P=none
@@ -152,6 +179,7 @@ else
 fi
 
 echo; echo "===== benchmark (xsbio O_DIRECT in the same guest kernel, ${XSB_SECS:-10} s per test, median of ${XSB_ROUNDS:-2} rounds; TCG: only ratios mean anything) ====="
+echo "$CLOCK_DESC"
 if [ -s "$OUT/bench.txt" ]; then
   bench_table "$OUT/bench.txt" | tee "$OUT/bench-table.txt"
 else
