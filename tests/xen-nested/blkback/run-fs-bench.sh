@@ -70,6 +70,34 @@ bench_table() {
 }
 # `run-fs-bench.sh --table bench.txt` prints the table of an earlier run's bench.txt.
 [ "${1:-}" = --table ] && { bench_table "$2"; exit 0; }
+# The benchmark's clock (XSB_CLOCK): `icount` (default) runs QEMU with `-icount shift=N,sleep=on`
+# (N = XSB_ICOUNT_SHIFT, default 3: every executed instruction is 8 ns of the test bed's time;
+# an idle CPU waits in real time). A test's IOPS then count the work done, not the emulator's
+# speed at that moment: in plain TCG the same 10 s test repeated in one guest swung up to 2x
+# while the split of its time did not change (RESULTS-fs-bench.md, run T); under icount it
+# repeats within ~1 % (run U). `wall` = plain multi-threaded TCG, the host's time.
+# icount needs a single TCG thread (one vCPU anyway) and a CPU model without x2APIC (QEMU 10.0
+# aborts with "Bad icount read" when Xen reads the x2APIC timer by MSR).
+# The CPU model also leaves out ERMS and FSRM (XSB_ERMS=1 keeps them): with them Linux copies
+# with `rep movsb`, which TCG runs one byte per step (phase C: 2.5-5.5 ms per MiB against
+# 0.44-0.75 for `rep movsq` in wall time), where hardware runs it at full speed. Copies then
+# weigh 4-7x more in the test bed than anything else, and more so on blkback-snap's path
+# (`preadv`/`pwritev` into and out of user pages) than on loop's: run V, 1 MiB reads 0.76x
+# with ERMS, 0.99x without. Both backends run on the same CPU model either way.
+CLOCK=${XSB_CLOCK:-icount}
+case $CLOCK in
+  icount) export XTB_TCG_THREAD=single
+          CPU=max,-smap,-x2apic
+          export XTB_QEMU_EXTRA="${XTB_QEMU_EXTRA:+$XTB_QEMU_EXTRA }-icount shift=${XSB_ICOUNT_SHIFT:-3},sleep=on";;
+  wall)   CPU=max,-smap;;
+  *) echo "run-fs-bench: XSB_CLOCK must be icount or wall, not '$CLOCK'" >&2; exit 2;;
+esac
+case ${XSB_ICOUNT_SHIFT:-3} in [0-9]|10) ;; *) echo "run-fs-bench: XSB_ICOUNT_SHIFT must be 0-10, not '$XSB_ICOUNT_SHIFT'" >&2; exit 2;; esac
+case ${XSB_ERMS:-0} in 0) CPU=$CPU,-erms,-fsrm;; 1) ;; *) echo "run-fs-bench: XSB_ERMS must be 0 or 1, not '$XSB_ERMS'" >&2; exit 2;; esac
+# XTB_CPU, when set, replaces the model (under icount keep -x2apic in it)
+export XTB_CPU=${XTB_CPU:-$CPU}
+CLOCK_DESC="clock: $CLOCK${XTB_QEMU_EXTRA:+ ($XTB_QEMU_EXTRA)}, cpu $XTB_CPU"
+echo "run-fs-bench: $CLOCK_DESC"
 BINS=${XSB_BINS:-}
 if [ -z "$BINS" ]; then
   (cd "$ROOT" && cargo build --release -q -p blkback-snap -p xl-plugin --bins && cargo build --release -q -p libxc-ffi --example xen_probe && cargo build --release -q -p blkback-snap --example ring_bench) || exit 2
@@ -100,32 +128,6 @@ qemu-img create -q -f qcow2 "$W/fs.qcow2" 256M || exit 2
 # the two benchmark images: same qemu-img options (default 64 KiB clusters) for both backends
 qemu-img create -q -f qcow2 "$W/bench-s.qcow2" 128M && qemu-img create -q -f qcow2 "$W/bench-q.qcow2" 128M || exit 2
 ENV=(); for v in XSB_SECS XSB_ROUNDS XSB_PHASES XSB_SNAP_THREADS XSB_SNAP0 XSB_F_BACKENDS XSB_F_TESTS XSB_R_TESTS XSB_D_TESTS XSB_SETTLE; do [ -n "${!v:-}" ] && ENV+=(--env "$v=${!v}"); done
-# The benchmark's clock (XSB_CLOCK): `icount` (default) runs QEMU with `-icount shift=N,sleep=on`
-# (N = XSB_ICOUNT_SHIFT, default 3: every executed instruction is 8 ns of the test bed's time;
-# an idle CPU waits in real time). A test's IOPS then count the work done, not the emulator's
-# speed at that moment: in plain TCG the same 10 s test repeated in one guest swung up to 2x
-# while the split of its time did not change (RESULTS-fs-bench.md, run T); under icount it
-# repeats within ~1 % (run U). `wall` = plain multi-threaded TCG, the host's time.
-# icount needs a single TCG thread (one vCPU anyway) and a CPU model without x2APIC (QEMU 10.0
-# aborts with "Bad icount read" when Xen reads the x2APIC timer by MSR).
-# The CPU model also leaves out ERMS and FSRM (XSB_ERMS=1 keeps them): with them Linux copies
-# with `rep movsb`, which TCG runs one byte per step (phase C: 2.5-5.5 ms per MiB against
-# 0.44-0.75 for `rep movsq` in wall time), where hardware runs it at full speed. Copies then
-# weigh 4-7x more in the test bed than anything else, and more so on blkback-snap's path
-# (`preadv`/`pwritev` into and out of user pages) than on loop's: run V, 1 MiB reads 0.76x
-# with ERMS, 0.99x without. Both backends run on the same CPU model either way.
-CLOCK=${XSB_CLOCK:-icount}
-case $CLOCK in
-  icount) export XTB_TCG_THREAD=single
-          CPU=max,-smap,-x2apic
-          export XTB_QEMU_EXTRA="${XTB_QEMU_EXTRA:+$XTB_QEMU_EXTRA }-icount shift=${XSB_ICOUNT_SHIFT:-3},sleep=on";;
-  wall)   CPU=max,-smap;;
-  *) echo "XSB_CLOCK must be icount or wall, not '$CLOCK'" >&2; exit 2;;
-esac
-[ "${XSB_ERMS:-0}" = 1 ] || CPU=$CPU,-erms,-fsrm
-export XTB_CPU=${XTB_CPU:-$CPU}
-CLOCK_DESC="clock: $CLOCK${XTB_QEMU_EXTRA:+ ($XTB_QEMU_EXTRA)}, cpu $XTB_CPU"
-echo "run-fs-bench: $CLOCK_DESC"
 # one reported retry on the known TCG flakes (dom0 segfault, time limit; lib/boot-retry.sh)
 . "$XN/lib/boot-retry.sh"
 P=flake; [ "${XSB_RETRY:-1}" = 1 ] || P=none
