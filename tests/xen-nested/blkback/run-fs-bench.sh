@@ -75,7 +75,7 @@ bench_table() {
 # an idle CPU waits in real time). A test's IOPS then count the work done, not the emulator's
 # speed at that moment: in plain TCG the same 10 s test repeated in one guest swung up to 2x
 # while the split of its time did not change (RESULTS-fs-bench.md, run T); under icount it
-# repeats within ~1 % (run U). `wall` = plain multi-threaded TCG, the host's time.
+# repeats within a few percent (runs U-W). `wall` = plain multi-threaded TCG, the host's time.
 # icount needs a single TCG thread (one vCPU anyway) and a CPU model without x2APIC (QEMU 10.0
 # aborts with "Bad icount read" when Xen reads the x2APIC timer by MSR).
 # The CPU model also leaves out ERMS and FSRM (XSB_ERMS=1 keeps them): with them Linux copies
