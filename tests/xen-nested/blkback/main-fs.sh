@@ -207,24 +207,25 @@ D)
   # the same benchmark with single-disk guests: blkback-snap or kernel blkback alone in the
   # guest and in dom0 (no qdisk disk, no QEMU process), guests alternating every round
   # XSB_D_TESTS: the guests' tests (default: all six), e.g. one test repeated
-  DXARGS=${XSB_D_TESTS:+xsb.tests=$(echo $XSB_D_TESTS | tr ' ' ,)}
+  XARGS=${XSB_D_TESTS:+xsb.tests=$(echo $XSB_D_TESTS | tr ' ' ,)}
   r=1; while [ $r -le $ROUNDS ]; do
     steps="S K"; [ $((r % 2)) = 0 ] && steps="K S"
     for st in $steps; do case $st in
     S)
       xtb_section "single-disk round $r: blkback-snap ($SNAPT I/O threads, qcow2) alone"
       watcher_start "$SNAPT"
-      XARGS=$DXARGS; bench_guest xsbds$r "snap:/dev/xvdb" $r "vdev=xvdb, access=rw, script=xensnap, target=$G/bench-s.qcow2"; XARGS=
+      bench_guest xsbds$r "snap:/dev/xvdb" $r "vdev=xvdb, access=rw, script=xensnap, target=$G/bench-s.qcow2"
       watcher_stop
       ;;
     K)
       xtb_section "single-disk round $r: kernel xen-blkback (raw file via loop) alone"
       modprobe xen-blkback; xtb_wait 10 test -e /sys/bus/xen-backend/drivers/vbd; xtb_check kernel-blkback-loaded $?
-      XARGS=$DXARGS; bench_guest xsbdk$r "kernel:/dev/xvdb" $r "vdev=xvdb, access=rw, format=raw, target=$G/bench-k.raw"; XARGS=
+      bench_guest xsbdk$r "kernel:/dev/xvdb" $r "vdev=xvdb, access=rw, format=raw, target=$G/bench-k.raw"
       ;;
     esac; done
     r=$((r+1))
   done
+  XARGS=
   ;;
 T)
   ST=$P/strace-kit
