@@ -84,6 +84,8 @@ bench_table() {
 # weigh 4-7x more in the test bed than anything else, and more so on blkback-snap's path
 # (`preadv`/`pwritev` into and out of user pages) than on loop's: run V, 1 MiB reads 0.76x
 # with ERMS, 0.99x without. Both backends run on the same CPU model either way.
+case ${XSB_ICOUNT_SHIFT:-3} in [0-9]|10) ;; *) echo "run-fs-bench: XSB_ICOUNT_SHIFT must be 0-10, not '$XSB_ICOUNT_SHIFT'" >&2; exit 2;; esac
+case ${XSB_SETTLE:-0} in ''|*[!0-9]*) echo "run-fs-bench: XSB_SETTLE must be a number of seconds, not '$XSB_SETTLE'" >&2; exit 2;; esac
 CLOCK=${XSB_CLOCK:-icount}
 case $CLOCK in
   icount) export XTB_TCG_THREAD=single
@@ -92,7 +94,6 @@ case $CLOCK in
   wall)   CPU=max,-smap;;
   *) echo "run-fs-bench: XSB_CLOCK must be icount or wall, not '$CLOCK'" >&2; exit 2;;
 esac
-case ${XSB_ICOUNT_SHIFT:-3} in [0-9]|10) ;; *) echo "run-fs-bench: XSB_ICOUNT_SHIFT must be 0-10, not '$XSB_ICOUNT_SHIFT'" >&2; exit 2;; esac
 case ${XSB_ERMS:-0} in 0) CPU=$CPU,-erms,-fsrm;; 1) ;; *) echo "run-fs-bench: XSB_ERMS must be 0 or 1, not '$XSB_ERMS'" >&2; exit 2;; esac
 # XTB_CPU, when set, replaces the model (under icount keep -x2apic in it)
 export XTB_CPU=${XTB_CPU:-$CPU}
